@@ -1,0 +1,142 @@
+"""One exception hierarchy for everything cachefs can refuse or fail at.
+
+Every error carries enough context for a person to act on it, renders as a single
+line (``str(err)``), and maps to a distinct process exit code so scripts can tell
+families apart without parsing text.
+"""
+
+from __future__ import annotations
+
+
+class CachefsError(Exception):
+    """Base of all cachefs errors. ``exit_code`` is what the CLI exits with."""
+
+    exit_code: int = 1
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def one_line(self) -> str:
+        text = " ".join(str(self).split())
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class UsageError(CachefsError):
+    """The caller asked for something malformed (bad option combination, bad path)."""
+
+    exit_code = 2
+
+
+class ReferenceError(CachefsError):  # noqa: A001 - shadows the builtin on purpose, module-scoped
+    """An image reference that cannot be parsed or normalised."""
+
+    exit_code = 3
+
+
+class DigestError(CachefsError):
+    """A digest string that is not ``algorithm:encoded`` of a supported form."""
+
+    exit_code = 3
+
+
+class NotCachedError(CachefsError):
+    """The image or artifact is not in the cache (and policy forbids fetching it)."""
+
+    exit_code = 4
+
+
+class RegistryError(CachefsError):
+    """The registry answered with an error, or could not be reached."""
+
+    exit_code = 5
+
+
+class AuthError(RegistryError):
+    """Credentials are missing, wrong, or refused (HTTP 401/403)."""
+
+    exit_code = 6
+
+
+class DigestMismatch(CachefsError):
+    """Bytes whose sha256 is not what their descriptor or config promised."""
+
+    exit_code = 7
+
+    def __init__(self, what: str, expected: str, actual: str) -> None:
+        super().__init__(f"{what}: expected {expected}, got {actual}")
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+
+
+class LayerFormatError(CachefsError):
+    """A layer blob that cannot be turned into an EROFS image (bad compression, tar, limits)."""
+
+    exit_code = 8
+
+    def __init__(
+        self, message: str, *, layer: str | None = None, entry: str | None = None
+    ) -> None:
+        parts = []
+        if layer:
+            parts.append(f"layer {layer}")
+        if entry:
+            parts.append(f"entry {entry!r}")
+        prefix = ", ".join(parts)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.layer = layer
+        self.entry = entry
+
+
+class ErofsFormatError(CachefsError):
+    """An EROFS image that does not parse (bad magic, out-of-range block, broken dirent)."""
+
+    exit_code = 9
+
+
+class CacheCorrupt(CachefsError):
+    """A cache artifact exists but is invalid; ``cachefs verify --repair`` may fix it."""
+
+    exit_code = 10
+
+
+class LockBusy(CachefsError):
+    """A lock or lease is held by another process and we were asked not to wait."""
+
+    exit_code = 11
+
+
+class ArchiveError(CachefsError):
+    """A docker-archive or OCI layout that is malformed or incomplete."""
+
+    exit_code = 12
+
+
+class MountError(CachefsError):
+    """The FUSE view could not be mounted or unmounted."""
+
+    exit_code = 13
+
+
+EXIT_CODES: dict[str, int] = {
+    cls.__name__: cls.exit_code
+    for cls in (
+        CachefsError,
+        UsageError,
+        ReferenceError,
+        DigestError,
+        NotCachedError,
+        RegistryError,
+        AuthError,
+        DigestMismatch,
+        LayerFormatError,
+        ErofsFormatError,
+        CacheCorrupt,
+        LockBusy,
+        ArchiveError,
+        MountError,
+    )
+}
