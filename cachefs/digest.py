@@ -93,11 +93,13 @@ class VerifyingReader:
 
     def finish(self) -> None:
         """Drain the rest of the stream into the hash, then compare."""
-        while chunk := self.read(1 << 20):
+        while self.read(1 << 20):
             pass
         actual = self._hash.hexdigest()
         if actual != self.expected.encoded:
-            raise DigestMismatch(self.what, str(self.expected), f"{self.expected.algorithm}:{actual}")
+            raise DigestMismatch(
+                self.what, str(self.expected), f"{self.expected.algorithm}:{actual}"
+            )
 
 
 def sha256_file(path: str, bufsize: int = 1 << 20) -> Digest:

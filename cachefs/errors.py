@@ -30,7 +30,7 @@ class UsageError(CachefsError):
     exit_code = 2
 
 
-class ReferenceError(CachefsError):  # noqa: A001 - shadows the builtin on purpose, module-scoped
+class ReferenceError(CachefsError):
     """An image reference that cannot be parsed or normalised."""
 
     exit_code = 3
