@@ -1,0 +1,72 @@
+"""Publishing files into the cache so readers never see half-written content.
+
+Everything goes through a temp file on the same filesystem and ``rename()``. Durable
+publication (file fsync, rename, directory fsync) is what msb does for metadata json
+(FORMATS.md §1.4); artifacts are renamed without fsync, like msb, because they can be
+re-derived and their validity is checked on every use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_file(tmp: Path, final: Path, *, durable: bool = False) -> None:
+    """Rename ``tmp`` over ``final``; with ``durable``, fsync the file first and the dir after."""
+    if durable:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.rename(tmp, final)
+    if durable:
+        fsync_dir(final.parent)
+
+
+def write_file_atomic(final: Path, data: bytes, *, durable: bool, suffix: str = ".part") -> None:
+    """Write ``data`` to ``final`` via ``final + suffix``; the temp is removed on failure."""
+    tmp = final.with_name(final.name + suffix)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        publish_file(tmp, final, durable=durable)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output(final: Path, tmp: Path, *, durable: bool = False) -> Iterator[BinaryIO]:
+    """Yield ``tmp`` opened for writing; publish it as ``final`` only if the block succeeds."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        publish_file(tmp, final, durable=durable)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def remove_quietly(path: Path) -> bool:
+    """Unlink if present; True if something was removed. Other processes may race us."""
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
