@@ -1,0 +1,425 @@
+"""Tree → EROFS: the one layout engine behind layer images and the fsmeta image.
+
+msb's layout rules (FORMATS.md §3) are reproduced exactly so that our images are byte
+identical to msb's: NIDs in pre-order by raw name bytes, 32-byte slots that may straddle
+blocks, data blocks allocated in the same walk, directory blocks with "." and ".." sorted
+among the other names, inline tails only for directories and symlinks.
+
+Writing is two-phase so it can stream: ``plan_layout`` decides every NID, layout and block
+from metadata alone (memory grows with the number of inodes, never with file sizes); the
+writer then emits block 0, the metadata area and the data area strictly in order.
+
+The same engine serves fsmeta (§4) with ``chunked=True``: regular files become
+CHUNK_BASED inodes whose chunk indexes point into the layer images, and the metadata
+area starts after the device table (``meta_blkaddr`` > 1 for many layers).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from ..errors import LayerFormatError
+from . import format as F
+from .tree import NULL_BLOCK, BlockMap, FileType, LayerBlocks, Node, SpoolExtent, walk
+
+_MAX_NAME = 255
+_COPY_CHUNK = 1 << 20
+_ZERO_BLOCK = bytes(F.BLOCK_SIZE)
+
+
+@dataclass(slots=True)
+class PlannedInode:
+    """Everything the writer needs about one inode, decided before any byte is written."""
+
+    node: Node
+    path: bytes  # first name in the walk (for error messages and block maps)
+    nid: int
+    offset: int  # absolute byte offset of the inode in the image
+    layout: int  # F.LAYOUT_*
+    size: int  # i_size
+    ibody: bytes  # inline xattr body (b"" when none)
+    nlink: int
+    data_blocks: int = 0  # blocks this inode owns in the data area
+    rel_block: int | None = None  # first data block relative to the data area start
+    tail_len: int = 0  # bytes inlined after the ibody (dirs/symlinks only)
+    chunk_pad: int = 0  # bytes between ibody and chunk array (fsmeta, ibody % 8 == 4)
+    chunks: int = 0  # chunk index entries (fsmeta regular files)
+    parent_nid: int = 0  # directories only: NID of ".."
+    dir_blocks: list[list[bytes]] | None = None  # directories: names per dirent block
+
+
+@dataclass(slots=True)
+class Plan:
+    """The complete layout of an image except the bytes of file data."""
+
+    inodes: list[PlannedInode]  # in NID (= allocation) order, one per distinct inode
+    by_node: dict[int, PlannedInode]  # id(node) → planned inode
+    meta_blkaddr: int
+    meta_end: int  # absolute byte offset just after the last inode slot
+    data_start: int  # D: first block of the data area
+    data_blocks: int  # blocks in the data area
+    chunked: bool
+
+    @property
+    def total_blocks(self) -> int:
+        return self.data_start + self.data_blocks
+
+    def abs_block(self, inode: PlannedInode) -> int:
+        """Absolute start block of an inode's data, or NULL_BLOCK when it owns none."""
+        if inode.rel_block is None:
+            return NULL_BLOCK
+        return self.data_start + inode.rel_block
+
+
+def _ibody(node: Node, path: bytes) -> bytes:
+    """Inline xattr body (§3.10): header + entries in stored order, each padded to 4."""
+    if not node.xattrs:
+        return b""
+    out = bytearray(F.XATTR_IBODY_HEADER.pack(0, 0, bytes(7)))
+    for name, value in node.xattrs:
+        prefix = next(
+            (p for p in F.WRITABLE_XATTR_PREFIXES if name.startswith(p) and name != p), None
+        )
+        if prefix is None:
+            raise LayerFormatError(
+                f"xattr {name!r} has no storable prefix (user., trusted., security.)",
+                entry=path.decode(errors="replace"),
+            )
+        index, suffix = F.WRITABLE_XATTR_PREFIXES[prefix], name[len(prefix):]
+        if len(suffix) > 255 or len(value) > 0xFFFF:
+            raise LayerFormatError(
+                f"xattr {name!r} is too large for EROFS", entry=path.decode(errors="replace")
+            )
+        entry = F.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+        out += entry + bytes(-len(entry) % 4)
+    return bytes(out)
+
+
+def pack_dirent_names(names: list[bytes]) -> list[list[bytes]]:
+    """Split sorted names into dirent blocks greedily: ``12*(k+1) + Σlen <= 4096`` (§3.8)."""
+    blocks: list[list[bytes]] = []
+    cur: list[bytes] = []
+    used = 0
+    for name in names:
+        if cur and F.DIRENT_SIZE * (len(cur) + 1) + used + len(name) > F.BLOCK_SIZE:
+            blocks.append(cur)
+            cur, used = [], 0
+        cur.append(name)
+        used += len(name)
+    blocks.append(cur)
+    return blocks
+
+
+def _dir_block_len(names: list[bytes]) -> int:
+    return F.DIRENT_SIZE * len(names) + sum(map(len, names))
+
+
+def _count_names(root: Node) -> dict[int, int]:
+    """How many names each non-directory inode has in this tree (its nlink, §3.11)."""
+    counts: dict[int, int] = {}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child in (node.children or {}).values():
+            if child.is_dir:
+                stack.append(child)
+            else:
+                counts[id(child)] = counts.get(id(child), 0) + 1
+    return counts
+
+
+def _content_size(node: Node) -> int:
+    if node.type is FileType.REG:
+        return node.size
+    if node.type is FileType.SYMLINK:
+        return len(node.target)
+    return 0
+
+
+def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> Plan:
+    """Assign NIDs, layouts and data blocks for ``root`` (FORMATS.md §3.5–§3.8, §4.4).
+
+    ``chunked`` selects the fsmeta flavour: regular files are CHUNK_BASED and own no
+    data blocks here (their chunk indexes point into the layer devices).
+    """
+    if not root.is_dir:
+        raise LayerFormatError("the root of an EROFS image must be a directory")
+    names = _count_names(root)
+    meta_start = meta_blkaddr * F.BLOCK_SIZE
+    cursor = meta_start
+    next_block = 0
+    inodes: list[PlannedInode] = []
+    by_node: dict[int, PlannedInode] = {}
+    # Pre-order walk that remembers each directory's parent for "..".
+    stack: list[tuple[bytes, Node, Node | None]] = [(b"", root, None)]
+    while stack:
+        path, node, parent = stack.pop()
+        if id(node) in by_node:
+            continue  # a later name of a hardlink group: same NID, no slot
+        if node.children:
+            for name in sorted(node.children, reverse=True):
+                if len(name) > _MAX_NAME or not name or b"/" in name or name in (b".", b".."):
+                    raise LayerFormatError(
+                        f"invalid file name {name!r} (1..255 bytes, no '/', not '.'/'..')",
+                        entry=path.decode(errors="replace"),
+                    )
+                child_path = path + b"/" + name if path else name
+                stack.append((child_path, node.children[name], node))
+        ibody = _ibody(node, path)
+        fixed = 64 + len(ibody)
+        room = F.BLOCK_SIZE - cursor % F.BLOCK_SIZE
+        inode = PlannedInode(
+            node=node, path=path, nid=(cursor - meta_start) // F.SLOT_SIZE, offset=cursor,
+            layout=F.LAYOUT_FLAT_PLAIN, size=0, ibody=ibody, nlink=1,
+        )
+        if node.is_dir:
+            child_dirs = sum(1 for c in (node.children or {}).values() if c.is_dir)
+            inode.nlink = 2 if parent is None else 2 + child_dirs
+            entries = sorted([b".", b"..", *(node.children or {})])
+            inode.dir_blocks = pack_dirent_names(entries)
+            inode.size = (len(inode.dir_blocks) - 1) * F.BLOCK_SIZE + _dir_block_len(
+                inode.dir_blocks[-1]
+            )
+        else:
+            inode.nlink = names.get(id(node), 1)
+            inode.size = _content_size(node)
+        size = inode.size
+        extra = 0  # bytes after the ibody inside the inode's slots
+        if node.type is FileType.REG and chunked:
+            inode.layout = F.LAYOUT_CHUNK_BASED
+            inode.chunks = F.blocks_for(size)
+            inode.chunk_pad = 4 if len(ibody) % 8 == 4 and inode.chunks else 0
+            extra = inode.chunk_pad + F.CHUNK_INDEX_SIZE * inode.chunks
+        elif node.type in (FileType.REG, FileType.DIR, FileType.SYMLINK) and size:
+            tail = size % F.BLOCK_SIZE
+            if node.type is not FileType.REG and tail and fixed + tail <= room:
+                inode.layout = F.LAYOUT_FLAT_INLINE
+                inode.tail_len = tail
+                inode.data_blocks = size // F.BLOCK_SIZE
+                extra = tail
+            else:
+                inode.data_blocks = F.blocks_for(size)
+            if inode.data_blocks:
+                inode.rel_block = next_block
+                next_block += inode.data_blocks
+        slots = -(-(fixed + extra) // F.SLOT_SIZE)
+        cursor += slots * F.SLOT_SIZE
+        inodes.append(inode)
+        by_node[id(node)] = inode
+    for inode in inodes:  # ".." of every directory
+        for child in (inode.node.children or {}).values():
+            if child.is_dir:
+                by_node[id(child)].parent_nid = inode.nid
+    return Plan(
+        inodes=inodes, by_node=by_node, meta_blkaddr=meta_blkaddr, meta_end=cursor,
+        data_start=F.blocks_for(cursor), data_blocks=next_block, chunked=chunked,
+    )
+
+
+def _dirent_block(plan: Plan, inode: PlannedInode, names: list[bytes]) -> bytes:
+    """One directory block's bytes: k dirents then the names, unpadded (§3.8)."""
+    children = inode.node.children or {}
+    heads = bytearray()
+    tails = bytearray()
+    nameoff = F.DIRENT_SIZE * len(names)
+    for name in names:
+        if name == b".":
+            nid, ftype = inode.nid, FileType.DIR
+        elif name == b"..":
+            nid, ftype = inode.parent_nid, FileType.DIR
+        else:
+            child = children[name]
+            nid, ftype = plan.by_node[id(child)].nid, child.type
+        heads += F.DIRENT.pack(nid, nameoff + len(tails), int(ftype), 0)
+        tails += name
+    return bytes(heads + tails)
+
+
+def _chunk_array(inode: PlannedInode) -> bytes:
+    """fsmeta chunk indexes (§4.4): one per block, contiguous in the provenance layer."""
+    content = inode.node.content
+    if inode.chunks == 0:
+        return b""
+    if isinstance(content, LayerBlocks) and content.start_block != NULL_BLOCK:
+        return b"".join(
+            F.CHUNK_INDEX.pack(0, content.device_id, content.start_block + k)
+            for k in range(inode.chunks)
+        )
+    if content is None or isinstance(content, LayerBlocks):
+        # No provenance: null chunks read as zeros (msb's behaviour, §4.4).
+        return F.CHUNK_INDEX.pack(0, 0, F.NULL_ADDR) * inode.chunks
+    raise LayerFormatError(
+        "fsmeta needs LayerBlocks content for regular files, got a spool extent",
+        entry=inode.path.decode(errors="replace"),
+    )
+
+
+def _i_u(plan: Plan, inode: PlannedInode) -> int:
+    node = inode.node
+    if inode.layout == F.LAYOUT_CHUNK_BASED:
+        return F.CHUNK_FORMAT_INDEXES
+    if node.type in (FileType.CHR, FileType.BLK):
+        return F.encode_rdev(node.rdev_major, node.rdev_minor)
+    if node.type in (FileType.FIFO, FileType.SOCK):
+        return 0
+    return plan.abs_block(inode)
+
+
+def render_metadata(plan: Plan) -> bytes:
+    """The metadata area (from ``meta_blkaddr`` up to ``meta_end``): inodes, ibodies, tails."""
+    meta_start = plan.meta_blkaddr * F.BLOCK_SIZE
+    area = bytearray(plan.meta_end - meta_start)
+    for inode in plan.inodes:
+        node = inode.node
+        icount = 0 if not inode.ibody else (len(inode.ibody) - 12) // 4 + 1
+        head = F.INODE_EXTENDED.pack(
+            F.i_format(True, inode.layout), icount, node.full_mode, 0, inode.size,
+            _i_u(plan, inode), inode.nid, node.uid, node.gid, node.mtime, 0, inode.nlink,
+            bytes(16),
+        )
+        if inode.layout == F.LAYOUT_CHUNK_BASED:
+            after = bytes(inode.chunk_pad) + _chunk_array(inode)
+        elif inode.tail_len and inode.dir_blocks is not None:
+            after = _dirent_block(plan, inode, inode.dir_blocks[-1])
+        elif inode.tail_len:
+            after = node.target[inode.data_blocks * F.BLOCK_SIZE:]
+        else:
+            after = b""
+        body = head + inode.ibody + after
+        pos = inode.offset - meta_start
+        area[pos:pos + len(body)] = body
+    return bytes(area)
+
+
+def _data_pieces(plan: Plan, inode: PlannedInode) -> Iterator[bytes]:
+    """The in-memory data blocks of a directory or symlink (unpadded pieces)."""
+    if inode.dir_blocks is not None:
+        for names in inode.dir_blocks[: inode.data_blocks]:
+            yield _dirent_block(plan, inode, names)
+    else:
+        yield inode.node.target[: inode.data_blocks * F.BLOCK_SIZE]
+
+
+class _Sink:
+    """Sequential writer that knows its position and can splice from a spool file."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.base = out.tell()
+        self.pos = 0
+        self._fast = True
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.pos += len(data)
+
+    def pad_to(self, offset: int) -> None:
+        while self.pos < offset:
+            self.write(_ZERO_BLOCK[: min(F.BLOCK_SIZE, offset - self.pos)])
+
+    def copy_from(self, spool: BinaryIO, offset: int, length: int, what: bytes) -> None:
+        if length and self._fast and self._try_copy_file_range(spool, offset, length):
+            self.pos += length
+            return
+        spool.seek(offset)
+        left = length
+        while left:
+            chunk = spool.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise LayerFormatError(
+                    f"spool ends {left} bytes early", entry=what.decode(errors="replace")
+                )
+            self.write(chunk)
+            left -= len(chunk)
+
+    def _try_copy_file_range(self, spool: BinaryIO, offset: int, length: int) -> bool:
+        """Kernel-side copy; False (and buffered from then on) if either side can't do it."""
+        try:
+            src, dst = spool.fileno(), self.out.fileno()
+        except (OSError, ValueError, AttributeError):
+            self._fast = False
+            return False
+        spool.flush()
+        self.out.flush()
+        dst_off = self.base + self.pos
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(src, dst, length - done, offset + done, dst_off + done)
+                if n == 0:
+                    raise LayerFormatError(f"spool ends {length - done} bytes early")
+                done += n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            if done:
+                raise
+            self._fast = False
+            return False
+        self.out.seek(dst_off + length)
+        return True
+
+
+def write_image(
+    plan: Plan, superblock: F.Superblock, header_extra: bytes, spool: BinaryIO | None,
+    out: BinaryIO,
+) -> None:
+    """Emit an image for ``plan``: header blocks (superblock + ``header_extra`` at 1152),
+    metadata area, data area, in one forward pass. The superblock crc is filled in here."""
+    header = bytearray(plan.meta_blkaddr * F.BLOCK_SIZE)
+    extra_at = F.SUPERBLOCK_OFFSET + F.SUPERBLOCK_SIZE
+    if extra_at + len(header_extra) > len(header):
+        raise ValueError("device table does not fit before meta_blkaddr")
+    header[extra_at:extra_at + len(header_extra)] = header_extra
+    superblock.checksum = 0
+    header[F.SUPERBLOCK_OFFSET:extra_at] = superblock.pack()
+    superblock.checksum = F.superblock_checksum(bytes(header[: F.BLOCK_SIZE]))
+    header[F.SUPERBLOCK_OFFSET:extra_at] = superblock.pack()
+    sink = _Sink(out)
+    sink.write(bytes(header))
+    sink.write(render_metadata(plan))
+    sink.pad_to(plan.data_start * F.BLOCK_SIZE)
+    for inode in plan.inodes:
+        if not inode.data_blocks or inode.rel_block is None:
+            continue
+        node = inode.node
+        if node.type is FileType.REG:
+            if node.size and spool is None:
+                raise LayerFormatError("regular file data but no spool", entry=inode.path.decode(
+                    errors="replace"))
+            if not isinstance(node.content, SpoolExtent):
+                raise LayerFormatError(
+                    "regular file without spool content", entry=inode.path.decode(errors="replace")
+                )
+            assert spool is not None
+            sink.copy_from(spool, node.content.offset, node.size, inode.path)
+        else:
+            for piece in _data_pieces(plan, inode):
+                sink.write(piece)
+                sink.pad_to(-(-sink.pos // F.BLOCK_SIZE) * F.BLOCK_SIZE)
+        sink.pad_to((plan.data_start + inode.rel_block + inode.data_blocks) * F.BLOCK_SIZE)
+    sink.pad_to(plan.total_blocks * F.BLOCK_SIZE)
+
+
+def write_layer_erofs(root: Node, spool: BinaryIO | None, out: BinaryIO) -> BlockMap:
+    """Write the layer EROFS for ``root`` (FORMATS.md §3), byte-identical to msb.
+
+    Regular-file bytes come from ``spool`` at each node's ``SpoolExtent`` offset and are
+    copied in the kernel when both sides are real files. Sets ``node.block`` on every
+    regular file (NULL_BLOCK when empty) and returns the block map fsmeta needs.
+    """
+    plan = plan_layout(root)
+    sb = F.Superblock(inos=len(plan.inodes), blocks=plan.total_blocks, meta_blkaddr=1)
+    write_image(plan, sb, b"", spool, out)
+    files: dict[bytes, tuple[int, int]] = {}
+    for inode in plan.inodes:
+        if inode.node.type is FileType.REG:
+            inode.node.block = plan.abs_block(inode)
+    for path, node in walk(root):
+        if node.type is FileType.REG:
+            files[path] = (node.block if node.block is not None else NULL_BLOCK, node.size)
+    return BlockMap(plan.total_blocks, files)
