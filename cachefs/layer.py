@@ -1,0 +1,377 @@
+"""Compressed layer blob → verified tar stream → layer tree (FORMATS.md §1.6, §3.12).
+
+One pass over the blob does everything: decompress (gzip with any number of members,
+zstd with any number of frames, or plain), hash every decompressed byte for the diff_id,
+parse the tar, build the ``Node`` tree and append regular-file bytes to a spool file. The
+diff_id covers the *whole* decompressed stream, including the zero padding after the
+end-of-archive marker, because that is what ``rootfs.diff_ids`` hashes; so the stream is
+drained to EOF after the tar ends.
+
+Memory grows with the number of entries (one ``Node`` each), never with their size: data
+moves in ≤1 MiB chunks from the decompressor straight into the spool.
+
+The tree follows msb's ingest rules exactly, with one deliberate difference: msb fails a
+layer that carries an empty PAX ``SCHILY.xattr`` value (Go's archive/tar writes those); we
+accept it. PAX xattrs are then dropped, as msb drops them [FORMATS.md §3.10]: a layer EROFS
+with xattrs msb never writes would differ byte for byte from msb's, and fsmeta rebuilds
+from our layers would no longer match msb's.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import zstandard
+
+from . import tarstream as ts
+from .digest import Digest
+from .erofs.tree import OPAQUE_XATTR, FileType, Node, SpoolExtent
+from .errors import DigestMismatch, LayerFormatError
+
+MAX_PATH = 4096
+MAX_DEPTH = 128
+MAX_FILE = 5 << 30
+MAX_TOTAL = 10 << 30
+MAX_ENTRIES = 1_000_000
+MAX_SYMLINK = 4096
+
+_IN_CHUNK = 256 << 10  # compressed bytes per read
+_OUT_CHUNK = 1 << 20  # gzip output bound per call
+_ZSTD_IN_CHUNK = 32 << 10  # zstd cannot bound output per call, so feed it small inputs
+
+
+class Compression(enum.Enum):
+    GZIP = "gzip"
+    ZSTD = "zstd"
+    NONE = "none"
+
+
+def compression_from_media_type(media_type: str | None) -> Compression:
+    """What msb does on pull: a "gzip" or "zstd" substring, anything else is plain."""
+    if media_type:
+        if "gzip" in media_type:
+            return Compression.GZIP
+        if "zstd" in media_type:
+            return Compression.ZSTD
+    return Compression.NONE
+
+
+def detect_compression(head: bytes) -> Compression:
+    """What msb does on load: sniff the magic bytes."""
+    if head[:2] == b"\x1f\x8b":
+        return Compression.GZIP
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return Compression.ZSTD
+    return Compression.NONE
+
+
+# -- decompression ----------------------------------------------------------------------
+
+
+def _plain_chunks(blob: BinaryIO) -> Iterator[bytes]:
+    while data := blob.read(_OUT_CHUNK):
+        yield data
+
+
+def _gzip_chunks(blob: BinaryIO, label: str) -> Iterator[bytes]:
+    """Every gzip member in turn (``MultiGzDecoder`` semantics), output bounded per call.
+
+    NUL bytes between or after members are skipped, as Python's ``gzip`` module does.
+    """
+    d = zlib.decompressobj(31)
+    in_member = False
+    seen_member = False
+    pending = b""
+    more_output = False
+    while True:
+        if not pending and not more_output:
+            pending = blob.read(_IN_CHUNK)
+            if not pending:
+                break
+        if not in_member:
+            pending = pending.lstrip(b"\0")
+            if not pending:
+                continue
+            in_member = seen_member = True
+        try:
+            out = d.decompress(pending, _OUT_CHUNK)
+        except zlib.error as e:
+            raise LayerFormatError(f"corrupt gzip stream: {e}", layer=label) from None
+        if out:
+            yield out
+        if d.eof:
+            pending = d.unused_data
+            d = zlib.decompressobj(31)
+            in_member = more_output = False
+        else:
+            pending = d.unconsumed_tail
+            more_output = len(out) == _OUT_CHUNK
+    if in_member:
+        raise LayerFormatError("truncated gzip stream (ends inside a member)", layer=label)
+    if not seen_member:
+        raise LayerFormatError("empty gzip stream", layer=label)
+
+
+def _zstd_chunks(blob: BinaryIO, label: str) -> Iterator[bytes]:
+    """Every zstd frame in turn; a frame cut short is an error (zstandard's readers hide it)."""
+    dctx = zstandard.ZstdDecompressor()
+    d = dctx.decompressobj()
+    in_frame = False
+    seen_frame = False
+    pending = b""
+    while True:
+        if not pending:
+            pending = blob.read(_ZSTD_IN_CHUNK)
+            if not pending:
+                break
+        feed, pending = pending[:_ZSTD_IN_CHUNK], pending[_ZSTD_IN_CHUNK:]
+        in_frame = seen_frame = True
+        try:
+            out = d.decompress(feed)
+        except zstandard.ZstdError as e:
+            raise LayerFormatError(f"corrupt zstd stream: {e}", layer=label) from None
+        if out:
+            yield out
+        if d.eof:
+            pending = d.unused_data + pending
+            d = dctx.decompressobj()
+            in_frame = False
+    if in_frame:
+        raise LayerFormatError("truncated zstd stream (ends inside a frame)", layer=label)
+    if not seen_frame:
+        raise LayerFormatError("empty zstd stream", layer=label)
+
+
+class _HashingStream:
+    """``read(n)`` over decompressed chunks; hashes and counts every byte it hands out."""
+
+    def __init__(self, chunks: Iterator[bytes], hasher: hashlib._Hash) -> None:  # type: ignore[name-defined]
+        self._chunks = chunks
+        self._hash = hasher
+        self._left = b""
+        self.count = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._left
+        if not data:
+            data = next(self._chunks, b"")
+            if not data:
+                return b""
+            self._hash.update(data)
+            self.count += len(data)
+        if 0 <= n < len(data):
+            self._left = data[n:]
+            return data[:n]
+        self._left = b""
+        return data
+
+    @property
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def decompressed_chunks(blob: BinaryIO, compression: Compression, label: str) -> Iterator[bytes]:
+    """The decompressed stream as chunks; truncated or corrupt input → ``LayerFormatError``."""
+    if compression is Compression.GZIP:
+        return _gzip_chunks(blob, label)
+    if compression is Compression.ZSTD:
+        return _zstd_chunks(blob, label)
+    return _plain_chunks(blob)
+
+
+# -- tree building ----------------------------------------------------------------------
+
+
+@dataclass
+class IngestedLayer:
+    root: Node
+    diff_id: Digest
+    uncompressed_size: int
+    entries: int  # tar members seen (PAX/GNU meta records excluded, skipped types included)
+
+
+_SIMPLE_TYPES = {
+    ts.SYMLINK: FileType.SYMLINK,
+    ts.CHAR: FileType.CHR,
+    ts.BLOCKDEV: FileType.BLK,
+    ts.FIFO: FileType.FIFO,
+    ts.SOCKET: FileType.SOCK,
+}
+
+
+class _Builder:
+    """Applies tar entries to a layer tree per FORMATS.md §3.12."""
+
+    def __init__(self, spool: BinaryIO, label: str) -> None:
+        self.root = Node.directory()
+        self.label = label
+        self._write = spool.write
+        self._offset = spool.tell()
+        self._total = 0
+        self.entries = 0
+        self._last_parent_key: bytes | None = None
+        self._last_parent = self.root
+
+    def _fail(self, entry: ts.TarEntry, rule: str) -> LayerFormatError:
+        return LayerFormatError(rule, layer=self.label, entry=ts._display(entry.name))
+
+    def _split(self, entry: ts.TarEntry, path: bytes) -> list[bytes]:
+        # "./" prefixes, "." components, empty components (leading/trailing/double "/") go.
+        parts = [p for p in path.split(b"/") if p and p != b"."]
+        if b".." in parts:
+            raise self._fail(entry, "path has a '..' component")
+        return parts
+
+    def _parent(self, entry: ts.TarEntry, parts: list[bytes]) -> Node:
+        """The directory holding ``parts[-1]``; missing parents are created (0755 0:0 mtime 0).
+
+        Directory Nodes are never removed or replaced within one layer (a non-dir cannot
+        land on a dir), so caching the last parent by path is safe and makes the common
+        "many files in one dir" case a single dict lookup.
+        """
+        key = b"/".join(parts[:-1])
+        if key == self._last_parent_key:
+            return self._last_parent
+        node = self.root
+        for comp in parts[:-1]:
+            children = node.children
+            assert children is not None
+            child = children.get(comp)
+            if child is None:
+                child = children[comp] = Node.directory()
+            elif child.type is not FileType.DIR:
+                raise self._fail(entry, f"parent {ts._display(comp)!r} is not a directory")
+            node = child
+        self._last_parent_key = key
+        self._last_parent = node
+        return node
+
+    def _put(self, entry: ts.TarEntry, parent: Node, name: bytes, node: Node) -> None:
+        children = parent.children
+        assert children is not None
+        old = children.get(name)
+        if old is not None and old.type is FileType.DIR:
+            raise self._fail(entry, "a non-directory entry replaces a directory")
+        children[name] = node
+
+    def add(self, entry: ts.TarEntry) -> None:
+        self.entries += 1
+        if self.entries > MAX_ENTRIES:
+            raise self._fail(entry, f"more than {MAX_ENTRIES} entries in the layer")
+        kind = entry.kind
+        if kind is ts.OTHER:
+            return  # GNU sparse, volume headers, …: skipped with their data, as msb does
+        parts = self._split(entry, entry.name)
+        if not parts:
+            return  # "./" — the layer root keeps its defaults
+        if sum(map(len, parts)) + len(parts) - 1 > MAX_PATH:
+            raise self._fail(entry, f"path longer than {MAX_PATH} bytes")
+        if len(parts) > MAX_DEPTH:
+            raise self._fail(entry, f"path deeper than {MAX_DEPTH} components")
+        parent = self._parent(entry, parts)
+        name = parts[-1]
+        mode = entry.mode & 0o7777
+
+        if (kind is ts.REGULAR or kind is ts.SYMLINK) and name.startswith(b".wh."):
+            if name == b".wh..wh..opq":
+                if OPAQUE_XATTR not in parent.xattrs:
+                    parent.xattrs.append(OPAQUE_XATTR)
+                return
+            if len(name) > 4:
+                wh = Node(FileType.CHR, mode, entry.uid, entry.gid, entry.mtime)
+                self._put(entry, parent, name[4:], wh)
+                return
+
+        if kind is ts.REGULAR:
+            size = entry.size
+            if size > MAX_FILE:
+                raise self._fail(entry, f"file larger than {MAX_FILE} bytes")
+            self._total += size
+            if self._total > MAX_TOTAL:
+                raise self._fail(entry, f"layer content exceeds {MAX_TOTAL} bytes")
+            node = Node(
+                FileType.REG, mode, entry.uid, entry.gid, entry.mtime,
+                size=size, content=SpoolExtent(self._offset),
+            )
+            self._put(entry, parent, name, node)
+            if size:
+                assert entry.data is not None
+                self._offset += entry.data.copy_to(self._write)
+        elif kind is ts.DIRECTORY:
+            children = parent.children
+            assert children is not None
+            old = children.get(name)
+            if old is not None and old.type is FileType.DIR:
+                old.mode, old.uid, old.gid, old.mtime = mode, entry.uid, entry.gid, entry.mtime
+                old.xattrs = []
+            else:
+                children[name] = Node.directory(mode, entry.uid, entry.gid, entry.mtime)
+        elif kind is ts.HARDLINK:
+            self._put(entry, parent, name, self._link_target(entry))
+        else:
+            ftype = _SIMPLE_TYPES[kind]
+            node = Node(ftype, mode, entry.uid, entry.gid, entry.mtime)
+            if ftype is FileType.SYMLINK:
+                if len(entry.linkname) > MAX_SYMLINK:
+                    raise self._fail(entry, f"symlink target longer than {MAX_SYMLINK} bytes")
+                node.target = entry.linkname
+            elif ftype is FileType.CHR or ftype is FileType.BLK:
+                node.rdev_major, node.rdev_minor = entry.devmajor, entry.devminor
+            self._put(entry, parent, name, node)
+
+    def _link_target(self, entry: ts.TarEntry) -> Node:
+        parts = self._split(entry, entry.linkname)
+        node: Node | None = self.root
+        for comp in parts:
+            node = node.child(comp) if node is not None else None
+        if node is None or not parts:
+            raise self._fail(
+                entry,
+                f"hardlink target {ts._display(entry.linkname)!r} does not exist in this layer",
+            )
+        if node.type is not FileType.REG:
+            raise self._fail(
+                entry,
+                f"hardlink target {ts._display(entry.linkname)!r} is not a regular file",
+            )
+        return node
+
+
+def ingest_layer(
+    blob: BinaryIO,
+    *,
+    compression: Compression,
+    expected_diff_id: Digest | None,
+    spool: BinaryIO,
+    layer_label: str,
+) -> IngestedLayer:
+    """Read one layer blob into a tree; file bytes go to ``spool`` (a file opened ``wb+``).
+
+    Raises ``LayerFormatError`` (bad compression, bad tar, a §3.12 rule or limit broken)
+    or ``DigestMismatch`` (decompressed stream ≠ ``expected_diff_id``). The digest is
+    checked after the whole stream was read, so on mismatch the tree is discarded.
+    """
+    hasher = expected_diff_id.hasher() if expected_diff_id is not None else hashlib.sha256()
+    stream = _HashingStream(decompressed_chunks(blob, compression, layer_label), hasher)
+    reader = ts.TarReader(stream)
+    builder = _Builder(spool, layer_label)
+    try:
+        for entry in reader:
+            builder.add(entry)
+        reader.drain()
+    except LayerFormatError as e:
+        if e.layer is not None:
+            raise
+        err = LayerFormatError(str(e), layer=layer_label)
+        err.entry = e.entry
+        raise err from None
+    algorithm = expected_diff_id.algorithm if expected_diff_id is not None else "sha256"
+    diff_id = Digest(algorithm, stream.hexdigest)
+    if expected_diff_id is not None and diff_id != expected_diff_id:
+        raise DigestMismatch(f"layer {layer_label} diff_id", str(expected_diff_id), str(diff_id))
+    return IngestedLayer(builder.root, diff_id, stream.count, builder.entries)

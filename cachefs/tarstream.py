@@ -1,0 +1,384 @@
+"""A streaming tar reader with exactly the semantics msb's ingest applies.
+
+Why not ``tarfile``: it applies PAX ``mtime`` (msb ignores it and keeps the ustar integer
+field), it decodes names to ``str`` (we keep raw bytes), and it would hand us file data in
+ways that either buffer or seek. This reader is deliberately small:
+
+* headers: ustar (with ``prefix``), old GNU, PAX; the header checksum is validated
+  (unsigned sum, signed sum also accepted as GNU tar does);
+* numbers: octal (NUL/space terminated, empty = 0) or GNU base-256 (high bit set);
+* PAX ``x`` records apply to the next entry, ``g`` records to every later entry (an ``x``
+  record wins). Honoured keys: ``path``, ``linkpath``, ``uid``, ``gid``, ``size``,
+  ``SCHILY.xattr.*`` (collected only; layer ingest drops them, as msb does). ``mtime`` and
+  everything else is ignored. An empty xattr value is accepted (Go's archive/tar writes it);
+* GNU ``L``/``K`` long name / long link records;
+* the end of the archive is the first all-zero header block, or a clean EOF on a header
+  boundary (the Rust ``tar`` crate msb uses accepts both). EOF inside a header or inside
+  data is a truncated archive.
+
+Entries are yielded in order with their data as a bounded reader (``TarEntry.data``): data
+never sits in memory as a whole, and whatever a consumer leaves unread is skipped when the
+iteration moves on. Any malformed input raises ``LayerFormatError`` naming the entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import LayerFormatError
+
+BLOCK = 512
+DEFAULT_CHUNK = 1 << 20
+
+# Entry kinds a consumer cares about; everything else comes out as ``OTHER`` (to skip).
+REGULAR = b"0"
+HARDLINK = b"1"
+SYMLINK = b"2"
+CHAR = b"3"
+BLOCKDEV = b"4"
+DIRECTORY = b"5"
+FIFO = b"6"
+SOCKET = b"`"  # msb's non-standard socket type byte 0x60
+OTHER = b"?"
+
+_TYPE_KIND: dict[int, bytes] = {
+    0: REGULAR,
+    ord("0"): REGULAR,
+    ord("7"): REGULAR,
+    ord("1"): HARDLINK,
+    ord("2"): SYMLINK,
+    ord("3"): CHAR,
+    ord("4"): BLOCKDEV,
+    ord("5"): DIRECTORY,
+    ord("6"): FIFO,
+    0x60: SOCKET,
+}
+
+_XATTR_PREFIX = b"SCHILY.xattr."
+_MAX_META = 16 << 20  # a PAX or GNU long-name record larger than this is not a real header
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+@dataclass(slots=True)
+class TarEntry:
+    """One archive member after PAX/GNU records were applied. Names are raw bytes."""
+
+    name: bytes
+    kind: bytes  # one of REGULAR, HARDLINK, …, OTHER
+    typeflag: int  # the raw header type byte
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int  # the ustar integer field; PAX mtime is ignored on purpose
+    linkname: bytes
+    devmajor: int
+    devminor: int
+    xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    data: EntryData | None = None
+
+
+def _display(name: bytes) -> str:
+    return name.decode("utf-8", "backslashreplace")
+
+
+def parse_number(field_: bytes, what: str, entry: bytes) -> int:
+    """A numeric header field: GNU base-256 if the top bit is set, otherwise octal."""
+    if field_ and field_[0] & 0x80:
+        # GNU base-256: big-endian two's complement with the marker bit; 0xff.. is negative
+        if field_[0] & 0x40:
+            raise LayerFormatError(f"negative base-256 {what}", entry=_display(entry))
+        return int.from_bytes(bytes((field_[0] & 0x7F,)) + field_[1:], "big")
+    text = field_.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise LayerFormatError(
+            f"invalid octal {what} field {field_!r}", entry=_display(entry)
+        ) from None
+
+
+def _cstring(field_: bytes) -> bytes:
+    nul = field_.find(b"\0")
+    return field_ if nul < 0 else field_[:nul]
+
+
+def _parse_pax(data: bytes, entry: bytes) -> dict[bytes, bytes]:
+    """``"<len> <key>=<value>\\n"`` records; later keys win."""
+    out: dict[bytes, bytes] = {}
+    pos = 0
+    end = len(data)
+    while pos < end:
+        if data[pos] == 0:  # some writers pad the record block with NULs
+            break
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            raise LayerFormatError("malformed PAX record (no length)", entry=_display(entry))
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            raise LayerFormatError("malformed PAX record length", entry=_display(entry)) from None
+        rec_end = pos + length
+        if length <= 0 or rec_end > end or data[rec_end - 1] != 0x0A:
+            raise LayerFormatError("malformed PAX record", entry=_display(entry))
+        eq = data.find(b"=", sp + 1, rec_end)
+        if eq < 0:
+            raise LayerFormatError("malformed PAX record (no '=')", entry=_display(entry))
+        out[data[sp + 1 : eq]] = data[eq + 1 : rec_end - 1]
+        pos = rec_end
+    return out
+
+
+def _pax_int(value: bytes, key: str, entry: bytes) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise LayerFormatError(f"invalid PAX {key} {value!r}", entry=_display(entry)) from None
+    if n < 0:
+        raise LayerFormatError(f"negative PAX {key}", entry=_display(entry))
+    return n
+
+
+class EntryData:
+    """The bounded data of one entry; valid until the reader moves to the next entry."""
+
+    __slots__ = ("_reader", "remaining", "size")
+
+    def __init__(self, reader: TarReader, size: int) -> None:
+        self._reader = reader
+        self.size = size
+        self.remaining = size
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all remaining if ``n < 0``); ``b""`` at the end."""
+        if n < 0 or n > self.remaining:
+            n = self.remaining
+        if n == 0:
+            return b""
+        parts = []
+        got = 0
+        for chunk in self._reader._data_chunks(self, n):
+            parts.append(bytes(chunk))
+            got += len(chunk)
+        return b"".join(parts)
+
+    def copy_to(self, write: Callable[[Any], Any]) -> int:
+        """Stream every remaining byte to ``write`` (memoryview chunks); returns the count."""
+        total = 0
+        for chunk in self._reader._data_chunks(self, self.remaining):
+            write(chunk)
+            total += len(chunk)
+        return total
+
+
+class TarReader:
+    """Iterate a tar stream (anything with ``read(n)``) entry by entry, without seeking."""
+
+    def __init__(self, stream: Readable, *, chunk_size: int = DEFAULT_CHUNK) -> None:
+        self._stream = stream
+        self._chunk = chunk_size
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+        self._current: EntryData | None = None
+        self._current_name = b""
+        self.offset = 0  # bytes of the tar stream consumed so far
+
+    # -- buffer -------------------------------------------------------------------------
+    def _fill(self) -> bool:
+        """Replace the (exhausted) buffer with the next chunk; False at EOF."""
+        while not self._eof:
+            data = self._stream.read(self._chunk)
+            if not data:
+                self._eof = True
+                break
+            self._buf = data
+            self._pos = 0
+            return True
+        return False
+
+    def _take(self, n: int) -> bytes | None:
+        """Exactly ``n`` bytes, ``None`` on EOF before the first byte; a partial read raises."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= n:
+            self._pos = pos + n
+            self.offset += n
+            return buf[pos : pos + n]
+        parts = [buf[pos:]]
+        have = len(parts[0])
+        self._buf, self._pos = b"", 0
+        while have < n:
+            if not self._fill():
+                if have == 0:
+                    return None
+                raise LayerFormatError(
+                    f"truncated tar archive (needed {n} bytes at offset {self.offset})",
+                    entry=_display(self._current_name) if self._current_name else None,
+                )
+            k = min(n - have, len(self._buf))
+            parts.append(self._buf[:k])
+            self._pos = k
+            have += k
+        self.offset += n
+        return b"".join(parts)
+
+    def _skip(self, n: int) -> None:
+        while n > 0:
+            avail = len(self._buf) - self._pos
+            if avail == 0:
+                if not self._fill():
+                    raise LayerFormatError(
+                        "truncated tar archive (data ends early)",
+                        entry=_display(self._current_name),
+                    )
+                continue
+            k = min(n, avail)
+            self._pos += k
+            self.offset += k
+            n -= k
+
+    def _data_chunks(self, data: EntryData, n: int) -> Iterator[memoryview]:
+        if data is not self._current:
+            raise RuntimeError("entry data read after the reader moved on")
+        while n > 0:
+            avail = len(self._buf) - self._pos
+            if avail == 0:
+                if not self._fill():
+                    raise LayerFormatError(
+                        "truncated tar archive (file data ends early)",
+                        entry=_display(self._current_name),
+                    )
+                continue
+            k = min(n, avail)
+            pos = self._pos
+            self._pos = pos + k
+            self.offset += k
+            data.remaining -= k
+            n -= k
+            yield memoryview(self._buf)[pos : pos + k]
+
+    def _finish_current(self) -> None:
+        cur = self._current
+        if cur is not None:
+            self._skip(cur.remaining + (-cur.size % BLOCK))
+            cur.remaining = 0
+            self._current = None
+
+    # -- headers ------------------------------------------------------------------------
+    def _meta_data(self, size: int, name: bytes) -> bytes:
+        if size > _MAX_META:
+            raise LayerFormatError(f"metadata record of {size} bytes", entry=_display(name))
+        data = self._take(size + (-size % BLOCK)) if size else b""
+        if data is None:
+            raise LayerFormatError("truncated tar archive (metadata record)", entry=_display(name))
+        return data[:size]
+
+    def __iter__(self) -> Iterator[TarEntry]:
+        global_pax: dict[bytes, bytes] = {}
+        pax: dict[bytes, bytes] | None = None
+        gnu_name: bytes | None = None
+        gnu_link: bytes | None = None
+        while True:
+            self._finish_current()
+            self._current_name = b""
+            hdr = self._take(BLOCK)
+            if hdr is None:
+                return  # clean EOF on a header boundary
+            if hdr.count(0) == BLOCK:
+                return  # end-of-archive marker; the caller drains the rest
+            raw_name = _cstring(hdr[0:100])
+            self._current_name = raw_name
+            stored = parse_number(hdr[148:156], "checksum", raw_name)
+            unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 0x20
+            if stored != unsigned:
+                signed = unsigned - 2 * sum(b for b in hdr if b >= 0x80) + 2 * sum(
+                    b for b in hdr[148:156] if b >= 0x80
+                )
+                if stored != signed:
+                    raise LayerFormatError(
+                        f"bad tar header checksum (stored {stored:#o}, computed {unsigned:#o})",
+                        entry=_display(raw_name),
+                    )
+            typeflag = hdr[156]
+            size = parse_number(hdr[124:136], "size", raw_name)
+            if typeflag in (0x78, 0x67):  # 'x' per-entry PAX, 'g' global PAX
+                records = _parse_pax(self._meta_data(size, raw_name), raw_name)
+                if typeflag == 0x67:
+                    global_pax.update(records)
+                else:
+                    pax = records if pax is None else {**pax, **records}
+                continue
+            if typeflag == 0x4C:  # 'L' GNU long name
+                gnu_name = self._meta_data(size, raw_name).rstrip(b"\0")
+                continue
+            if typeflag == 0x4B:  # 'K' GNU long link
+                gnu_link = self._meta_data(size, raw_name).rstrip(b"\0")
+                continue
+
+            name = raw_name
+            magic = hdr[257:265]
+            if magic[:6] == b"ustar\0":
+                prefix = _cstring(hdr[345:500])
+                if prefix:
+                    name = prefix + b"/" + name
+            if gnu_name is not None:
+                name = gnu_name
+            linkname = gnu_link if gnu_link is not None else _cstring(hdr[157:257])
+            uid = parse_number(hdr[108:116], "uid", name)
+            gid = parse_number(hdr[116:124], "gid", name)
+            xattrs: list[tuple[bytes, bytes]] = []
+            records = {**global_pax, **pax} if pax is not None else global_pax
+            if records:
+                if b"path" in records:
+                    name = records[b"path"]
+                if b"linkpath" in records:
+                    linkname = records[b"linkpath"]
+                if b"uid" in records:
+                    uid = _pax_int(records[b"uid"], "uid", name)
+                if b"gid" in records:
+                    gid = _pax_int(records[b"gid"], "gid", name)
+                if b"size" in records:
+                    size = _pax_int(records[b"size"], "size", name)
+                for key, value in records.items():
+                    if key.startswith(_XATTR_PREFIX):
+                        xattrs.append((key[len(_XATTR_PREFIX) :], value))
+            pax = None
+            gnu_name = gnu_link = None
+            self._current_name = name
+            kind = _TYPE_KIND.get(typeflag, OTHER)
+            is_dev = kind is CHAR or kind is BLOCKDEV
+            entry = TarEntry(
+                name=name,
+                kind=kind,
+                typeflag=typeflag,
+                mode=parse_number(hdr[100:108], "mode", name),
+                uid=uid,
+                gid=gid,
+                size=size,
+                mtime=parse_number(hdr[136:148], "mtime", name),
+                linkname=linkname,
+                devmajor=parse_number(hdr[329:337], "devmajor", name) if is_dev else 0,
+                devminor=parse_number(hdr[337:345], "devminor", name) if is_dev else 0,
+                xattrs=xattrs,
+            )
+            self._current = entry.data = EntryData(self, size)
+            yield entry
+
+    def drain(self) -> int:
+        """Read the stream to EOF (after the end marker); returns the bytes discarded."""
+        self._finish_current()
+        n = len(self._buf) - self._pos
+        self.offset += n
+        self._buf, self._pos = b"", 0
+        while self._fill():
+            n += len(self._buf)
+            self.offset += len(self._buf)
+            self._buf, self._pos = b"", 0
+        return n
