@@ -298,9 +298,8 @@ class TarReader:
             stored = parse_number(hdr[148:156], "checksum", raw_name)
             unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 0x20
             if stored != unsigned:
-                signed = unsigned - 2 * sum(b for b in hdr if b >= 0x80) + 2 * sum(
-                    b for b in hdr[148:156] if b >= 0x80
-                )
+                high = sum(1 for b in hdr[:148] + hdr[156:] if b >= 0x80)
+                signed = unsigned - 256 * high
                 if stored != signed:
                     raise LayerFormatError(
                         f"bad tar header checksum (stored {stored:#o}, computed {unsigned:#o})",
