@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .digest import Digest
+from .errors import DigestError
 
 # Media types -----------------------------------------------------------------
 
@@ -51,6 +52,15 @@ def compact_json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _checked_digest(v: str) -> str:
+    """Validator body: pydantic only turns ValueError into a validation failure."""
+    try:
+        Digest.parse(v)
+    except DigestError as err:
+        raise ValueError(str(err)) from None
+    return v
+
+
 # OCI documents -----------------------------------------------------------------
 
 
@@ -76,8 +86,7 @@ class Descriptor(_Lenient):
     @field_validator("digest")
     @classmethod
     def _valid_digest(cls, v: str) -> str:
-        Digest.parse(v)
-        return v
+        return _checked_digest(v)
 
     @property
     def parsed_digest(self) -> Digest:
@@ -219,8 +228,7 @@ class CachedImageMetadata(BaseModel):
     @field_validator("manifest_digest", "config_digest")
     @classmethod
     def _valid_digest(cls, v: str) -> str:
-        Digest.parse(v)
-        return v
+        return _checked_digest(v)
 
     @property
     def manifest(self) -> Digest:
