@@ -116,7 +116,8 @@ class Inode:
     offset: int  # absolute byte offset of the inode in the image
     xattr_isize: int
     inline_offset: int  # absolute byte offset of inline data (right after the ibody)
-    xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)  # inline, then shared
+    shared_xattrs: int = 0  # how many of ``xattrs`` came from the shared xattr area
     chunk: ChunkInfo | None = None
 
     @property
@@ -286,9 +287,11 @@ class ErofsImage:
              _r) = fmt.INODE_EXTENDED.unpack(raw)
             isize = fmt.INODE_EXTENDED.size
         else:
-            (i_format, icount, mode, nlink, size, _mt, i_u, _ino, uid, gid,
+            (i_format, icount, mode, nlink, size, mt, i_u, _ino, uid, gid,
              _r) = fmt.INODE_COMPACT.unpack(head)
-            mtime, nsec = sb.build_time, sb.build_time_nsec
+            # As the kernel: epoch (build_time) + a 32-bit offset that older writers
+            # (erofs-utils 1.5, msb) leave 0.
+            mtime, nsec = sb.build_time + mt, sb.build_time_nsec
             isize = fmt.INODE_COMPACT.size
         layout = fmt.layout_of(i_format)
         if layout in (fmt.LAYOUT_COMPRESSED_FULL, fmt.LAYOUT_COMPRESSED_COMPACT):
@@ -331,6 +334,7 @@ class ErofsImage:
             out.append(entry)
         if pos != length:
             raise ErofsFormatError(f"{self.path}: {where}: trailing bytes after xattr entries")
+        ino.shared_xattrs = len(shared_ids)
         if shared_ids:
             base = self.superblock.xattr_blkaddr * BS
             for sid in shared_ids:
