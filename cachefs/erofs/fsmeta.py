@@ -15,6 +15,8 @@ from typing import BinaryIO
 
 from ..errors import ErofsFormatError
 from . import format as F
+from .merge import merge_layers
+from .reader import ErofsImage
 from .tree import FileType, LayerBlocks, Node, walk
 from .writer import plan_layout, write_image
 
@@ -68,15 +70,16 @@ def write_fsmeta(merged_root: Node, layer_blocks: Sequence[int], out: BinaryIO) 
     return own
 
 
-def fsmeta_from_layer_images(layer_paths: Sequence[Path], out: BinaryIO) -> int:
+def fsmeta_from_layer_images(
+    layer_paths: Sequence[Path], out: BinaryIO, *, msb_quirks: bool = False
+) -> int:
     """Rebuild an image's fsmeta from its layer EROFS files alone (§4.7); no data is read.
 
     Every regular file must be FLAT_PLAIN in its layer (msb refuses anything else), since
-    its start block becomes the chunk address.
+    its start block becomes the chunk address. ``msb_quirks`` selects msb's exact merge
+    (nested whiteouts leak as 0:0 devices, see ``merge``), which makes the result
+    byte-identical to msb's own fsmeta; the default is the OCI-correct merge.
     """
-    from .merge import merge_layers
-    from .reader import ErofsImage
-
     roots: list[Node] = []
     blocks: list[int] = []
     for path in layer_paths:
@@ -90,4 +93,4 @@ def fsmeta_from_layer_images(layer_paths: Sequence[Path], out: BinaryIO) -> int:
                     "an fsmeta can only point at plain layer blocks"
                 )
         roots.append(root)
-    return write_fsmeta(merge_layers(roots), blocks, out)
+    return write_fsmeta(merge_layers(roots, leak_nested_whiteouts=msb_quirks), blocks, out)
