@@ -509,6 +509,14 @@ class ErofsImage:
         return self._listdir_inode(ino)
 
     def _listdir_inode(self, ino: Inode) -> list[tuple[bytes, int, int]]:
+        # Directory data is never a hole, so it cannot exceed what is stored; checking
+        # first keeps a corrupt i_size (or a chunk of holes) from allocating gigabytes.
+        stored = self.file_size + sum(size for _, size, _ in self._device_fds)
+        if ino.size > stored:
+            raise ErofsFormatError(
+                f"{self.path}: directory nid {ino.nid} claims {ino.size} bytes, "
+                f"more than the {stored} bytes stored"
+            )
         data = self._read_inode(ino)
         out: list[tuple[bytes, int, int]] = []
         for b in range(0, len(data), BS):
