@@ -160,9 +160,21 @@ def want_layer(tar_bytes: bytes) -> Want:
     return root
 
 
-def want_merged(tars: Sequence[bytes]) -> Want:
-    """FORMATS.md §4.5 over ``want_layer`` trees, then the opaque marker stripped."""
+def want_merged(tars: Sequence[bytes], *, msb_quirks: bool = False) -> Want:
+    """FORMATS.md §4.5 over ``want_layer`` trees, then the opaque marker stripped.
+
+    OCI semantics by default: whiteouts inside a new dir vanish and a layer root's opaque
+    marker hides everything below. ``msb_quirks``: msb keeps nested whiteouts as 0:0
+    devices and ignores a root opaque marker.
+    """
     merged = Want("dir")
+
+    def drop_whiteouts(w: Want) -> None:
+        for name, c in list(w.children.items()):
+            if c.whiteout:
+                del w.children[name]
+            elif c.kind == "dir":
+                drop_whiteouts(c)
 
     def into(dst: Want, src: Want) -> None:
         for name, s in src.children.items():
@@ -175,16 +187,79 @@ def want_merged(tars: Sequence[bytes]) -> Want:
                 d.mode, d.uid, d.gid, d.mtime = s.mode, s.uid, s.gid, s.mtime
                 into(d, s)
             else:
+                if s.kind == "dir" and not msb_quirks:
+                    drop_whiteouts(s)
                 dst.children[name] = s
 
     for t in tars:
-        into(merged, want_layer(t))
+        layer = want_layer(t)
+        if layer.opaque and not msb_quirks:
+            merged.children.clear()
+        into(merged, layer)
     stack = [merged]
     while stack:
         w = stack.pop()
         w.opaque = False
         stack.extend(c for c in w.children.values() if c.kind == "dir")
     return merged
+
+
+def overlay_tars() -> list[bytes]:
+    """Three layers exercising every §4.5 rule (whiteouts, opaque, type changes, quirks)."""
+    return [
+        layer_tar([
+            dir_("etc/", mode=0o751, uid=1, gid=2, mtime=1500000000),
+            reg("etc/passwd", b"root:x:0:0\n"),
+            reg("etc/group", pattern(5000, 9)),
+            reg("hl/a", b"shared" * 1000),
+            hardlink("hl/b", "hl/a"),
+            hardlink("hl/c", "hl/a"),
+            reg("gone/x", b"x"),
+            dir_("gone/sub/"),
+            reg("tochange", b"was a file"),
+            reg("dirtofile/inner", b"i"),
+            reg("opq/old1", b"1"),
+            reg("opq/old2", b"2"),
+            dir_("keepme/", mode=0o700, uid=7, gid=7, mtime=1400000000),
+            reg("keepme/deep/file", b"f"),
+            symlink("link", "etc/passwd"),
+            device("dev/tty", tarfile.CHRTYPE, 5, 0),
+            reg("big", pattern(3 * 4096 + 5, 1)),
+        ]),
+        layer_tar([
+            reg(".wh.gone", b""),
+            reg("hl/.wh.b", b""),
+            dir_("tochange/", mode=0o705),
+            reg("tochange/now", b"a dir now"),
+            reg("dirtofile", b"a file now"),
+            dir_("opq/", mode=0o770),
+            reg("opq/.wh..wh..opq", b""),
+            reg("opq/new", b"new"),
+            reg("keepme/deep/file2", b"f2"),
+            reg("newdir/.wh.ghost", b""),
+            reg("newdir/real", b"r"),
+            reg(".wh.nothing-below", b""),
+        ]),
+        layer_tar([
+            reg("etc/passwd", b"root:x:0:0\nuser:x:1000:1000\n"),
+            reg("link", b"link is a file now"),
+            symlink("tochange/up", ".."),
+            reg("hl/d", b"not linked"),
+            reg(".wh..wh..opq", b""),
+            reg("empty", b""),
+        ]),
+    ]
+
+
+def many_layer_tars(n: int = 25) -> list[bytes]:
+    """``n`` small layers: the device table runs past block 0 (meta_blkaddr 2)."""
+    tars = []
+    for i in range(n):
+        entries = [reg(f"l{i:02d}/f", pattern(100 * i + 1, i)), reg("shared", f"{i}".encode())]
+        if i:
+            entries.append(reg(f".wh.l{i - 1:02d}", b""))
+        tars.append(layer_tar(entries))
+    return tars
 
 
 Row = tuple[object, ...]
