@@ -1,0 +1,293 @@
+"""Registry credentials and the distribution auth dance.
+
+Flow (what docker and oci-client do): every request first goes out with whatever
+``Authorization`` we already hold for that (registry, scope) — nothing at all the first
+time. A ``401`` carries ``WWW-Authenticate``:
+
+* ``Basic realm=…`` → send the user's credentials as Basic; without any, fail with AuthError.
+* ``Bearer realm=…,service=…,scope=…`` → ask the realm for a token for
+  ``repository:<repo>:pull``, with Basic credentials when we have some, anonymously
+  otherwise. Tokens are cached per (registry, scope) until they expire.
+
+Credentials are looked up lazily (only when a registry asks), in this order: explicit
+``username/password`` (``--username/--password``), then ``~/.docker/config.json``:
+``credHelpers[<host>]``, ``credsStore``, and finally ``auths[<host>]`` (``auth`` =
+base64 ``user:pass``, or ``username``/``password``). The host matches including its port,
+with or without an ``http(s)://`` prefix or path in the key.
+
+Secrets never reach logs or exception messages: :class:`Credentials` masks its repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from ..errors import AuthError, RegistryError
+
+_CHALLENGE_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+_TOKEN_MARGIN_S = 30.0
+_HELPER_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and a secret (password or token). ``repr`` never shows the secret."""
+
+    username: str
+    password: str = field(repr=False)
+
+    def basic_header(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One parsed ``WWW-Authenticate`` challenge."""
+
+    scheme: str
+    params: Mapping[str, str]
+
+
+def parse_www_authenticate(header: str) -> Challenge | None:
+    """``Bearer realm="…",service="…"`` → Challenge; None when unparseable."""
+    header = header.strip()
+    if not header:
+        return None
+    scheme, _, rest = header.partition(" ")
+    params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+              for m in _CHALLENGE_PARAM.finditer(rest)}
+    params = {k: v.replace('\\"', '"') for k, v in params.items()}
+    return Challenge(scheme.lower(), params)
+
+
+# ~/.docker/config.json --------------------------------------------------------------------
+
+
+def _docker_config_path(environ: Mapping[str, str]) -> Path:
+    if environ.get("DOCKER_CONFIG"):
+        return Path(environ["DOCKER_CONFIG"]) / "config.json"
+    return Path(environ.get("HOME", str(Path.home()))) / ".docker" / "config.json"
+
+
+def _host_of(key: str) -> str:
+    """``https://host:port/v1/`` → ``host:port``: config keys come in several spellings."""
+    key = re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", "", key.strip())
+    return key.split("/", 1)[0]
+
+
+def run_credential_helper(
+    name: str, server: str, environ: Mapping[str, str] | None = None
+) -> Credentials | None:
+    """``docker-credential-<name> get`` with ``server`` on stdin (docker's protocol).
+
+    "credentials not found" → None; any other failure → AuthError naming the helper (but
+    never echoing its output, which could contain a secret).
+    """
+    env = dict(environ if environ is not None else os.environ)
+    exe = f"docker-credential-{name}"
+    try:
+        proc = subprocess.run(
+            [exe, "get"], input=server.encode(), capture_output=True, env=env,
+            timeout=_HELPER_TIMEOUT_S,
+        )
+    except FileNotFoundError:
+        raise AuthError(
+            f"credential helper {exe} for {server} not found on PATH",
+            hint="install it or remove it from ~/.docker/config.json",
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise AuthError(f"credential helper {exe} timed out for {server}") from None
+    if proc.returncode != 0:
+        if b"credentials not found" in (proc.stdout + proc.stderr).lower():
+            return None
+        raise AuthError(f"credential helper {exe} failed for {server} (exit {proc.returncode})")
+    try:
+        doc = json.loads(proc.stdout)
+        username, secret = str(doc["Username"]), str(doc["Secret"])
+    except (ValueError, KeyError, TypeError):
+        raise AuthError(f"credential helper {exe} returned malformed output for {server}") from None
+    return Credentials(username, secret)
+
+
+def docker_config_credentials(
+    registry: str,
+    *,
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Credentials | None:
+    """Credentials for ``registry`` (``host[:port]``) from docker's config file, or None."""
+    env = environ if environ is not None else os.environ
+    path = config_path or _docker_config_path(env)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise AuthError(f"cannot read docker config {path}: {err.__class__.__name__}") from None
+    if not isinstance(doc, dict):
+        return None
+    host = _host_of(registry)
+    for key, helper in (doc.get("credHelpers") or {}).items():
+        if _host_of(key) == host and helper:
+            return run_credential_helper(str(helper), key, env)
+    store = doc.get("credsStore")
+    if store:
+        found = run_credential_helper(str(store), registry, env)
+        if found is not None:
+            return found
+    for key, entry in (doc.get("auths") or {}).items():
+        if _host_of(key) != host or not isinstance(entry, dict):
+            continue
+        if entry.get("auth"):
+            try:
+                user, sep, pw = base64.b64decode(entry["auth"]).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                raise AuthError(f"docker config {path}: bad 'auth' value for {key}") from None
+            if sep:
+                return Credentials(user, pw)
+        if entry.get("username") and entry.get("password") is not None:
+            return Credentials(str(entry["username"]), str(entry["password"]))
+    return None
+
+
+# The per-client auth state ------------------------------------------------------------------
+
+
+CredentialLookup = Callable[[str], "Credentials | None"]
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+
+
+class Authenticator:
+    """Holds what a :class:`RegistryClient` has learned: credentials, challenges, tokens.
+
+    ``credentials`` (explicit) wins; otherwise ``lookup(registry)`` is asked once per
+    registry, the first time a registry demands authentication.
+    """
+
+    def __init__(
+        self,
+        credentials: Credentials | None = None,
+        *,
+        lookup: CredentialLookup | None = docker_config_credentials,
+    ) -> None:
+        self._explicit = credentials
+        self._lookup = lookup
+        self._looked_up: dict[str, Credentials | None] = {}
+        self._tokens: dict[tuple[str, str], _Token] = {}
+        self._basic: set[str] = set()
+        self.token_requests = 0  # observable for tests: tokens fetched, not cached hits
+
+    def credentials_for(self, registry: str) -> Credentials | None:
+        if self._explicit is not None:
+            return self._explicit
+        if self._lookup is None:
+            return None
+        if registry not in self._looked_up:
+            self._looked_up[registry] = self._lookup(registry)
+        return self._looked_up[registry]
+
+    def header_for(self, registry: str, scope: str) -> str | None:
+        """The Authorization value to send proactively, if we already know one."""
+        tok = self._tokens.get((registry, scope))
+        if tok is not None and tok.expires_at > time.monotonic():
+            return f"Bearer {tok.value}"
+        if registry in self._basic:
+            creds = self.credentials_for(registry)
+            if creds is not None:
+                return creds.basic_header()
+        return None
+
+    def forget(self, registry: str, scope: str) -> None:
+        self._tokens.pop((registry, scope), None)
+
+    async def respond(
+        self,
+        http: httpx.AsyncClient,
+        registry: str,
+        scope: str,
+        www_authenticate: str,
+        what: str,
+    ) -> str:
+        """Turn a 401 challenge into an Authorization value, or raise AuthError.
+
+        ``what`` names the request (reference and path) for the error message.
+        """
+        challenge = parse_www_authenticate(www_authenticate)
+        if challenge is None:
+            raise AuthError(f"{what}: 401 without a usable WWW-Authenticate challenge")
+        creds = self.credentials_for(registry)
+        if challenge.scheme == "basic":
+            if creds is None:
+                raise AuthError(
+                    f"{what}: registry {registry} requires credentials",
+                    hint="pass --username/--password or log in via ~/.docker/config.json",
+                )
+            self._basic.add(registry)
+            return creds.basic_header()
+        if challenge.scheme != "bearer":
+            raise AuthError(f"{what}: unsupported auth scheme {challenge.scheme!r}")
+        realm = challenge.params.get("realm")
+        if not realm:
+            raise AuthError(f"{what}: Bearer challenge without a realm")
+        params = {"scope": scope}
+        if challenge.params.get("service"):
+            params["service"] = challenge.params["service"]
+        headers = {"Authorization": creds.basic_header()} if creds is not None else {}
+        self.token_requests += 1
+        try:
+            resp = await http.get(realm, params=params, headers=headers)
+        except httpx.HTTPError as err:
+            raise RegistryError(
+                f"{what}: token service {realm} unreachable ({err.__class__.__name__})"
+            ) from None
+        if resp.status_code in (401, 403):
+            who = f"user {creds.username!r}" if creds is not None else "anonymous access"
+            raise AuthError(
+                f"{what}: token service refused {who} for {scope} (HTTP {resp.status_code})",
+                hint="check the username/password" if creds else "credentials are required",
+            )
+        if resp.status_code != 200:
+            raise RegistryError(f"{what}: token service {realm} answered HTTP {resp.status_code}")
+        try:
+            doc = resp.json()
+            value = doc.get("token") or doc.get("access_token")
+            expires_in = float(doc.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            raise RegistryError(f"{what}: token service {realm} sent malformed JSON") from None
+        if not value:
+            raise RegistryError(f"{what}: token service {realm} sent no token")
+        self._tokens[(registry, scope)] = _Token(
+            str(value), time.monotonic() + max(expires_in - _TOKEN_MARGIN_S, 1.0)
+        )
+        return f"Bearer {value}"
+
+
+def pull_scope(repository: str) -> str:
+    return f"repository:{repository}:pull"
+
+
+__all__ = [
+    "Authenticator",
+    "Challenge",
+    "Credentials",
+    "docker_config_credentials",
+    "parse_www_authenticate",
+    "pull_scope",
+    "run_credential_helper",
+]

@@ -1,0 +1,525 @@
+"""OCI distribution client: resolve a reference to one platform's image, fetch blobs.
+
+Semantics follow msb (oci-client 0.17) where they are observable in the cache:
+
+* ``manifest_digest`` is the registry digest of the **platform-specific** manifest, never
+  the index digest (FORMATS.md §2.4): ``Docker-Content-Digest`` when the registry sends it,
+  else the sha256 of the body. Bodies fetched by digest are verified.
+* ``raw_manifest_json`` is the manifest re-serialised the way oci-client does
+  (:meth:`ImageManifest.to_oci_client_json`), not the registry's bytes.
+* Blob downloads follow §1.6: stream into a ``.part``; resume a shorter ``.part`` with
+  ``Range: bytes=<size>-`` hashing the existing prefix; a ``200`` answer to a range request
+  restarts from zero; the whole-file sha256 must match or the ``.part`` is deleted.
+
+Plain HTTP is used only with ``insecure=True`` — even for 127.0.0.1, exactly like
+``msb pull --insecure``. Transient failures (429, 5xx, connection errors) are retried with
+bounded exponential backoff; a retried blob download resumes from the bytes already written.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+import trio
+
+from ..digest import Digest
+from ..errors import AuthError, DigestMismatch, RegistryError
+from ..models import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER_FOREIGN,
+    INDEX_TYPES,
+    LAYER_TYPES,
+    MANIFEST_TYPES,
+    OCI_CONFIG,
+    OCI_LAYER_NONDIST_PREFIX,
+    Descriptor,
+    ImageConfigFile,
+    ImageIndex,
+    ImageManifest,
+    Platform,
+    ValidationError,
+)
+from ..reference import Reference
+from .auth import Authenticator, Credentials, pull_scope
+from .platform import format_platform, select_manifest
+
+ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
+CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_CONFIG_BYTES = 32 << 20
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+Progress = Callable[[int], None]
+
+
+class RegistryNotFound(RegistryError):
+    """404: the repository, tag, manifest or blob does not exist."""
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """One platform's image as the registry describes it (everything but the layer bytes)."""
+
+    reference: Reference
+    manifest_digest: Digest
+    manifest: ImageManifest
+    manifest_bytes: bytes  # the registry's exact bytes of the platform manifest
+    media_type: str
+    config_bytes: bytes
+    config: ImageConfigFile
+    config_digest: Digest
+    index_digest: Digest | None = None  # set when the reference named a multi-platform index
+    platform: Platform | None = None  # the index entry's platform that was chosen
+
+    @property
+    def raw_manifest_json(self) -> str:
+        """What msb stores as ``raw_manifest_json`` after a registry pull."""
+        return self.manifest.to_oci_client_json()
+
+    @property
+    def layers(self) -> list[Descriptor]:
+        return self.manifest.layers
+
+
+def _is_foreign(media_type: str) -> bool:
+    return media_type == DOCKER_LAYER_FOREIGN or media_type.startswith(OCI_LAYER_NONDIST_PREFIX)
+
+
+def check_layer_descriptor(layer: Descriptor, where: str) -> None:
+    """Refuse layers cachefs cannot turn into EROFS, with a message that says why."""
+    if _is_foreign(layer.media_type):
+        raise RegistryError(
+            f"{where}: layer {layer.digest} is a foreign/non-distributable layer "
+            f"({layer.media_type}); it is not served by the registry and cannot be pulled"
+        )
+    if layer.media_type not in LAYER_TYPES:
+        raise RegistryError(f"{where}: layer {layer.digest} has unsupported media type "
+                            f"{layer.media_type!r}")
+
+
+def _manifest_kind(body: bytes, content_type: str, where: str) -> tuple[str, str]:
+    """("index"|"manifest", media type) from the body's mediaType, else Content-Type."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise RegistryError(f"{where}: manifest is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise RegistryError(f"{where}: manifest is not a JSON object")
+    media_type = doc.get("mediaType") or content_type.split(";", 1)[0].strip()
+    if media_type in INDEX_TYPES:
+        return "index", media_type
+    if media_type in MANIFEST_TYPES:
+        return "manifest", media_type
+    if not doc.get("mediaType") and doc.get("schemaVersion") == 2:
+        # OCI allows omitting mediaType; registries then send a generic Content-Type.
+        if "manifests" in doc:
+            return "index", media_type or INDEX_TYPES[0]
+        if "config" in doc and "layers" in doc:
+            return "manifest", media_type or MANIFEST_TYPES[0]
+    raise RegistryError(f"{where}: unsupported manifest media type {media_type!r}")
+
+
+def _error_detail(body: bytes) -> str:
+    """The registry's ``errors[0]`` code/message, for one-line error messages."""
+    try:
+        err = json.loads(body)["errors"][0]
+        return f" {err.get('code', '')}: {err.get('message', '')}".rstrip(": ")
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
+class RegistryClient:
+    """An async (trio) client for OCI distribution registries.
+
+    Use as ``async with RegistryClient(...) as client``. ``credentials`` are explicit
+    ``--username/--password``; without them, ``~/.docker/config.json`` is consulted when a
+    registry asks (see :mod:`cachefs.oci.auth`). ``mirrors`` maps a registry name to the
+    host actually contacted.
+    """
+
+    def __init__(
+        self,
+        *,
+        insecure: bool = False,
+        ca_certs: Path | None = None,
+        credentials: Credentials | None = None,
+        authenticator: Authenticator | None = None,
+        mirrors: dict[str, str] | None = None,
+        max_attempts: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.insecure = insecure
+        self.auth = authenticator or Authenticator(credentials)
+        self.mirrors = dict(mirrors or {})
+        self.max_attempts = max(1, max_attempts)
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        verify: ssl.SSLContext | bool = True
+        if ca_certs is not None:
+            import certifi
+
+            ctx = ssl.create_default_context(cafile=certifi.where())
+            try:
+                ctx.load_verify_locations(cafile=str(ca_certs))
+            except (OSError, ssl.SSLError) as err:
+                raise RegistryError(f"cannot load CA certificates from {ca_certs}: {err}") from None
+            verify = ctx
+        self._http = httpx.AsyncClient(
+            verify=verify,
+            follow_redirects=True,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
+            headers={"User-Agent": "cachefs/0.1"},
+        )
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # plumbing ------------------------------------------------------------------------------
+
+    def _url(self, ref: Reference, path: str) -> str:
+        host = self.mirrors.get(ref.registry, ref.registry)
+        scheme = "http" if self.insecure else "https"
+        return f"{scheme}://{host}/v2/{ref.repository}/{path}"
+
+    async def _backoff(self, attempt: int, resp: httpx.Response | None = None) -> None:
+        delay = min(self.backoff_s * (2**attempt), self.max_backoff_s)
+        if resp is not None:
+            try:
+                delay = min(max(float(resp.headers.get("Retry-After", "")), 0.0),
+                            self.max_backoff_s)
+            except ValueError:
+                pass
+        await trio.sleep(delay)
+
+    async def _open(self, method: str, ref: Reference, path: str,
+                    headers: dict[str, str]) -> httpx.Response:
+        """Send (streaming), answering one auth challenge. Caller must ``aclose()``."""
+        scope = pull_scope(ref.repository)
+        url = self._url(ref, path)
+        hdrs = dict(headers)
+        known = self.auth.header_for(ref.registry, scope)
+        if known:
+            hdrs["Authorization"] = known
+        resp = await self._http.send(self._http.build_request(method, url, headers=hdrs),
+                                     stream=True)
+        if resp.status_code != 401:
+            return resp
+        challenge = resp.headers.get("WWW-Authenticate", "")
+        await resp.aclose()
+        self.auth.forget(ref.registry, scope)
+        what = f"{ref}: {method} /v2/{ref.repository}/{path}"
+        hdrs["Authorization"] = await self.auth.respond(
+            self._http, ref.registry, scope, challenge, what
+        )
+        return await self._http.send(self._http.build_request(method, url, headers=hdrs),
+                                     stream=True)
+
+    async def _raise_for_status(self, resp: httpx.Response, ref: Reference, path: str) -> None:
+        if resp.status_code < 400:
+            return
+        body = b""
+        try:
+            async for chunk in resp.aiter_raw():
+                body += chunk
+                if len(body) > 65536:
+                    break
+        except httpx.HTTPError:
+            pass
+        where = f"{ref}: {resp.request.method} /v2/{ref.repository}/{path}"
+        detail = _error_detail(body)
+        status = resp.status_code
+        if status == 401:
+            raise AuthError(f"{where}: HTTP 401 unauthorized{detail}",
+                            hint="check the username/password or docker login")
+        if status == 403:
+            raise AuthError(f"{where}: HTTP 403 forbidden{detail}",
+                            hint="the credentials lack pull access to this repository")
+        if status == 404:
+            raise RegistryNotFound(f"{where}: HTTP 404 not found{detail}")
+        raise RegistryError(f"{where}: HTTP {status}{detail}")
+
+    async def _get_small(self, ref: Reference, path: str, headers: dict[str, str],
+                         limit: int) -> tuple[httpx.Response, bytes]:
+        """GET a document (manifest, config) with retries; returns the response and body."""
+        for attempt in range(self.max_attempts):
+            last = attempt == self.max_attempts - 1
+            try:
+                resp = await self._open("GET", ref, path, headers)
+                try:
+                    if resp.status_code in RETRY_STATUSES and not last:
+                        await self._backoff(attempt, resp)
+                        continue
+                    await self._raise_for_status(resp, ref, path)
+                    body = bytearray()
+                    async for chunk in resp.aiter_raw():
+                        body += chunk
+                        if len(body) > limit:
+                            raise RegistryError(
+                                f"{ref}: /v2/{ref.repository}/{path} is larger than "
+                                f"{limit} bytes; refusing it"
+                            )
+                    return resp, bytes(body)
+                finally:
+                    await resp.aclose()
+            except httpx.TransportError as err:
+                if last:
+                    raise RegistryError(
+                        f"{ref}: GET /v2/{ref.repository}/{path} failed after "
+                        f"{self.max_attempts} attempts: {err.__class__.__name__}: {err}"
+                    ) from None
+                await self._backoff(attempt)
+        raise AssertionError("unreachable")
+
+    # manifests -------------------------------------------------------------------------------
+
+    async def fetch_manifest(self, ref: Reference, target: str) -> tuple[bytes, str, Digest]:
+        """(body, content type, digest) of ``manifests/<target>`` (a tag or a digest)."""
+        path = f"manifests/{target}"
+        resp, body = await self._get_small(ref, path, {"Accept": ACCEPT_MANIFESTS},
+                                           MAX_MANIFEST_BYTES)
+        actual = Digest.sha256_of(body)
+        what = f"manifest {target} of {ref.name}"
+        if target.startswith("sha") and ":" in target:
+            wanted = Digest.parse(target)
+            h = wanted.hasher()
+            h.update(body)
+            if h.hexdigest() != wanted.encoded:
+                raise DigestMismatch(what, str(wanted), f"{wanted.algorithm}:{h.hexdigest()}")
+            digest = wanted
+        elif resp.headers.get("Docker-Content-Digest"):
+            digest = Digest.parse(resp.headers["Docker-Content-Digest"].strip())
+            if digest.algorithm == "sha256" and digest != actual:
+                raise DigestMismatch(what + " (Docker-Content-Digest)", str(digest), str(actual))
+        else:
+            digest = actual
+        return body, resp.headers.get("Content-Type", ""), digest
+
+    async def resolve(self, ref: Reference, platform: Platform | None = None) -> ResolvedImage:
+        """Tag or digest → the platform manifest, its digest and its verified config.
+
+        An index (OCI or Docker manifest list) is narrowed to ``platform`` (default:
+        linux/<host arch>); a plain manifest is taken as is, whatever its platform.
+        """
+        target = str(ref.digest) if ref.digest is not None else (ref.tag or "latest")
+        body, ctype, digest = await self.fetch_manifest(ref, target)
+        kind, media_type = _manifest_kind(body, ctype, f"{ref}")
+        index_digest: Digest | None = None
+        chosen: Platform | None = None
+        if kind == "index":
+            try:
+                index = ImageIndex.model_validate_json(body)
+            except ValidationError as err:
+                raise RegistryError(f"{ref}: malformed image index: {_first_error(err)}") from None
+            desc = select_manifest(index.manifests, platform, source=f"{ref}",
+                                   error=RegistryError)
+            index_digest, chosen = digest, desc.platform
+            body, ctype, digest = await self.fetch_manifest(ref, desc.digest)
+            kind, media_type = _manifest_kind(body, ctype, f"{ref} ({format_platform(chosen)})")
+            if kind != "manifest":
+                raise RegistryError(f"{ref}: nested image indexes are not supported")
+        try:
+            manifest = ImageManifest.model_validate_json(body)
+        except ValidationError as err:
+            raise RegistryError(f"{ref}: malformed image manifest: {_first_error(err)}") from None
+        for layer in manifest.layers:
+            check_layer_descriptor(layer, f"{ref}")
+        config_bytes = await self.fetch_config(ref, manifest.config)
+        try:
+            config = ImageConfigFile.model_validate_json(config_bytes)
+        except ValidationError as err:
+            raise RegistryError(f"{ref}: malformed image config: {_first_error(err)}") from None
+        if len(config.rootfs.diff_ids) != len(manifest.layers):
+            raise RegistryError(
+                f"{ref}: manifest has {len(manifest.layers)} layers but the config lists "
+                f"{len(config.rootfs.diff_ids)} diff_ids"
+            )
+        return ResolvedImage(
+            reference=ref,
+            manifest_digest=digest,
+            manifest=manifest,
+            manifest_bytes=body,
+            media_type=media_type,
+            config_bytes=config_bytes,
+            config=config,
+            config_digest=manifest.config.parsed_digest,
+            index_digest=index_digest,
+            platform=chosen,
+        )
+
+    async def fetch_config(self, ref: Reference, descriptor: Descriptor) -> bytes:
+        """The config blob, verified against its descriptor digest (and size, if given)."""
+        if descriptor.media_type and descriptor.media_type not in CONFIG_TYPES:
+            raise RegistryError(
+                f"{ref}: config media type {descriptor.media_type!r} is not a container image "
+                "config (is this an OCI artifact?)"
+            )
+        path = f"blobs/{descriptor.digest}"
+        _, body = await self._get_small(ref, path, {}, MAX_CONFIG_BYTES)
+        descriptor.parsed_digest.verify_bytes(body, f"config blob of {ref}")
+        if descriptor.size and len(body) != descriptor.size:
+            raise RegistryError(f"{ref}: config blob is {len(body)} bytes, descriptor says "
+                                f"{descriptor.size}")
+        return body
+
+    # blobs ---------------------------------------------------------------------------------
+
+    async def fetch_blob(
+        self,
+        ref: Reference,
+        descriptor: Descriptor,
+        dest: Path,
+        *,
+        resume: bool = True,
+        progress: Progress | None = None,
+    ) -> None:
+        """Download a blob into ``dest`` (the ``.part`` file) and verify it.
+
+        ``progress(n)`` is called with the number of bytes *newly received* from the network
+        for each chunk (bytes reused from an existing partial file are not reported). On
+        return ``dest`` holds exactly the verified blob; on DigestMismatch it is deleted; on
+        other errors it keeps what was received so a later call can resume.
+        """
+        where = f"{ref}"
+        if _is_foreign(descriptor.media_type):
+            check_layer_descriptor(descriptor, where)
+        digest = descriptor.parsed_digest
+        expected = descriptor.size or None
+        path = f"blobs/{digest}"
+        hasher, have, done = await trio.to_thread.run_sync(
+            _prepare_part, dest, digest, expected, resume
+        )
+        if done:
+            return
+        failures = 0
+        while True:
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            got = 0
+            try:
+                resp = await self._open("GET", ref, path, headers)
+                try:
+                    if resp.status_code in RETRY_STATUSES:
+                        failures += 1
+                        if failures >= self.max_attempts:
+                            await self._raise_for_status(resp, ref, path)
+                        await self._backoff(failures - 1, resp)
+                        continue
+                    if resp.status_code == 416 and have:
+                        # Our prefix is not a prefix of theirs (or already complete): start over.
+                        hasher, have = digest.hasher(), 0
+                        await trio.to_thread.run_sync(_truncate, dest)
+                        failures += 1
+                        continue
+                    await self._raise_for_status(resp, ref, path)
+                    if have and (resp.status_code != 206 or not _range_starts_at(resp, have)):
+                        # A full 200 body (or a range we did not ask for): truncate, restart.
+                        hasher, have = digest.hasher(), 0
+                        await trio.to_thread.run_sync(_truncate, dest)
+                        if resp.status_code != 200:
+                            failures += 1
+                            continue
+                    with dest.open("r+b" if dest.exists() else "wb") as f:
+                        f.seek(have)
+                        f.truncate()
+                        async for chunk in resp.aiter_raw():
+                            f.write(chunk)
+                            hasher.update(chunk)
+                            have += len(chunk)
+                            got += len(chunk)
+                            if progress is not None:
+                                progress(len(chunk))
+                            if expected is not None and have > expected:
+                                break
+                finally:
+                    await resp.aclose()
+                break
+            except httpx.TransportError as err:
+                failures = 0 if got else failures + 1
+                if failures >= self.max_attempts:
+                    raise RegistryError(
+                        f"{where}: downloading blob {digest} failed after {self.max_attempts} "
+                        f"attempts ({have} bytes kept for resume): {err.__class__.__name__}"
+                    ) from None
+                await self._backoff(max(failures - 1, 0))
+        actual = f"{digest.algorithm}:{hasher.hexdigest()}"
+        if actual != str(digest) or (expected is not None and have != expected):
+            await trio.to_thread.run_sync(_unlink, dest)
+            if actual == str(digest):
+                actual += f" ({have} bytes, descriptor says {expected})"
+            raise DigestMismatch(f"blob of {where}", str(digest), actual)
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    return f"{loc}: {first.get('msg', '')}" if loc else str(first.get("msg", ""))
+
+
+def _range_starts_at(resp: httpx.Response, offset: int) -> bool:
+    value = resp.headers.get("Content-Range", "")
+    # "bytes <start>-<end>/<total>"
+    try:
+        unit, _, spec = value.partition(" ")
+        return unit == "bytes" and int(spec.split("-", 1)[0]) == offset
+    except ValueError:
+        return False
+
+
+def _hash_file(f: BinaryIO, hasher: Any) -> int:
+    n = 0
+    while chunk := f.read(1 << 20):
+        hasher.update(chunk)
+        n += len(chunk)
+    return n
+
+
+def _prepare_part(dest: Path, digest: Digest, expected: int | None,
+                  resume: bool) -> tuple[Any, int, bool]:
+    """Apply §1.6 to an existing ``.part``: (hasher over the kept prefix, its size, complete?)."""
+    hasher = digest.hasher()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        size = dest.stat().st_size if resume else 0
+    except FileNotFoundError:
+        size = 0
+    if size == 0 or (expected is not None and size > expected):
+        dest.open("wb").close()
+        return hasher, 0, False
+    with dest.open("rb") as f:
+        n = _hash_file(f, hasher)
+    if expected is not None and n == expected:
+        if hasher.hexdigest() == digest.encoded:
+            return hasher, n, True
+        dest.open("wb").close()
+        return digest.hasher(), 0, False
+    return hasher, n, False
+
+
+def _truncate(dest: Path) -> None:
+    dest.open("wb").close()
+
+
+def _unlink(dest: Path) -> None:
+    dest.unlink(missing_ok=True)
+
+
+__all__ = [
+    "ACCEPT_MANIFESTS",
+    "RegistryClient",
+    "RegistryNotFound",
+    "ResolvedImage",
+    "check_layer_descriptor",
+]
