@@ -1,0 +1,219 @@
+"""Mount, serve and unmount the view: the entry points the CLI (and systemd) call.
+
+``mount`` runs pyfuse3 under trio in the calling process until SIGINT/SIGTERM or an
+external unmount, then unmounts cleanly. pyfuse3 keeps one session per process, so
+``foreground=False`` starts a separate daemon process (``python -m cachefs.view.daemon``)
+and returns once its mount is live instead of forking a process that already runs trio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from ..cache.store import GlobalCache
+from ..errors import CachefsError, MountError
+from .fs import ViewOperations
+
+log = logging.getLogger(__name__)
+
+READY_LINE = "cachefs-view: ready"
+_START_TIMEOUT_S = 30.0
+
+
+def _fusermount() -> str:
+    path = shutil.which("fusermount3") or shutil.which("fusermount")
+    if path is None:
+        raise MountError("fusermount3 not found", hint="install the 'fuse3' package")
+    return path
+
+
+def is_mountpoint(path: Path) -> bool:
+    """True if ``path`` is a mount point, including a dead FUSE mount (ENOTCONN)."""
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return True
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """Refuse a mountpoint that is missing, not a directory, mounted already or non-empty."""
+    try:
+        st = os.stat(mountpoint)
+    except OSError as err:
+        if err.errno == errno.ENOTCONN:
+            raise MountError(
+                f"{mountpoint} is a stale mount (transport endpoint is not connected)",
+                hint=f"unmount it first: fusermount3 -u -z {mountpoint}",
+            ) from None
+        raise MountError(f"mountpoint {mountpoint}: {err.strerror}") from None
+    if not os.path.isdir(mountpoint) or not (st.st_mode & 0o040000):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point",
+                         hint=f"unmount it first: cachefs umount {mountpoint}")
+    try:
+        entries = os.listdir(mountpoint)
+    except OSError as err:
+        raise MountError(f"mountpoint {mountpoint}: {err.strerror}") from None
+    if entries:
+        raise MountError(f"mountpoint {mountpoint} is not empty ({len(entries)} entries)",
+                         hint="mount on an empty directory")
+
+
+def fuse_options(allow_other: bool) -> set[str]:
+    opts = {"fsname=cachefs", "subtype=cachefs", "ro", "default_permissions"}
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def mount(
+    cache: GlobalCache,
+    mountpoint: Path,
+    *,
+    allow_other: bool = False,
+    msb_db: Path | None = None,
+    foreground: bool = True,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount the view of ``cache`` on ``mountpoint``.
+
+    Foreground: serve until SIGINT/SIGTERM or an external unmount; ``ready`` is called once
+    the mount answers requests. Background: start a daemon process, wait until its mount
+    is live, call ``ready`` and return. Raises ``MountError`` for an unusable mountpoint.
+    """
+    mountpoint = Path(mountpoint)
+    check_mountpoint(mountpoint)
+    if not foreground:
+        _spawn_daemon(cache, mountpoint, allow_other=allow_other, msb_db=msb_db)
+        if ready is not None:
+            ready()
+        return
+    ops = ViewOperations(cache, msb_db)
+    trio.run(_serve, ops, mountpoint, fuse_options(allow_other), ready)
+
+
+async def _serve(ops: ViewOperations, mountpoint: Path, options: set[str],
+                 ready: Callable[[], None] | None) -> None:
+    import pyfuse3
+
+    try:
+        pyfuse3.init(ops, str(mountpoint), options)
+    except RuntimeError as err:
+        raise MountError(f"cannot mount {mountpoint}: {err}",
+                         hint="is /dev/fuse available and are you allowed to mount?") from None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, nursery.cancel_scope)
+            nursery.start_soon(ops.refresh_loop)
+
+            async def serve() -> None:
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()  # unmounted from outside
+
+            nursery.start_soon(serve)
+            if ready is not None:
+                # In a thread: ``ready`` may itself look at the mount, which needs main().
+                await trio.to_thread.run_sync(ready)
+    finally:
+        with trio.CancelScope(shield=True):
+            pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received signal %d, unmounting", signum)
+            scope.cancel()
+            return
+
+
+def _spawn_daemon(cache: GlobalCache, mountpoint: Path, *, allow_other: bool,
+                  msb_db: Path | None) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "cachefs.view.daemon", "--cache", str(cache.root),
+           str(mountpoint)]
+    if allow_other:
+        cmd.append("--allow-other")
+    if msb_db is not None:
+        cmd += ["--msb-db", str(msb_db)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the daemon prints READY_LINE or exits
+    if line.strip() != READY_LINE:
+        proc.wait(timeout=_START_TIMEOUT_S)
+        raise MountError(f"the view daemon for {mountpoint} exited ({proc.returncode})")
+    proc.stdout.close()
+    return proc
+
+
+def umount(mountpoint: Path, *, lazy: bool = False) -> None:
+    """Unmount the view; ``lazy`` (or a crashed daemon's stale mount) uses ``-z``."""
+    mountpoint = Path(mountpoint)
+    if not is_mountpoint(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    cmd = [_fusermount(), "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode == 0:
+        return
+    if not lazy and "not connected" in proc.stderr:
+        subprocess.run([_fusermount(), "-u", "-z", str(mountpoint)], check=False,
+                       capture_output=True)
+        if not is_mountpoint(mountpoint):
+            return
+    raise MountError(f"cannot unmount {mountpoint}: {proc.stderr.strip()}",
+                     hint="files may be in use; try a lazy unmount (-z)")
+
+
+def wait_mounted(mountpoint: Path, timeout: float = _START_TIMEOUT_S) -> bool:
+    """Poll until ``mountpoint`` is a mount point (bounded); for callers without ``ready``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_mountpoint(mountpoint):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cachefs.view.daemon",
+                                     description="Serve the cachefs view of an msb cache.")
+    parser.add_argument("--cache", required=True, type=Path, help="the cache/ directory")
+    parser.add_argument("--allow-other", action="store_true")
+    parser.add_argument("--msb-db", type=Path, default=None)
+    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("mountpoint", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+    def ready() -> None:
+        print(READY_LINE, flush=True)
+
+    try:
+        mount(GlobalCache(args.cache), args.mountpoint, allow_other=args.allow_other,
+              msb_db=args.msb_db, ready=ready)
+    except CachefsError as err:
+        print(f"cachefs: {err.one_line()}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

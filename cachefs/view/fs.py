@@ -1,0 +1,443 @@
+"""pyfuse3 ``Operations`` serving the view model read-only, refreshed as the cache changes.
+
+Kept thin on purpose (like pyfuse3's ``passthroughfs``): the tree comes from
+``model.build_tree``; this class only maps it onto FUSE requests.
+
+* Inodes: one per path, assigned on first sight and never reused or changed for the life
+  of the mount, so a path that vanishes and comes back keeps its number.
+* Generated files (``status``, ``image.json``, ``disk.vmdk``, …) are opened with
+  ``direct_io``: their content is per-snapshot and must never be served stale from the
+  page cache. ``status.json``/``metrics`` are rendered from a fresh scan at each open.
+* ``rootfs.img`` is served by ``pread`` on the artifact files (fsmeta, then the layers),
+  each open handle keeping its own fds and SHARED msb leases (FORMATS.md §1.5) so that
+  ``msb image rm`` or gc does not delete them under a reader. The artifacts are
+  content-addressed and immutable, so ``keep_cache`` lets the kernel keep the pages.
+* Live: ``refresh_loop`` rescans when the cache directories or msb's database change and
+  tells the kernel to drop entries and attributes of nodes that changed or went away.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from ..cache.index import default_msb_db
+from ..cache.locks import Leases
+from ..cache.store import GlobalCache
+from ..errors import CachefsError
+from .model import (
+    BytesNode,
+    CacheSnapshot,
+    ConcatNode,
+    DirNode,
+    LiveNode,
+    Node,
+    SymlinkNode,
+    build_tree,
+    resolve,
+    scan_cache,
+    walk,
+)
+from .status import render_metrics, render_status_json
+
+log = logging.getLogger(__name__)
+
+# The kernel re-asks after this long even if an invalidation were lost; short enough for
+# the "appears/disappears within 2 s" promise, long enough to keep `ls -l` cheap.
+ATTR_TIMEOUT_S = 1.0
+POLL_INTERVAL_S = 0.5
+FULL_RESCAN_S = 5.0  # catches in-place corruption that does not touch directory mtimes
+
+
+@dataclass(slots=True)
+class _BytesHandle:
+    data: bytes
+
+
+@dataclass(slots=True)
+class _ConcatHandle:
+    """An open ``rootfs.img``: one fd per part, the parts' start offsets, held leases."""
+
+    fds: list[int]
+    starts: list[int]
+    sizes: list[int]
+    paths: list[Path]
+    leases: Leases
+    total: int
+
+
+@dataclass(slots=True)
+class _DirHandle:
+    entries: list[tuple[str, tuple[str, ...], Node]] = field(default_factory=list)
+
+
+def _errno(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+class ViewOperations(pyfuse3.Operations):
+    """The read-only view of one cache."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        cache: GlobalCache,
+        msb_db: Path | None = None,
+        *,
+        snapshot: CacheSnapshot | None = None,
+    ) -> None:
+        super().__init__()
+        self.cache = cache
+        self.msb_db = default_msb_db(cache) if msb_db is None else msb_db
+        self.snapshot = snapshot if snapshot is not None else scan_cache(cache, self.msb_db)
+        self.root = build_tree(self.snapshot)
+        self._inodes: dict[tuple[str, ...], int] = {(): pyfuse3.ROOT_INODE}
+        self._paths: dict[int, tuple[str, ...]] = {pyfuse3.ROOT_INODE: ()}
+        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._handles: dict[int, _BytesHandle | _ConcatHandle | _DirHandle] = {}
+        self._next_fh = 1
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+
+    # -- inode bookkeeping ------------------------------------------------------------
+
+    def _inode(self, path: tuple[str, ...]) -> int:
+        ino = self._inodes.get(path)
+        if ino is None:
+            ino = self._next_inode
+            self._next_inode += 1
+            self._inodes[path] = ino
+            self._paths[ino] = path
+        return ino
+
+    def _node(self, inode: int) -> tuple[tuple[str, ...], Node]:
+        path = self._paths.get(inode)
+        node = resolve(self.root, path) if path is not None else None
+        if path is None or node is None:
+            raise _errno(errno.ENOENT)
+        return path, node
+
+    def _new_fh(self, handle: _BytesHandle | _ConcatHandle | _DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    # -- attributes -------------------------------------------------------------------
+
+    def _live_content(self, node: LiveNode, snap: CacheSnapshot) -> bytes:
+        if node.kind == "status.json":
+            return render_status_json(snap)
+        return render_metrics(snap)
+
+    def _attr(self, path: tuple[str, ...], node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self._inode(path)
+        a.generation = 0
+        a.entry_timeout = ATTR_TIMEOUT_S
+        a.attr_timeout = ATTR_TIMEOUT_S
+        a.st_uid = self._uid
+        a.st_gid = self._gid
+        a.st_blksize = 4096
+        a.st_rdev = 0
+        if isinstance(node, DirNode):
+            a.st_mode = stat.S_IFDIR | 0o555
+            a.st_nlink = 2 + sum(isinstance(c, DirNode) for c in node.children.values())
+            size = 0
+        elif isinstance(node, SymlinkNode):
+            a.st_mode = stat.S_IFLNK | 0o777
+            a.st_nlink = 1
+            size = len(os.fsencode(node.target))
+        else:
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            if isinstance(node, BytesNode):
+                size = len(node.content)
+            elif isinstance(node, LiveNode):
+                size = len(self._live_content(node, self.snapshot))
+            else:
+                size = node.size
+        a.st_size = size
+        a.st_blocks = 0 if isinstance(node, SymlinkNode) else (size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+        return a
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        path, node = self._node(inode)
+        return self._attr(path, node)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        path, node = self._node(parent_inode)
+        if not isinstance(node, DirNode):
+            raise _errno(errno.ENOTDIR)
+        child_name = os.fsdecode(name)
+        child = node.children.get(child_name)
+        if child is None:
+            raise _errno(errno.ENOENT)
+        child_path = (*path, child_name)
+        return self._attr(child_path, child)
+
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        _, node = self._node(inode)
+        if not isinstance(node, SymlinkNode):
+            raise _errno(errno.EINVAL)
+        return os.fsencode(node.target)
+
+    # -- directories --------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        path, node = self._node(inode)
+        if not isinstance(node, DirNode):
+            raise _errno(errno.ENOTDIR)
+        entries = [(name, (*path, name), child) for name, child in node.children.items()]
+        return self._new_fh(_DirHandle(entries))
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, _DirHandle):
+            raise _errno(errno.EBADF)
+        for i in range(start_id, len(handle.entries)):
+            name, path, node = handle.entries[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(path, node), i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    # -- files ----------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise _errno(errno.EROFS)
+        path, node = self._node(inode)
+        if isinstance(node, DirNode):
+            raise _errno(errno.EISDIR)
+        if isinstance(node, BytesNode):
+            return pyfuse3.FileInfo(fh=self._new_fh(_BytesHandle(node.content)),
+                                    direct_io=True, keep_cache=False)
+        if isinstance(node, LiveNode):
+            snap = await trio.to_thread.run_sync(scan_cache, self.cache, self.msb_db)
+            content = self._live_content(node, snap)
+            return pyfuse3.FileInfo(fh=self._new_fh(_BytesHandle(content)),
+                                    direct_io=True, keep_cache=False)
+        if isinstance(node, ConcatNode):
+            handle = await trio.to_thread.run_sync(_open_concat, node, "/".join(path))
+            return pyfuse3.FileInfo(fh=self._new_fh(handle), direct_io=False, keep_cache=True)
+        raise _errno(errno.EINVAL)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if isinstance(handle, _BytesHandle):
+            return handle.data[off : off + size]
+        if isinstance(handle, _ConcatHandle):
+            return await trio.to_thread.run_sync(_read_concat, handle, off, size)
+        raise _errno(errno.EBADF)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, _ConcatHandle):
+            _close_concat(handle)
+
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        total = sum(a.size for a in self.snapshot.layers.values() if a.exists)
+        total += sum(a.size for a in self.snapshot.fsmeta.values() if a.exists)
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = total // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self._inodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        self._node(inode)
+        raise _errno(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        self._node(inode)
+        return []
+
+    async def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
+        self._node(inode)
+        return not mode & os.W_OK
+
+    # -- everything that would write ---------------------------------------------------
+
+    async def setattr(self, *args: Any, **kw: Any) -> pyfuse3.EntryAttributes:
+        raise _errno(errno.EROFS)
+
+    async def write(self, *args: Any, **kw: Any) -> int:
+        raise _errno(errno.EROFS)
+
+    async def create(self, *args: Any, **kw: Any) -> Any:
+        raise _errno(errno.EROFS)
+
+    async def _refuse(self, *args: Any, **kw: Any) -> Any:
+        raise _errno(errno.EROFS)
+
+    mknod = mkdir = unlink = rmdir = symlink = rename = link = _refuse
+    setxattr = removexattr = _refuse
+
+    # -- live refresh --------------------------------------------------------------------
+
+    def _watch_signature(self) -> tuple[object, ...]:
+        """Cheap fingerprint of everything whose change can change the view."""
+        c = self.cache
+        paths = [c.manifests_dir(), c.layers_dir(), c.fsmeta_dir(), c.vmdk_dir(),
+                 c.refs_dir(), self.msb_db, Path(f"{self.msb_db}-wal")]
+        sig: list[object] = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+                sig.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                sig.append(None)
+        return tuple(sig)
+
+    async def refresh_loop(self, interval: float = POLL_INTERVAL_S,
+                           on_refresh: Callable[[], None] | None = None) -> None:
+        """Rescan when the cache changes; runs until cancelled."""
+        last = await trio.to_thread.run_sync(self._watch_signature)
+        since_full = 0.0
+        while True:
+            await trio.sleep(interval)
+            since_full += interval
+            sig = await trio.to_thread.run_sync(self._watch_signature)
+            if sig == last and since_full < FULL_RESCAN_S:
+                continue
+            last, since_full = sig, 0.0
+            try:
+                snap = await trio.to_thread.run_sync(scan_cache, self.cache, self.msb_db)
+            except (CachefsError, OSError) as err:
+                log.warning("rescan of %s failed, keeping the previous view: %s",
+                            self.cache.root, err)
+                continue
+            await self.apply(snap)
+            if on_refresh is not None:
+                on_refresh()
+
+    async def apply(self, snap: CacheSnapshot) -> None:
+        """Swap in the tree of ``snap`` and invalidate what the kernel may have cached."""
+        new_root = build_tree(snap)
+        old = dict(walk(self.root))
+        new = dict(walk(new_root))
+        self.snapshot = snap
+        self.root = new_root
+        changed: list[int] = []
+        for path, node in old.items():
+            ino = self._inodes.get(path)
+            if ino is None:
+                continue  # the kernel never saw it
+            if path not in new:
+                parent = self._inodes.get(path[:-1])
+                if parent is not None:
+                    pyfuse3.invalidate_entry_async(parent, os.fsencode(path[-1]),
+                                                   ignore_enoent=True)
+            elif _differs(node, new[path]):
+                changed.append(ino)
+        if changed:
+            await trio.to_thread.run_sync(_invalidate_inodes, changed)
+
+
+def _differs(a: Node, b: Node) -> bool:
+    if isinstance(a, DirNode) and isinstance(b, DirNode):
+        return a.mtime_ns != b.mtime_ns or a.children.keys() != b.children.keys()
+    return a != b
+
+
+def _invalidate_inodes(inodes: list[int]) -> None:
+    """Drop cached attributes and pages (a worker thread: the kernel may call back into us)."""
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=False)
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                log.warning("cannot invalidate inode %d: %s", ino, err)
+
+
+# -- rootfs.img handles (blocking; run in worker threads) -------------------------------------
+
+
+def _open_concat(node: ConcatNode, where: str) -> _ConcatHandle:
+    """Lease, open and check every part; all or nothing."""
+    leases = Leases()
+    fds: list[int] = []
+    try:
+        for part, _ in node.parts:
+            # Non-blocking: a deleter holding the lease exclusively means the file is going.
+            leases.add_shared(part, blocking=False)
+        starts, sizes, paths = [], [], []
+        offset = 0
+        for part, size in node.parts:
+            fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
+            fds.append(fd)
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                log.warning("%s: %s changed size (%d, expected %d)", where, part, actual, size)
+                raise _errno(errno.ESTALE)
+            starts.append(offset)
+            sizes.append(size)
+            paths.append(part)
+            offset += size
+        return _ConcatHandle(fds, starts, sizes, paths, leases, offset)
+    except (CachefsError, OSError) as err:
+        for fd in fds:
+            os.close(fd)
+        leases.release()
+        log.warning("cannot open %s: %s", where, err)
+        code = err.errno if isinstance(err, OSError) and err.errno == errno.ENOENT else errno.EIO
+        raise _errno(code) from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        leases.release()
+        raise
+
+
+def _read_concat(h: _ConcatHandle, off: int, size: int) -> bytes:
+    end = min(off + size, h.total)
+    if off >= end:
+        return b""
+    out = []
+    i = bisect_right(h.starts, off) - 1
+    pos = off
+    while pos < end:
+        start, part_size = h.starts[i], h.sizes[i]
+        n = min(end, start + part_size) - pos
+        try:
+            data = os.pread(h.fds[i], n, pos - start)
+        except OSError as err:
+            log.warning("read of %s failed: %s", h.paths[i], err)
+            raise _errno(errno.EIO) from None
+        if len(data) != n:
+            log.warning("%s is shorter than when it was opened", h.paths[i])
+            raise _errno(errno.EIO)
+        out.append(data)
+        pos += n
+        i += 1
+    return b"".join(out)
+
+
+def _close_concat(h: _ConcatHandle) -> None:
+    for fd in h.fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    h.fds.clear()
+    h.leases.release()

@@ -1,0 +1,536 @@
+"""The view as data: a snapshot of the cache → a tree of virtual nodes.
+
+Two halves, kept apart on purpose:
+
+* ``scan_cache`` does the I/O: it indexes the references (``cache.index``), stats every
+  artifact and checks its validity (msb's rule, plus the fsmeta's device table against the
+  current layer sizes and its superblock crc, which the kernel insists on). Validity
+  results are memoised by (path, size, mtime, inode), so a poll every half second costs a
+  few ``stat`` calls, not a re-read of every image.
+* ``build_tree`` is a pure function of that ``CacheSnapshot``; the FUSE layer only serves
+  what it returns, and tests can exercise every status text without mounting anything.
+
+Layout: DESIGN.md "The view".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..cache.index import IndexedImage, index_images
+from ..cache.store import GlobalCache
+from ..digest import Digest
+from ..errors import CachefsError
+from ..vmdk import render_descriptor
+
+BLOCK = 4096
+
+# ---------------------------------------------------------------------------------------
+# Snapshot of cache state (the model's input)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    """One cache file as the scan found it. ``problem`` is None when it is usable."""
+
+    path: Path
+    exists: bool
+    size: int = 0
+    mtime_ns: int = 0
+    problem: str | None = None
+    # fsmeta only: device-table block counts and mapped addresses, and its own blocks.
+    device_blocks: tuple[int, ...] = ()
+    device_mapped: tuple[int, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.exists and self.problem is None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSnapshot:
+    """Everything ``build_tree`` and the status renderers need, gathered in one scan."""
+
+    cache_root: Path
+    images: list[IndexedImage]
+    layers: Mapping[str, Artifact]  # diff_id → layer file (every *.erofs plus referenced ones)
+    fsmeta: Mapping[str, Artifact]  # manifest digest → fsmeta file
+    metadata_mtime_ns: Mapping[str, int]  # normalised reference → mtime of its json
+    bytes_by_kind: Mapping[str, int] = field(default_factory=dict)
+    downloads: Mapping[str, int] = field(default_factory=dict)  # tmp/*.part name → size
+    problems: list[str] = field(default_factory=list)  # cache-wide (e.g. msb.db unreadable)
+    taken_at_ns: int = 0
+
+
+class _ValidityMemo:
+    """Validity verdicts keyed by file identity; thread-safe (scans run in worker threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._memo: dict[tuple[str, int, int, int, int], Artifact] = {}
+
+    def get(self, key: tuple[str, int, int, int, int]) -> Artifact | None:
+        with self._lock:
+            return self._memo.get(key)
+
+    def put(self, key: tuple[str, int, int, int, int], art: Artifact) -> None:
+        with self._lock:
+            if len(self._memo) > 100_000:
+                self._memo.clear()
+            self._memo[key] = art
+
+
+_MEMO = _ValidityMemo()
+
+
+def _check_erofs(path: Path, *, fsmeta: bool) -> Artifact:
+    """Stat ``path`` and judge it (memoised). Never raises: problems become text."""
+    from ..erofs.reader import ErofsImage, is_valid_erofs
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return Artifact(path, exists=False, problem="missing")
+    except OSError as err:
+        return Artifact(path, exists=False, problem=f"cannot stat: {err.strerror}")
+    if not stat.S_ISREG(st.st_mode):
+        return Artifact(path, True, st.st_size, st.st_mtime_ns, problem="not a regular file")
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    cached = _MEMO.get(key)
+    if cached is not None:
+        return cached
+    art = Artifact(path, True, st.st_size, st.st_mtime_ns)
+    if not is_valid_erofs(path):
+        art = Artifact(path, True, st.st_size, st.st_mtime_ns,
+                       problem="corrupt (not a valid EROFS image)")
+    elif fsmeta:
+        try:
+            with ErofsImage.open(path) as img:
+                own = img.superblock.blocks
+                art = Artifact(
+                    path, True, st.st_size, st.st_mtime_ns,
+                    problem=None if img.crc_ok else "corrupt (superblock checksum mismatch)",
+                    device_blocks=tuple(d.blocks for d in img.devices),
+                    device_mapped=(own, *(d.mapped_blkaddr for d in img.devices)),
+                )
+        except (CachefsError, OSError, ValueError) as err:
+            art = Artifact(path, True, st.st_size, st.st_mtime_ns, problem=f"corrupt ({err})")
+    _MEMO.put(key, art)
+    return art
+
+
+def _dir_entries(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as it:
+            return list(it)
+    except OSError:
+        return []
+
+
+def _file_size(entry: os.DirEntry[str]) -> int:
+    try:
+        return entry.stat(follow_symlinks=False).st_size if entry.is_file() else 0
+    except OSError:
+        return 0
+
+
+def scan_cache(cache: GlobalCache, msb_db: Path | None = None) -> CacheSnapshot:
+    """Read the cache's current state (blocking I/O: run it in a worker thread)."""
+    problems: list[str] = []
+    images = index_images(cache, msb_db, problems)
+
+    layers: dict[str, Artifact] = {}
+    bytes_by_kind = {"layers": 0, "fsmeta": 0, "vmdk": 0, "manifests": 0, "tmp": 0}
+    for entry in _dir_entries(cache.layers_dir()):
+        name = entry.name
+        if name.endswith(".erofs"):
+            bytes_by_kind["layers"] += _file_size(entry)
+            digest = _digest_from_name(name[: -len(".erofs")])
+            if digest is not None:
+                layers[digest] = _check_erofs(Path(entry.path), fsmeta=False)
+        elif name.endswith(".tar.gz"):
+            bytes_by_kind["tmp"] += _file_size(entry)
+    for kind, directory, suffix in (
+        ("fsmeta", cache.fsmeta_dir(), ".erofs"),
+        ("vmdk", cache.vmdk_dir(), ".vmdk"),
+        ("manifests", cache.manifests_dir(), ".json"),
+    ):
+        for entry in _dir_entries(directory):
+            if entry.name.endswith(suffix):
+                bytes_by_kind[kind] += _file_size(entry)
+    downloads: dict[str, int] = {}
+    for entry in _dir_entries(cache.tmp_dir()):
+        size = _file_size(entry)
+        bytes_by_kind["tmp"] += size
+        if entry.name.endswith(".part") and not entry.name.endswith(".erofs.part"):
+            downloads[entry.name] = size
+
+    fsmeta: dict[str, Artifact] = {}
+    metadata_mtime: dict[str, int] = {}
+    for img in images:
+        for diff in img.layers:
+            if diff not in layers:
+                layers[diff] = _check_erofs(cache.layer_erofs_path(diff), fsmeta=False)
+        if img.manifest_digest and img.manifest_digest not in fsmeta:
+            fsmeta[img.manifest_digest] = _check_erofs(
+                cache.fsmeta_erofs_path(img.manifest_digest), fsmeta=True
+            )
+        try:
+            metadata_mtime[str(img.reference)] = img.metadata_path.stat().st_mtime_ns
+        except OSError:
+            pass
+    return CacheSnapshot(
+        cache_root=cache.root,
+        images=images,
+        layers=layers,
+        fsmeta=fsmeta,
+        metadata_mtime_ns=metadata_mtime,
+        bytes_by_kind=bytes_by_kind,
+        downloads=downloads,
+        problems=problems,
+        taken_at_ns=time.time_ns(),
+    )
+
+
+def _digest_from_name(stem: str) -> str | None:
+    """``sha256_<hex>`` → ``sha256:<hex>`` (the inverse of ``Digest.path_safe``)."""
+    algo, sep, encoded = stem.partition("_")
+    if not sep:
+        return None
+    try:
+        return str(Digest.parse(f"{algo}:{encoded}"))
+    except CachefsError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# Virtual nodes (the model's output)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DirNode:
+    children: Mapping[str, Node]
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class SymlinkNode:
+    target: str
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class BytesNode:
+    """A generated file whose content is fixed for this snapshot (never cached by the kernel)."""
+
+    content: bytes
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class LiveNode:
+    """A file rendered at open time from a fresh scan (``status.json``, ``metrics``)."""
+
+    kind: Literal["status.json", "metrics"]
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConcatNode:
+    """``rootfs.img``: the byte concatenation of ``parts`` (path, size), in order.
+
+    The parts are content-addressed cache files, immutable while they exist, so the
+    kernel may cache the pages.
+    """
+
+    parts: tuple[tuple[Path, int], ...]
+    mtime_ns: int
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size in self.parts)
+
+
+Node = DirNode | SymlinkNode | BytesNode | LiveNode | ConcatNode
+
+
+@dataclass(frozen=True, slots=True)
+class ImageState:
+    """The verdict on one image: usable parts and what is wrong with the rest."""
+
+    ready: bool
+    problems: list[tuple[str, str]]  # (what is wrong, command that fixes it)
+
+
+README = """\
+cachefs view of an msb image cache (read-only)
+================================================
+
+images/<reference>/      one directory per image reference, e.g.
+                         images/docker.io/library/alpine:3.20/
+  disk.vmdk              VMDK descriptor; extents are relative to this directory,
+                         so it keeps working when the cache moves:
+                           qemu-system-x86_64 -drive file=<dir>/disk.vmdk,format=vmdk,readonly=on
+  rootfs.img             the same disk as one raw file (fsmeta followed by the layers),
+                         for VMMs without VMDK support (e.g. -drive format=raw)
+  fsmeta.erofs           symlink to the merged metadata EROFS in the cache
+  layers/NN-<diff>.erofs symlinks to the layer EROFS images, bottom first
+  manifest.json          the image manifest, as stored by msb
+  config.json            the image config blob
+  image.json             reference, digests, parsed config, layers with sizes and state
+  status                 "ready", or what is missing or corrupt and the command to fix it
+by-digest/<manifest>/    the same directories, named by manifest digest
+layers/<diff>.erofs      every layer image in the cache
+status.json, metrics     cache-wide state (JSON, Prometheus text), generated on read
+
+disk.vmdk and rootfs.img appear only when every artifact of the image is valid.
+Mount the disk inside the guest as EROFS: mount -t erofs -o ro /dev/vdX /mnt
+"""
+
+
+def judge_image(img: IndexedImage, snap: CacheSnapshot) -> ImageState:
+    """Is every artifact of ``img`` present and valid, and consistent with each other?"""
+    ref = str(img.reference)
+    pull = f"cachefs pull {ref}"
+    repair = f"cachefs verify --repair {ref}"
+    problems: list[tuple[str, str]] = []
+    if img.metadata is None:
+        what = "corrupt" if str(img.reference) in snap.metadata_mtime_ns else "missing"
+        problems.append((f"image metadata {what}: manifests/{img.metadata_path.name}", pull))
+    if not img.layers and img.metadata is not None:
+        problems.append(("image has no layers", pull))
+    for i, diff in enumerate(img.layers):
+        art = snap.layers.get(diff)
+        if art is None or not art.exists:
+            problems.append((f"layer {i} {diff} missing: layers/{_safe(diff)}.erofs", pull))
+        elif art.problem:
+            problems.append((f"layer {i} {diff} {art.problem}: layers/{_safe(diff)}.erofs",
+                             repair))
+    if img.manifest_digest is None:
+        problems.append(("manifest digest unknown", pull))
+    else:
+        fm = snap.fsmeta.get(img.manifest_digest)
+        rel = f"fsmeta/{_safe(img.manifest_digest)}.erofs"
+        if fm is None or not fm.exists:
+            problems.append((f"fsmeta missing: {rel}", repair))
+        elif fm.problem:
+            problems.append((f"fsmeta {fm.problem}: {rel}", repair))
+        else:
+            mismatch = _device_table_mismatch(fm, img.layers, snap)
+            if mismatch:
+                problems.append((f"fsmeta does not match the layers ({mismatch}): {rel}",
+                                 repair))
+    return ImageState(ready=not problems, problems=problems)
+
+
+def _device_table_mismatch(fm: Artifact, layers: list[str], snap: CacheSnapshot) -> str | None:
+    if len(fm.device_blocks) != len(layers):
+        return f"{len(fm.device_blocks)} devices for {len(layers)} layers"
+    mapped = fm.device_mapped[0] if fm.device_mapped else fm.size // BLOCK
+    for i, (blocks, diff) in enumerate(zip(fm.device_blocks, layers, strict=True)):
+        art = snap.layers.get(diff)
+        size = art.size if art is not None else 0
+        if blocks * BLOCK != size:
+            return f"device {i + 1} has {blocks} blocks, layer file has {size // BLOCK}"
+        if len(fm.device_mapped) > i + 1 and fm.device_mapped[i + 1] != mapped:
+            return f"device {i + 1} mapped at block {fm.device_mapped[i + 1]}, expected {mapped}"
+        mapped += blocks
+    return None
+
+
+def status_text(img: IndexedImage, state: ImageState) -> str:
+    if state.ready:
+        return "ready\n"
+    lines = [f"not ready: {img.reference}"]
+    lines += [f"  {what}" for what, _ in state.problems]
+    fixes = list(dict.fromkeys(fix for _, fix in state.problems))
+    lines += [f"fix: {fix}" for fix in fixes]
+    return "\n".join(lines) + "\n"
+
+
+def _safe(digest: str) -> str:
+    return Digest.parse(digest).path_safe()
+
+
+def layer_link_name(index: int, count: int, diff: str) -> str:
+    """``NN-sha256_<hex>.erofs``: two digits, more when the image has over 99 layers."""
+    width = max(2, len(str(count - 1)))
+    return f"{index:0{width}d}-{_safe(diff)}.erofs"
+
+
+def _image_dir(
+    img: IndexedImage, all_refs: list[str], snap: CacheSnapshot
+) -> tuple[DirNode, ImageState]:
+    state = judge_image(img, snap)
+    meta = img.metadata
+    mtime = snap.metadata_mtime_ns.get(str(img.reference), snap.taken_at_ns)
+    children: dict[str, Node] = {}
+    fm = snap.fsmeta.get(img.manifest_digest) if img.manifest_digest else None
+    if fm is not None and fm.exists:
+        children["fsmeta.erofs"] = SymlinkNode(str(fm.path), fm.mtime_ns)
+    layer_links: dict[str, Node] = {}
+    layer_docs = []
+    for i, diff in enumerate(img.layers):
+        art = snap.layers.get(diff)
+        name = layer_link_name(i, len(img.layers), diff)
+        if art is not None and art.exists:
+            layer_links[name] = SymlinkNode(str(art.path), art.mtime_ns)
+        lm = meta.layers[i] if meta is not None and i < len(meta.layers) else None
+        layer_docs.append({
+            "index": i,
+            "diff_id": diff,
+            "digest": lm.digest if lm else None,
+            "media_type": lm.media_type if lm else None,
+            "compressed_size": lm.size_bytes if lm else None,
+            "erofs_size": art.size if art is not None and art.exists else None,
+            "path": f"layers/{name}",
+            "state": _state_word(art),
+        })
+    children["layers"] = DirNode(layer_links, mtime)
+    if meta is not None:
+        children["manifest.json"] = BytesNode(meta.raw_manifest_json.encode(), mtime)
+        children["config.json"] = BytesNode(meta.raw_config_json.encode(), mtime)
+    if state.ready and fm is not None:
+        files = [("fsmeta.erofs", fm.size)]
+        parts = [(fm.path, fm.size)]
+        for i, diff in enumerate(img.layers):
+            art = snap.layers[diff]
+            files.append((f"layers/{layer_link_name(i, len(img.layers), diff)}", art.size))
+            parts.append((art.path, art.size))
+        newest = max(mtime, *(snap.layers[d].mtime_ns for d in img.layers), fm.mtime_ns)
+        children["disk.vmdk"] = BytesNode(render_descriptor(files).encode(), newest)
+        children["rootfs.img"] = ConcatNode(tuple(parts), newest)
+    doc = {
+        "reference": str(img.reference),
+        "typed": img.typed,
+        "references": all_refs,
+        "manifest_digest": img.manifest_digest,
+        "config_digest": meta.config_digest if meta else None,
+        "ready": state.ready,
+        "problems": [{"problem": what, "fix": fix} for what, fix in state.problems],
+        "sources": sorted(img.sources),
+        "config": _parsed_config(meta.raw_config_json) if meta else None,
+        "runtime_config": meta.config.model_dump() if meta else None,
+        "fsmeta": None if fm is None else {
+            "path": "fsmeta.erofs",
+            "size": fm.size if fm.exists else None,
+            "state": _state_word(fm),
+        },
+        "layers": layer_docs,
+        "disk_size": children["rootfs.img"].size if "rootfs.img" in children else None,  # type: ignore[union-attr]
+    }
+    children["image.json"] = BytesNode(
+        (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), mtime
+    )
+    children["status"] = BytesNode(status_text(img, state).encode(), mtime)
+    return DirNode(children, mtime), state
+
+
+def _state_word(art: Artifact | None) -> str:
+    if art is None or not art.exists:
+        return "missing"
+    return "ok" if art.problem is None else art.problem
+
+
+def _parsed_config(raw: str) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _insert(root: dict[str, object], parts: list[str], node: Node) -> None:
+    """Place ``node`` at ``parts`` below ``root`` (a nested dict of names)."""
+    cur = root
+    for name in parts[:-1]:
+        nxt = cur.setdefault(name, {})
+        if not isinstance(nxt, dict):  # a file where a directory should be: keep the file
+            return
+        cur = nxt
+    cur.setdefault(parts[-1], node)
+
+
+def _freeze(tree: dict[str, object], mtime: int) -> DirNode:
+    children: dict[str, Node] = {}
+    for name, value in sorted(tree.items()):
+        children[name] = _freeze(value, mtime) if isinstance(value, dict) else value  # type: ignore[assignment,arg-type]
+    newest = max((c.mtime_ns for c in children.values()), default=mtime)
+    return DirNode(children, newest)
+
+
+def _path_components(text: str) -> list[str] | None:
+    parts = text.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return None
+    return parts
+
+
+def build_tree(snap: CacheSnapshot) -> DirNode:
+    """The whole view for one snapshot. Pure: same snapshot, same tree."""
+    now = snap.taken_at_ns
+    by_manifest: dict[str, list[str]] = {}
+    for img in snap.images:
+        if img.manifest_digest:
+            by_manifest.setdefault(img.manifest_digest, []).append(str(img.reference))
+
+    images: dict[str, object] = {}
+    by_digest: dict[str, Node] = {}
+    for img in snap.images:
+        refs = by_manifest.get(img.manifest_digest or "", [str(img.reference)])
+        node, _ = _image_dir(img, refs, snap)
+        parts = _path_components(str(img.reference))
+        if parts is not None:
+            _insert(images, parts, node)
+        if img.manifest_digest:
+            by_digest.setdefault(_safe(img.manifest_digest), node)
+
+    layer_links: dict[str, Node] = {
+        f"{_safe(diff)}.erofs": SymlinkNode(str(art.path), art.mtime_ns)
+        for diff, art in sorted(snap.layers.items())
+        if art.exists
+    }
+    root: dict[str, Node] = {
+        "README": BytesNode(README.encode(), 0),
+        "status.json": LiveNode("status.json", now),
+        "metrics": LiveNode("metrics", now),
+        "images": _freeze(images, now),
+        "by-digest": DirNode(dict(sorted(by_digest.items())), now),
+        "layers": DirNode(layer_links, now),
+    }
+    return DirNode(root, now)
+
+
+def image_states(snap: CacheSnapshot) -> Iterable[tuple[IndexedImage, ImageState]]:
+    """Every image with its verdict (for the status renderers)."""
+    for img in snap.images:
+        yield img, judge_image(img, snap)
+
+
+def walk(node: Node, prefix: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], Node]]:
+    """Every (path, node) in the tree, parents before children."""
+    yield prefix, node
+    if isinstance(node, DirNode):
+        for name, child in node.children.items():
+            yield from walk(child, (*prefix, name))
+
+
+def resolve(root: DirNode, path: tuple[str, ...]) -> Node | None:
+    node: Node = root
+    for name in path:
+        if not isinstance(node, DirNode):
+            return None
+        child = node.children.get(name)
+        if child is None:
+            return None
+        node = child
+    return node
