@@ -1,0 +1,139 @@
+"""Publish layer images, the fsmeta and the VMDK into the cache the way msb does.
+
+Both steps follow FORMATS.md §1.3/§1.4 so msb and cachefs can work on one cache at the
+same time: take msb's flock (never deleting the lock file), re-check validity after
+acquiring it (someone may have finished the work while we waited), write under ``tmp/``
+on the same filesystem, ``rename()`` into place, and leave nothing behind in ``tmp/`` on
+any failure. Layer images are keyed by diff_id; fsmeta and VMDK by manifest digest, and
+the fsmeta is always published before the VMDK that points at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache.locks import flock_exclusive
+from .cache.publish import publish_file, remove_quietly
+from .cache.store import GlobalCache
+from .digest import Digest
+from .erofs.fsmeta import fsmeta_from_layer_images
+from .erofs.tree import BlockMap
+from .erofs.writer import write_layer_erofs
+from .errors import NotCachedError
+from .layer import Compression, detect_compression, ingest_layer
+from .vmdk import descriptor_for_paths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MaterializedLayer:
+    """A layer image in the cache. ``block_map`` is None when it was already there."""
+
+    diff_id: Digest
+    path: Path
+    block_map: BlockMap | None
+
+    @property
+    def created(self) -> bool:
+        return self.block_map is not None
+
+
+def materialize_layer(
+    cache: GlobalCache,
+    blob_path: Path,
+    *,
+    compression: Compression | None,
+    diff_id: Digest,
+    layer_label: str,
+) -> MaterializedLayer:
+    """Make ``layers/<diff_id>.erofs`` from a (compressed) layer blob, unless it is valid.
+
+    ``compression=None`` sniffs the magic bytes (msb's ``load`` behaviour). The blob is
+    verified against ``diff_id`` while it is read; a mismatch raises ``DigestMismatch``
+    and publishes nothing. Held: ``layers/<d>.erofs.lock`` (exclusive).
+    """
+    final = cache.layer_erofs_path(diff_id)
+    if cache.is_layer_materialized(diff_id):
+        return MaterializedLayer(diff_id, final, None)
+    cache.layers_dir().mkdir(parents=True, exist_ok=True)
+    cache.tmp_dir().mkdir(parents=True, exist_ok=True)
+    with flock_exclusive(cache.layer_erofs_lock_path(diff_id)):
+        if cache.is_layer_materialized(diff_id):
+            return MaterializedLayer(diff_id, final, None)  # finished while we waited
+        spool_path, part = cache.spool_path(diff_id), cache.layer_part_path(diff_id)
+        try:
+            with blob_path.open("rb") as blob, spool_path.open("wb+") as spool:
+                if compression is None:
+                    compression = detect_compression(blob.read(4))
+                    blob.seek(0)
+                ingested = ingest_layer(
+                    blob, compression=compression, expected_diff_id=diff_id, spool=spool,
+                    layer_label=layer_label,
+                )
+                with part.open("wb") as out:
+                    block_map = write_layer_erofs(ingested.root, spool, out)
+            publish_file(part, final)
+        finally:
+            remove_quietly(spool_path)
+            remove_quietly(part)
+    log.debug("materialized layer %s (%d blocks)", diff_id, block_map.total_blocks)
+    return MaterializedLayer(diff_id, final, block_map)
+
+
+def stitch_image(
+    cache: GlobalCache,
+    manifest_digest: Digest,
+    diff_ids: Sequence[Digest],
+    *,
+    msb_quirks: bool = False,
+) -> tuple[Path, Path]:
+    """Make ``fsmeta/<m>.erofs`` and ``vmdk/<m>.vmdk`` for an image whose layers are cached.
+
+    A valid fsmeta is kept (only a missing VMDK is regenerated, as msb does); a missing or
+    invalid one is rebuilt from the layer images alone (§4.7), and then the VMDK is
+    rewritten too, since its extent sizes may have changed. VMDK extents are the
+    ``realpath`` of the cache files, exactly like msb's. ``msb_quirks`` selects msb's
+    merge quirks (byte-identical fsmeta); the default merge is OCI-correct. Held:
+    ``fsmeta/<m>.erofs.lock`` (exclusive) around both files.
+    """
+    fsmeta, vmdk = cache.fsmeta_erofs_path(manifest_digest), cache.vmdk_path(manifest_digest)
+    if cache.is_fsmeta_materialized(manifest_digest) and cache.is_vmdk_materialized(
+        manifest_digest
+    ):
+        return fsmeta, vmdk
+    missing = [str(d) for d in diff_ids if not cache.is_layer_materialized(d)]
+    if missing:
+        raise NotCachedError(
+            f"image {manifest_digest}: cannot stitch, layer images missing or invalid: "
+            + ", ".join(missing),
+            hint="pull the image again",
+        )
+    layers = [cache.layer_erofs_path(d) for d in diff_ids]
+    for sub in (cache.fsmeta_dir(), cache.vmdk_dir(), cache.tmp_dir()):
+        sub.mkdir(parents=True, exist_ok=True)
+    with flock_exclusive(cache.fsmeta_erofs_lock_path(manifest_digest)):
+        work = cache.work_dir(manifest_digest)
+        shutil.rmtree(work, ignore_errors=True)  # leftovers of a crashed run of ours
+        work.mkdir()
+        try:
+            rebuilt = False
+            if not cache.is_fsmeta_materialized(manifest_digest):
+                tmp = work / "fsmeta.erofs"
+                with tmp.open("wb") as out:
+                    fsmeta_from_layer_images(layers, out, msb_quirks=msb_quirks)
+                publish_file(tmp, fsmeta)
+                rebuilt = True
+            if rebuilt or not cache.is_vmdk_materialized(manifest_digest):
+                tmp = work / "rootfs.vmdk"
+                tmp.write_text(descriptor_for_paths([fsmeta, *layers]))
+                publish_file(tmp, vmdk)
+        finally:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(work)
+    return fsmeta, vmdk
