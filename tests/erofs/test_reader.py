@@ -34,7 +34,14 @@ from tests.fixtures.images import (
     reg,
     symlink,
 )
-from tests.fixtures.system import Msb, loop_mount_erofs, msb_binary, require_tool, run
+from tests.fixtures.system import (
+    Msb,
+    loop_mount_erofs,
+    msb_binary,
+    require_root,
+    require_tool,
+    run,
+)
 
 Records = dict[bytes, dict[str, Any]]
 
@@ -175,10 +182,7 @@ def build_source(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.geteuid() != 0:
-        from tests.fixtures.system import missing
-
-        missing("root privileges (mknod, chown, trusted.* xattrs)")
+    require_root()  # mknod, chown, trusted.* xattrs
     root = tmp_path_factory.mktemp("src") / "root"
     build_source(root)
     return root
@@ -529,7 +533,7 @@ def test_is_valid_erofs_rules(msb_image: MsbImage, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def exercise(path: Path, devices: list[Path] | None = None) -> None:
+def exercise(path: Path, devices: list[Path] | None = None, block_map: bool = True) -> None:
     """Touch every part of an image the way the cache, fsmeta rebuild and view do."""
     with ErofsImage.open(path, devices) as im:
         _ = im.crc_ok
@@ -541,7 +545,7 @@ def exercise(path: Path, devices: list[Path] | None = None) -> None:
             elif ino.type is FileType.SYMLINK:
                 im.readlink(nid)
         im.to_tree()
-        if not im.devices:
+        if block_map:
             im.block_map()
 
 
@@ -573,7 +577,7 @@ def test_corrupt_images_raise_only_format_errors(
     for buf in mutations(src.read_bytes(), seed=seed, count=300):
         target.write_bytes(buf)
         try:
-            exercise(target, devices)
+            exercise(target, devices, block_map=which != "fsmeta")
             outcomes["ok"] += 1
         except ErofsFormatError:
             outcomes["error"] += 1
@@ -603,3 +607,59 @@ def test_truncated_and_garbage_files(tmp_path: Path, msb_image: MsbImage) -> Non
         p.write_bytes(content)
         with pytest.raises(ErofsFormatError):
             exercise(p)
+
+
+@pytest.mark.system
+def test_mkfs_blobdev_multi_device(source: Path, tmp_path: Path) -> None:
+    blob = tmp_path / "blob"
+    img = mkfs(source, tmp_path / "img.erofs", ["--chunksize=4096", f"--blobdev={blob}"])
+    want, _ = dir_records(source)
+    with ErofsImage.open(img, devices=[blob]) as im:
+        assert len(im.devices) == 1
+        got, _ = reader_records(im)
+        nid = im.lookup("f70000")
+        assert {d for d, _ in im.chunks(nid)} == {1}
+    assert_same(got, want)
+    with pytest.raises(ErofsFormatError, match="extra devices"):
+        ErofsImage.open(img, devices=[blob, blob])
+
+
+def test_null_chunks_read_as_zeros(msb_image: MsbImage, tmp_path: Path) -> None:
+    raw = bytearray(msb_image.fsmeta.read_bytes())
+    with ErofsImage.open(msb_image.fsmeta) as im:
+        nid = im.lookup("big")
+        ci = im.inode(nid).chunk
+        assert ci is not None and ci.indexes and ci.count == 74
+    struct.pack_into("<I", raw, ci.table_offset + 8 * 1 + 4, fmt.NULL_ADDR)  # chunk 1
+    patched = tmp_path / "holes.erofs"
+    patched.write_bytes(bytes(raw))
+    want = bytearray(data(300_000, 3))
+    want[4096:8192] = bytes(4096)
+    with ErofsImage.open(patched, devices=msb_image.layers) as im:
+        assert im.chunks(nid)[1] == (1, fmt.NULL_ADDR)
+        assert im.read(nid) == bytes(want)
+        assert im.read(nid, 4000, 200) == bytes(want[4000:4200])
+        node = dict(tree_walk(im.to_tree()))[b"big"]
+        assert node.content is None  # not contiguous any more
+    with ErofsImage.open(patched) as im, pytest.raises(ErofsFormatError, match="device 1"):
+        # flat mode on a file that is only the fsmeta: layer blocks lie past its end
+        im.read(nid)
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("variant", ["default", "compact-fixed-time", "chunk-indexes-8k"])
+def test_corrupt_mkfs_images_raise_only_format_errors(
+    variant: str, source: Path, tmp_path: Path
+) -> None:
+    img = mkfs(source, tmp_path / "img.erofs", MKFS_VARIANTS[variant])
+    target = tmp_path / "fuzz.erofs"
+    exercise(img, block_map=False)
+    outcomes = {"ok": 0, "error": 0}
+    for buf in mutations(img.read_bytes(), seed=100 + len(variant), count=200):
+        target.write_bytes(buf)
+        try:
+            exercise(target, block_map=False)
+            outcomes["ok"] += 1
+        except ErofsFormatError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > 0
