@@ -309,9 +309,13 @@ class _Sink:
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
-        self.base = out.tell()
         self.pos = 0
-        self._fast = True
+        try:  # a pipe or socket cannot be spliced into at an offset: stay buffered
+            self.base = out.tell()
+            self._fast = out.seekable()
+        except (OSError, ValueError):
+            self.base = 0
+            self._fast = False
 
     def write(self, data: bytes) -> None:
         self.out.write(data)

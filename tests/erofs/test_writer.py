@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,20 @@ def test_random_trees_mount_as_described(tmp_path_factory: pytest.TempPathFactor
     image.write_bytes(build(tar))
     with loop_mount_erofs(image, work / "mnt") as mnt:
         assert scan_mount(mnt) == flatten(want_layer(tar))
+
+
+def test_streams_into_a_pipe(tmp_path: Path) -> None:
+    """The writer only moves forward: a non-seekable output gets the same bytes."""
+    tar = small_tars()[2]
+    spool = (tmp_path / "spool").open("wb+")
+    root = tar_to_tree(tar, spool)
+    r, w = os.pipe()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(r, 65536), b"")))
+    reader.start()
+    with os.fdopen(w, "wb") as out:
+        write_layer_erofs(root, spool, out)
+    reader.join()
+    os.close(r)
+    spool.close()
+    assert b"".join(chunks) == build(tar)
