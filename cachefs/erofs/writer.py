@@ -310,6 +310,7 @@ class _Sink:
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
         self.pos = 0
+        self._spool_flushed = False
         try:  # a pipe or socket cannot be spliced into at an offset: stay buffered
             self.base = out.tell()
             self._fast = out.seekable()
@@ -347,7 +348,9 @@ class _Sink:
         except (OSError, ValueError, AttributeError):
             self._fast = False
             return False
-        spool.flush()
+        if not self._spool_flushed:  # the ingest may still hold spool bytes in its buffer
+            spool.flush()
+            self._spool_flushed = True
         self.out.flush()
         dst_off = self.base + self.pos
         done = 0
