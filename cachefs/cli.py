@@ -1,0 +1,587 @@
+"""The ``cachefs`` command line: parsing and rendering only, logic lives in the library.
+
+Every failure is a ``CachefsError``; ``CachefsGroup.invoke`` turns it into one line on
+stderr and the error's own exit code (the table is in ``cachefs --help``), and prints
+the traceback only with ``-v``. Commands that print data accept ``--json`` so scripts
+never parse the human tables.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from .cache.store import GlobalCache, default_cache_dir
+from .cli_render import PullProgress, human_bytes, short_digest, table
+from .errors import EXIT_CODES, CacheCorrupt, CachefsError, MountError, UsageError
+
+INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: a bug, not a refusal
+INTERRUPTED_EXIT = 130
+
+
+def _version() -> str:
+    try:
+        return importlib_metadata.version("cachefs")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _exit_code_epilog() -> str:
+    rows = sorted(EXIT_CODES.items(), key=lambda kv: (kv[1], kv[0]))
+    lines = ["\b", "Exit codes:", "  0    success"]
+    lines += [f"  {code:<4} {name}" for name, code in rows]
+    lines += [f"  {INTERNAL_ERROR_EXIT:<4} internal error (a bug: rerun with -v, report it)",
+              f"  {INTERRUPTED_EXIT:<4} interrupted"]
+    lines += ["", "Cache: --cache, else $CACHEFS_CACHE_DIR, else $MSB_HOME/cache, "
+              "else ~/.microsandbox/cache (shared with msb)."]
+    return "\n".join(lines)
+
+
+@dataclass
+class Context:
+    cache_dir: Path
+    quiet: bool
+    verbose: int
+
+    def cache(self) -> GlobalCache:
+        """The cache for reading: no directories are created."""
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise UsageError(f"cache path {self.cache_dir} is not a directory")
+        return GlobalCache(self.cache_dir)
+
+    def writable_cache(self) -> GlobalCache:
+        return GlobalCache.new(self.cache_dir)
+
+    def say(self, text: str) -> None:
+        """Informational output (suppressed by ``-q``); data output uses ``click.echo``."""
+        if not self.quiet:
+            click.echo(text)
+
+    def progress(self) -> PullProgress:
+        return PullProgress(enabled=not self.quiet and sys.stderr.isatty())
+
+
+class CachefsGroup(click.Group):
+    """A group that renders ``CachefsError`` as one line and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CachefsError as err:
+            self._fail(ctx, f"cachefs: {err.one_line()}", err.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            self._fail(ctx, "cachefs: interrupted", INTERRUPTED_EXIT)
+        except BrokenPipeError:
+            # `cachefs images | head`: the reader left; not an error worth a message.
+            sys.stderr.close()
+            ctx.exit(1)
+        except OSError as err:
+            where = f": {err.filename}" if err.filename else ""
+            self._fail(ctx, f"cachefs: {err.strerror or err}{where}", CachefsError.exit_code)
+        except Exception as err:
+            self._fail(ctx, f"cachefs: internal error: {type(err).__name__}: "
+                       f"{' '.join(str(err).split())} (rerun with -v for the traceback)",
+                       INTERNAL_ERROR_EXIT)
+
+    @staticmethod
+    def _fail(ctx: click.Context, line: str, code: int) -> NoReturn:
+        obj = ctx.find_object(Context)
+        if obj is not None and obj.verbose:
+            traceback.print_exc()
+        click.echo(line, err=True)
+        ctx.exit(code)
+
+
+def _ctx(ctx: click.Context) -> Context:
+    return ctx.ensure_object(Context)  # type: ignore[no-any-return]
+
+
+def _echo_json(doc: object) -> None:
+    click.echo(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
+
+
+@click.group(cls=CachefsGroup, epilog=_exit_code_epilog(),
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+              help="The cache directory (msb's <MSB_HOME>/cache). Env: CACHEFS_CACHE_DIR.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only results; no progress.")
+@click.option("-v", "--verbose", count=True, help="More logging; tracebacks on errors.")
+@click.version_option(_version(), "--version", prog_name="cachefs")
+@click.pass_context
+def main(ctx: click.Context, cache_dir: Path | None, quiet: bool, verbose: int) -> None:
+    """cachefs: the microsandbox (msb 0.7.11) image cache, and a FUSE view of it."""
+    ctx.obj = Context(cache_dir if cache_dir is not None else default_cache_dir(),
+                      quiet, verbose)
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# pull / load
+# ---------------------------------------------------------------------------------------
+
+
+def _run_maybe_async(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a library entry point that may be sync or a trio coroutine function."""
+    if inspect.iscoroutinefunction(fn):
+        import trio
+
+        async def go() -> Any:
+            return await fn(*args, **kwargs)
+
+        return trio.run(go)
+    return fn(*args, **kwargs)
+
+
+def _pull_module() -> Any:
+    try:
+        from . import pull as pull_mod
+    except ImportError:
+        raise CachefsError("pull/load is not available in this build of cachefs") from None
+    return pull_mod
+
+
+def _describe_result(result: Any) -> str:
+    ref = getattr(result, "reference", None)
+    digest = getattr(result, "manifest_digest", None)
+    if ref is not None or digest is not None:
+        return f"{ref or ''} {digest or ''}".strip()
+    return str(result) if result is not None else "done"
+
+
+@main.command()
+@click.argument("reference")
+@click.option("--policy", type=click.Choice(["if-missing", "always", "never"]),
+              default="if-missing", show_default=True,
+              help="if-missing: use the cache when complete; always: re-resolve the "
+                   "reference at the registry; never: cache only.")
+@click.option("--force", is_flag=True, help="Rebuild artifacts even when cached.")
+@click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS to the registry.")
+@click.option("--platform", default=None, help="os/arch[/variant]; default: linux/<host arch>.")
+@click.pass_context
+def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure: bool,
+         platform: str | None) -> None:
+    """Pull REFERENCE from its registry into the cache."""
+    c = _ctx(ctx)
+    mod = _pull_module()
+    with c.progress() as progress:
+        result = _run_maybe_async(mod.pull, c.writable_cache(), reference, policy=policy,
+                                  force=force, insecure=insecure, platform=platform,
+                                  progress=progress)
+    click.echo(_describe_result(result))
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("-t", "--tag", default=None,
+              help="Reference to record (needed when the archive names none or several).")
+@click.pass_context
+def load(ctx: click.Context, source: Path, tag: str | None) -> None:
+    """Load a docker-archive tar or an OCI layout (directory or tar) into the cache."""
+    c = _ctx(ctx)
+    mod = _pull_module()
+    with c.progress() as progress:
+        result = _run_maybe_async(mod.load, c.writable_cache(), source, tag=tag,
+                                  progress=progress)
+    results = result if isinstance(result, list | tuple) else [result]
+    for r in results:
+        click.echo(_describe_result(r))
+
+
+# ---------------------------------------------------------------------------------------
+# images / inspect
+# ---------------------------------------------------------------------------------------
+
+_msb_db_option = click.option(
+    "--msb-db", type=click.Path(path_type=Path), default=None,
+    help="msb's database (default: <cache>/../db/msb.db).")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-q", "--quiet", "only_refs", is_flag=True, help="Only references, one a line.")
+@_msb_db_option
+@click.pass_context
+def images(ctx: click.Context, as_json: bool, only_refs: bool, msb_db: Path | None) -> None:
+    """List cached images (cachefs's records, msb's database, and loose metadata)."""
+    from .ops import image_summary, list_images
+
+    cache = _ctx(ctx).cache()
+    rows = [image_summary(cache, info) for info in list_images(cache, msb_db)]
+    if as_json:
+        _echo_json(rows)
+        return
+    if only_refs:
+        for row in rows:
+            click.echo(row["reference"] or row["key"])
+        return
+    click.echo(table(
+        ["REFERENCE", "DIGEST", "LAYERS", "SIZE", "STATE", "SOURCES"],
+        [[r["reference"] or f"<unnamed {str(r['key'])[:12]}>", short_digest(r["manifest_digest"]),
+          r["layers"], human_bytes(r["size_bytes"]), r["state"], ",".join(r["sources"])]
+         for r in rows],
+        right=(2, 3),
+    ))
+
+
+@main.command(name="inspect")
+@click.argument("reference")
+@click.option("--json", "as_json", is_flag=True)
+@_msb_db_option
+@click.pass_context
+def inspect_cmd(ctx: click.Context, reference: str, as_json: bool, msb_db: Path | None) -> None:
+    """Show one image: digests, config, layers and the paths of its artifacts."""
+    from .ops import find_image, inspect_image, list_images
+
+    cache = _ctx(ctx).cache()
+    doc = inspect_image(cache, find_image(list_images(cache, msb_db), reference))
+    if as_json:
+        _echo_json(doc)
+        return
+    for key in ("reference", "typed", "manifest_digest", "config_digest", "state",
+                "metadata_path"):
+        click.echo(f"{key + ':':17} {doc.get(key)}")
+    click.echo(f"{'sources:':17} {', '.join(doc['sources'])}")  # type: ignore[arg-type]
+    if doc.get("missing"):
+        click.echo(f"{'missing:':17} {', '.join(doc['missing'])}")  # type: ignore[arg-type]
+    for name in ("fsmeta", "vmdk"):
+        if name in doc:
+            click.echo(f"{name + ':':17} {doc[name]['path']}")  # type: ignore[index]
+    click.echo("layers (bottom first):")
+    for i, layer in enumerate(doc["layer_details"]):  # type: ignore[arg-type]
+        click.echo(f"  {i:2} {layer['diff_id']}  {human_bytes(layer['erofs_size'])}"
+                   f"{'' if layer['valid'] else '  (missing or invalid)'}")
+    config = {k: v for k, v in (doc.get("config") or {}).items()  # type: ignore[attr-defined]
+              if v not in (None, [], {})}
+    if config:
+        click.echo("config:")
+        for key, value in config.items():
+            click.echo(f"  {key}: {json.dumps(value, ensure_ascii=False)}")
+
+
+# ---------------------------------------------------------------------------------------
+# rm / gc / df / verify
+# ---------------------------------------------------------------------------------------
+
+
+def _print_removals(c: Context, report: Any, verb: str) -> None:
+    for r in report.removed:
+        c.say(f"{verb} {r.kind:8} {human_bytes(r.size):>10}  {r.path}")
+    for s in report.skipped:
+        c.say(f"skipped {s.path}: {s.reason}")
+
+
+@main.command()
+@click.argument("references", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True,
+              help="Also remove images msb's database lists; ignore unknown references. "
+                   "Never overrides leases or running pulls.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@_msb_db_option
+@click.pass_context
+def rm(ctx: click.Context, references: tuple[str, ...], force: bool, dry_run: bool,
+       as_json: bool, msb_db: Path | None) -> None:
+    """Remove images, and the layers no other image uses."""
+    from .ops.remove import remove_images
+
+    c = _ctx(ctx)
+    report = remove_images(c.cache(), list(references), force=force, msb_db=msb_db,
+                           dry_run=dry_run)
+    if as_json:
+        _echo_json(report.to_json())
+        return
+    _print_removals(c, report, "would remove" if dry_run else "removed")
+    for name in report.images:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {name}")
+    c.say(f"{'would reclaim' if dry_run else 'reclaimed'} {human_bytes(report.bytes_reclaimed)}")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@_msb_db_option
+@click.pass_context
+def gc(ctx: click.Context, dry_run: bool, as_json: bool, msb_db: Path | None) -> None:
+    """Remove layers, fsmeta and VMDKs no image uses, and abandoned temporary files.
+
+    Anything a lease, a running pull or a download holds is skipped, never waited for.
+    """
+    from .ops.remove import collect_garbage
+
+    c = _ctx(ctx)
+    report = collect_garbage(c.cache(), dry_run=dry_run, msb_db=msb_db)
+    if as_json:
+        _echo_json(report.to_json())
+        return
+    _print_removals(c, report, "would remove" if dry_run else "removed")
+    verb = "would reclaim" if dry_run else "reclaimed"
+    click.echo(f"{verb} {report.bytes_reclaimed} bytes "
+               f"({human_bytes(report.bytes_reclaimed)}) in {len(report.removed)} files")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@_msb_db_option
+@click.pass_context
+def df(ctx: click.Context, as_json: bool, msb_db: Path | None) -> None:
+    """Bytes used by kind (layers, fsmeta, vmdk, manifests, tmp) and per image."""
+    from .ops.usage import KINDS, disk_usage
+
+    usage = disk_usage(_ctx(ctx).cache(), msb_db)
+    if as_json:
+        _echo_json(usage.to_json())
+        return
+    click.echo(table(
+        ["KIND", "FILES", "BYTES", "SIZE"],
+        [*([k, usage.files_by_kind[k], usage.by_kind[k], human_bytes(usage.by_kind[k])]
+           for k in KINDS),
+         ["total", sum(usage.files_by_kind.values()), usage.total, human_bytes(usage.total)]],
+        right=(1, 2, 3),
+    ))
+    if usage.images:
+        click.echo()
+        click.echo(table(
+            ["IMAGE", "LAYERS", "UNIQUE", "SHARED"],
+            [[i.name, i.layers, human_bytes(i.unique_bytes), human_bytes(i.shared_bytes)]
+             for i in usage.images],
+            right=(1, 2, 3),
+        ))
+
+
+@main.command()
+@click.argument("reference", required=False)
+@click.option("--repair", is_flag=True, help="Rebuild fsmeta and VMDK from the layers.")
+@click.option("--json", "as_json", is_flag=True)
+@_msb_db_option
+@click.pass_context
+def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: bool,
+           msb_db: Path | None) -> None:
+    """Check every artifact of one image (or all) without a kernel; exit non-zero on problems."""
+    from .ops.verify import ImageCheck
+    from .ops.verify import verify as run_verify
+
+    c = _ctx(ctx)
+
+    def show(check: ImageCheck) -> None:
+        if as_json:
+            return
+        state = "ok" if check.ok else "PROBLEMS"
+        click.echo(f"{check.name}: {state}{' (repaired)' if check.repaired else ''}")
+        for p in check.problems:
+            fix = "repairable: cachefs verify --repair" if p.repairable else "pull/load again"
+            click.echo(f"  {p.artifact}: {p.message} [{fix}]")
+
+    cache = c.writable_cache() if repair else c.cache()
+    report = run_verify(cache, reference, repair=repair, msb_db=msb_db, on_image=show)
+    if as_json:
+        _echo_json(report.to_json())
+    if not report.ok:
+        bad = sum(1 for i in report.images if not i.ok)
+        raise CacheCorrupt(f"{bad} of {len(report.images)} image(s) have problems",
+                           hint=None if repair else "try `cachefs verify --repair`")
+
+
+# ---------------------------------------------------------------------------------------
+# mount / umount / status
+# ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--allow-other", is_flag=True, help="Let other users (and QEMU as another "
+              "user) see the mount; needs user_allow_other in /etc/fuse.conf for non-root.")
+@_msb_db_option
+@click.option("--foreground", is_flag=True,
+              help="Serve in this process until SIGTERM/SIGINT (what systemd runs).")
+@click.option("--notify", is_flag=True,
+              help="Tell systemd READY=1 once the mount is live and STOPPING=1 on shutdown "
+                   "($NOTIFY_SOCKET).")
+@click.pass_context
+def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path | None,
+          foreground: bool, notify: bool) -> None:
+    """Mount the view of the cache at MOUNTPOINT.
+
+    Without --foreground a daemon is started and this returns once the mount is live.
+    """
+    from . import sdnotify
+    from .view.daemon import mount as view_mount
+
+    c = _ctx(ctx)
+    cache = c.writable_cache()
+
+    def ready() -> None:
+        if notify:
+            sdnotify.ready(f"serving {cache.root} at {mountpoint}")
+        if not foreground:
+            c.say(f"mounted {cache.root} at {mountpoint}")
+        logging.getLogger("cachefs").info("view of %s live at %s", cache.root, mountpoint)
+
+    try:
+        view_mount(cache, mountpoint, allow_other=allow_other, msb_db=msb_db,
+                   foreground=foreground, ready=ready)
+    finally:
+        # The view is unmounted (or never came up): shutdown is under way either way.
+        if notify and foreground:
+            sdnotify.stopping()
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("-z", "--lazy", is_flag=True, help="Detach now, clean up when no longer busy.")
+@click.pass_context
+def umount(ctx: click.Context, mountpoint: Path, lazy: bool) -> None:
+    """Unmount the view at MOUNTPOINT (the daemon then exits)."""
+    from .view.daemon import umount as view_umount
+
+    view_umount(mountpoint, lazy=lazy)
+    _ctx(ctx).say(f"unmounted {mountpoint}")
+
+
+@main.command()
+@click.option("--mountpoint", type=click.Path(path_type=Path), envvar="CACHEFS_MOUNTPOINT",
+              default=None, help="Read the live view's status.json here. "
+                                 "Env: CACHEFS_MOUNTPOINT.")
+@click.option("--json", "as_json", is_flag=True)
+@_msb_db_option
+@click.pass_context
+def status(ctx: click.Context, mountpoint: Path | None, as_json: bool,
+           msb_db: Path | None) -> None:
+    """What the view sees: its status.json when mounted, otherwise computed now."""
+    doc: dict[str, Any]
+    source = "computed"
+    if mountpoint is not None and (mountpoint / "status.json").is_file():
+        try:
+            doc = json.loads((mountpoint / "status.json").read_bytes())
+            source = f"view at {mountpoint}"
+        except (OSError, ValueError) as err:
+            raise MountError(f"cannot read {mountpoint}/status.json: {err}") from None
+    else:
+        from .view.model import scan_cache
+        from .view.status import status_document
+
+        doc = status_document(scan_cache(_ctx(ctx).cache(), msb_db))
+    if as_json:
+        _echo_json(doc)
+        return
+    click.echo(f"source: {source}")
+    for key, value in doc.items():
+        if isinstance(value, list):
+            click.echo(f"{key}: {len(value)}")
+            for item in value:
+                click.echo(f"  {json.dumps(item, ensure_ascii=False, default=str)}")
+        elif isinstance(value, dict):
+            click.echo(f"{key}:")
+            for k, v in value.items():
+                click.echo(f"  {k}: {v}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+# ---------------------------------------------------------------------------------------
+# low-level: erofs / vmdk
+# ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def erofs() -> None:
+    """Low-level EROFS tools working on loose files (no cache involved)."""
+
+
+@erofs.command(name="from-tar")
+@click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def erofs_from_tar(blob: Path, out: Path) -> None:
+    """Convert a layer blob (gzip/zstd/plain tar) to a layer EROFS; print its diff_id."""
+    from .ops.lowlevel import erofs_from_tar as convert
+
+    click.echo(str(convert(blob, out)))
+
+
+_device_option = click.option(
+    "--device", "devices", multiple=True, type=click.Path(exists=True, path_type=Path),
+    help="A layer EROFS for an fsmeta's device table, in order (repeat).")
+
+
+@erofs.command(name="ls")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_device_option
+@click.option("--json", "as_json", is_flag=True)
+def erofs_ls(image: Path, devices: tuple[Path, ...], as_json: bool) -> None:
+    """List every entry of an EROFS image (type, mode, owner, size, mtime, links, xattrs)."""
+    from .erofs.listing import format_ls_line, list_entries
+    from .erofs.reader import ErofsImage
+
+    with ErofsImage.open(image, devices=list(devices) or None) as img:
+        entries = list_entries(img)
+    if as_json:
+        _echo_json(entries)
+        return
+    for entry in entries:
+        click.echo(format_ls_line(entry))
+
+
+@erofs.command(name="cat")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path")
+@_device_option
+def erofs_cat(image: Path, path: str, devices: tuple[Path, ...]) -> None:
+    """Write the contents of regular file PATH inside IMAGE to stdout."""
+    from .erofs.listing import cat_file
+    from .erofs.reader import ErofsImage
+
+    out = click.get_binary_stream("stdout")
+    with ErofsImage.open(image, devices=list(devices) or None) as img:
+        for chunk in cat_file(img, os.fsencode(path)):
+            out.write(chunk)
+    out.flush()
+
+
+@erofs.command(name="fsmeta")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("layers", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--msb-quirks", is_flag=True,
+              help="Merge exactly as msb (nested whiteouts leak as 0:0 devices).")
+@click.pass_context
+def erofs_fsmeta(ctx: click.Context, out: Path, layers: tuple[Path, ...],
+                 msb_quirks: bool) -> None:
+    """Build the merged fsmeta OUT from layer EROFS images, bottom layer first."""
+    from .ops.lowlevel import fsmeta_from_layers
+
+    blocks = fsmeta_from_layers(out, list(layers), msb_quirks=msb_quirks)
+    _ctx(ctx).say(f"{out}: {blocks} blocks, {len(layers)} layers")
+
+
+@main.command(name="vmdk")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("extents", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--relative-to", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write extent paths relative to DIR (where the VMDK will be read from).")
+@click.pass_context
+def vmdk_cmd(ctx: click.Context, out: Path, extents: tuple[Path, ...],
+             relative_to: Path | None) -> None:
+    """Write a flat VMDK descriptor OUT over EXTENT files (fsmeta first, then layers)."""
+    from .ops.lowlevel import vmdk_for_extents
+
+    vmdk_for_extents(out, list(extents), relative_to=relative_to)
+    _ctx(ctx).say(f"{out}: {len(extents)} extents")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
