@@ -404,8 +404,8 @@ class ErofsImage:
             return [(dev, blk) for _adv, dev, blk in fmt.CHUNK_INDEX.iter_unpack(raw)]
         return [(0, blk) for (blk,) in struct.iter_unpack("<I", raw)]
 
-    def _device_location(self, nid: int, device_id: int, blkaddr: int) -> tuple[int, int, str]:
-        """(fd, fd size, description) and byte offset for block ``blkaddr`` of a device."""
+    def _device_location(self, nid: int, device_id: int) -> tuple[int, int, str]:
+        """(fd, fd size, description) of the file holding device ``device_id``'s blocks."""
         if device_id == 0:
             return self._fd, self.file_size, str(self.path)
         if device_id > len(self.devices):
@@ -432,7 +432,7 @@ class ErofsImage:
                 if blk == fmt.NULL_ADDR:
                     yield _Extent(lo, hi - lo, None, 0, 0, where)
                     continue
-                dfd, dsize, desc = self._device_location(ino.nid, dev, blk)
+                dfd, dsize, desc = self._device_location(ino.nid, dev)
                 base = blk * BS
                 if dev and not self._device_fds:
                     base = (self.devices[dev - 1].mapped_blkaddr + blk) * BS
