@@ -102,7 +102,7 @@ class Descriptor(_Lenient):
         if self.urls is not None:
             out["urls"] = self.urls
         if self.annotations is not None:
-            out["annotations"] = self.annotations
+            out["annotations"] = dict(sorted(self.annotations.items()))  # a BTreeMap in Rust
         return out
 
 
@@ -111,17 +111,28 @@ class ImageManifest(_Lenient):
     media_type: str | None = Field(default=None, alias="mediaType")
     config: Descriptor
     layers: list[Descriptor]
+    subject: Descriptor | None = None
+    artifact_type: str | None = Field(default=None, alias="artifactType")
     annotations: dict[str, str] | None = None
 
     def to_oci_client_json(self) -> str:
-        """The re-serialised form msb stores as ``raw_manifest_json`` after a registry pull."""
+        """The re-serialised form msb stores as ``raw_manifest_json`` after a registry pull.
+
+        oci-client's field order (schemaVersion, mediaType, config, layers, subject,
+        artifactType, annotations), absent options omitted, annotation maps sorted by key
+        (they are BTreeMaps) — checked against ``msb pull`` in tests/oci/test_registry.py.
+        """
         out: dict[str, Any] = {"schemaVersion": self.schema_version}
         if self.media_type is not None:
             out["mediaType"] = self.media_type
         out["config"] = self.config.to_oci_client_dict()
         out["layers"] = [layer.to_oci_client_dict() for layer in self.layers]
+        if self.subject is not None:
+            out["subject"] = self.subject.to_oci_client_dict()
+        if self.artifact_type is not None:
+            out["artifactType"] = self.artifact_type
         if self.annotations is not None:
-            out["annotations"] = self.annotations
+            out["annotations"] = dict(sorted(self.annotations.items()))  # a BTreeMap in Rust
         return compact_json(out).decode()
 
 
