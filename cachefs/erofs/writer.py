@@ -159,6 +159,11 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
     while stack:
         path, node, parent = stack.pop()
         if id(node) in by_node:
+            if node.is_dir:
+                raise LayerFormatError(
+                    "a directory appears under two names (directories cannot be hardlinked)",
+                    entry=path.decode(errors="replace"),
+                )
             continue  # a later name of a hardlink group: same NID, no slot
         if node.children:
             for name in sorted(node.children, reverse=True):

@@ -228,3 +228,11 @@ def test_streams_into_a_pipe(tmp_path: Path) -> None:
     os.close(r)
     spool.close()
     assert b"".join(chunks) == build(tar)
+
+
+def test_directory_under_two_names_is_refused() -> None:
+    root = Node.directory()
+    assert root.children is not None
+    root.children[b"a"] = root.children[b"b"] = Node.directory()
+    with pytest.raises(LayerFormatError, match="directories cannot be hardlinked"):
+        write_layer_erofs(root, None, io.BytesIO())
