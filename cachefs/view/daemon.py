@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,12 +41,23 @@ def _fusermount() -> str:
     return path
 
 
+def _unescape_mount_path(field: str) -> str:
+    """/proc/self/mountinfo escapes space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def is_mountpoint(path: Path) -> bool:
-    """True if ``path`` is a mount point, including a dead FUSE mount (ENOTCONN)."""
+    """True if ``path`` is a mount point, including a dead FUSE mount (ENOTCONN).
+
+    ``os.path.ismount`` says False for a dead FUSE mount (its ``stat`` fails), so ask the
+    kernel's mount table instead.
+    """
+    target = os.path.join(os.path.realpath(Path(path).parent), Path(path).name)
     try:
-        return os.path.ismount(path)
+        with open("/proc/self/mountinfo") as f:
+            return any(_unescape_mount_path(line.split()[4]) == target for line in f)
     except OSError:
-        return True
+        return os.path.ismount(path)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -61,7 +73,7 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mountpoint {mountpoint}: {err.strerror}") from None
     if not os.path.isdir(mountpoint) or not (st.st_mode & 0o040000):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
+    if is_mountpoint(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point",
                          hint=f"unmount it first: cachefs umount {mountpoint}")
     try:

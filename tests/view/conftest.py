@@ -1,0 +1,150 @@
+"""Fixtures for the view: msb-filled caches and a real FUSE mount in a daemon subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cachefs.view.daemon import READY_LINE
+from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
+from tests.fixtures.system import Msb, require_fuse
+
+START_DEADLINE_S = 20.0
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 2.0, step: float = 0.05) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` (bounded; not a sleep-as-sync)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(step)
+
+
+def image_one() -> TestImage:
+    """One layer: a small tree."""
+    return TestImage(
+        [layer_tar([dir_("etc"), reg("etc/motd", b"hello from one\n"),
+                    symlink("etc/link", "motd")])],
+        config={"Cmd": ["/bin/sh"], "Env": ["A=1"]},
+    )
+
+
+def image_three() -> TestImage:
+    """Three layers, one file overwritten and one bigger than a block."""
+    return TestImage(
+        [
+            layer_tar([dir_("data"), reg("data/a.txt", b"a1\n"), reg("data/keep", b"k\n")]),
+            layer_tar([reg("data/a.txt", b"a2 overwritten\n"),
+                       reg("data/big.bin", bytes(range(256)) * 64)]),
+            layer_tar([dir_("srv"), reg("srv/top", b"top layer\n")]),
+        ],
+        config={"Entrypoint": ["/srv/top"], "Labels": {"x": "y"}},
+    )
+
+
+def image_two() -> TestImage:
+    return TestImage([layer_tar([reg("two.txt", b"second image\n")]),
+                      layer_tar([reg("more.txt", b"more\n")])])
+
+
+def load(msb: Msb, tmp: Path, image: TestImage, tags: list[str], name: str) -> None:
+    msb.load(docker_archive(image, tags, tmp / f"{name}.tar"))
+
+
+@dataclass
+class ViewMount:
+    mnt: Path
+    proc: subprocess.Popen[str]
+    stderr_lines: list[str]
+
+    def image_dir(self, ref: str) -> Path:
+        return self.mnt / "images" / ref
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def _is_mounted(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+@contextlib.contextmanager
+def view_mount(cache: Path, mnt: Path, *, msb_db: Path | None = None) -> Iterator[ViewMount]:
+    """Run ``python -m cachefs.view.daemon`` and wait for its ready line; always unmount."""
+    require_fuse()
+    mnt.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "cachefs.view.daemon", "--cache", str(cache), str(mnt)]
+    if msb_db is not None:
+        cmd += ["--msb-db", str(msb_db)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    err_lines: list[str] = []
+    ready = threading.Event()
+
+    def pump_out() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip() == READY_LINE:
+                ready.set()
+
+    def pump_err() -> None:
+        assert proc.stderr is not None
+        err_lines.extend(proc.stderr)
+
+    threads = [threading.Thread(target=pump_out, daemon=True),
+               threading.Thread(target=pump_err, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        if not wait_for(lambda: ready.is_set() or proc.poll() is not None, START_DEADLINE_S):
+            raise AssertionError("view daemon did not become ready")
+        if not ready.is_set():
+            threads[1].join(2)
+            raise AssertionError(f"view daemon exited {proc.returncode}: {''.join(err_lines)}")
+        yield ViewMount(mnt, proc, err_lines)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if _is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+@pytest.fixture
+def mounted(msb: Msb, tmp_path: Path) -> Iterator[ViewMount]:
+    """A cache with a 1-layer image (two tags) and a 3-layer image, mounted."""
+    load(msb, tmp_path, image_one(), ["one:1", "127.0.0.1:5000/team/one:latest"], "one")
+    load(msb, tmp_path, image_three(), ["three:v3"], "three")
+    with view_mount(msb.cache, tmp_path / "mnt") as vm:
+        yield vm
+
+
+def concat(paths: list[Path]) -> bytes:
+    return b"".join(p.read_bytes() for p in paths)
+
+
+def write_concat(paths: list[Path], out: Path) -> Path:
+    out.write_bytes(concat(paths))
+    return out
+
+
+__all__ = ["ViewMount", "concat", "image_one", "image_three", "image_two", "load",
+           "view_mount", "wait_for", "write_concat"]
