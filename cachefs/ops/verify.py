@@ -277,7 +277,7 @@ def rebuild_derived(cache: GlobalCache, info: ImageInfo) -> None:
         for path in (vmdk, fsmeta):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-    stitch_image(cache, info.metadata)
+    stitch_image(cache, info.metadata.manifest, info.metadata.diff_ids)
 
 
 __all__ = [
