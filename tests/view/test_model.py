@@ -1,0 +1,236 @@
+"""The pure view model: snapshots built by hand, no FUSE, no files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cachefs.cache.index import IndexedImage
+from cachefs.models import CachedImageMetadata, ImageConfig, LayerMetadata
+from cachefs.reference import Reference
+from cachefs.view.model import (
+    Artifact,
+    BytesNode,
+    CacheSnapshot,
+    ConcatNode,
+    DirNode,
+    LiveNode,
+    SymlinkNode,
+    build_tree,
+    layer_link_name,
+    resolve,
+)
+from cachefs.view.status import render_metrics, status_document
+from cachefs.vmdk import parse_descriptor
+
+CACHE = Path("/cache")
+M = "sha256:" + "1" * 64
+DIFFS = ["sha256:" + c * 64 for c in "abc"]
+
+
+def _meta(manifest: str, diffs: list[str]) -> CachedImageMetadata:
+    return CachedImageMetadata(
+        manifest_digest=manifest,
+        config_digest="sha256:" + "f" * 64,
+        raw_manifest_json='{"schemaVersion":2}',
+        raw_config_json='{"architecture":"amd64","config":{"Cmd":["sh"]}}',
+        config=ImageConfig(env=[], exposed_ports=[], volumes=[], labels={}),
+        layers=[LayerMetadata(digest=d, diff_id=d, size_bytes=10) for d in diffs],
+    )
+
+
+def _image(ref: str, manifest: str = M, diffs: list[str] = DIFFS, *, meta: bool = True
+           ) -> IndexedImage:
+    r = Reference.parse(ref)
+    return IndexedImage(
+        reference=r, typed=ref, manifest_digest=manifest,
+        metadata=_meta(manifest, diffs) if meta else None, layers=list(diffs),
+        sources=frozenset({"msb-db"}), metadata_path=CACHE / "manifests" / f"{r.cache_key}.json",
+    )
+
+
+def _layer(diff: str, blocks: int, problem: str | None = None, exists: bool = True) -> Artifact:
+    safe = diff.replace(":", "_")
+    return Artifact(CACHE / "layers" / f"{safe}.erofs", exists, blocks * 4096 if exists else 0,
+                    1000 + blocks, problem)
+
+
+def _fsmeta(blocks: int, layer_blocks: list[int], problem: str | None = None,
+            mapped: list[int] | None = None) -> Artifact:
+    if mapped is None:
+        mapped, at = [], blocks
+        for b in layer_blocks:
+            mapped.append(at)
+            at += b
+    return Artifact(CACHE / "fsmeta" / f"{M.replace(':', '_')}.erofs", True, blocks * 4096, 500,
+                    problem, tuple(layer_blocks), (blocks, *mapped))
+
+
+def _snap(images: list[IndexedImage], layers: dict[str, Artifact], fsmeta: Artifact | None,
+          metadata_refs: list[str] | None = None) -> CacheSnapshot:
+    refs = [str(i.reference) for i in images] if metadata_refs is None else metadata_refs
+    return CacheSnapshot(
+        cache_root=CACHE, images=images, layers=layers,
+        fsmeta={M: fsmeta} if fsmeta is not None else {},
+        metadata_mtime_ns={r: 42 for r in refs},
+        bytes_by_kind={"layers": 123, "fsmeta": 4096},
+        taken_at_ns=99,
+    )
+
+
+def _good(images: list[IndexedImage] | None = None) -> CacheSnapshot:
+    layers = {d: _layer(d, b) for d, b in zip(DIFFS, [3, 2, 5], strict=True)}
+    return _snap(images or [_image("alpine:3.20")], layers, _fsmeta(4, [3, 2, 5]))
+
+
+def _dir(root: DirNode, path: str) -> DirNode:
+    node = resolve(root, tuple(path.split("/")))
+    assert isinstance(node, DirNode), path
+    return node
+
+
+def _text(root: DirNode, path: str) -> str:
+    node = resolve(root, tuple(path.split("/")))
+    assert isinstance(node, BytesNode), path
+    return node.content.decode()
+
+
+def test_ready_image_layout() -> None:
+    root = build_tree(_good())
+    assert set(root.children) == {"README", "status.json", "metrics", "images", "by-digest",
+                                  "layers"}
+    assert isinstance(root.children["status.json"], LiveNode)
+    d = _dir(root, "images/docker.io/library/alpine:3.20")
+    assert set(d.children) == {"disk.vmdk", "fsmeta.erofs", "layers", "rootfs.img",
+                               "manifest.json", "config.json", "image.json", "status"}
+    assert _text(root, "images/docker.io/library/alpine:3.20/status") == "ready\n"
+    fm = d.children["fsmeta.erofs"]
+    assert isinstance(fm, SymlinkNode) and fm.target == f"/cache/fsmeta/sha256_{'1' * 64}.erofs"
+    layers = _dir(root, "images/docker.io/library/alpine:3.20/layers")
+    assert list(layers.children) == [f"{i:02d}-sha256_{c * 64}.erofs"
+                                     for i, c in enumerate("abc")]
+    rootfs = d.children["rootfs.img"]
+    assert isinstance(rootfs, ConcatNode)
+    assert [size for _, size in rootfs.parts] == [4 * 4096, 3 * 4096, 2 * 4096, 5 * 4096]
+    assert rootfs.parts[1][0] == CACHE / "layers" / f"sha256_{'a' * 64}.erofs"
+    extents = parse_descriptor(_text(root, "images/docker.io/library/alpine:3.20/disk.vmdk"))
+    assert [(e.path, e.sectors) for e in extents] == [
+        ("fsmeta.erofs", 32),
+        *((f"layers/{i:02d}-sha256_{c * 64}.erofs", b * 8)
+          for i, (c, b) in enumerate(zip("abc", [3, 2, 5], strict=True))),
+    ]
+    doc = json.loads(_text(root, "images/docker.io/library/alpine:3.20/image.json"))
+    assert doc["ready"] and doc["disk_size"] == 14 * 4096
+    assert doc["config"]["config"]["Cmd"] == ["sh"]
+    assert [la["state"] for la in doc["layers"]] == ["ok"] * 3
+    assert set(_dir(root, "layers").children) == {f"sha256_{c * 64}.erofs" for c in "abc"}
+    assert set(_dir(root, "by-digest").children) == {f"sha256_{'1' * 64}"}
+
+
+def test_reference_paths() -> None:
+    digest_ref = "127.0.0.1:5000/team/app@sha256:" + "e" * 64
+    images = [_image("alpine:3.20"), _image(digest_ref), _image("localhost:5000/a/b/c:1")]
+    root = build_tree(_good(images))
+    assert _dir(root, f"images/127.0.0.1:5000/team/app@sha256:{'e' * 64}")
+    assert _dir(root, "images/localhost:5000/a/b/c:1")
+    assert set(_dir(root, "images").children) == {"docker.io", "127.0.0.1:5000",
+                                                  "localhost:5000"}
+    # Three references, one manifest: by-digest holds it once, image.json names all three.
+    assert len(_dir(root, "by-digest").children) == 1
+    doc = json.loads(_text(root, "images/localhost:5000/a/b/c:1/image.json"))
+    assert len(doc["references"]) == 3
+
+
+def test_layer_link_names_widen_past_99() -> None:
+    assert layer_link_name(7, 3, DIFFS[0]) == f"07-sha256_{'a' * 64}.erofs"
+    assert layer_link_name(7, 100, DIFFS[0]) == f"07-sha256_{'a' * 64}.erofs"
+    assert layer_link_name(7, 101, DIFFS[0]) == f"007-sha256_{'a' * 64}.erofs"
+
+
+def _status(snap: CacheSnapshot, ref: str = "docker.io/library/alpine:3.20") -> str:
+    return _text(build_tree(snap), f"images/{ref}/status")
+
+
+def _not_usable(snap: CacheSnapshot) -> DirNode:
+    d = _dir(build_tree(snap), "images/docker.io/library/alpine:3.20")
+    assert "disk.vmdk" not in d.children and "rootfs.img" not in d.children
+    return d
+
+
+def test_missing_layer_says_pull() -> None:
+    snap = _good()
+    layers = dict(snap.layers)
+    layers[DIFFS[1]] = _layer(DIFFS[1], 0, "missing", exists=False)
+    snap = _snap(snap.images, layers, _fsmeta(4, [3, 2, 5]))
+    text = _status(snap)
+    assert text.startswith("not ready: docker.io/library/alpine:3.20\n")
+    assert f"layer 1 {DIFFS[1]} missing: layers/sha256_{'b' * 64}.erofs" in text
+    assert "fix: cachefs pull docker.io/library/alpine:3.20\n" in text
+    d = _not_usable(snap)
+    assert len(_dir(d, "layers").children) == 2  # the present ones stay visible
+    assert f"sha256_{'b' * 64}.erofs" not in _dir(build_tree(snap), "layers").children
+
+
+def test_corrupt_layer_and_fsmeta_say_repair() -> None:
+    snap = _good()
+    layers = dict(snap.layers)
+    layers[DIFFS[0]] = _layer(DIFFS[0], 3, "corrupt (not a valid EROFS image)")
+    snap = _snap(snap.images, layers,
+                 _fsmeta(4, [3, 2, 5], "corrupt (superblock checksum mismatch)"))
+    text = _status(snap)
+    assert "layer 0" in text and "corrupt (not a valid EROFS image)" in text
+    assert "fsmeta corrupt (superblock checksum mismatch)" in text
+    assert text.count("fix: ") == 1
+    assert "fix: cachefs verify --repair docker.io/library/alpine:3.20\n" in text
+    _not_usable(snap)
+
+
+def test_fsmeta_device_table_must_match_layer_sizes() -> None:
+    snap = _good()
+    grown = _snap(snap.images, snap.layers, _fsmeta(4, [3, 2, 6]))
+    assert "device 3 has 6 blocks, layer file has 5" in _status(grown)
+    _not_usable(grown)
+    fewer = _snap(snap.images, snap.layers, _fsmeta(4, [3, 2]))
+    assert "2 devices for 3 layers" in _status(fewer)
+    shifted = _snap(snap.images, snap.layers, _fsmeta(4, [3, 2, 5], mapped=[4, 8, 9]))
+    assert "device 2 mapped at block 8, expected 7" in _status(shifted)
+
+
+def test_missing_fsmeta_and_metadata() -> None:
+    snap = _good()
+    no_fsmeta = _snap(snap.images, snap.layers, None)
+    text = _status(no_fsmeta)
+    assert f"fsmeta missing: fsmeta/sha256_{'1' * 64}.erofs" in text
+    assert "cachefs verify --repair" in text
+    d = _not_usable(no_fsmeta)
+    assert "fsmeta.erofs" not in d.children
+
+    no_meta = _snap([_image("alpine:3.20", meta=False)], snap.layers, _fsmeta(4, [3, 2, 5]),
+                    metadata_refs=[])
+    text = _status(no_meta)
+    assert "image metadata missing: manifests/" in text and "cachefs pull" in text
+    d = _not_usable(no_meta)
+    assert "manifest.json" not in d.children and "config.json" not in d.children
+    corrupt_meta = _snap([_image("alpine:3.20", meta=False)], snap.layers,
+                         _fsmeta(4, [3, 2, 5]))
+    assert "image metadata corrupt" in _status(corrupt_meta)
+
+
+def test_status_json_and_metrics() -> None:
+    snap = _good([_image("alpine:3.20"), _image("busy:1", diffs=DIFFS[:1])])
+    doc = status_document(snap)
+    assert doc["images"]["total"] == 2 and doc["images"]["ready"] == 1  # type: ignore[index]
+    problems = doc["problems"]
+    assert isinstance(problems, list) and problems
+    assert problems[0]["scope"] == "docker.io/library/busy:1"
+    assert problems[0]["fix"] == "cachefs verify --repair docker.io/library/busy:1"
+    text = render_metrics(snap).decode()
+    assert 'cachefs_image_ready{reference="docker.io/library/alpine:3.20"} 1\n' in text
+    assert 'cachefs_image_ready{reference="docker.io/library/busy:1"} 0\n' in text
+    assert "cachefs_images 2\n" in text and "cachefs_layers 3\n" in text
+    assert 'cachefs_bytes{kind="layers"} 123\n' in text
+    assert 'cachefs_bytes{kind="tmp"} 0\n' in text
+
+
+def test_model_is_pure() -> None:
+    assert build_tree(_good()) == build_tree(_good())
