@@ -179,7 +179,8 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
     c = _ctx(ctx)
     mod = _pull_module()
     with c.progress() as progress:
-        result = _run_maybe_async(mod.pull, c.writable_cache(), reference, policy=policy,
+        result = _run_maybe_async(mod.pull, c.writable_cache(), reference,
+                                  policy=mod.PullPolicy(policy),
                                   force=force, insecure=insecure, platform=platform,
                                   progress=progress)
     click.echo(_describe_result(result))

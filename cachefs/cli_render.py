@@ -46,28 +46,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     return "\n".join(lines)
 
 
-def _field(event: Any, *names: str) -> Any:
-    for name in names:
-        if isinstance(event, dict) and name in event:
-            return event[name]
-        if hasattr(event, name):
-            return getattr(event, name)
-    return None
-
-
 class PullProgress:
-    """A rich progress display fed by pull/load progress events.
+    """Rich progress bars fed by the pipeline's events (``cachefs.progress``).
 
-    Events carry a layer (or none, for image-wide stages such as stitching), a stage
-    name, and byte or step counts. One bar per layer, relabelled as the layer moves
-    through download → verify → materialize, plus one bar for image-wide stages.
-    Disabled (every call a no-op) unless ``enabled``.
+    One bar per layer, relabelled as the layer moves through download → verify →
+    materialize (or straight to ``cached``), then one bar for stitching fsmeta + VMDK.
+    Disabled (every call a no-op) unless ``enabled``: not a terminal, or ``-q``.
     """
 
     def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
         self.enabled = enabled
         self._progress: Any = None
-        self._tasks: dict[str, Any] = {}
+        self._layers: dict[int, Any] = {}
+        self._stitch: Any = None
         self._stream = stream or sys.stderr
 
     def __enter__(self) -> PullProgress:
@@ -82,12 +73,11 @@ class PullProgress:
             )
 
             self._progress = Progress(
-                TextColumn("{task.description}"),
+                TextColumn("{task.description:<28}"),
                 BarColumn(),
                 DownloadColumn(),
                 TimeRemainingColumn(),
                 console=Console(file=self._stream),
-                transient=False,
             )
             self._progress.__enter__()
         return self
@@ -98,28 +88,36 @@ class PullProgress:
             self._progress.__exit__(exc_type, exc, tb)
             self._progress = None
 
+    def _layer_task(self, index: int, diff_id: str, total: int | None) -> Any:
+        task = self._layers.get(index)
+        if task is None:
+            task = self._progress.add_task(f"{short_digest(diff_id)} waiting", total=total)
+            self._layers[index] = task
+        return task
+
     def __call__(self, event: Any) -> None:
         if self._progress is None:
             return
-        layer = _field(event, "layer", "diff_id", "digest")
-        stage = str(_field(event, "stage", "kind", "phase") or "")
-        done = _field(event, "done", "completed", "bytes_done", "current")
-        total = _field(event, "total", "bytes_total", "size")
-        key = str(layer) if layer else "image"
-        label = f"{short_digest(str(layer))} {stage}" if layer else stage
-        task = self._tasks.get(key)
-        if task is None:
-            task = self._progress.add_task(label, total=total)
-            self._tasks[key] = task
-        update: dict[str, Any] = {"description": label}
-        if total is not None:
-            update["total"] = total
-        if done is not None:
-            update["completed"] = done
-        elif str(_field(event, "status", "state") or "") in ("done", "finished"):
-            update["completed"] = total or 1
-            update.setdefault("total", total or 1)
-        self._progress.update(task, **update)
+        from .progress import Finished, LayerProgress, Resolved, Stitching
+
+        bar = self._progress
+        if isinstance(event, Resolved):
+            for i, (diff_id, size) in enumerate(event.layers):
+                self._layer_task(i, diff_id, size)
+        elif isinstance(event, LayerProgress):
+            task = self._layer_task(event.index, event.diff_id, event.total)
+            label = f"{short_digest(event.diff_id)} {event.phase}"
+            if event.phase in ("cached", "done"):
+                total = bar.tasks[task].total or event.total or 1
+                bar.update(task, description=label, total=total, completed=total)
+            else:
+                bar.update(task, description=label, completed=event.done,
+                           **({"total": event.total} if event.total else {}))
+        elif isinstance(event, Stitching):
+            if self._stitch is None:
+                self._stitch = bar.add_task("stitch fsmeta + vmdk", total=None)
+        elif isinstance(event, Finished) and self._stitch is not None:
+            bar.update(self._stitch, total=1, completed=1)
 
 
 __all__ = ["PullProgress", "human_bytes", "short_digest", "table"]

@@ -79,9 +79,19 @@ class RemoveReport:
 
 @contextlib.contextmanager
 def coordination(cache: GlobalCache) -> Iterator[None]:
-    """msb's deletion lock: one deleter at a time across msb and cachefs."""
-    with FileLock(cache.root / COORDINATION_LOCK):
+    """msb's deletion lock: one deleter at a time across msb and cachefs.
+
+    Taken without waiting, like every deleter lock: a concurrent ``msb image rm`` or
+    ``cachefs gc`` is reported (``LockBusy``) rather than queued behind.
+    """
+    lock = FileLock(cache.root / COORDINATION_LOCK)
+    if not lock.acquire(blocking=False):
+        raise LockBusy("another process (msb image rm, cachefs rm/gc) is deleting from "
+                       f"{cache.root}", hint="retry when it has finished")
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def _size(path: Path) -> int:
