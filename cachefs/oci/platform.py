@@ -50,7 +50,8 @@ def format_platform(p: Platform | None) -> str:
     return f"{out}/{p.variant}" if p.variant else out
 
 
-def _matches(have: Platform, want: Platform) -> bool:
+def platform_matches(have: Platform, want: Platform) -> bool:
+    """Does an index entry's ``have`` satisfy a request for ``want``?"""
     if have.os != want.os or have.architecture != want.architecture:
         return False
     if want.variant is None:
@@ -75,7 +76,10 @@ def select_manifest(
     platforms listed) when nothing matches; ``source`` names the index in that message.
     """
     target = want or host_platform()
-    candidates = [m for m in manifests if m.platform is not None and _matches(m.platform, target)]
+    candidates = [
+        m for m in manifests
+        if m.platform is not None and platform_matches(m.platform, target)
+    ]
     if target.variant is None and len(candidates) > 1:
         preferred = [
             m for m in candidates
@@ -98,4 +102,10 @@ def select_manifest(
     )
 
 
-__all__ = ["format_platform", "host_platform", "parse_platform", "select_manifest"]
+__all__ = [
+    "format_platform",
+    "host_platform",
+    "parse_platform",
+    "platform_matches",
+    "select_manifest",
+]
