@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config erofs-utils docker-registry skopeo \
 	qemu-utils qemu-system-x86 busybox-static cpio sqlite3 zstd mmdebstrap \
-	linux-image-6.12-amd64 systemd util-linux
+	linux-image-6.12-amd64 systemd util-linux apache2-utils openssl
 PYTEST_ARGS ?=
 
 .PHONY: test lint deps system-deps venv bench demo demo-stop install-systemd clean
