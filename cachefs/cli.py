@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import click
 
 from .cache.store import GlobalCache, default_cache_dir
-from .cli_render import PullProgress, human_bytes, short_digest, table
+from .cli_render import PullProgress, human_bytes, render_status, short_digest, table
 from .errors import EXIT_CODES, CacheCorrupt, CachefsError, MountError, UsageError
 
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: a bug, not a refusal
@@ -479,18 +479,7 @@ def status(ctx: click.Context, mountpoint: Path | None, as_json: bool,
     if as_json:
         _echo_json(doc)
         return
-    click.echo(f"source: {source}")
-    for key, value in doc.items():
-        if isinstance(value, list):
-            click.echo(f"{key}: {len(value)}")
-            for item in value:
-                click.echo(f"  {json.dumps(item, ensure_ascii=False, default=str)}")
-        elif isinstance(value, dict):
-            click.echo(f"{key}:")
-            for k, v in value.items():
-                click.echo(f"  {k}: {v}")
-        else:
-            click.echo(f"{key}: {value}")
+    click.echo(render_status(doc, source))
 
 
 # ---------------------------------------------------------------------------------------

@@ -46,6 +46,30 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     return "\n".join(lines)
 
 
+def render_status(doc: dict[str, Any], source: str) -> str:
+    """The view's ``status.json`` (or the same document computed) for people."""
+    images = doc.get("images") or {}
+    lines = [f"cache:     {doc.get('cache')}", f"source:    {source}",
+             f"images:    {images.get('ready', 0)} ready of {images.get('total', 0)}"]
+    layers = doc.get("layers") or {}
+    lines.append(f"layers:    {layers.get('total', 0)} ({layers.get('corrupt', 0)} corrupt)")
+    sizes = doc.get("bytes") or {}
+    lines.append("bytes:     " + ", ".join(f"{k} {human_bytes(v)}" for k, v in sizes.items()))
+    downloads = doc.get("downloads_in_flight") or []
+    lines.append(f"downloads: {len(downloads)} in flight")
+    for image in images.get("list") or []:
+        state = "ready" if image.get("ready") else "NOT READY"
+        lines.append(f"  {image.get('reference')}  {short_digest(image.get('manifest_digest'))}"
+                     f"  {state}")
+    problems = doc.get("problems") or []
+    if problems:
+        lines.append(f"problems:  {len(problems)}")
+        for p in problems:
+            fix = f" (fix: {p['fix']})" if p.get("fix") else ""
+            lines.append(f"  {p.get('scope')}: {p.get('problem')}{fix}")
+    return "\n".join(lines)
+
+
 class PullProgress:
     """Rich progress bars fed by the pipeline's events (``cachefs.progress``).
 
@@ -120,4 +144,4 @@ class PullProgress:
             bar.update(self._stitch, total=1, completed=1)
 
 
-__all__ = ["PullProgress", "human_bytes", "short_digest", "table"]
+__all__ = ["PullProgress", "human_bytes", "render_status", "short_digest", "table"]

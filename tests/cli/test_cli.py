@@ -1,0 +1,145 @@
+"""The CLI as users and scripts meet it: exit codes, one-line errors, JSON, low-level tools."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from cachefs.errors import EXIT_CODES
+from tests.cli.conftest import (
+    REF_A,
+    REF_B,
+    LoadedCache,
+    assert_one_line_error,
+    base_layer,
+    cli,
+    held_by_other_process,
+    run,
+)
+from tests.fixtures.images import sha256
+from tests.fixtures.system import require_tool
+
+
+def test_help_documents_every_exit_code() -> None:
+    result = cli(None, "--help")
+    assert result.exit_code == 0
+    for name, code in EXIT_CODES.items():
+        assert any(line.split() == [str(code), name] for line in result.stdout.splitlines()), name
+    version = run(None, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("cachefs, version ")
+
+
+def test_error_families_exit_codes_and_one_line(loaded: LoadedCache, tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.erofs"
+    garbage.write_bytes(b"\0" * 8192)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        (3, [str(loaded.root)], ["inspect", "Not A Valid//Ref"]),
+        (4, [str(loaded.root)], ["inspect", "example.com/not/cached:1"]),
+        (2, [str(a_file)], ["images"]),
+        (9, [str(loaded.root)], ["erofs", "ls", str(garbage)]),
+        (13, [str(loaded.root)], ["mount", str(tmp_path / "no-such-dir")]),
+    ]
+    for code, cache, args in cases:
+        proc = run(Path(cache[0]), *args)
+        assert_one_line_error(proc, code)
+    loaded.fsmeta(REF_A).write_bytes(b"\0" * 4096)
+    assert_one_line_error(run(loaded.root, "verify", REF_A), 10)
+    with held_by_other_process(loaded.root / ".image-deletions" / "coordination.lock",
+                               shared=False):
+        assert_one_line_error(run(loaded.root, "gc"), 11)
+        verbose = run(loaded.root, "-v", "gc")
+    assert verbose.returncode == 11 and "Traceback" in verbose.stderr
+    # click's own usage errors share UsageError's code.
+    assert run(loaded.root, "rm").returncode == EXIT_CODES["UsageError"]
+
+
+def test_images_table_json_and_quiet(loaded: LoadedCache) -> None:
+    proc = run(loaded.root, "images", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["reference"]: r for r in json.loads(proc.stdout)}
+    assert set(rows) == {REF_A, REF_B}
+    md = loaded.metadata(REF_A)
+    assert rows[REF_A]["manifest_digest"] == md.manifest_digest
+    assert rows[REF_A]["state"] == "ready" and rows[REF_A]["layers"] == 2
+    assert set(rows[REF_A]["sources"]) == {"msb-db", "manifest-json"}
+    expected = sum(loaded.layer(layer.diff_id).stat().st_size for layer in md.layers)
+    assert rows[REF_A]["size_bytes"] == expected + loaded.fsmeta(REF_A).stat().st_size
+
+    quiet = run(loaded.root, "images", "-q")
+    assert quiet.stdout.split() == sorted([REF_A, REF_B])
+    table = run(loaded.root, "images").stdout.splitlines()
+    assert table[0].split() == ["REFERENCE", "DIGEST", "LAYERS", "SIZE", "STATE", "SOURCES"]
+    assert any(line.startswith(REF_A) and "ready" in line for line in table)
+    loaded.vmdk(REF_B).unlink()
+    rows = {r["reference"]: r for r in json.loads(run(loaded.root, "images", "--json").stdout)}
+    assert rows[REF_B]["state"] == "incomplete" and rows[REF_B]["missing"] == ["vmdk"]
+
+
+def test_inspect(loaded: LoadedCache) -> None:
+    proc = run(loaded.root, "inspect", "--json", "example.com/cli/a:1")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    md = loaded.metadata(REF_A)
+    assert doc["config_digest"] == md.config_digest
+    assert doc["config"]["cmd"] == ["/bin/sh"] and doc["config"]["env"] == ["PATH=/bin"]
+    assert [layer["diff_id"] for layer in doc["layer_details"]] == loaded.a.diff_ids()
+    assert all(layer["valid"] for layer in doc["layer_details"])
+    assert Path(doc["fsmeta"]["path"]) == loaded.fsmeta(REF_A)
+    by_digest = run(loaded.root, "inspect", "--json", md.manifest_digest[:20])
+    assert json.loads(by_digest.stdout)["reference"] == REF_A
+    human = run(loaded.root, "inspect", REF_A).stdout
+    assert md.manifest_digest in human and '"/bin/sh"' in human
+
+
+def test_status_computed_without_a_mount(loaded: LoadedCache) -> None:
+    proc = run(loaded.root, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert {i["reference"] for i in doc["images"]["list"]} == {REF_A, REF_B}
+    human = run(loaded.root, "status")
+    assert "images:    2 ready of 2" in human.stdout and "source:    computed" in human.stdout
+
+
+def test_erofs_from_tar_ls_cat_fsmeta_and_vmdk_match_msb(loaded: LoadedCache,
+                                                          tmp_path: Path) -> None:
+    tar = tmp_path / "base.tar"
+    tar.write_bytes(base_layer())
+    out = tmp_path / "base.erofs"
+    proc = run(None, "erofs", "from-tar", str(tar), str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == sha256(tar.read_bytes())
+    md = loaded.metadata(REF_A)
+    assert out.read_bytes() == loaded.layer(md.layers[0].diff_id).read_bytes()
+
+    listing = json.loads(run(None, "erofs", "ls", "--json", str(out)).stdout)
+    by_path = {e["path"]: e for e in listing}
+    assert by_path["/bin/t"]["target"] == "tool" and by_path["/etc/hostname"]["size"] == 8
+    assert "/etc/hostname" in run(None, "erofs", "ls", str(out)).stdout
+    assert run(None, "erofs", "cat", str(out), "/etc/hostname").stdout == "cachefs\n"
+    missing = run(None, "erofs", "cat", str(out), "/nope")
+    assert_one_line_error(missing, 2)
+
+    layers = [loaded.layer(layer.diff_id) for layer in md.layers]
+    fsmeta = tmp_path / "fsmeta.erofs"
+    proc = run(None, "-q", "erofs", "fsmeta", str(fsmeta), *map(str, layers))
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert fsmeta.read_bytes() == loaded.fsmeta(REF_A).read_bytes()
+    through = run(None, "erofs", "cat", str(fsmeta), "/a.txt",
+                  *[a for p in layers for a in ("--device", str(p))])
+    assert through.stdout == "a" * 5000
+
+    vmdk = tmp_path / "disk.vmdk"
+    assert run(None, "vmdk", str(vmdk), str(fsmeta), *map(str, layers)).returncode == 0
+    assert vmdk.read_text() == loaded.vmdk(REF_A).read_text().replace(
+        str(loaded.fsmeta(REF_A).resolve()), str(fsmeta.resolve()))
+    rel = tmp_path / "rel.vmdk"
+    assert run(None, "vmdk", str(rel), str(fsmeta), *map(str, layers),
+               "--relative-to", str(tmp_path)).returncode == 0
+    assert '"fsmeta.erofs"' in rel.read_text()
+    qemu_img = require_tool("qemu-img")
+    info = json.loads(subprocess.run([qemu_img, "info", "--output=json", str(rel)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["virtual-size"] == sum(p.stat().st_size for p in [fsmeta, *layers])
