@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 READY_LINE = "cachefs-view: ready"
 _START_TIMEOUT_S = 30.0
+READAHEAD_KIB = 1024
 
 
 def _fusermount() -> str:
@@ -137,13 +138,35 @@ async def _serve(ops: ViewOperations, mountpoint: Path, options: set[str],
                 nursery.cancel_scope.cancel()  # unmounted from outside
 
             nursery.start_soon(serve)
+            # In a thread: this looks at the mount, which needs main() running. The stat
+            # returns once the kernel's INIT is answered, which resets the readahead.
+            await trio.to_thread.run_sync(os.stat, mountpoint)
+            await trio.to_thread.run_sync(_raise_readahead, mountpoint)
             if ready is not None:
-                # In a thread: ``ready`` may itself look at the mount, which needs main().
                 await trio.to_thread.run_sync(ready)
     finally:
         with trio.CancelScope(shield=True):
             pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+def _raise_readahead(mountpoint: Path, kib: int = READAHEAD_KIB) -> None:
+    """Let the kernel read ahead 1 MiB per FUSE request instead of 128 KiB.
+
+    FUSE caps readahead at the kernel's 128 KiB default; a VMM streaming rootfs.img pays a
+    Python round trip per request, so bigger requests roughly quadruple throughput. The
+    knob is the mount's BDI in sysfs (root only); failure just leaves the default.
+    """
+    target = os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if _unescape_mount_path(fields[4]) == target:
+                    Path(f"/sys/class/bdi/{fields[2]}/read_ahead_kb").write_text(f"{kib}\n")
+                    return
+    except OSError as err:
+        log.info("cannot raise readahead on %s (%s); keeping the default", mountpoint, err)
 
 
 async def _watch_signals(scope: trio.CancelScope) -> None:

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 ATTR_TIMEOUT_S = 1.0
 POLL_INTERVAL_S = 0.5
 FULL_RESCAN_S = 5.0  # catches in-place corruption that does not touch directory mtimes
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 @dataclass(slots=True)
@@ -239,12 +240,17 @@ class ViewOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._new_fh(handle), direct_io=False, keep_cache=True)
         raise _errno(errno.EINVAL)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         handle = self._handles.get(fh)
         if isinstance(handle, _BytesHandle):
             return handle.data[off : off + size]
         if isinstance(handle, _ConcatHandle):
-            return await trio.to_thread.run_sync(_read_concat, handle, off, size)
+            # Page-cache hits are served inline (a thread hop costs more than the copy);
+            # anything that would touch the disk goes to a worker thread.
+            data = _read_concat(handle, off, size, nowait=True)
+            if data is None:
+                data = await trio.to_thread.run_sync(_read_concat, handle, off, size)
+            return data
         raise _errno(errno.EBADF)
 
     async def release(self, fh: int) -> None:
@@ -409,28 +415,41 @@ def _open_concat(node: ConcatNode, where: str) -> _ConcatHandle:
         raise
 
 
-def _read_concat(h: _ConcatHandle, off: int, size: int) -> bytes:
+def _read_concat(h: _ConcatHandle, off: int, size: int, *, nowait: bool = False
+                 ) -> bytearray | None:
+    """Bytes [off, off+size) of the concatenation, clipped at its end.
+
+    Reads straight into one buffer (pyfuse3 takes any buffer), no joins or copies. With
+    ``nowait``, only data already in the page cache is read (``RWF_NOWAIT``); None means
+    "would block, retry in a thread".
+    """
     end = min(off + size, h.total)
     if off >= end:
-        return b""
-    out = []
+        return bytearray()
+    buf = bytearray(end - off)
+    view = memoryview(buf)
+    flags = _RWF_NOWAIT if nowait else 0
     i = bisect_right(h.starts, off) - 1
     pos = off
     while pos < end:
         start, part_size = h.starts[i], h.sizes[i]
         n = min(end, start + part_size) - pos
+        chunk = view[pos - off : pos - off + n]
         try:
-            data = os.pread(h.fds[i], n, pos - start)
+            got = os.preadv(h.fds[i], [chunk], pos - start, flags)
         except OSError as err:
+            if nowait:
+                return None  # EAGAIN, or no RWF_NOWAIT support: the blocking path decides
             log.warning("read of %s failed: %s", h.paths[i], err)
             raise _errno(errno.EIO) from None
-        if len(data) != n:
+        if got != n:
+            if nowait:
+                return None
             log.warning("%s is shorter than when it was opened", h.paths[i])
             raise _errno(errno.EIO)
-        out.append(data)
         pos += n
         i += 1
-    return b"".join(out)
+    return buf
 
 
 def _close_concat(h: _ConcatHandle) -> None:
