@@ -343,3 +343,51 @@ async def test_auth_error_for_unauthorized_blob(registry_factory, tmp_path: Path
         with pytest.raises(AuthError) as exc:
             await c.resolve(Reference.parse(f"{r.host}/img:v1"))
     assert "requires credentials" in exc.value.one_line()
+
+
+async def test_https_with_extra_ca_bundle(registry_factory, tmp_path: Path) -> None:  # noqa: F811
+    r = registry_factory(tls=True)
+    layout = oci_layout(AMD, tmp_path / "lay")
+    r.push_oci_layout(layout.path, "img", "v1")
+    ref = Reference.parse(f"{r.host}/img:v1")
+    async with client(insecure=False, ca_certs=r.ca_cert) as c:
+        res = await c.resolve(ref)
+        await c.fetch_blob(ref, res.layers[0], tmp_path / "l.part")
+    assert str(res.manifest_digest) == layout.images[0].manifest_digest
+    async with client(insecure=False, max_attempts=1) as c:  # the CA is not trusted
+        with pytest.raises(RegistryError, match="ConnectError"):
+            await c.resolve(ref)
+
+
+async def test_oversized_part_is_downloaded_fresh(pushed: Pushed, tmp_path: Path) -> None:
+    desc, blob = big_layer(pushed.plain)
+    part = tmp_path / "b.part"
+    part.write_bytes(blob + b"trailing junk")
+    got: list[int] = []
+    async with client() as c:
+        await c.fetch_blob(pushed.ref("plain:v1"), desc, part, progress=got.append)
+    assert part.read_bytes() == blob and sum(got) == len(blob)
+
+
+def test_platform_parsing_and_variants() -> None:
+    from cachefs.errors import UsageError
+    from cachefs.oci import parse_platform, select_manifest
+
+    assert parse_platform("linux/arm/v7") == Platform(os="linux", architecture="arm",
+                                                      variant="v7")
+    with pytest.raises(UsageError):
+        parse_platform("linux")
+
+    def d(n: int, arch: str, variant: str | None = None) -> Descriptor:
+        return Descriptor(digest=f"sha256:{n:064x}",
+                          platform=Platform(os="linux", architecture=arch, variant=variant))
+
+    entries = [d(1, "arm", "v6"), d(2, "arm", "v7"), d(3, "arm64", "v8"), d(4, "amd64")]
+    def pick(text: str) -> Descriptor:
+        return select_manifest(entries, parse_platform(text), source="s", error=RegistryError)
+
+    assert pick("linux/arm/v7") is entries[1]
+    assert pick("linux/arm64") is entries[2]
+    assert pick("linux/arm64/v8") is entries[2]
+    with pytest.raises(RegistryError, match="linux/arm/v6, linux/arm/v7"):
+        pick("linux/arm/v5")
