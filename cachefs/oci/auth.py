@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import trio
 
 from ..errors import AuthError, RegistryError
 
@@ -191,6 +192,7 @@ class Authenticator:
         self._looked_up: dict[str, Credentials | None] = {}
         self._tokens: dict[tuple[str, str], _Token] = {}
         self._basic: set[str] = set()
+        self._locks: dict[tuple[str, str], trio.Lock] = {}
         self.token_requests = 0  # observable for tests: tokens fetched, not cached hits
 
     def credentials_for(self, registry: str) -> Credentials | None:
@@ -223,15 +225,39 @@ class Authenticator:
         scope: str,
         www_authenticate: str,
         what: str,
+        sent: str | None = None,
     ) -> str:
         """Turn a 401 challenge into an Authorization value, or raise AuthError.
 
-        ``what`` names the request (reference and path) for the error message.
+        ``what`` names the request (reference and path) for the error message; ``sent`` is
+        the Authorization the refused request carried. Concurrent downloads that are refused
+        at once share one token request: whoever comes second finds a newer token and uses it.
         """
+        lock = self._locks.setdefault((registry, scope), trio.Lock())
+        async with lock:
+            current = self.header_for(registry, scope)
+            if current is not None and current != sent:
+                return current
+            return await self._respond(http, registry, scope, www_authenticate, what, sent)
+
+    async def _respond(
+        self,
+        http: httpx.AsyncClient,
+        registry: str,
+        scope: str,
+        www_authenticate: str,
+        what: str,
+        sent: str | None,
+    ) -> str:
+        self.forget(registry, scope)
         challenge = parse_www_authenticate(www_authenticate)
         if challenge is None:
             raise AuthError(f"{what}: 401 without a usable WWW-Authenticate challenge")
-        creds = self.credentials_for(registry)
+        # Credential helpers are subprocesses: keep them off the event loop.
+        creds = await trio.to_thread.run_sync(self.credentials_for, registry)
+        if sent is not None and creds is not None and sent == creds.basic_header():
+            raise AuthError(f"{what}: HTTP 401, registry {registry} refused user "
+                            f"{creds.username!r}", hint="check the username/password")
         if challenge.scheme == "basic":
             if creds is None:
                 raise AuthError(

@@ -220,10 +220,9 @@ class RegistryClient:
             return resp
         challenge = resp.headers.get("WWW-Authenticate", "")
         await resp.aclose()
-        self.auth.forget(ref.registry, scope)
         what = f"{ref}: {method} /v2/{ref.repository}/{path}"
         hdrs["Authorization"] = await self.auth.respond(
-            self._http, ref.registry, scope, challenge, what
+            self._http, ref.registry, scope, challenge, what, sent=known
         )
         return await self._http.send(self._http.build_request(method, url, headers=hdrs),
                                      stream=True)

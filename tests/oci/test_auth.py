@@ -186,3 +186,18 @@ async def test_credential_helpers(registry_factory, tmp_path: Path) -> None:  # 
     env = write_config(home, {"credHelpers": {r.host: "absent"}}) | {"PATH": path}
     with pytest.raises(AuthError, match="docker-credential-absent"):
         docker_config_credentials(r.host, environ=env)
+
+
+async def test_concurrent_requests_share_one_token(registry_factory, tmp_path: Path) -> None:  # noqa: F811
+    import trio
+
+    r, ref, _ = pushed(registry_factory, tmp_path, "token", anonymous_pull=False)
+    auth = Authenticator(Credentials(r.username, PW))
+    async with client(auth) as c:
+        res = await c.resolve(ref)
+        auth.forget(ref.registry, f"repository:{ref.repository}:pull")  # as if it expired
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(c.fetch_blob, ref, res.layers[0], tmp_path / f"{i}.part")
+    assert auth.token_requests == 2  # one for resolve, one shared by the four downloads
+    assert all((tmp_path / f"{i}.part").stat().st_size == res.layers[0].size for i in range(4))
