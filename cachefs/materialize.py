@@ -51,20 +51,22 @@ def materialize_layer(
     compression: Compression | None,
     diff_id: Digest,
     layer_label: str,
+    force: bool = False,
 ) -> MaterializedLayer:
     """Make ``layers/<diff_id>.erofs`` from a (compressed) layer blob, unless it is valid.
 
     ``compression=None`` sniffs the magic bytes (msb's ``load`` behaviour). The blob is
     verified against ``diff_id`` while it is read; a mismatch raises ``DigestMismatch``
-    and publishes nothing. Held: ``layers/<d>.erofs.lock`` (exclusive).
+    and publishes nothing. Held: ``layers/<d>.erofs.lock`` (exclusive). ``force`` rebuilds
+    a valid layer too (renamed over it, so readers holding the old file keep it).
     """
     final = cache.layer_erofs_path(diff_id)
-    if cache.is_layer_materialized(diff_id):
+    if not force and cache.is_layer_materialized(diff_id):
         return MaterializedLayer(diff_id, final, None)
     cache.layers_dir().mkdir(parents=True, exist_ok=True)
     cache.tmp_dir().mkdir(parents=True, exist_ok=True)
     with flock_exclusive(cache.layer_erofs_lock_path(diff_id)):
-        if cache.is_layer_materialized(diff_id):
+        if not force and cache.is_layer_materialized(diff_id):
             return MaterializedLayer(diff_id, final, None)  # finished while we waited
         spool_path, part = cache.spool_path(diff_id), cache.layer_part_path(diff_id)
         try:

@@ -1,0 +1,362 @@
+"""The materialisation pipeline: an image from a registry or an archive into the cache.
+
+Order (FORMATS.md §1.4, msb's contract for the layered target): resolve → for each layer,
+in parallel: reuse a valid layer EROFS, else download the blob to ``tmp/<blob>.part``
+under its download lock (resuming), verify it, ingest + verify the diff_id, publish the
+layer → stitch fsmeta, then VMDK → publish the metadata json → remove transient blobs.
+Everything is published by rename after it is complete, so a failure at any point leaves
+the cache valid: at worst with extra, reusable layers.
+
+Concurrency with other pullers (cachefs or msb): the per-reference image lock serialises
+pulls of one reference; download locks make a blob download once; layer and fsmeta locks
+(inside :mod:`cachefs.materialize`) make an artifact be written once; shared leases keep
+``rm``/``gc`` away from what we are writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .cache import GlobalCache
+from .cache.locks import Leases, flock_exclusive, flock_exclusive_async, publication_gate_path
+from .cache.publish import remove_quietly
+from .digest import Digest
+from .errors import CachefsError, NotCachedError
+from .layer import Compression, compression_from_media_type
+from .materialize import materialize_layer, stitch_image
+from .models import CachedImageMetadata, ImageConfig, ImageConfigFile, LayerMetadata
+from .progress import (
+    Event,
+    Finished,
+    LayerProgress,
+    ProgressCallback,
+    Resolved,
+    Stitching,
+    ignore,
+)
+from .reference import Reference
+
+DOWNLOAD_PARALLELISM = 4
+# Ingest is CPU-bound Python; more threads than cores only adds GIL contention.
+MATERIALIZE_PARALLELISM = max(1, min(4, os.cpu_count() or 1))
+
+
+class PullPolicy(enum.StrEnum):
+    IF_MISSING = "if-missing"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """Everything the pipeline needs to know about one image, whatever its source."""
+
+    reference: Reference
+    typed: str
+    manifest_digest: Digest
+    raw_manifest_json: str
+    raw_config_json: str
+    config: ImageConfigFile
+    layers: tuple[LayerMetadata, ...]
+
+    def metadata(self) -> CachedImageMetadata:
+        return CachedImageMetadata(
+            manifest_digest=str(self.manifest_digest),
+            config_digest=str(Digest.sha256_of(self.raw_config_json.encode())),
+            raw_manifest_json=self.raw_manifest_json,
+            raw_config_json=self.raw_config_json,
+            config=ImageConfig.from_container_config(self.config.config),
+            layers=list(self.layers),
+        )
+
+
+@dataclass(frozen=True)
+class PullResult:
+    reference: Reference
+    manifest_digest: Digest
+    cached: bool
+    metadata: CachedImageMetadata
+    fsmeta: Path
+    vmdk: Path
+
+
+@dataclass
+class LayerBlob:
+    """A layer's blob on disk, ready to ingest."""
+
+    path: Path
+    compression: Compression
+    transient: bool  # remove after the image is published (downloaded blobs, staged files)
+
+
+class _Emitter:
+    """Progress callbacks must never break a pull."""
+
+    def __init__(self, callback: ProgressCallback) -> None:
+        self._callback = callback
+
+    def __call__(self, event: Event) -> None:
+        with contextlib.suppress(Exception):
+            self._callback(event)
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error a user should see when parallel layer work fails: the first real one.
+
+    Cancellations of sibling tasks are consequences, not causes, so they rank last.
+    """
+    leaves: list[BaseException] = []
+
+    def collect(g: BaseExceptionGroup) -> None:
+        for exc in g.exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                collect(exc)
+            else:
+                leaves.append(exc)
+
+    collect(group)
+    for kind in (CachefsError, Exception):
+        for exc in leaves:
+            if isinstance(exc, kind):
+                return exc
+    return leaves[0]
+
+
+def _entries(cache: GlobalCache, plan: ImagePlan) -> list[Path]:
+    """Every cache entry the image consists of (for leases)."""
+    return [
+        *(cache.layer_erofs_path(layer.diff_digest) for layer in plan.layers),
+        cache.fsmeta_erofs_path(plan.manifest_digest),
+        cache.vmdk_path(plan.manifest_digest),
+        cache.image_metadata_path(plan.reference),
+    ]
+
+
+async def _take_leases(cache: GlobalCache, entries: Sequence[Path]) -> Leases:
+    leases = Leases()
+    try:
+        for entry in entries:
+            await trio.to_thread.run_sync(functools.partial(leases.add_shared, entry))
+    except BaseException:
+        leases.release()
+        raise
+    return leases
+
+
+def cached_metadata(cache: GlobalCache, reference: Reference) -> CachedImageMetadata | None:
+    """The metadata of a reference whose layers are all valid (fsmeta/VMDK may be rebuilt)."""
+    meta = cache.read_image_metadata(reference)
+    if meta is None or not cache.all_layers_materialized(meta.diff_ids):
+        return None
+    return meta
+
+
+def _publish(cache: GlobalCache, plan: ImagePlan, source: str) -> CachedImageMetadata:
+    """Metadata json last (msb's order), renamed under the publication gate."""
+    meta = plan.metadata()
+    gate = publication_gate_path(cache.manifests_dir(), plan.reference.cache_key)
+    with flock_exclusive(gate):
+        cache.write_image_metadata(plan.reference, meta)
+    cache.record_reference(plan.reference, plan.typed, plan.manifest_digest, source)
+    return meta
+
+
+async def _stitch(cache: GlobalCache, manifest: Digest, diff_ids: Sequence[Digest]
+                  ) -> tuple[Path, Path]:
+    fsmeta, vmdk = await trio.to_thread.run_sync(
+        functools.partial(stitch_image, cache, manifest, list(diff_ids))
+    )
+    return Path(fsmeta), Path(vmdk)
+
+
+async def complete_from_cache(
+    cache: GlobalCache, reference: Reference, typed: str, emit: ProgressCallback, source: str
+) -> PullResult | None:
+    """A cache hit: every layer valid; fsmeta/VMDK rebuilt from layers if they are not."""
+    meta = await trio.to_thread.run_sync(cached_metadata, cache, reference)
+    if meta is None:
+        return None
+    emit(Resolved(str(reference), meta.manifest_digest,
+                  tuple((layer.diff_id, layer.size_bytes) for layer in meta.layers), cached=True))
+    fsmeta, vmdk = await _stitch(cache, meta.manifest, meta.diff_ids)
+    cache.record_reference(reference, typed, meta.manifest, source)
+    emit(Finished(str(reference), meta.manifest_digest, cached=True))
+    return PullResult(reference, meta.manifest, True, meta, fsmeta, vmdk)
+
+
+LayerProvider = Callable[[int, LayerMetadata, ProgressCallback], Awaitable["LayerBlob"]]
+
+
+async def materialize_plan(
+    cache: GlobalCache,
+    plan: ImagePlan,
+    provide: LayerProvider,
+    *,
+    emit: ProgressCallback,
+    force: bool,
+    source: str,
+) -> PullResult:
+    """Run the per-layer stages in parallel, then stitch and publish.
+
+    ``provide(i, layer, emit)`` is an async function returning a :class:`LayerBlob` for a
+    layer that has to be (re)built.
+    """
+    emit(Resolved(str(plan.reference), str(plan.manifest_digest),
+                  tuple((layer.diff_id, layer.size_bytes) for layer in plan.layers)))
+    leases = await _take_leases(cache, _entries(cache, plan))
+    transient: list[Path] = []
+    limiter = trio.CapacityLimiter(MATERIALIZE_PARALLELISM)
+    try:
+        async def one(i: int, layer: LayerMetadata) -> None:
+            diff = layer.diff_digest
+            if not force and await trio.to_thread.run_sync(cache.is_layer_materialized, diff):
+                emit(LayerProgress(i, layer.diff_id, "cached"))
+                return
+            blob = await provide(i, layer, emit)
+            if blob.transient:
+                transient.append(blob.path)
+            emit(LayerProgress(i, layer.diff_id, "materialize"))
+            await trio.to_thread.run_sync(
+                functools.partial(
+                    materialize_layer, cache, blob.path, compression=blob.compression,
+                    diff_id=diff, layer_label=layer.digest, force=force,
+                ),
+                limiter=limiter,
+            )
+            emit(LayerProgress(i, layer.diff_id, "done"))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                seen: set[str] = set()
+                for i, layer in enumerate(plan.layers):
+                    if layer.diff_id in seen:  # a repeated layer is built once
+                        continue
+                    seen.add(layer.diff_id)
+                    nursery.start_soon(one, i, layer)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+
+        emit(Stitching(str(plan.manifest_digest)))
+        if force:  # rebuild the stitched artifacts too, not only the layers
+            with flock_exclusive(cache.fsmeta_erofs_lock_path(plan.manifest_digest)):
+                remove_quietly(cache.fsmeta_erofs_path(plan.manifest_digest))
+                remove_quietly(cache.vmdk_path(plan.manifest_digest))
+        fsmeta, vmdk = await _stitch(cache, plan.manifest_digest,
+                                     [layer.diff_digest for layer in plan.layers])
+        meta = await trio.to_thread.run_sync(_publish, cache, plan, source)
+    finally:
+        leases.release()
+    for path in transient:
+        remove_quietly(path)
+    emit(Finished(str(plan.reference), str(plan.manifest_digest), cached=False))
+    return PullResult(plan.reference, plan.manifest_digest, False, meta, fsmeta, vmdk)
+
+
+# registry --------------------------------------------------------------------------------
+
+
+async def pull(
+    cache: GlobalCache,
+    reference: str | Reference,
+    *,
+    policy: PullPolicy = PullPolicy.IF_MISSING,
+    force: bool = False,
+    insecure: bool = False,
+    platform: str | None = None,
+    ca_certs: Path | None = None,
+    credentials: object | None = None,
+    progress: ProgressCallback = ignore,
+    client: object | None = None,
+) -> PullResult:
+    """Pull ``reference`` into ``cache``; see the module docstring for the stages."""
+    from .oci.platform import parse_platform
+    from .oci.registry import RegistryClient
+
+    ref = reference if isinstance(reference, Reference) else Reference.parse(reference)
+    typed = str(reference)
+    emit = _Emitter(progress)
+    async with flock_exclusive_async(cache.image_lock_path(ref)):
+        if policy is not PullPolicy.ALWAYS and not force:
+            hit = await complete_from_cache(cache, ref, typed, emit, "pull")
+            if hit is not None:
+                return hit
+        if policy is PullPolicy.NEVER:
+            raise NotCachedError(
+                f"{ref} is not in the cache and the pull policy is 'never'",
+                hint=f"run: cachefs pull {typed}",
+            )
+        own_client = client is None
+        registry = client or RegistryClient(
+            insecure=insecure, ca_certs=ca_certs, credentials=credentials  # type: ignore[arg-type]
+        )
+        try:
+            wanted = parse_platform(platform) if platform else None
+            resolved = await registry.resolve(ref, wanted)  # type: ignore[attr-defined]
+            descriptors = {d.digest: d for d in resolved.layers}
+            diff_ids = resolved.config.rootfs.diff_ids
+            if len(diff_ids) != len(resolved.layers):
+                from .errors import RegistryError
+
+                raise RegistryError(
+                    f"{ref}: manifest lists {len(resolved.layers)} layers but the config has "
+                    f"{len(diff_ids)} diff_ids"
+                )
+            plan = ImagePlan(
+                reference=ref,
+                typed=typed,
+                manifest_digest=resolved.manifest_digest,
+                raw_manifest_json=resolved.raw_manifest_json,
+                raw_config_json=resolved.config_bytes.decode(),
+                config=resolved.config,
+                layers=tuple(
+                    LayerMetadata(digest=d.digest, media_type=d.media_type or None,
+                                  size_bytes=d.size or None, diff_id=diff)
+                    for d, diff in zip(resolved.layers, diff_ids, strict=True)
+                ),
+            )
+
+            async def provide(i: int, layer: LayerMetadata, emit_: ProgressCallback) -> LayerBlob:
+                descriptor = descriptors[layer.digest]
+                blob = descriptor.parsed_digest
+                tar = cache.tar_path(blob)
+                total = descriptor.size or None
+                async with flock_exclusive_async(cache.download_lock_path(blob)):
+                    if not _reusable_blob(tar, total):
+                        part = cache.part_path(blob)
+                        done = 0
+
+                        def on_bytes(n: int) -> None:
+                            nonlocal done
+                            done += n
+                            emit_(LayerProgress(i, layer.diff_id, "download", done, total))
+
+                        emit_(LayerProgress(i, layer.diff_id, "download", 0, total))
+                        await registry.fetch_blob(  # type: ignore[attr-defined]
+                            ref, descriptor, part, resume=True, progress=on_bytes
+                        )
+                        emit_(LayerProgress(i, layer.diff_id, "verify", done, total))
+                        os.rename(part, tar)
+                return LayerBlob(tar, compression_from_media_type(descriptor.media_type), True)
+
+            return await materialize_plan(cache, plan, provide, emit=emit, force=force,
+                                          source="pull")
+        finally:
+            if own_client:
+                await registry.aclose()  # type: ignore[attr-defined]
+
+
+def _reusable_blob(tar: Path, expected: int | None) -> bool:
+    """msb's rule (§1.6): a complete ``.tar.gz`` of the right size (or any, size unknown)."""
+    try:
+        size = tar.stat().st_size
+    except FileNotFoundError:
+        return False
+    return size == expected if expected is not None else size > 0
