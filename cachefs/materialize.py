@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .cache.locks import flock_exclusive
 from .cache.publish import publish_file, remove_quietly
@@ -44,9 +45,28 @@ class MaterializedLayer:
         return self.block_map is not None
 
 
+BlobOpener = Callable[[], BinaryIO]
+
+
+def _open_blob(blob: Path | BlobOpener) -> BinaryIO:
+    return blob.open("rb") if isinstance(blob, Path) else blob()
+
+
+def _sniff(stream: BinaryIO) -> Compression:
+    """Magic bytes without consuming them: seek back, or peek on a buffered stream."""
+    if stream.seekable():
+        head = stream.read(4)
+        stream.seek(0)
+        return detect_compression(head)
+    peek = getattr(stream, "peek", None)
+    if peek is None:
+        raise TypeError("a non-seekable blob stream must support peek() to sniff compression")
+    return detect_compression(peek(4)[:4])
+
+
 def materialize_layer(
     cache: GlobalCache,
-    blob_path: Path,
+    blob_path: Path | BlobOpener,
     *,
     compression: Compression | None,
     diff_id: Digest,
@@ -70,10 +90,9 @@ def materialize_layer(
             return MaterializedLayer(diff_id, final, None)  # finished while we waited
         spool_path, part = cache.spool_path(diff_id), cache.layer_part_path(diff_id)
         try:
-            with blob_path.open("rb") as blob, spool_path.open("wb+") as spool:
+            with _open_blob(blob_path) as blob, spool_path.open("wb+") as spool:
                 if compression is None:
-                    compression = detect_compression(blob.read(4))
-                    blob.seek(0)
+                    compression = _sniff(blob)
                 ingested = ingest_layer(
                     blob, compression=compression, expected_diff_id=diff_id, spool=spool,
                     layer_label=layer_label,

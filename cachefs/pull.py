@@ -31,7 +31,7 @@ from .cache.publish import remove_quietly
 from .digest import Digest
 from .errors import CachefsError, NotCachedError
 from .layer import Compression, compression_from_media_type
-from .materialize import materialize_layer, stitch_image
+from .materialize import BlobOpener, materialize_layer, stitch_image
 from .models import CachedImageMetadata, ImageConfig, ImageConfigFile, LayerMetadata
 from .progress import (
     Event,
@@ -90,11 +90,11 @@ class PullResult:
 
 @dataclass
 class LayerBlob:
-    """A layer's blob on disk, ready to ingest."""
+    """A layer's blob, ready to ingest: a file, or an opener streaming it from an archive."""
 
-    path: Path
-    compression: Compression
-    transient: bool  # remove after the image is published (downloaded blobs, staged files)
+    source: Path | BlobOpener
+    compression: Compression | None  # None: sniff the magic bytes (msb's ``load``)
+    transient: bool  # a downloaded file to remove once the image is published
 
 
 class _Emitter:
@@ -192,7 +192,7 @@ async def complete_from_cache(
     return PullResult(reference, meta.manifest, True, meta, fsmeta, vmdk)
 
 
-LayerProvider = Callable[[int, LayerMetadata, ProgressCallback], Awaitable["LayerBlob"]]
+LayerProvider = Callable[[int, LayerMetadata, ProgressCallback], Awaitable["LayerBlob | None"]]
 
 
 async def materialize_plan(
@@ -207,7 +207,7 @@ async def materialize_plan(
     """Run the per-layer stages in parallel, then stitch and publish.
 
     ``provide(i, layer, emit)`` is an async function returning a :class:`LayerBlob` for a
-    layer that has to be (re)built.
+    layer that has to be (re)built, or None if it turned valid while waiting for a lock.
     """
     emit(Resolved(str(plan.reference), str(plan.manifest_digest),
                   tuple((layer.diff_id, layer.size_bytes) for layer in plan.layers)))
@@ -221,12 +221,15 @@ async def materialize_plan(
                 emit(LayerProgress(i, layer.diff_id, "cached"))
                 return
             blob = await provide(i, layer, emit)
-            if blob.transient:
-                transient.append(blob.path)
+            if blob is None:  # another process materialised it while we waited
+                emit(LayerProgress(i, layer.diff_id, "cached"))
+                return
+            if blob.transient and isinstance(blob.source, Path):
+                transient.append(blob.source)
             emit(LayerProgress(i, layer.diff_id, "materialize"))
             await trio.to_thread.run_sync(
                 functools.partial(
-                    materialize_layer, cache, blob.path, compression=blob.compression,
+                    materialize_layer, cache, blob.source, compression=blob.compression,
                     diff_id=diff, layer_label=layer.digest, force=force,
                 ),
                 limiter=limiter,
@@ -323,12 +326,17 @@ async def pull(
                 ),
             )
 
-            async def provide(i: int, layer: LayerMetadata, emit_: ProgressCallback) -> LayerBlob:
+            async def provide(
+                i: int, layer: LayerMetadata, emit_: ProgressCallback
+            ) -> LayerBlob | None:
                 descriptor = descriptors[layer.digest]
                 blob = descriptor.parsed_digest
                 tar = cache.tar_path(blob)
                 total = descriptor.size or None
                 async with flock_exclusive_async(cache.download_lock_path(blob)):
+                    # a concurrent pull may have finished this layer (and removed its blob)
+                    if not force and cache.is_layer_materialized(layer.diff_digest):
+                        return None
                     if not _reusable_blob(tar, total):
                         part = cache.part_path(blob)
                         done = 0
@@ -360,3 +368,75 @@ def _reusable_blob(tar: Path, expected: int | None) -> bool:
     except FileNotFoundError:
         return False
     return size == expected if expected is not None else size > 0
+
+
+# archives --------------------------------------------------------------------------------
+
+
+async def load(
+    cache: GlobalCache,
+    archive: Path,
+    *,
+    tag: str | None = None,
+    platform: str | None = None,
+    force: bool = False,
+    progress: ProgressCallback = ignore,
+) -> list[PullResult]:
+    """Load a docker archive or OCI layout (tar or directory) like ``msb load``.
+
+    Every image is published under each of its tags (docker ``RepoTags`` or the OCI
+    ``ref.name`` annotation); ``tag`` adds one more reference to the first image, as msb's
+    ``--tag`` does. Layers stream straight from the archive into ingest: no staging copy.
+    """
+    from .errors import ArchiveError
+    from .oci.archive import open_archive
+    from .oci.platform import parse_platform
+
+    emit = _Emitter(progress)
+    wanted = parse_platform(platform) if platform else None
+    source = await trio.to_thread.run_sync(open_archive, Path(archive), wanted)
+    if not source.images:
+        raise ArchiveError(f"{archive}: contains no image")
+    results: list[PullResult] = []
+    for n, image in enumerate(source.images):
+        names = list(image.repo_tags)
+        if n == 0 and tag is not None:
+            names.append(tag)
+        if not names:
+            raise ArchiveError(
+                f"{archive}: image {image.manifest_digest} has no tag", hint="pass --tag REF"
+            )
+        refs = [(Reference.parse(name), name) for name in names]
+        openers = {str(layer.diff_id): layer.open for layer in image.layers}
+
+        async def provide(
+            i: int, layer: LayerMetadata, emit_: ProgressCallback,
+            openers: dict[str, BlobOpener] = openers,
+        ) -> LayerBlob:
+            return LayerBlob(openers[layer.diff_id], None, transient=False)
+
+        first_ref, first_typed = refs[0]
+        async with flock_exclusive_async(cache.image_lock_path(first_ref)):
+            plan = ImagePlan(
+                reference=first_ref,
+                typed=first_typed,
+                manifest_digest=image.manifest_digest,
+                raw_manifest_json=image.raw_manifest_json,
+                raw_config_json=image.config_bytes.decode(),
+                config=image.config,
+                layers=tuple(
+                    LayerMetadata(digest=str(layer.digest), media_type=layer.media_type or None,
+                                  size_bytes=layer.size or None, diff_id=str(layer.diff_id))
+                    for layer in image.layers
+                ),
+            )
+            result = await materialize_plan(cache, plan, provide, emit=emit, force=force,
+                                            source="load")
+        results.append(result)
+        for ref, typed in refs[1:]:  # further tags: same artifacts, one more json each
+            alias = ImagePlan(ref, typed, plan.manifest_digest, plan.raw_manifest_json,
+                              plan.raw_config_json, plan.config, plan.layers)
+            meta = await trio.to_thread.run_sync(_publish, cache, alias, "load")
+            results.append(PullResult(ref, plan.manifest_digest, False, meta,
+                                      result.fsmeta, result.vmdk))
+    return results
