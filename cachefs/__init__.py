@@ -1,0 +1,47 @@
+"""cachefs: the msb-compatible OCI image cache (EROFS layers, fsmeta, VMDK) and a FUSE view.
+
+The public API is small; everything else is reachable through its module. Names are
+loaded on first use so ``import cachefs`` (and the CLI's start-up) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "GlobalCache": "cachefs.cache",
+    "default_cache_dir": "cachefs.cache",
+    "Digest": "cachefs.digest",
+    "Reference": "cachefs.reference",
+    "CachedImageMetadata": "cachefs.models",
+    "CachefsError": "cachefs.errors",
+    "PullPolicy": "cachefs.pull",
+    "PullResult": "cachefs.pull",
+    "pull": "cachefs.pull",
+    "load": "cachefs.pull",
+    "RegistryClient": "cachefs.oci",
+    "ErofsImage": "cachefs.erofs.reader",
+    "is_valid_erofs": "cachefs.erofs.reader",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from .cache import GlobalCache, default_cache_dir
+    from .digest import Digest
+    from .erofs.reader import ErofsImage, is_valid_erofs
+    from .errors import CachefsError
+    from .models import CachedImageMetadata
+    from .oci import RegistryClient
+    from .pull import PullPolicy, PullResult, load, pull
+    from .reference import Reference
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cachefs' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
