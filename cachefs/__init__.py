@@ -27,7 +27,22 @@ _EXPORTS = {
     "is_valid_erofs": "cachefs.erofs.reader",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # noqa: RUF022 - grouped like _EXPORTS
+    "__version__",
+    "GlobalCache",
+    "default_cache_dir",
+    "Digest",
+    "Reference",
+    "CachedImageMetadata",
+    "CachefsError",
+    "PullPolicy",
+    "PullResult",
+    "pull",
+    "load",
+    "RegistryClient",
+    "ErofsImage",
+    "is_valid_erofs",
+]
 
 if TYPE_CHECKING:
     from .cache import GlobalCache, default_cache_dir
