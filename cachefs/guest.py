@@ -218,8 +218,9 @@ def _init_script(module_names: list[str], default_run: str) -> str:
     """The guest's ``/init``. Busybox ash; every failure ends in a marker, then poweroff."""
     interactive = default_run == "sh"
     default = (
-        'if [ -x /mnt/root/bin/sh ]; then exec setsid cttyhack chroot /mnt/root /bin/sh; '
-        "else exec setsid cttyhack sh; fi" if interactive
+        # Not exec'd: when the user leaves the shell, init goes on to power off cleanly.
+        "if [ -x /mnt/root/bin/sh ]; then setsid cttyhack chroot /mnt/root /bin/sh; "
+        "else setsid cttyhack sh; fi" if interactive
         else f"run_cmd {shlex.quote(default_run)}"
     )
     mods = " ".join(module_names)
@@ -413,3 +414,50 @@ def _parse_output(lines: list[str]) -> str:
     if rc != "0":
         raise GuestError(f"guest command exited {rc}: {text.strip()}")
     return text
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cachefs.guest DISK``: print (``--print``) or run the boot of a disk.
+
+    With ``--run CMD`` the command's output is printed and QEMU exits; without it QEMU runs
+    interactively (a shell in the image; ``poweroff -f`` or Ctrl-A x leaves).
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m cachefs.guest", description=main.__doc__)
+    parser.add_argument("disk", type=Path)
+    parser.add_argument("--format", default="vmdk", help="QEMU disk format (vmdk, raw)")
+    parser.add_argument("--run", help="shell command to run in the image, then power off")
+    parser.add_argument("--initrd", type=Path,
+                        help="where to write the initramfs (default: a file under /tmp)")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--print", action="store_true", dest="print_only",
+                        help="only print the QEMU command line")
+    args = parser.parse_args(argv)
+    try:
+        kernel = find_guest_kernel()
+        version = kernel_version(kernel)
+        initrd = args.initrd or Path(tempfile.gettempdir()) / f"cachefs-guest-{version}.gz"
+        build_initramfs(initrd, kernel_version=version)
+        if args.run is not None and not args.print_only:
+            sys.stdout.write(boot_and_run(args.disk, args.run, args.timeout, fmt=args.format,
+                                          kernel=kernel, initrd=initrd))
+            return 0
+        cmd = qemu_command(args.disk, kernel=kernel, initrd=initrd, fmt=args.format,
+                           append=run_param(args.run) if args.run else "",
+                           interactive=args.run is None)
+        if args.print_only:
+            print(shlex.join(cmd))
+            return 0
+        return subprocess.run(cmd, check=False).returncode
+    except CachefsError as e:
+        print(f"error: {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,10 @@ cachefs's own layer writer + stitch, for msb's artifacts, and through the FUSE v
 from __future__ import annotations
 
 import hashlib
+import os
+import selectors
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ from cachefs.cache.store import GlobalCache
 from cachefs.digest import Digest
 from cachefs.errors import CachefsError
 from cachefs.guest import (
+    READY,
     GuestError,
     boot_and_run,
     build_initramfs,
@@ -44,9 +49,13 @@ TOP_BIN = b"\xa5" * 5000
 
 
 def guest_image() -> TestImage:
-    """Three layers: etc/hello overridden twice, etc/gone whited out, data in every layer."""
+    """Three layers: etc/hello overridden twice, etc/gone whited out, data in every layer.
+
+    The static busybox as ``/bin/sh`` lets the interactive guest chroot into the image.
+    """
     return TestImage([
-        layer_tar([dir_("etc"), reg("etc/hello", b"bottom\n"), reg("etc/gone", b"vanish\n"),
+        layer_tar([dir_("bin"), reg("bin/sh", Path("/bin/busybox").read_bytes(), mode=0o755),
+                   dir_("etc"), reg("etc/hello", b"bottom\n"), reg("etc/gone", b"vanish\n"),
                    reg("etc/keep", b"kept from the bottom\n"), dir_("data"),
                    reg("data/big.bin", BIG)]),
         layer_tar([reg("etc/hello", b"middle\n"), reg("etc/.wh.gone"),
@@ -104,7 +113,7 @@ class Loaded:
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory) -> Loaded:
+def loaded(guest: Guest, tmp_path_factory: pytest.TempPathFactory) -> Loaded:
     """``guest_image`` loaded by the real msb into its own cache (shared, read-only after)."""
     tmp = tmp_path_factory.mktemp("msb")
     msb = Msb(msb_binary(), tmp / "home")
@@ -154,6 +163,44 @@ def test_guest_reports_failures(guest: Guest, tmp_path: Path) -> None:
     junk.write_bytes(b"\0" * (1 << 20))
     with pytest.raises(GuestError, match="mount -t erofs"):
         guest.run(junk, "true", fmt="raw")
+
+
+def test_interactive_shell_in_the_image(guest: Guest, loaded: Loaded, tmp_path: Path) -> None:
+    """The demo's mode: no ``cachefs.run``, so the guest gives a shell chrooted into the image."""
+    initrd = build_initramfs(tmp_path / "sh.gz", kernel_version=kernel_version(guest.kernel))
+    vmdk = loaded.msb.cache / "vmdk" / f"{loaded.manifest.path_safe()}.vmdk"
+    argv = qemu_command(vmdk, kernel=guest.kernel, initrd=initrd, interactive=True)
+    assert "-monitor" not in argv  # Ctrl-A x reaches QEMU's monitor mux
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdin is not None and proc.stdout is not None
+    typed = b'read -r l </etc/keep; echo "$l"; echo answer-$((40+2)); exit\n'
+    seen: list[bytes] = []
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            buf = b""
+            while b"answer-42" not in seen and time.monotonic() < deadline:
+                if not sel.select(deadline - time.monotonic()):
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                *lines, buf = (buf + chunk).split(b"\n")
+                for line in (raw.strip(b"\r") for raw in lines):
+                    seen.append(line)
+                    if line == READY.encode():
+                        # Typed at the image's shell (builtins only: the image has no cat).
+                        proc.stdin.write(typed)
+                        proc.stdin.flush()
+        assert b"answer-42" in seen, b"\n".join(seen[-20:]).decode(errors="replace")
+        assert b"kept from the bottom" in seen, b"\n".join(seen[-20:]).decode(errors="replace")
+        assert proc.wait(timeout=BOOT_TIMEOUT_S) == 0  # `exit` → init powers off
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 # --------------------------------------------------------------------------- via the view
