@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -61,26 +62,32 @@ def is_mountpoint(path: Path) -> bool:
         return os.path.ismount(path)
 
 
+def _stale(mountpoint: Path) -> MountError:
+    return MountError(
+        f"{mountpoint} is a stale mount (transport endpoint is not connected)",
+        hint=f"unmount it first: cachefs umount --lazy {mountpoint} "
+        f"(or fusermount3 -u -z {mountpoint})",
+    )
+
+
 def check_mountpoint(mountpoint: Path) -> None:
-    """Refuse a mountpoint that is missing, not a directory, mounted already or non-empty."""
+    """Refuse a mountpoint that is missing, not a directory, mounted already or non-empty.
+
+    A crashed daemon's mount may still answer ``stat`` from the kernel's attribute cache,
+    so the directory is also listed: that always needs the (dead) daemon.
+    """
     try:
         st = os.stat(mountpoint)
+        entries = os.listdir(mountpoint) if stat.S_ISDIR(st.st_mode) else None
     except OSError as err:
         if err.errno == errno.ENOTCONN:
-            raise MountError(
-                f"{mountpoint} is a stale mount (transport endpoint is not connected)",
-                hint=f"unmount it first: fusermount3 -u -z {mountpoint}",
-            ) from None
+            raise _stale(mountpoint) from None
         raise MountError(f"mountpoint {mountpoint}: {err.strerror}") from None
-    if not os.path.isdir(mountpoint) or not (st.st_mode & 0o040000):
+    if entries is None:
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if is_mountpoint(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point",
                          hint=f"unmount it first: cachefs umount {mountpoint}")
-    try:
-        entries = os.listdir(mountpoint)
-    except OSError as err:
-        raise MountError(f"mountpoint {mountpoint}: {err.strerror}") from None
     if entries:
         raise MountError(f"mountpoint {mountpoint} is not empty ({len(entries)} entries)",
                          hint="mount on an empty directory")
