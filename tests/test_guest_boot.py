@@ -124,6 +124,25 @@ def loaded(guest: Guest, tmp_path_factory: pytest.TempPathFactory) -> Loaded:
                   [Digest.parse(str(d)) for d in meta.diff_ids])
 
 
+def test_kernel_choice(tmp_path: Path) -> None:
+    """The newest kernel >= 6.6 by version (not by name order); none is a clear error."""
+    for name in ("vmlinuz-5.10.0-30-amd64", "vmlinuz-6.1.0-9-amd64"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(GuestError, match=r"kernels before 6\.6 cannot mount fsmeta\+layers"):
+        find_guest_kernel(tmp_path)
+    for name in ("vmlinuz-6.6.0", "vmlinuz-6.12.117+deb12-amd64", "vmlinuz-6.10.1-amd64"):
+        (tmp_path / name).write_bytes(b"")
+    assert find_guest_kernel(tmp_path).name == "vmlinuz-6.12.117+deb12-amd64"
+
+
+def test_timeout_kills_qemu(guest: Guest, tmp_path: Path) -> None:
+    """A guest that does not report in time is an error carrying the console, not a hang."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * 4096)
+    with pytest.raises(GuestError, match="timed out after 1s"):
+        boot_and_run(disk, "true", 1.0, fmt="raw", kernel=guest.kernel, initrd=guest.initrd)
+
+
 def test_modules_and_command_line(guest: Guest) -> None:
     """Only modules the kernel lacks go in, dependencies before users; argv is bootable."""
     names = [p.name.split(".ko")[0].replace("-", "_")
