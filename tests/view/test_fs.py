@@ -9,6 +9,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -333,3 +334,25 @@ def test_umount_and_stale_mount(msb: Msb, tmp_path: Path) -> None:
         assert not os.path.ismount(vm.mnt)
         vm.proc.wait(10)
         assert vm.proc.returncode == 0
+
+
+def test_background_mount_and_cli_errors(msb: Msb, tmp_path: Path) -> None:
+    require_fuse()
+    load(msb, tmp_path, image_one(), ["one:1"], "one")
+    mnt = tmp_path / "bg"
+    mnt.mkdir()
+    calls: list[str] = []
+    mount(GlobalCache(msb.cache), mnt, foreground=False, ready=lambda: calls.append("ready"))
+    try:
+        assert calls == ["ready"]
+        assert (mnt / "images" / ONE / "status").read_text() == "ready\n"
+        # The entry point refuses a busy mountpoint with MountError's exit code.
+        proc = subprocess.run(
+            [sys.executable, "-m", "cachefs.view.daemon", "--cache", str(msb.cache), str(mnt)],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert proc.returncode == MountError.exit_code
+        assert "already a mount point" in proc.stderr
+    finally:
+        umount(mnt)
+    assert not os.path.ismount(mnt)
