@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cachefs.errors import EXIT_CODES
 from tests.cli.conftest import (
+    CACHEFS,
     REF_A,
     REF_B,
     LoadedCache,
@@ -143,3 +144,94 @@ def test_erofs_from_tar_ls_cat_fsmeta_and_vmdk_match_msb(loaded: LoadedCache,
     info = json.loads(subprocess.run([qemu_img, "info", "--output=json", str(rel)],
                                      capture_output=True, text=True, check=True).stdout)
     assert info["virtual-size"] == sum(p.stat().st_size for p in [fsmeta, *layers])
+
+
+# -- pull / load through the CLI ---------------------------------------------------------
+
+
+def _archive(tmp_path: Path, tags: list[str], extra: bytes = b"x") -> Path:
+    from tests.fixtures.images import TestImage, docker_archive, layer_tar, reg
+
+    image = TestImage([base_layer(), layer_tar([reg("extra", extra * 3000)])],
+                      config={"Cmd": ["/bin/tool"]})
+    return docker_archive(image, tags, tmp_path / f"{abs(hash(tuple(tags)))}.tar", compress=True)
+
+
+def test_load_records_images_that_rm_and_gc_then_manage(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = run(cache, "load", str(_archive(tmp_path, ["example.com/load/one:1"])))
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == ""  # no progress bars off a terminal
+    ref, digest = first.stdout.split()
+    assert ref == "example.com/load/one:1" and digest.startswith("sha256:")
+    second = run(cache, "load", str(_archive(tmp_path, ["two"], extra=b"y")), "-t", "two:extra")
+    assert second.returncode == 0, second.stderr
+    assert [line.split()[0] for line in second.stdout.splitlines()] == [
+        "docker.io/library/two:latest", "docker.io/library/two:extra"]
+    rows = {r["reference"]: r for r in json.loads(run(cache, "images", "--json").stdout)}
+    assert set(rows) == {"example.com/load/one:1", "docker.io/library/two:latest",
+                         "docker.io/library/two:extra"}
+    assert all(r["state"] == "ready" and "cachefs" in r["sources"] for r in rows.values())
+    assert run(cache, "verify").returncode == 0
+
+    # Not in msb's database: plain rm works. The shared base layer and the retagged
+    # manifest's fsmeta stay while another reference uses them.
+    removed = json.loads(run(cache, "rm", "--json", "docker.io/library/two:latest").stdout)
+    assert {r["kind"] for r in removed["removed"]} == {"manifest", "record"}
+    removed = json.loads(run(cache, "rm", "--json", "two:extra").stdout)
+    assert {r["kind"] for r in removed["removed"]} == {"manifest", "record", "fsmeta", "vmdk",
+                                                      "layer"}
+    assert len([r for r in removed["removed"] if r["kind"] == "layer"]) == 1
+    assert run(cache, "verify").returncode == 0
+    assert json.loads(run(cache, "gc", "--json").stdout)["removed"] == []
+    assert run(cache, "images", "-q").stdout.split() == ["example.com/load/one:1"]
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar at all" * 100)
+    assert_one_line_error(run(tmp_path / "cache", "load", str(bad)), EXIT_CODES["ArchiveError"])
+    untagged = _archive(tmp_path, [])
+    proc = run(tmp_path / "cache", "load", str(untagged))
+    assert_one_line_error(proc, EXIT_CODES["ArchiveError"])
+    assert "--tag" in proc.stderr
+
+
+def _on_a_terminal(*args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run cachefs with stderr on a pseudo-terminal; return what the terminal showed."""
+    import os
+    import pty
+    import threading
+
+    master, slave = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        proc = subprocess.run([CACHEFS, *args], stdout=subprocess.PIPE, stderr=slave, text=True,
+                              timeout=120)
+    finally:
+        os.close(slave)
+        reader.join(timeout=30)
+        os.close(master)
+    return proc, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_only_on_a_terminal_and_not_with_q(tmp_path: Path) -> None:
+    archive = _archive(tmp_path, ["example.com/progress/img:1"])
+    proc, shown = _on_a_terminal("--cache", str(tmp_path / "cache"), "load", str(archive))
+    assert proc.returncode == 0
+    assert "stitch fsmeta + vmdk" in shown and " done" in shown
+    proc, shown = _on_a_terminal("-q", "--cache", str(tmp_path / "cache2"), "load", str(archive))
+    assert proc.returncode == 0 and shown == ""
