@@ -235,3 +235,25 @@ def test_progress_bars_only_on_a_terminal_and_not_with_q(tmp_path: Path) -> None
     assert "stitch fsmeta + vmdk" in shown and " done" in shown
     proc, shown = _on_a_terminal("-q", "--cache", str(tmp_path / "cache2"), "load", str(archive))
     assert proc.returncode == 0 and shown == ""
+
+
+def test_pull_from_a_local_registry(tmp_path: Path) -> None:
+    from tests.fixtures.registry import LocalRegistry
+
+    cache = tmp_path / "cache"
+    with LocalRegistry(tmp_path / "registry") as registry:
+        registry.push_docker_archive(_archive(tmp_path, ["x/y:1"]), "cli/app", "v1")
+        ref = f"{registry.host}/cli/app:v1"
+        proc = run(cache, "pull", "--insecure", ref)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split()[0] == ref and proc.stderr == ""
+        again = run(cache, "pull", "--insecure", "--policy", "never", ref)
+        assert again.returncode == 0 and again.stdout == proc.stdout
+        assert_one_line_error(run(cache, "pull", "--insecure", f"{registry.host}/cli/nope:v1"),
+                              EXIT_CODES["RegistryError"])
+        assert_one_line_error(
+            run(cache, "pull", "--policy", "never", f"{registry.host}/cli/other:v1"),
+            EXIT_CODES["NotCachedError"])
+    rows = json.loads(run(cache, "images", "--json").stdout)
+    assert [(r["reference"], r["state"]) for r in rows] == [(ref, "ready")]
+    assert run(cache, "verify", ref).returncode == 0
