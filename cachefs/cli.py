@@ -391,6 +391,8 @@ def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: boo
     report = run_verify(cache, reference, repair=repair, msb_db=msb_db, on_image=show)
     if as_json:
         _echo_json(report.to_json())
+    elif not report.images:
+        c.say(f"no images in {cache.root}")
     if not report.ok:
         bad = sum(1 for i in report.images if not i.ok)
         raise CacheCorrupt(f"{bad} of {len(report.images)} image(s) have problems",

@@ -334,6 +334,12 @@ def _gc_candidates(cache: GlobalCache, refs_layers: set[str], refs_manifests: se
                 continue
             lock = cache.fsmeta_dir() / f"{name[: -len(suffix)]}.erofs.lock"
             out.append(_Candidate(directory / name, kind, (lock,), True, digest))
+    for name in _listdir(cache.manifests_dir()):
+        # A metadata file whose publisher died before the rename (§1.4); the publisher
+        # holds the publication gate exclusively around that rename.
+        if m := re.match(r"^([0-9a-f]{64})\.json\.part$", name):
+            gate = publication_gate_path(cache.manifests_dir(), m.group(1))
+            out.append(_Candidate(cache.manifests_dir() / name, "tmp", (gate,), False))
     for name in _listdir(tmp):
         path = tmp / name
         if name.endswith(".lock"):

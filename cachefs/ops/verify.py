@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..cache.locks import FileLock, hold_leases
 from ..cache.store import GlobalCache
-from ..errors import CachefsError, NotCachedError
+from ..errors import CachefsError
 from ..vmdk import VmdkError, parse_descriptor
 from . import ImageInfo, default_msb_db, find_image, list_images
 
@@ -246,8 +246,6 @@ def verify(
     images = list_images(cache, msb_db if msb_db is not None else default_msb_db(cache))
     if name is not None:
         images = [find_image(images, name)]
-    elif not images:
-        raise NotCachedError("the cache holds no images", hint=f"cache: {cache.root}")
     report = VerifyReport()
     for info in images:
         check = check_image(cache, info)

@@ -29,11 +29,12 @@ def _orphans(loaded: LoadedCache) -> dict[str, Path]:
         "layer_part": c.layer_part_path(FAKE2),
         "targz": c.tar_path(FAKE2),
         "work": c.work_dir(FAKE2),
+        "json_part": c.manifests_dir() / ("ef" * 32 + ".json.part"),
     }
     shutil.copyfile(some_layer, out["layer"])
     shutil.copyfile(loaded.fsmeta(REF_A), out["fsmeta"])
     out["vmdk"].write_text("# Disk DescriptorFile\n")
-    for key in ("part", "spool", "layer_part", "targz"):
+    for key in ("part", "spool", "layer_part", "targz", "json_part"):
         out[key].write_bytes(b"x" * 1000)
     out["work"].mkdir()
     (out["work"] / "fsmeta.erofs").write_bytes(b"y" * 4096)
