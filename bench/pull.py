@@ -1,0 +1,186 @@
+"""``cachefs pull`` / ``load`` against ``msb pull --insecure`` / ``msb load`` (issue 5).
+
+A real Debian minbase rootfs (:mod:`bench.debian`) as a 1-layer and a 3-layer image with
+gzip layers, pushed to a ``docker-registry`` on 127.0.0.1, then pulled by each tool into a
+fresh cache (cachefs) or a fresh ``HOME`` (msb), alternating so drift (page cache, CPU
+frequency, the registry warming up) hits both alike. The registry's blobs are in the page
+cache after the first run: both tools then measure their own pipeline, not the disk.
+The ``load`` row does the same with a docker archive of the 3 layers.
+
+Each row also says whether both tools produced byte-identical layer and fsmeta EROFS files:
+a faster pull that writes something else would be no win.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import debian
+from .measure import Sample, median, run_measured
+
+REPO = "bench/debian"
+# Part of the cached inputs' names: bump it when debian.split_layers changes.
+INPUTS_VERSION = 2
+
+
+@dataclass(frozen=True)
+class DebianInputs:
+    """The on-disk forms of the Debian image, cached beside the rootfs tarball."""
+
+    layouts: dict[int, Path]  # number of layers → OCI layout dir (gzip layers)
+    archive: Path  # docker archive of the 3-layer image (uncompressed layers)
+    uncompressed_mb: float
+    compressed_mb: dict[int, float]
+
+    @staticmethod
+    def archive_tag() -> str:
+        return "bench.local/debian:3layers"
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def prepare_inputs(layer_counts: tuple[int, ...] = (1, 3)) -> DebianInputs:
+    """Build (or reuse today's) OCI layouts and docker archive from the minbase rootfs.
+
+    Raises :class:`bench.debian.Unavailable` when the rootfs cannot be built. The test
+    fixtures write them (``oci_layout`` gzips in memory at level 9, ~20 s for 170 MB), so
+    the results are kept under ``/var/tmp/cachefs-bench`` next to the tarball they come
+    from and rebuilt only when that changes.
+    """
+    from tests.fixtures.images import TestImage, docker_archive
+    from tests.fixtures.registry import oci_layout
+
+    rootfs = debian.rootfs_tar()
+    base = debian.BENCH_DIR / f"{rootfs.stem}-v{INPUTS_VERSION}"
+    for old in [*debian.BENCH_DIR.glob("*-oci-*"), *debian.BENCH_DIR.glob("*-docker-*")]:
+        if not old.name.startswith(base.name + "-"):  # another day's or version's
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    layouts: dict[int, Path] = {}
+    compressed: dict[int, float] = {}
+    for n in layer_counts:
+        out = base.with_name(f"{base.name}-oci-{n}")
+        if not (out / "index.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            tmp = out.with_name(out.name + ".part")
+            shutil.rmtree(tmp, ignore_errors=True)
+            oci_layout(TestImage(debian.split_layers(rootfs, n)), tmp)
+            os.replace(tmp, out)
+        layouts[n] = out
+        compressed[n] = _dir_mb(out / "blobs")
+    archive = base.with_name(f"{base.name}-docker-3.tar")
+    if not archive.exists():
+        tmp = archive.with_name(archive.name + ".part")
+        docker_archive(TestImage(debian.split_layers(rootfs, 3)), [DebianInputs.archive_tag()],
+                       tmp)
+        os.replace(tmp, archive)
+    return DebianInputs(layouts, archive, rootfs.stat().st_size / 1e6, compressed)
+
+
+def _artifact_hashes(cache: Path) -> dict[str, str]:
+    """sha256 of every layer and fsmeta EROFS (VMDKs hold absolute paths: not compared)."""
+    out = {}
+    for sub in ("layers", "fsmeta"):
+        for p in sorted((cache / sub).glob("*.erofs")):
+            h = hashlib.sha256()
+            with p.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            out[f"{sub}/{p.name}"] = h.hexdigest()
+    return out
+
+
+def _compare(
+    name: str, rounds: int, work: Path, ours: Callable[[Path], list[str]],
+    theirs: Callable[[Path], list[str]], extra: dict[str, object],
+) -> dict[str, object]:
+    """Alternate cachefs and msb ``rounds`` times, each into a fresh cache; one result row."""
+    cachefs_runs: list[Sample] = []
+    msb_runs: list[Sample] = []
+    identical = None
+    for r in range(rounds):
+        cache = work / "cachefs-cache"
+        home = work / "msb-home"
+        for d in (cache, home):
+            shutil.rmtree(d, ignore_errors=True)
+        home.mkdir()
+        cachefs_runs.append(run_measured(ours(cache)))
+        env = {**os.environ, "HOME": str(home)}
+        msb_runs.append(run_measured(theirs(home), env=env))
+        if r == rounds - 1:
+            a = _artifact_hashes(cache)
+            b = _artifact_hashes(home / ".microsandbox" / "cache")
+            identical = bool(a) and a == b
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+    t_ours = median([s.seconds for s in cachefs_runs])
+    t_msb = median([s.seconds for s in msb_runs])
+    return {
+        "benchmark": name,
+        **extra,
+        "rounds": rounds,
+        "cachefs_s": round(t_ours, 2),
+        "msb_s": round(t_msb, 2),
+        "time_ratio_cachefs_over_msb": round(t_ours / t_msb, 2),
+        "cachefs_peak_rss_mib": round(max(s.peak_rss_mib for s in cachefs_runs), 1),
+        "msb_peak_rss_mib": round(max(s.peak_rss_mib for s in msb_runs), 1),
+        "identical_artifacts": identical,
+    }
+
+
+def _missing_tools() -> list[str]:
+    return [t for t in ("docker-registry", "skopeo")
+            if shutil.which(t) is None and not os.path.exists(f"/usr/bin/{t}")]
+
+
+def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
+    """``--quick`` drops the 1-layer image and the load row (the 3-layer pull remains)."""
+    missing = _missing_tools()
+    if missing:
+        print(f"# pull: skipped: {', '.join(missing)} not installed", flush=True)
+        return []
+    counts = (3,) if quick else (1, 3)
+    try:
+        inputs = prepare_inputs(counts)
+    except debian.Unavailable as err:
+        print(f"# pull: skipped: {err}", flush=True)
+        return []
+    from tests.fixtures.registry import LocalRegistry
+
+    py = sys.executable
+    results: list[dict[str, object]] = []
+    work = Path(tempfile.mkdtemp(prefix="cachefs-bench-pull-", dir="/var/tmp"))
+    try:
+        with LocalRegistry(work / "registry") as registry:
+            for n in counts:
+                tag = f"{n}layers"
+                registry.push_oci_layout(inputs.layouts[n], REPO, tag)
+                ref = f"{registry.host}/{REPO}:{tag}"
+                results.append(_compare(
+                    f"pull, debian bookworm minbase, {n} gzip layer{'s' if n > 1 else ''}",
+                    rounds, work,
+                    lambda cache, ref=ref: [py, "-m", "bench.worker", "pull", str(cache), ref],
+                    lambda _home, ref=ref: [msb, "pull", "--quiet", "--insecure", ref],
+                    {"uncompressed_mb": round(inputs.uncompressed_mb, 1),
+                     "download_mb": round(inputs.compressed_mb[n], 1)},
+                ))
+        if not quick:
+            archive = str(inputs.archive)
+            results.append(_compare(
+                "load, debian bookworm minbase, docker archive, 3 layers",
+                rounds, work,
+                lambda cache: [py, "-m", "bench.worker", "load", str(cache), archive],
+                lambda _home: [msb, "load", "--quiet", "-i", archive],
+                {"archive_mb": round(inputs.archive.stat().st_size / 1e6, 1)},
+            ))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
