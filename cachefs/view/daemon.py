@@ -73,12 +73,17 @@ def _stale(mountpoint: Path) -> MountError:
 def check_mountpoint(mountpoint: Path) -> None:
     """Refuse a mountpoint that is missing, not a directory, mounted already or non-empty.
 
-    A crashed daemon's mount may still answer ``stat`` from the kernel's attribute cache,
-    so the directory is also listed: that always needs the (dead) daemon.
+    A crashed daemon's mount may still answer ``stat`` and even ``readdir`` from the
+    kernel's caches, so a name nobody ever looked up is probed as well: that lookup always
+    needs the (dead) daemon and fails with ENOTCONN.
     """
     try:
         st = os.stat(mountpoint)
         entries = os.listdir(mountpoint) if stat.S_ISDIR(st.st_mode) else None
+        if entries is not None:
+            probe = mountpoint / f".cachefs-probe-{os.getpid()}-{time.monotonic_ns()}"
+            with contextlib.suppress(FileNotFoundError):
+                os.stat(probe)
     except OSError as err:
         if err.errno == errno.ENOTCONN:
             raise _stale(mountpoint) from None
