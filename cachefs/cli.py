@@ -424,6 +424,9 @@ def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path 
     from . import sdnotify
     from .view.daemon import mount as view_mount
 
+    if notify and not foreground:
+        raise UsageError("--notify needs --foreground: systemd must supervise the process "
+                         "that serves the mount")
     c = _ctx(ctx)
     cache = c.writable_cache()
 

@@ -53,6 +53,7 @@ def test_error_families_exit_codes_and_one_line(loaded: LoadedCache, tmp_path: P
         assert_one_line_error(run(loaded.root, "gc"), 11)
         verbose = run(loaded.root, "-v", "gc")
     assert verbose.returncode == 11 and "Traceback" in verbose.stderr
+    assert_one_line_error(run(loaded.root, "mount", "--notify", str(tmp_path)), 2)
     # click's own usage errors share UsageError's code.
     assert run(loaded.root, "rm").returncode == EXIT_CODES["UsageError"]
 
