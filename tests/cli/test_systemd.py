@@ -14,7 +14,7 @@ import pytest
 
 from cachefs import sdnotify
 from cachefs.view.daemon import is_mountpoint
-from tests.cli.conftest import CACHEFS, REF_A, LoadedCache
+from tests.cli.conftest import CACHEFS, REF_A, LoadedCache, run
 from tests.fixtures.system import require_fuse, require_root, require_tool
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
@@ -134,6 +134,8 @@ def test_plays_systemd_ready_stopping_and_clean_unmount(loaded: LoadedCache,
             image_dir = mountpoint / "images" / REF_A
             assert "disk.vmdk" in os.listdir(image_dir)
             assert (image_dir / "fsmeta.erofs").read_bytes() == loaded.fsmeta(REF_A).read_bytes()
+            status = run(loaded.root, "status", "--mountpoint", str(mountpoint))
+            assert status.returncode == 0 and f"source:    view at {mountpoint}" in status.stdout
             proc.send_signal(signal.SIGTERM)
             stopping = sock.recv(4096).decode()
             assert stopping.splitlines()[0] == "STOPPING=1", stopping
