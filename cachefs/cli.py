@@ -189,15 +189,19 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
 @main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("-t", "--tag", default=None,
-              help="Reference to record (needed when the archive names none or several).")
+              help="One more reference for the (first) image; needed when it has no tag.")
+@click.option("--platform", default=None, help="os/arch[/variant] to pick from a multi-"
+              "platform OCI layout; default: linux/<host arch>.")
+@click.option("--force", is_flag=True, help="Rebuild artifacts even when cached.")
 @click.pass_context
-def load(ctx: click.Context, source: Path, tag: str | None) -> None:
+def load(ctx: click.Context, source: Path, tag: str | None, platform: str | None,
+         force: bool) -> None:
     """Load a docker-archive tar or an OCI layout (directory or tar) into the cache."""
     c = _ctx(ctx)
     mod = _pull_module()
     with c.progress() as progress:
         result = _run_maybe_async(mod.load, c.writable_cache(), source, tag=tag,
-                                  progress=progress)
+                                  platform=platform, force=force, progress=progress)
     results = result if isinstance(result, list | tuple) else [result]
     for r in results:
         click.echo(_describe_result(r))
