@@ -67,6 +67,27 @@ class ImagePlan:
     config: ImageConfigFile
     layers: tuple[LayerMetadata, ...]
 
+    @classmethod
+    def build(
+        cls,
+        reference: Reference,
+        typed: str,
+        manifest_digest: Digest,
+        raw_manifest_json: str,
+        config_bytes: bytes,
+        config: ImageConfigFile,
+        layers: Sequence[tuple[str, str | None, int | None, str]],
+    ) -> ImagePlan:
+        """From (blob digest, media type, size, diff_id) per layer; 0/"" become null (msb)."""
+        return cls(
+            reference, typed, manifest_digest, raw_manifest_json, config_bytes.decode(), config,
+            tuple(
+                LayerMetadata(digest=digest, media_type=media_type or None,
+                              size_bytes=size or None, diff_id=diff_id)
+                for digest, media_type, size, diff_id in layers
+            ),
+        )
+
     def metadata(self) -> CachedImageMetadata:
         return CachedImageMetadata(
             manifest_digest=str(self.manifest_digest),
@@ -312,18 +333,11 @@ async def pull(
                     f"{ref}: manifest lists {len(resolved.layers)} layers but the config has "
                     f"{len(diff_ids)} diff_ids"
                 )
-            plan = ImagePlan(
-                reference=ref,
-                typed=typed,
-                manifest_digest=resolved.manifest_digest,
-                raw_manifest_json=resolved.raw_manifest_json,
-                raw_config_json=resolved.config_bytes.decode(),
-                config=resolved.config,
-                layers=tuple(
-                    LayerMetadata(digest=d.digest, media_type=d.media_type or None,
-                                  size_bytes=d.size or None, diff_id=diff)
-                    for d, diff in zip(resolved.layers, diff_ids, strict=True)
-                ),
+            plan = ImagePlan.build(
+                ref, typed, resolved.manifest_digest, resolved.raw_manifest_json,
+                resolved.config_bytes, resolved.config,
+                [(d.digest, d.media_type, d.size, str(diff))
+                 for d, diff in zip(resolved.layers, diff_ids, strict=True)],
             )
 
             async def provide(
@@ -417,18 +431,11 @@ async def load(
 
         first_ref, first_typed = refs[0]
         async with flock_exclusive_async(cache.image_lock_path(first_ref)):
-            plan = ImagePlan(
-                reference=first_ref,
-                typed=first_typed,
-                manifest_digest=image.manifest_digest,
-                raw_manifest_json=image.raw_manifest_json,
-                raw_config_json=image.config_bytes.decode(),
-                config=image.config,
-                layers=tuple(
-                    LayerMetadata(digest=str(layer.digest), media_type=layer.media_type or None,
-                                  size_bytes=layer.size or None, diff_id=str(layer.diff_id))
-                    for layer in image.layers
-                ),
+            plan = ImagePlan.build(
+                first_ref, first_typed, image.manifest_digest, image.raw_manifest_json,
+                image.config_bytes, image.config,
+                [(str(layer.digest), layer.media_type, layer.size, str(layer.diff_id))
+                 for layer in image.layers],
             )
             result = await materialize_plan(cache, plan, provide, emit=emit, force=force,
                                             source="load")
