@@ -441,13 +441,12 @@ def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path 
             c.say(f"mounted {cache.root} at {mountpoint}")
         logging.getLogger("cachefs").info("view of %s live at %s", cache.root, mountpoint)
 
-    try:
-        view_mount(cache, mountpoint, allow_other=allow_other, msb_db=msb_db,
-                   foreground=foreground, ready=ready)
-    finally:
-        # The view is unmounted (or never came up): shutdown is under way either way.
-        if notify and foreground:
+    def stopping() -> None:
+        if notify:
             sdnotify.stopping()
+
+    view_mount(cache, mountpoint, allow_other=allow_other, msb_db=msb_db,
+               foreground=foreground, ready=ready, stopping=stopping)
 
 
 @main.command()

@@ -113,12 +113,15 @@ def mount(
     msb_db: Path | None = None,
     foreground: bool = True,
     ready: Callable[[], None] | None = None,
+    stopping: Callable[[], None] | None = None,
 ) -> None:
     """Mount the view of ``cache`` on ``mountpoint``.
 
     Foreground: serve until SIGINT/SIGTERM or an external unmount; ``ready`` is called once
-    the mount answers requests. Background: start a daemon process, wait until its mount
-    is live, call ``ready`` and return. Raises ``MountError`` for an unusable mountpoint.
+    the mount answers requests, ``stopping`` as soon as shutdown begins (before the unmount,
+    so a supervisor such as systemd knows at once). Background: start a daemon process,
+    wait until its mount is live, call ``ready`` and return. Raises ``MountError`` for an
+    unusable mountpoint.
     """
     mountpoint = Path(mountpoint)
     check_mountpoint(mountpoint)
@@ -128,11 +131,12 @@ def mount(
             ready()
         return
     ops = ViewOperations(cache, msb_db)
-    trio.run(_serve, ops, mountpoint, fuse_options(allow_other), ready)
+    trio.run(_serve, ops, mountpoint, fuse_options(allow_other), ready, stopping)
 
 
 async def _serve(ops: ViewOperations, mountpoint: Path, options: set[str],
-                 ready: Callable[[], None] | None) -> None:
+                 ready: Callable[[], None] | None,
+                 stopping: Callable[[], None] | None = None) -> None:
     import pyfuse3
 
     try:
@@ -157,6 +161,11 @@ async def _serve(ops: ViewOperations, mountpoint: Path, options: set[str],
             if ready is not None:
                 await trio.to_thread.run_sync(ready)
     finally:
+        if stopping is not None:
+            try:
+                stopping()
+            except Exception as err:  # a notification must never block the unmount
+                log.warning("stopping notification failed: %s", err)
         with trio.CancelScope(shield=True):
             pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
