@@ -183,9 +183,8 @@ def hold_leases(entries: Iterable[Path], *, exclusive: bool = False) -> Iterator
         leases.release()
 
 
-def lease_is_busy(entry: Path) -> bool:
-    """True if another process holds any lease on ``entry`` (probe without keeping it)."""
-    path = lease_path(entry)
+def lock_is_busy(path: Path) -> bool:
+    """True if someone holds the lock file ``path`` right now; creates nothing."""
     if not path.exists():
         return False
     lock = FileLock(path)
@@ -193,3 +192,8 @@ def lease_is_busy(entry: Path) -> bool:
         lock.release()
         return False
     return True
+
+
+def lease_is_busy(entry: Path) -> bool:
+    """True if another process holds any lease on ``entry`` (probe without keeping it)."""
+    return lock_is_busy(lease_path(entry))

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache.locks import FileLock, Leases, publication_gate_path
+from ..cache.locks import FileLock, Leases, lock_is_busy, publication_gate_path
 from ..cache.publish import fsync_dir
 from ..cache.store import GlobalCache
 from ..digest import Digest
@@ -126,17 +126,6 @@ def _try_lock(path: Path, held: dict[Path, FileLock]) -> bool:
     if not lock.acquire(blocking=False):
         return False
     held[path] = lock
-    return True
-
-
-def _lock_busy(path: Path) -> bool:
-    """True if someone holds ``path`` (a lock file) right now; creates nothing."""
-    if not path.exists():
-        return False
-    lock = FileLock(path)
-    if lock.acquire(blocking=False):
-        lock.release()
-        return False
     return True
 
 
@@ -364,7 +353,7 @@ def _gc_candidates(cache: GlobalCache, refs_layers: set[str], refs_manifests: se
 
 
 def _pulls_running(cache: GlobalCache) -> bool:
-    return any(_lock_busy(p) for p in cache.manifests_dir().glob("*.lock"))
+    return any(lock_is_busy(p) for p in cache.manifests_dir().glob("*.lock"))
 
 
 def collect_garbage(
