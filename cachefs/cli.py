@@ -8,23 +8,25 @@ never parse the human tables.
 
 from __future__ import annotations
 
-import inspect
+import functools
 import json
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from .cache.store import GlobalCache, default_cache_dir
 from .cli_render import PullProgress, human_bytes, render_status, short_digest, table
 from .errors import EXIT_CODES, CacheCorrupt, CachefsError, MountError, UsageError
+
+if TYPE_CHECKING:
+    from .pull import PullResult
 
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: a bug, not a refusal
 INTERRUPTED_EXIT = 130
@@ -135,32 +137,9 @@ def main(ctx: click.Context, cache_dir: Path | None, quiet: bool, verbose: int) 
 # ---------------------------------------------------------------------------------------
 
 
-def _run_maybe_async(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a library entry point that may be sync or a trio coroutine function."""
-    if inspect.iscoroutinefunction(fn):
-        import trio
-
-        async def go() -> Any:
-            return await fn(*args, **kwargs)
-
-        return trio.run(go)
-    return fn(*args, **kwargs)
-
-
-def _pull_module() -> Any:
-    try:
-        from . import pull as pull_mod
-    except ImportError:
-        raise CachefsError("pull/load is not available in this build of cachefs") from None
-    return pull_mod
-
-
-def _describe_result(result: Any) -> str:
-    ref = getattr(result, "reference", None)
-    digest = getattr(result, "manifest_digest", None)
-    if ref is not None or digest is not None:
-        return f"{ref or ''} {digest or ''}".strip()
-    return str(result) if result is not None else "done"
+def _describe_result(result: PullResult) -> str:
+    cached = " (already cached)" if result.cached else ""
+    return f"{result.reference} {result.manifest_digest}{cached}"
 
 
 @main.command()
@@ -170,19 +149,46 @@ def _describe_result(result: Any) -> str:
               help="if-missing: use the cache when complete; always: re-resolve the "
                    "reference at the registry; never: cache only.")
 @click.option("--force", is_flag=True, help="Rebuild artifacts even when cached.")
-@click.option("--insecure", is_flag=True, help="Plain HTTP / unverified TLS to the registry.")
+@click.option("--insecure", is_flag=True, help="Plain HTTP to the registry (local registries).")
+@click.option("--ca-certs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Extra CA certificates (PEM) to trust for the registry.")
+@click.option("--username", default=None,
+              help="Registry user; the password is read from stdin (--password-stdin) or "
+                   "$CACHEFS_REGISTRY_PASSWORD. Default: ~/.docker/config.json, helpers.")
+@click.option("--password-stdin", is_flag=True, help="Read the registry password from stdin.")
 @click.option("--platform", default=None, help="os/arch[/variant]; default: linux/<host arch>.")
 @click.pass_context
 def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure: bool,
+         ca_certs: Path | None, username: str | None, password_stdin: bool,
          platform: str | None) -> None:
-    """Pull REFERENCE from its registry into the cache."""
+    """Pull REFERENCE from its registry into the cache.
+
+    Layers download in parallel, resume after an interruption, and are verified against
+    their digests before anything is published; a second pull of a complete image needs
+    no network.
+    """
+    import trio
+
+    from .oci.auth import Credentials
+    from .pull import PullPolicy
+    from .pull import pull as do_pull
+
     c = _ctx(ctx)
-    mod = _pull_module()
+    credentials = None
+    if username is not None:
+        password = (sys.stdin.readline().rstrip("\n") if password_stdin
+                    else os.environ.get("CACHEFS_REGISTRY_PASSWORD"))
+        if password is None:
+            raise UsageError("--username needs a password: --password-stdin or "
+                             "$CACHEFS_REGISTRY_PASSWORD")
+        credentials = Credentials(username, password)
+    elif password_stdin:
+        raise UsageError("--password-stdin needs --username")
     with c.progress() as progress:
-        result = _run_maybe_async(mod.pull, c.writable_cache(), reference,
-                                  policy=mod.PullPolicy(policy),
-                                  force=force, insecure=insecure, platform=platform,
-                                  progress=progress)
+        result = trio.run(functools.partial(
+            do_pull, c.writable_cache(), reference, policy=PullPolicy(policy), force=force,
+            insecure=insecure, ca_certs=ca_certs, credentials=credentials, platform=platform,
+            progress=progress))
     click.echo(_describe_result(result))
 
 
@@ -196,13 +202,19 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
 @click.pass_context
 def load(ctx: click.Context, source: Path, tag: str | None, platform: str | None,
          force: bool) -> None:
-    """Load a docker-archive tar or an OCI layout (directory or tar) into the cache."""
+    """Load a docker-archive tar or an OCI layout (directory or tar) into the cache.
+
+    Every tag in the archive becomes a reference; layers stream straight from the archive.
+    """
+    import trio
+
+    from .pull import load as do_load
+
     c = _ctx(ctx)
-    mod = _pull_module()
     with c.progress() as progress:
-        result = _run_maybe_async(mod.load, c.writable_cache(), source, tag=tag,
-                                  platform=platform, force=force, progress=progress)
-    results = result if isinstance(result, list | tuple) else [result]
+        results = trio.run(functools.partial(
+            do_load, c.writable_cache(), source, tag=tag, platform=platform, force=force,
+            progress=progress))
     for r in results:
         click.echo(_describe_result(r))
 

@@ -249,7 +249,8 @@ def test_pull_from_a_local_registry(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split()[0] == ref and proc.stderr == ""
         again = run(cache, "pull", "--insecure", "--policy", "never", ref)
-        assert again.returncode == 0 and again.stdout == proc.stdout
+        assert again.returncode == 0
+        assert again.stdout == proc.stdout.rstrip("\n") + " (already cached)\n"
         assert_one_line_error(run(cache, "pull", "--insecure", f"{registry.host}/cli/nope:v1"),
                               EXIT_CODES["RegistryError"])
         assert_one_line_error(
@@ -258,3 +259,36 @@ def test_pull_from_a_local_registry(tmp_path: Path) -> None:
     rows = json.loads(run(cache, "images", "--json").stdout)
     assert [(r["reference"], r["state"]) for r in rows] == [(ref, "ready")]
     assert run(cache, "verify", ref).returncode == 0
+
+
+def test_pull_with_credentials(tmp_path: Path) -> None:
+    import os
+
+    from tests.fixtures.registry import LocalRegistry
+
+    with LocalRegistry(tmp_path / "registry", auth="basic", anonymous_pull=False) as registry:
+        registry.push_docker_archive(_archive(tmp_path, ["x/y:1"]), "priv/app", "v1")
+        ref = f"{registry.host}/priv/app:v1"
+        cache = tmp_path / "cache"
+        # nobody's ~/.docker/config.json may help: an empty HOME
+        env = {**os.environ, "HOME": str(tmp_path / "home"), "DOCKER_CONFIG": str(tmp_path)}
+        assert_one_line_error(run(cache, "pull", "--insecure", ref, env=env),
+                              EXIT_CODES["AuthError"])
+        wrong = subprocess.run([*_cli(cache), "pull", "--insecure", "--username",
+                                registry.username, "--password-stdin", ref],
+                               input="nope\n", capture_output=True, text=True, env=env)
+        assert_one_line_error(wrong, EXIT_CODES["AuthError"])
+        assert "nope" not in wrong.stderr
+        ok = subprocess.run([*_cli(cache), "pull", "--insecure", "--username",
+                             registry.username, "--password-stdin", ref],
+                            input=registry.password + "\n", capture_output=True, text=True,
+                            env=env)
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.split()[0] == ref
+        assert_one_line_error(run(cache, "pull", "--password-stdin", ref, env=env), 2)
+
+
+def _cli(cache: Path) -> list[str]:
+    from tests.cli.conftest import CACHEFS
+
+    return [CACHEFS, "--cache", str(cache)]
