@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cachefs.erofs import format as F
 from cachefs.erofs.fsmeta import fsmeta_from_layer_images, fsmeta_meta_blkaddr, write_fsmeta
@@ -24,7 +26,8 @@ from tests.erofs.layer_cases import (
     tar_to_tree,
     want_merged,
 )
-from tests.fixtures.images import TestImage, docker_archive, sha256
+from tests.erofs.test_writer import layer_entries
+from tests.fixtures.images import TestImage, docker_archive, layer_tar, reg, sha256
 from tests.fixtures.system import Msb, loop_mount_erofs, require_tool, run
 
 STACKS = {"overlay": overlay_tars, "25-layers": many_layer_tars}
@@ -143,3 +146,37 @@ def test_chunks_pointing_past_the_device_table_are_refused() -> None:
     merged.children[b"f"] = Node(FileType.REG, size=1, content=LayerBlocks(2, 1))
     with pytest.raises(ErofsFormatError, match="device 2"):
         write_fsmeta(merged, [3], io.BytesIO())
+
+
+# --- property test: random multi-layer images through the kernel ---------------------------
+
+
+@st.composite
+def layer_stacks(draw: st.DrawFn) -> list[bytes]:
+    """1–4 random layers over one small name pool, so names collide across layers: files
+    replaced by dirs and back, whiteouts of lower entries, and opaque directories."""
+    tars = []
+    for _ in range(draw(st.integers(1, 4))):
+        entries = draw(layer_entries())
+        dirs = sorted({ti.name.rstrip("/") for ti, _ in entries if ti.isdir()})
+        if dirs and draw(st.booleans()):
+            entries.append(reg(draw(st.sampled_from(dirs)) + "/.wh..wh..opq", b""))
+        tars.append(layer_tar(entries))
+    return tars
+
+
+@pytest.mark.system
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tars=layer_stacks())
+def test_random_images_mount_as_the_oci_merge(
+    tmp_path_factory: pytest.TempPathFactory, tars: list[bytes]
+) -> None:
+    work = tmp_path_factory.mktemp("stack")
+    layers, _ = build_layers(tars, work)
+    fsmeta = work / "fsmeta.erofs"
+    with fsmeta.open("wb") as out:
+        fsmeta_from_layer_images(layers, out)
+    disk = concat([fsmeta, *layers], work / "disk.img")
+    with loop_mount_erofs(disk, work / "mnt") as mnt:
+        assert scan_mount(mnt) == flatten(want_merged(tars))
