@@ -89,14 +89,15 @@ def cat_file(image: ErofsImage, path: bytes | str, chunk_size: int = CAT_CHUNK) 
     The path is checked before this returns (not at the first ``next()``), so the
     caller can report "not found" / "not a regular file" before writing any output.
     """
+    shown = show(path) if isinstance(path, bytes) else path
     try:
         nid = image.lookup(path)
     except FileNotFoundError:
-        raise UsageError(f"{path!r}: no such file in {image.path}") from None
+        raise UsageError(f"{shown}: no such file in {image.path}") from None
     ino = image.inode(nid)
     if ino.type is not FileType.REG:
         raise UsageError(
-            f"{path!r} in {image.path} is a {_TYPE_NAMES[ino.type]}, not a regular file"
+            f"{shown} in {image.path} is a {_TYPE_NAMES[ino.type]}, not a regular file"
         )
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
