@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import queue
+import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -32,6 +34,12 @@ from . import tarstream as ts
 from .digest import Digest
 from .erofs.tree import OPAQUE_XATTR, FileType, Node, SpoolExtent
 from .errors import DigestMismatch, LayerFormatError
+
+try:  # ISA-L inflate: the same API and output as zlib, about twice as fast
+    from isal import isal_zlib as _inflate
+except ImportError:  # pragma: no cover - isal is a dependency; zlib keeps working without it
+    _inflate = zlib  # type: ignore[assignment]
+_INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error, _inflate.error)
 
 MAX_PATH = 4096
 MAX_DEPTH = 128
@@ -43,6 +51,7 @@ MAX_SYMLINK = 4096
 _IN_CHUNK = 256 << 10  # compressed bytes per read
 _OUT_CHUNK = 1 << 20  # gzip output bound per call
 _ZSTD_IN_CHUNK = 32 << 10  # zstd cannot bound output per call, so feed it small inputs
+_PREFETCH_DEPTH = 4  # decompressed chunks (≤ _OUT_CHUNK each) queued ahead of the tar parser
 
 
 class Compression(enum.Enum):
@@ -73,17 +82,17 @@ def detect_compression(head: bytes) -> Compression:
 # -- decompression ----------------------------------------------------------------------
 
 
-def _plain_chunks(blob: BinaryIO) -> Iterator[bytes]:
+def _plain_chunks(blob: BinaryIO) -> Generator[bytes, None, None]:
     while data := blob.read(_OUT_CHUNK):
         yield data
 
 
-def _gzip_chunks(blob: BinaryIO, label: str) -> Iterator[bytes]:
+def _gzip_chunks(blob: BinaryIO, label: str) -> Generator[bytes, None, None]:
     """Every gzip member in turn (``MultiGzDecoder`` semantics), output bounded per call.
 
     NUL bytes between or after members are skipped, as Python's ``gzip`` module does.
     """
-    d = zlib.decompressobj(31)
+    d = _inflate.decompressobj(31)
     in_member = False
     seen_member = False
     pending = b""
@@ -100,13 +109,13 @@ def _gzip_chunks(blob: BinaryIO, label: str) -> Iterator[bytes]:
             in_member = seen_member = True
         try:
             out = d.decompress(pending, _OUT_CHUNK)
-        except zlib.error as e:
+        except _INFLATE_ERRORS as e:
             raise LayerFormatError(f"corrupt gzip stream: {e}", layer=label) from None
         if out:
             yield out
         if d.eof:
             pending = d.unused_data
-            d = zlib.decompressobj(31)
+            d = _inflate.decompressobj(31)
             in_member = more_output = False
         else:
             pending = d.unconsumed_tail
@@ -117,7 +126,7 @@ def _gzip_chunks(blob: BinaryIO, label: str) -> Iterator[bytes]:
         raise LayerFormatError("empty gzip stream", layer=label)
 
 
-def _zstd_chunks(blob: BinaryIO, label: str) -> Iterator[bytes]:
+def _zstd_chunks(blob: BinaryIO, label: str) -> Generator[bytes, None, None]:
     """Every zstd frame in turn; a frame cut short is an error (zstandard's readers hide it)."""
     dctx = zstandard.ZstdDecompressor()
     d = dctx.decompressobj()
@@ -147,35 +156,105 @@ def _zstd_chunks(blob: BinaryIO, label: str) -> Iterator[bytes]:
         raise LayerFormatError("empty zstd stream", layer=label)
 
 
-class _HashingStream:
-    """``read(n)`` over decompressed chunks; hashes and counts every byte it hands out."""
+class _EndOfStream:
+    """The producer's last queue item on success (a failure is queued as the exception)."""
 
-    def __init__(self, chunks: Iterator[bytes], hasher: hashlib._Hash) -> None:  # type: ignore[name-defined]
-        self._chunks = chunks
+
+_EOF = _EndOfStream()
+
+
+class _PrefetchingStream:
+    """``read(n)`` over decompressed chunks that a worker thread produces, hashes and counts.
+
+    Why a thread: inflating (zlib/ISA-L/zstd) and sha256 release the GIL on large buffers,
+    so they run on a second core while this thread parses the tar and writes the spool,
+    which hold it. The queue is bounded (``_PREFETCH_DEPTH`` chunks of ≤ 1 MiB), so memory
+    stays flat however large the layer. The producer's error (``LayerFormatError`` for a
+    corrupt or truncated stream, an ``OSError`` reading the blob) is queued after the
+    chunks that preceded it and raised by ``read`` at that same point of the stream, as if
+    the parser had pulled the chunks itself. ``close()`` stops and joins the producer;
+    the owner calls it before the blob is closed, on success and failure alike.
+    ``count`` and ``hexdigest`` are final once ``read`` has returned ``b""``.
+    """
+
+    def __init__(
+        self,
+        chunks: Generator[bytes, None, None],
+        hasher: hashlib._Hash,  # type: ignore[name-defined]
+        label: str,
+    ) -> None:
         self._hash = hasher
+        self._queue: queue.Queue[bytes | _EndOfStream | BaseException] = queue.Queue(
+            _PREFETCH_DEPTH
+        )
+        self._stop = threading.Event()
         self._left = b""
+        self._ended = False
         self.count = 0
+        self._thread = threading.Thread(
+            target=self._produce, args=(chunks,), name=f"inflate {label}", daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self, chunks: Generator[bytes, None, None]) -> None:
+        put, update, stop = self._queue.put, self._hash.update, self._stop
+        try:
+            for chunk in chunks:
+                update(chunk)
+                self.count += len(chunk)
+                put(chunk)
+                if stop.is_set():
+                    return
+            item: _EndOfStream | BaseException = _EOF
+        except BaseException as e:  # handed to the reading thread, which raises it
+            item = e
+        finally:
+            if stop.is_set():
+                chunks.close()
+        if not stop.is_set():
+            put(item)
 
     def read(self, n: int = -1, /) -> bytes:
         data = self._left
         if not data:
-            data = next(self._chunks, b"")
-            if not data:
+            if self._ended:
                 return b""
-            self._hash.update(data)
-            self.count += len(data)
+            item = self._queue.get()
+            if isinstance(item, bytes):
+                data = item
+            else:
+                self._ended = True
+                if isinstance(item, BaseException):
+                    raise item
+                return b""
         if 0 <= n < len(data):
             self._left = data[n:]
             return data[:n]
         self._left = b""
         return data
 
+    def close(self) -> None:
+        """Stop the producer and wait for it: after this, nothing reads the blob."""
+        if not self._thread.is_alive():
+            return
+        self._stop.set()
+        # A producer blocked on a full queue gets room; it then sees the flag and returns
+        # after at most one more put, which the emptied queue also has room for.
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+
     @property
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
 
-def decompressed_chunks(blob: BinaryIO, compression: Compression, label: str) -> Iterator[bytes]:
+def decompressed_chunks(
+    blob: BinaryIO, compression: Compression, label: str
+) -> Generator[bytes, None, None]:
     """The decompressed stream as chunks; truncated or corrupt input → ``LayerFormatError``."""
     if compression is Compression.GZIP:
         return _gzip_chunks(blob, label)
@@ -357,7 +436,9 @@ def ingest_layer(
     checked after the whole stream was read, so on mismatch the tree is discarded.
     """
     hasher = expected_diff_id.hasher() if expected_diff_id is not None else hashlib.sha256()
-    stream = _HashingStream(decompressed_chunks(blob, compression, layer_label), hasher)
+    stream = _PrefetchingStream(
+        decompressed_chunks(blob, compression, layer_label), hasher, layer_label
+    )
     reader = ts.TarReader(stream)
     builder = _Builder(spool, layer_label)
     try:
@@ -370,6 +451,8 @@ def ingest_layer(
         err = LayerFormatError(str(e), layer=layer_label)
         err.entry = e.entry
         raise err from None
+    finally:
+        stream.close()
     algorithm = expected_diff_id.algorithm if expected_diff_id is not None else "sha256"
     diff_id = Digest(algorithm, stream.hexdigest)
     if expected_diff_id is not None and diff_id != expected_diff_id:
