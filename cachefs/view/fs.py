@@ -52,11 +52,19 @@ from .status import render_metrics, render_status_json
 
 log = logging.getLogger(__name__)
 
-# The kernel re-asks after this long even if an invalidation were lost; short enough for
-# the "appears/disappears within 2 s" promise, long enough to keep `ls -l` cheap.
-ATTR_TIMEOUT_S = 1.0
+# Freshness comes from explicit invalidation (``apply``): every node that changes or goes
+# away is invalidated the moment a rescan sees it, and new names are never cached
+# negatively. The timeouts only bound how long a lost invalidation could linger, so they
+# can be long enough that `ls -lR` over thousands of entries is answered from the
+# kernel's caches (a timeout shorter than the listing makes the kernel re-ask mid-way).
+ATTR_TIMEOUT_S = 30.0
+# status.json and metrics change with every scan; their size is a snapshot's guess anyway.
+LIVE_ATTR_TIMEOUT_S = 1.0
 POLL_INTERVAL_S = 0.5
-FULL_RESCAN_S = 5.0  # catches in-place corruption that does not touch directory mtimes
+# The poll signature covers every artifact file's identity, so in-place corruption is
+# seen at the next poll; a full rescan is only a safety net (e.g. a metadata json
+# rewritten in place with the same size and mtime).
+FULL_RESCAN_S = 60.0
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
@@ -103,7 +111,12 @@ class ViewOperations(pyfuse3.Operations):
         super().__init__()
         self.cache = cache
         self.msb_db = default_msb_db(cache) if msb_db is None else msb_db
-        self.snapshot = snapshot if snapshot is not None else scan_cache(cache, self.msb_db)
+        # The signature is taken before the scan: a change racing the scan is seen later.
+        self._signature: tuple[object, ...] | None = None
+        if snapshot is None:
+            self._signature = self._watch_signature()
+            snapshot = scan_cache(cache, self.msb_db)
+        self.snapshot = snapshot
         self.root = build_tree(self.snapshot)
         self._inodes: dict[tuple[str, ...], int] = {(): pyfuse3.ROOT_INODE}
         self._paths: dict[int, tuple[str, ...]] = {pyfuse3.ROOT_INODE: ()}
@@ -112,6 +125,11 @@ class ViewOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._uid = os.getuid()
         self._gid = os.getgid()
+        # Per tree (dropped by ``apply``): inode → node and inode → attributes, so a
+        # readdirplus or getattr is a dict hit instead of a path walk and an object build.
+        self._node_cache: dict[int, tuple[tuple[str, ...], Node]] = {}
+        self._attr_cache: dict[int, pyfuse3.EntryAttributes] = {}
+        self._live_sizes: dict[str, int] = {}
 
     # -- inode bookkeeping ------------------------------------------------------------
 
@@ -125,10 +143,14 @@ class ViewOperations(pyfuse3.Operations):
         return ino
 
     def _node(self, inode: int) -> tuple[tuple[str, ...], Node]:
+        hit = self._node_cache.get(inode)
+        if hit is not None:
+            return hit
         path = self._paths.get(inode)
         node = resolve(self.root, path) if path is not None else None
         if path is None or node is None:
             raise _errno(errno.ENOENT)
+        self._node_cache[inode] = (path, node)
         return path, node
 
     def _new_fh(self, handle: _BytesHandle | _ConcatHandle | _DirHandle) -> int:
@@ -144,12 +166,27 @@ class ViewOperations(pyfuse3.Operations):
             return render_status_json(snap)
         return render_metrics(snap)
 
+    def _live_size(self, node: LiveNode) -> int:
+        size = self._live_sizes.get(node.kind)
+        if size is None:
+            size = self._live_sizes[node.kind] = len(self._live_content(node, self.snapshot))
+        return size
+
     def _attr(self, path: tuple[str, ...], node: Node) -> pyfuse3.EntryAttributes:
+        """The node's attributes, built once per tree (pyfuse3 copies them into replies)."""
+        ino = self._inode(path)
+        a = self._attr_cache.get(ino)
+        if a is None:
+            a = self._attr_cache[ino] = self._build_attr(ino, node)
+        return a
+
+    def _build_attr(self, ino: int, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        a.st_ino = self._inode(path)
+        a.st_ino = ino
         a.generation = 0
-        a.entry_timeout = ATTR_TIMEOUT_S
-        a.attr_timeout = ATTR_TIMEOUT_S
+        timeout = LIVE_ATTR_TIMEOUT_S if isinstance(node, LiveNode) else ATTR_TIMEOUT_S
+        a.entry_timeout = timeout
+        a.attr_timeout = timeout
         a.st_uid = self._uid
         a.st_gid = self._gid
         a.st_blksize = 4096
@@ -168,7 +205,7 @@ class ViewOperations(pyfuse3.Operations):
             if isinstance(node, BytesNode):
                 size = len(node.content)
             elif isinstance(node, LiveNode):
-                size = len(self._live_content(node, self.snapshot))
+                size = self._live_size(node)
             else:
                 size = node.size
         a.st_size = size
@@ -271,12 +308,13 @@ class ViewOperations(pyfuse3.Operations):
         return s
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
-        self._node(inode)
-        raise _errno(pyfuse3.ENOATTR)
+        # ENOSYS (not ENODATA): the kernel then stops asking for the life of the mount and
+        # answers "not supported" itself. `ls -l` probes an xattr of every entry, which
+        # would otherwise cost one round trip to this daemon per file listed.
+        raise _errno(errno.ENOSYS)
 
     async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
-        self._node(inode)
-        return []
+        raise _errno(errno.ENOSYS)
 
     async def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
         self._node(inode)
@@ -302,15 +340,37 @@ class ViewOperations(pyfuse3.Operations):
     # -- live refresh --------------------------------------------------------------------
 
     def _watch_signature(self) -> tuple[object, ...]:
-        """Cheap fingerprint of everything whose change can change the view."""
+        """Cheap fingerprint of everything whose change can change the view.
+
+        The directories (entries added, removed or renamed over: metadata and reference
+        records are replaced by rename) plus the identity of every artifact file, since an
+        artifact corrupted in place keeps its directory's mtime but not its own. A
+        ``stat`` is a few µs per file, far below a rescan.
+        """
         c = self.cache
-        paths = [c.manifests_dir(), c.layers_dir(), c.fsmeta_dir(), c.vmdk_dir(),
-                 c.refs_dir(), self.msb_db, Path(f"{self.msb_db}-wal")]
         sig: list[object] = []
-        for p in paths:
+        for p in (self.msb_db, Path(f"{self.msb_db}-wal")):
             try:
                 st = os.stat(p)
                 sig.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                sig.append(None)
+        for d, per_file in ((c.manifests_dir(), False), (c.vmdk_dir(), False),
+                            (c.refs_dir(), False), (c.layers_dir(), True),
+                            (c.fsmeta_dir(), True)):
+            try:
+                st = os.stat(d)
+                sig.append((st.st_ino, st.st_mtime_ns))
+                if not per_file:
+                    continue
+                with os.scandir(d) as it:
+                    for e in it:
+                        try:
+                            est = e.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        sig.append((e.name, est.st_ino, est.st_size, est.st_mtime_ns,
+                                    est.st_ctime_ns))
             except OSError:
                 sig.append(None)
         return tuple(sig)
@@ -318,7 +378,9 @@ class ViewOperations(pyfuse3.Operations):
     async def refresh_loop(self, interval: float = POLL_INTERVAL_S,
                            on_refresh: Callable[[], None] | None = None) -> None:
         """Rescan when the cache changes; runs until cancelled."""
-        last = await trio.to_thread.run_sync(self._watch_signature)
+        last = self._signature
+        if last is None:
+            last = await trio.to_thread.run_sync(self._watch_signature)
         since_full = 0.0
         while True:
             await trio.sleep(interval)
@@ -344,6 +406,9 @@ class ViewOperations(pyfuse3.Operations):
         new = dict(walk(new_root))
         self.snapshot = snap
         self.root = new_root
+        self._node_cache = {}
+        self._attr_cache = {}
+        self._live_sizes = {}
         changed: list[int] = []
         for path, node in old.items():
             ino = self._inodes.get(path)
