@@ -409,7 +409,11 @@ def _image_dir(
             parts.append((art.path, art.size))
         newest = max(mtime, *(snap.layers[d].mtime_ns for d in img.layers), fm.mtime_ns)
         children["disk.vmdk"] = BytesNode(render_descriptor(files).encode(), newest)
-        children["rootfs.img"] = ConcatNode(tuple(parts), newest)
+        # Only the artifacts' own mtimes: the content is theirs, and a retag (a new
+        # metadata file) must not change the attributes, or the kernel would drop the
+        # cached pages of an unchanged disk (FUSE_AUTO_INVAL_DATA compares mtimes).
+        data_mtime = max(fm.mtime_ns, *(snap.layers[d].mtime_ns for d in img.layers))
+        children["rootfs.img"] = ConcatNode(tuple(parts), data_mtime)
     doc = {
         "reference": str(img.reference),
         "typed": img.typed,

@@ -234,3 +234,23 @@ def test_status_json_and_metrics() -> None:
 
 def test_model_is_pure() -> None:
     assert build_tree(_good()) == build_tree(_good())
+
+
+def test_rootfs_img_unchanged_by_retag_and_rescan() -> None:
+    """Same artifacts, same rootfs.img node: a refresh must not drop its cached pages.
+
+    A retag rewrites the metadata file (a new mtime) and a rescan has a new ``taken_at``;
+    neither changes the disk's bytes, so its node (mtime included: the kernel drops pages
+    when it sees a new mtime) stays equal and the view does not invalidate it.
+    """
+    before = _good()
+    after = CacheSnapshot(
+        cache_root=CACHE, images=before.images, layers=before.layers, fsmeta=before.fsmeta,
+        metadata_mtime_ns={r: 10**12 for r in before.metadata_mtime_ns}, taken_at_ns=10**13,
+    )
+    path = "images/docker.io/library/alpine:3.20/rootfs.img"
+    a = resolve(build_tree(before), tuple(path.split("/")))
+    b = resolve(build_tree(after), tuple(path.split("/")))
+    assert isinstance(a, ConcatNode) and a == b
+    assert a.mtime_ns == max(art.mtime_ns for art in (*before.layers.values(),
+                                                      *before.fsmeta.values()))
