@@ -268,7 +268,7 @@ class ViewOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._new_fh(_BytesHandle(node.content)),
                                     direct_io=True, keep_cache=False)
         if isinstance(node, LiveNode):
-            snap = await trio.to_thread.run_sync(scan_cache, self.cache, self.msb_db)
+            snap = await trio.to_thread.run_sync(self._fresh_snapshot)
             content = self._live_content(node, snap)
             return pyfuse3.FileInfo(fh=self._new_fh(_BytesHandle(content)),
                                     direct_io=True, keep_cache=False)
@@ -375,6 +375,14 @@ class ViewOperations(pyfuse3.Operations):
                 sig.append(None)
         return tuple(sig)
 
+    def _fresh_snapshot(self) -> CacheSnapshot:
+        """A scan for status.json/metrics: reuses the current index if nothing it read
+        changed since (the poll signature), else scans everything (blocking)."""
+        sig = self._watch_signature()
+        if sig == self._signature:
+            return scan_cache(self.cache, self.msb_db, previous=self.snapshot)
+        return scan_cache(self.cache, self.msb_db)
+
     async def refresh_loop(self, interval: float = POLL_INTERVAL_S,
                            on_refresh: Callable[[], None] | None = None) -> None:
         """Rescan when the cache changes; runs until cancelled."""
@@ -394,8 +402,10 @@ class ViewOperations(pyfuse3.Operations):
             except (CachefsError, OSError) as err:
                 log.warning("rescan of %s failed, keeping the previous view: %s",
                             self.cache.root, err)
+                self._signature = None
                 continue
             await self.apply(snap)
+            self._signature = sig
             if on_refresh is not None:
                 on_refresh()
 

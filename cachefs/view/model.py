@@ -143,10 +143,21 @@ def _file_size(entry: os.DirEntry[str]) -> int:
         return 0
 
 
-def scan_cache(cache: GlobalCache, msb_db: Path | None = None) -> CacheSnapshot:
-    """Read the cache's current state (blocking I/O: run it in a worker thread)."""
+def scan_cache(cache: GlobalCache, msb_db: Path | None = None,
+               previous: CacheSnapshot | None = None) -> CacheSnapshot:
+    """Read the cache's current state (blocking I/O: run it in a worker thread).
+
+    ``previous``: a snapshot whose references are known to be current (the caller saw no
+    change to the reference records, metadata files or msb's database since it was
+    taken). Its index is reused (reading every metadata file is most of a scan); the
+    artifacts, byte counts and downloads are read afresh.
+    """
     problems: list[str] = []
-    images = index_images(cache, msb_db, problems)
+    if previous is None:
+        images = index_images(cache, msb_db, problems)
+    else:
+        images = previous.images
+        problems = list(previous.problems)
 
     layers: dict[str, Artifact] = {}
     bytes_by_kind = {"layers": 0, "fsmeta": 0, "vmdk": 0, "manifests": 0, "tmp": 0}
@@ -184,6 +195,11 @@ def scan_cache(cache: GlobalCache, msb_db: Path | None = None) -> CacheSnapshot:
             fsmeta[img.manifest_digest] = _check_erofs(
                 cache.fsmeta_erofs_path(img.manifest_digest), fsmeta=True
             )
+        if previous is not None:
+            known = previous.metadata_mtime_ns.get(str(img.reference))
+            if known is not None:
+                metadata_mtime[str(img.reference)] = known
+            continue
         try:
             metadata_mtime[str(img.reference)] = img.metadata_path.stat().st_mtime_ns
         except OSError:
@@ -368,8 +384,20 @@ def layer_link_name(index: int, count: int, diff: str) -> str:
     return f"{index:0{width}d}-{_safe(diff)}.erofs"
 
 
+# Stands in for the "references" list while the rest of image.json is encoded; a NUL
+# cannot occur in a reference, and the random part keeps it out of any config text.
+_REFS_TOKEN = f"\0refs-{os.urandom(8).hex()}\0"
+_REFS_TOKEN_JSON = json.dumps(_REFS_TOKEN)
+
+
+def _refs_block(refs: list[str]) -> str:
+    """``refs`` as ``json.dumps(..., indent=2)`` prints it one level deep."""
+    return json.dumps(refs, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+
+
 def _image_dir(
-    img: IndexedImage, all_refs: list[str], snap: CacheSnapshot
+    img: IndexedImage, all_refs: list[str], snap: CacheSnapshot,
+    refs_json: dict[tuple[str, ...], str] | None = None,
 ) -> tuple[DirNode, ImageState]:
     state = judge_image(img, snap)
     meta = img.metadata
@@ -417,7 +445,7 @@ def _image_dir(
     doc = {
         "reference": str(img.reference),
         "typed": img.typed,
-        "references": all_refs,
+        "references": _REFS_TOKEN,
         "manifest_digest": img.manifest_digest,
         "config_digest": meta.config_digest if meta else None,
         "ready": state.ready,
@@ -433,9 +461,17 @@ def _image_dir(
         "layers": layer_docs,
         "disk_size": children["rootfs.img"].size if "rootfs.img" in children else None,  # type: ignore[union-attr]
     }
-    children["image.json"] = BytesNode(
-        (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), mtime
-    )
+    # Every image of a manifest lists the same references: encode that list once per
+    # build (``refs_json``) instead of once per image, which made image.json quadratic
+    # in the number of tags of one manifest.
+    if refs_json is None:
+        refs_json = {}
+    key = tuple(all_refs)
+    block = refs_json.get(key)
+    if block is None:
+        block = refs_json[key] = _refs_block(all_refs)
+    text = json.dumps(doc, indent=2, ensure_ascii=False).replace(_REFS_TOKEN_JSON, block, 1)
+    children["image.json"] = BytesNode((text + "\n").encode(), mtime)
     children["status"] = BytesNode(status_text(img, state).encode(), mtime)
     return DirNode(children, mtime), state
 
@@ -489,9 +525,10 @@ def build_tree(snap: CacheSnapshot) -> DirNode:
 
     images: dict[str, object] = {}
     by_digest: dict[str, Node] = {}
+    refs_json: dict[tuple[str, ...], str] = {}
     for img in snap.images:
         refs = by_manifest.get(img.manifest_digest or "", [str(img.reference)])
-        node, _ = _image_dir(img, refs, snap)
+        node, _ = _image_dir(img, refs, snap, refs_json)
         parts = _path_components(str(img.reference))
         if parts is not None:
             _insert(images, parts, node)
