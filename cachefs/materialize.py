@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,8 +22,9 @@ from .cache.locks import flock_exclusive
 from .cache.publish import publish_file, remove_quietly
 from .cache.store import GlobalCache
 from .digest import Digest
-from .erofs.fsmeta import fsmeta_from_layer_images
-from .erofs.tree import BlockMap
+from .erofs.fsmeta import fsmeta_from_layer_images, write_fsmeta
+from .erofs.merge import merge_layers
+from .erofs.tree import BlockMap, Node
 from .erofs.writer import write_layer_erofs
 from .errors import NotCachedError
 from .layer import Compression, detect_compression, ingest_layer
@@ -34,11 +35,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class MaterializedLayer:
-    """A layer image in the cache. ``block_map`` is None when it was already there."""
+    """A layer image in the cache. ``block_map`` is None when it was already there.
+
+    ``root`` is the tree the image was written from (regular files carry their ``block``),
+    kept so :func:`stitch_image` can merge it without reading the image back.
+    """
 
     diff_id: Digest
     path: Path
     block_map: BlockMap | None
+    root: Node | None = field(default=None, compare=False, repr=False)
 
     @property
     def created(self) -> bool:
@@ -90,7 +96,9 @@ def materialize_layer(
             return MaterializedLayer(diff_id, final, None)  # finished while we waited
         spool_path, part = cache.spool_path(diff_id), cache.layer_part_path(diff_id)
         try:
-            with _open_blob(blob_path) as blob, spool_path.open("wb+") as spool:
+            # A large buffer: most files are small, and each flush releases the GIL the
+            # decompressing thread then competes for.
+            with _open_blob(blob_path) as blob, spool_path.open("wb+", buffering=4 << 20) as spool:
                 if compression is None:
                     compression = _sniff(blob)
                 ingested = ingest_layer(
@@ -104,7 +112,7 @@ def materialize_layer(
             remove_quietly(spool_path)
             remove_quietly(part)
     log.debug("materialized layer %s (%d blocks)", diff_id, block_map.total_blocks)
-    return MaterializedLayer(diff_id, final, block_map)
+    return MaterializedLayer(diff_id, final, block_map, ingested.root)
 
 
 def stitch_image(
@@ -113,6 +121,7 @@ def stitch_image(
     diff_ids: Sequence[Digest],
     *,
     msb_quirks: bool = False,
+    trees: Mapping[Digest, tuple[Node, int]] | None = None,
 ) -> tuple[Path, Path]:
     """Make ``fsmeta/<m>.erofs`` and ``vmdk/<m>.vmdk`` for an image whose layers are cached.
 
@@ -122,6 +131,11 @@ def stitch_image(
     ``realpath`` of the cache files, exactly like msb's. ``msb_quirks`` selects msb's
     merge quirks (byte-identical fsmeta); the default merge is OCI-correct. Held:
     ``fsmeta/<m>.erofs.lock`` (exclusive) around both files.
+
+    ``trees`` maps diff_ids to the (tree, total blocks) their layer images were just
+    written from (:attr:`MaterializedLayer.root`): when it covers every layer, the fsmeta
+    is merged from those trees, which are exactly what the images hold, instead of
+    reading every image back; otherwise it is rebuilt from the images.
     """
     fsmeta, vmdk = cache.fsmeta_erofs_path(manifest_digest), cache.vmdk_path(manifest_digest)
     if cache.is_fsmeta_materialized(manifest_digest) and cache.is_vmdk_materialized(
@@ -147,7 +161,12 @@ def stitch_image(
             if not cache.is_fsmeta_materialized(manifest_digest):
                 tmp = work / "fsmeta.erofs"
                 with tmp.open("wb") as out:
-                    fsmeta_from_layer_images(layers, out, msb_quirks=msb_quirks)
+                    if trees is not None and all(d in trees for d in diff_ids):
+                        roots = [trees[d][0] for d in diff_ids]
+                        merged = merge_layers(roots, leak_nested_whiteouts=msb_quirks)
+                        write_fsmeta(merged, [trees[d][1] for d in diff_ids], out)
+                    else:
+                        fsmeta_from_layer_images(layers, out, msb_quirks=msb_quirks)
                 publish_file(tmp, fsmeta)
                 rebuilt = True
             if rebuilt or not cache.is_vmdk_materialized(manifest_digest):

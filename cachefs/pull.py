@@ -29,6 +29,7 @@ from .cache import GlobalCache
 from .cache.locks import Leases, flock_exclusive, flock_exclusive_async, publication_gate_path
 from .cache.publish import remove_quietly
 from .digest import Digest
+from .erofs.tree import Node
 from .errors import CachefsError, NotCachedError
 from .layer import Compression, compression_from_media_type
 from .materialize import BlobOpener, materialize_layer, stitch_image
@@ -190,10 +191,10 @@ def _publish(cache: GlobalCache, plan: ImagePlan, source: str) -> CachedImageMet
     return meta
 
 
-async def _stitch(cache: GlobalCache, manifest: Digest, diff_ids: Sequence[Digest]
-                  ) -> tuple[Path, Path]:
+async def _stitch(cache: GlobalCache, manifest: Digest, diff_ids: Sequence[Digest],
+                  trees: dict[Digest, tuple[Node, int]] | None = None) -> tuple[Path, Path]:
     fsmeta, vmdk = await trio.to_thread.run_sync(
-        functools.partial(stitch_image, cache, manifest, list(diff_ids))
+        functools.partial(stitch_image, cache, manifest, list(diff_ids), trees=trees)
     )
     return Path(fsmeta), Path(vmdk)
 
@@ -234,6 +235,7 @@ async def materialize_plan(
                   tuple((layer.diff_id, layer.size_bytes) for layer in plan.layers)))
     leases = await _take_leases(cache, _entries(cache, plan))
     transient: list[Path] = []
+    trees: dict[Digest, tuple[Node, int]] = {}  # layers built here: the fsmeta needs no re-read
     limiter = trio.CapacityLimiter(MATERIALIZE_PARALLELISM)
     try:
         async def one(i: int, layer: LayerMetadata) -> None:
@@ -248,13 +250,15 @@ async def materialize_plan(
             if blob.transient and isinstance(blob.source, Path):
                 transient.append(blob.source)
             emit(LayerProgress(i, layer.diff_id, "materialize"))
-            await trio.to_thread.run_sync(
+            built = await trio.to_thread.run_sync(
                 functools.partial(
                     materialize_layer, cache, blob.source, compression=blob.compression,
                     diff_id=diff, layer_label=layer.digest, force=force,
                 ),
                 limiter=limiter,
             )
+            if built.root is not None and built.block_map is not None:
+                trees[diff] = (built.root, built.block_map.total_blocks)
             emit(LayerProgress(i, layer.diff_id, "done"))
 
         try:
@@ -274,7 +278,8 @@ async def materialize_plan(
                 remove_quietly(cache.fsmeta_erofs_path(plan.manifest_digest))
                 remove_quietly(cache.vmdk_path(plan.manifest_digest))
         fsmeta, vmdk = await _stitch(cache, plan.manifest_digest,
-                                     [layer.diff_digest for layer in plan.layers])
+                                     [layer.diff_digest for layer in plan.layers], trees)
+        trees.clear()
         meta = await trio.to_thread.run_sync(_publish, cache, plan, source)
     finally:
         leases.release()
