@@ -125,9 +125,7 @@ class _TarMember(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
-        data = self._stream.read(len(b))
-        b[: len(data)] = data
-        return len(data)
+        return self._stream.readinto(b)  # straight into the caller's buffer: no extra copy
 
     def close(self) -> None:
         if not self.closed:
@@ -200,13 +198,13 @@ class _VerifyingStream(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
-        data = self._raw.read(len(b))
-        if not data and len(b):
+        n = self._raw.readinto(b)  # type: ignore[attr-defined]
+        if not n and len(b):
             self._check()
-        self._hash.update(data)
-        self._seen += len(data)
-        b[: len(data)] = data
-        return len(data)
+        with memoryview(b) as view:
+            self._hash.update(view[:n])
+        self._seen += n
+        return n
 
     def _check(self) -> None:
         actual = f"{self._digest.algorithm}:{self._hash.hexdigest()}"
