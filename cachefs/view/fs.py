@@ -66,6 +66,11 @@ POLL_INTERVAL_S = 0.5
 # rewritten in place with the same size and mtime).
 FULL_RESCAN_S = 60.0
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+# rootfs.img reads land in recycled buffers of this size: libfuse's request buffer caps a
+# read at 1 MiB, and a fresh bytearray per request costs a zero-fill (and often page
+# faults) of the whole megabyte, a large part of the daemon's CPU on a cold read.
+_READ_BUF = 1 << 20
+_POOL_MAX = 16
 
 
 @dataclass(slots=True)
@@ -130,6 +135,7 @@ class ViewOperations(pyfuse3.Operations):
         self._node_cache: dict[int, tuple[tuple[str, ...], Node]] = {}
         self._attr_cache: dict[int, pyfuse3.EntryAttributes] = {}
         self._live_sizes: dict[str, int] = {}
+        self._free_bufs: list[bytearray] = []
 
     # -- inode bookkeeping ------------------------------------------------------------
 
@@ -277,18 +283,32 @@ class ViewOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._new_fh(handle), direct_io=False, keep_cache=True)
         raise _errno(errno.EINVAL)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         handle = self._handles.get(fh)
         if isinstance(handle, _BytesHandle):
             return handle.data[off : off + size]
         if isinstance(handle, _ConcatHandle):
-            # Page-cache hits are served inline (a thread hop costs more than the copy);
-            # anything that would touch the disk goes to a worker thread.
-            data = _read_concat(handle, off, size, nowait=True)
-            if data is None:
-                data = await trio.to_thread.run_sync(_read_concat, handle, off, size)
-            return data
+            return await self._read_concat(handle, off, size)
         raise _errno(errno.EBADF)
+
+    async def _read_concat(self, h: _ConcatHandle, off: int, size: int) -> memoryview | bytes:
+        """Page-cache hits are served inline (a thread hop costs more than the copy); the
+        rest, from where the non-blocking read stopped, in a worker thread."""
+        n = min(off + size, h.total) - off
+        if n <= 0:
+            return b""
+        buf = self._free_bufs.pop() if n <= _READ_BUF and self._free_bufs else None
+        if buf is None:
+            buf = bytearray(max(n, _READ_BUF))
+        view = memoryview(buf)[:n]
+        done = _fill_concat(h, view, off, nowait=True)
+        if done < n:
+            await trio.to_thread.run_sync(_fill_concat, h, view[done:], off + done)
+        if len(buf) == _READ_BUF and len(self._free_bufs) < _POOL_MAX:
+            # pyfuse3 copies the reply to the kernel right after this returns, before any
+            # other task runs; the buffer is free again from the next scheduler tick on.
+            trio.lowlevel.current_trio_token().run_sync_soon(self._free_bufs.append, buf)
+        return view
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
@@ -490,41 +510,39 @@ def _open_concat(node: ConcatNode, where: str) -> _ConcatHandle:
         raise
 
 
-def _read_concat(h: _ConcatHandle, off: int, size: int, *, nowait: bool = False
-                 ) -> bytearray | None:
-    """Bytes [off, off+size) of the concatenation, clipped at its end.
+def _fill_concat(h: _ConcatHandle, view: memoryview, off: int, *, nowait: bool = False) -> int:
+    """Read bytes [off, off+len(view)) of the concatenation into ``view``; returns the count.
 
-    Reads straight into one buffer (pyfuse3 takes any buffer), no joins or copies. With
-    ``nowait``, only data already in the page cache is read (``RWF_NOWAIT``); None means
-    "would block, retry in a thread".
+    With ``nowait``, only data already in the page cache is read (``RWF_NOWAIT``); it
+    stops at the first byte that would block and says how far it got. Without, it reads
+    everything or raises EIO.
     """
-    end = min(off + size, h.total)
-    if off >= end:
-        return bytearray()
-    buf = bytearray(end - off)
-    view = memoryview(buf)
+    end = off + len(view)
     flags = _RWF_NOWAIT if nowait else 0
+    if nowait and not flags:
+        return 0  # no RWF_NOWAIT here: everything goes through the blocking path
     i = bisect_right(h.starts, off) - 1
     pos = off
     while pos < end:
         start, part_size = h.starts[i], h.sizes[i]
         n = min(end, start + part_size) - pos
-        chunk = view[pos - off : pos - off + n]
         try:
-            got = os.preadv(h.fds[i], [chunk], pos - start, flags)
+            got = os.preadv(h.fds[i], [view[pos - off : pos - off + n]], pos - start, flags)
         except OSError as err:
             if nowait:
-                return None  # EAGAIN, or no RWF_NOWAIT support: the blocking path decides
+                return pos - off  # EAGAIN: the blocking path continues from here
             log.warning("read of %s failed: %s", h.paths[i], err)
             raise _errno(errno.EIO) from None
+        pos += got
         if got != n:
             if nowait:
-                return None
-            log.warning("%s is shorter than when it was opened", h.paths[i])
-            raise _errno(errno.EIO)
-        pos += n
+                return pos - off
+            if got == 0:
+                log.warning("%s is shorter than when it was opened", h.paths[i])
+                raise _errno(errno.EIO)
+            continue  # a short read: ask again for the rest
         i += 1
-    return buf
+    return pos - off
 
 
 def _close_concat(h: _ConcatHandle) -> None:
