@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import httpx
 import trio
 
 from ..digest import Digest
@@ -46,6 +45,7 @@ from ..models import (
     ValidationError,
 )
 from ..reference import Reference
+from ._httpx import httpx
 from .auth import Authenticator, Credentials, pull_scope
 from .platform import format_platform, select_manifest
 
