@@ -220,6 +220,9 @@ class ViewOperations(pyfuse3.Operations):
                 size = self._live_size(node)
             else:
                 size = node.size
+                # The preferred I/O size: one full FUSE request (tools like cat size
+                # their buffer by it; 4 KiB would make them ask in 128 KiB steps).
+                a.st_blksize = _READ_BUF
         a.st_size = size
         a.st_blocks = 0 if isinstance(node, SymlinkNode) else (size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
