@@ -5,7 +5,10 @@
    loaded into a cache. Cold: the page cache is dropped before each read (both the view's
    backing files and the mount's own pages). Warm: the same read again right after, with the
    file listed several times in one ``cat`` so the figure is not just process start-up.
-   Target: the view at >= 0.8 of direct reads.
+   Target: the view at >= 0.8 of direct reads. For scale, the same measurement of a
+   minimal pyfuse3 file system serving ONE artifact file by ``os.pread`` (with the view's
+   keep_cache, st_blksize and readahead) against ``cat`` of that file: what FUSE and
+   pyfuse3 allow on this kernel before any view logic.
 2. A cache holding 1,000 images: one small image loaded for real, then 999 more references
    (metadata json + cachefs reference record, written by the cache's own API) naming the
    same manifest. That is what the view's cost depends on (one directory per reference,
@@ -179,7 +182,120 @@ def _throughput(work: Path, rounds: int) -> list[dict[str, object]]:
         if temp == "cold" and not cold_ok:
             row["note"] = "could not drop the page cache (not root): this is not cold"
         rows.append(row)
+    rows += _floor(work, max(parts, key=lambda p: p.stat().st_size), rounds)
     return rows
+
+
+def _floor(work: Path, src: Path, rounds: int) -> list[dict[str, object]]:
+    """Direct vs a minimal one-file pyfuse3 passthrough of ``src``, cold and warm."""
+    samples: dict[str, list[float]] = {k: [] for k in ("direct_cold", "fuse_cold",
+                                                       "direct_warm", "fuse_warm")}
+    with floor_mount(src, work / "mnt-floor") as served:
+        for _ in range(rounds):
+            for kind, path in (("direct", str(src)), ("fuse", str(served))):
+                drop_page_cache()
+                samples[f"{kind}_cold"].append(_timed(["cat", path]))
+                warm = _timed(["cat", *[path] * WARM_REPEATS]) / WARM_REPEATS
+                samples[f"{kind}_warm"].append(warm)
+    mb = src.stat().st_size / 1e6
+    rows: list[dict[str, object]] = []
+    for temp in ("cold", "warm"):
+        d = median(samples[f"direct_{temp}"])
+        f = median(samples[f"fuse_{temp}"])
+        rows.append({
+            "benchmark": f"FUSE floor: minimal pyfuse3 one-file passthrough, {temp} page cache",
+            "size_mb": round(mb, 1),
+            "rounds": rounds,
+            "direct_mb_s": round(mb / d, 0),
+            "fuse_mb_s": round(mb / f, 0),
+            "ratio_fuse_over_direct": round(d / f, 2),
+        })
+    return rows
+
+
+@contextlib.contextmanager
+def floor_mount(src: Path, mnt: Path) -> Iterator[Path]:
+    """Serve ``src`` as ``<mnt>/f`` from a ``python -m bench.view floor`` process."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.view", "floor", str(src), str(mnt)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != READY_LINE:
+            raise RuntimeError(f"minimal FUSE server exited ({proc.wait()})")
+        yield mnt / "f"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if _is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def _serve_one_file(src: str, mnt: str) -> None:
+    """The minimal server: lookup/getattr/open(keep_cache)/read(os.pread), nothing else."""
+    import errno
+    import stat
+
+    import pyfuse3
+
+    from cachefs.view.daemon import _raise_readahead
+
+    fd = os.open(src, os.O_RDONLY)
+    st = os.fstat(fd)
+
+    class OneFile(pyfuse3.Operations):
+        def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = inode
+            a.entry_timeout = a.attr_timeout = 300
+            if inode == pyfuse3.ROOT_INODE:
+                a.st_mode, a.st_nlink = stat.S_IFDIR | 0o555, 2
+            else:
+                a.st_mode, a.st_nlink = stat.S_IFREG | 0o444, 1
+                a.st_size, a.st_mtime_ns, a.st_blksize = st.st_size, st.st_mtime_ns, 1 << 20
+            return a
+
+        async def getattr(self, inode: int, ctx: object = None) -> pyfuse3.EntryAttributes:
+            return self._attr(inode)
+
+        async def lookup(self, parent: int, name: bytes, ctx: object = None
+                         ) -> pyfuse3.EntryAttributes:
+            if name != b"f":
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attr(pyfuse3.ROOT_INODE + 1)
+
+        async def open(self, inode: int, flags: int, ctx: object = None) -> pyfuse3.FileInfo:
+            return pyfuse3.FileInfo(fh=1, keep_cache=True)
+
+        async def read(self, fh: int, off: int, size: int) -> bytes:
+            return os.pread(fd, size, off)
+
+    pyfuse3.init(OneFile(), mnt, {"ro", "fsname=floor"})
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pyfuse3.main)
+            await trio.to_thread.run_sync(os.stat, mnt)
+            await trio.to_thread.run_sync(_raise_readahead, Path(mnt))
+            print(READY_LINE, flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+    try:
+        trio.run(serve)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["floor"]:
+    _serve_one_file(sys.argv[2], sys.argv[3])
 
 
 # 2. a view over many images ---------------------------------------------------------------
