@@ -312,6 +312,8 @@ class ViewOperations(pyfuse3.Operations):
             # pread copying into a buffer and the reply copying that again.
             i = bisect_right(h.starts, off) - 1
             rel = off - h.starts[i]
+            # (A page evicted between mincore and the reply is faulted in by the kernel's
+            # copy: a rare short stall of this thread, never wrong data.)
             if rel + n <= h.sizes[i] and _resident(h.addrs[i] + rel, n):
                 return memoryview(h.maps[i])[rel : rel + n]
         buf = self._free_bufs.pop() if n <= _READ_BUF and self._free_bufs else None
@@ -584,7 +586,12 @@ def _resident(addr: int, n: int) -> bool:
 
 
 def _map_parts(h: _ConcatHandle) -> None:
-    """Map every part for zero-copy replies; on any failure keep the pread path only."""
+    """Map every part for zero-copy replies; on any failure keep the pread path only.
+
+    ACCESS_COPY (private, writable) only because ctypes needs a writable buffer to learn
+    the address for mincore; nothing ever writes, so every page stays the page cache's.
+    Under strict overcommit a huge layer may be refused: then replies are copied.
+    """
     maps: list[mmap.mmap] = []
     addrs: list[int] = []
     try:
