@@ -8,12 +8,19 @@ Kept thin on purpose (like pyfuse3's ``passthroughfs``): the tree comes from
 * Generated files (``status``, ``image.json``, ``disk.vmdk``, …) are opened with
   ``direct_io``: their content is per-snapshot and must never be served stale from the
   page cache. ``status.json``/``metrics`` are rendered from a fresh scan at each open.
-* ``rootfs.img`` is served by ``pread`` on the artifact files (fsmeta, then the layers),
-  each open handle keeping its own fds and SHARED msb leases (FORMATS.md §1.5) so that
-  ``msb image rm`` or gc does not delete them under a reader. The artifacts are
-  content-addressed and immutable, so ``keep_cache`` lets the kernel keep the pages.
-* Live: ``refresh_loop`` rescans when the cache directories or msb's database change and
-  tells the kernel to drop entries and attributes of nodes that changed or went away.
+* ``rootfs.img`` is served from the artifact files (fsmeta, then the layers), each open
+  handle keeping its own fds, mappings and SHARED msb leases (FORMATS.md §1.5) so that
+  ``msb image rm`` or gc does not delete them under a reader. Cached pages are replied
+  straight from the mapping (one kernel copy); the rest is ``pread`` into recycled
+  buffers, in a worker thread when it would block. The artifacts are content-addressed
+  and immutable, so ``keep_cache`` lets the kernel keep the pages across opens, and a
+  refresh never invalidates an unchanged ``rootfs.img``.
+* Live: ``refresh_loop`` polls a cheap signature (directories, msb's database, artifact
+  file identities), rescans only when it changes and tells the kernel to drop entries and
+  attributes of nodes that changed or went away. That explicit invalidation is what keeps
+  the view fresh, so attribute/entry timeouts are long and ``ls -lR`` is answered from
+  the kernel's caches (READDIRPLUS fills them; attributes are built once per tree).
+* No xattrs: ENOSYS, so the kernel stops asking (``ls -l`` probes one per file).
 """
 
 from __future__ import annotations
