@@ -279,6 +279,29 @@ def test_concurrent_readers_and_leases(mounted: ViewMount, msb: Msb) -> None:
     assert wait_for(lambda: not any(lease_is_busy(p) for p in parts), 2.0)
 
 
+def test_refresh_keeps_rootfs_img_pages(mounted: ViewMount, msb: Msb) -> None:
+    """A rescan that changes nothing of the disk (here: its metadata file is touched, as a
+    retag does) leaves the kernel's cached pages of rootfs.img alone."""
+    fincore = require_tool("fincore")
+    d = mounted.image_dir(THREE)
+    img = d / "rootfs.img"
+    size = img.stat().st_size
+    assert len(img.read_bytes()) == size
+
+    def resident() -> int:
+        out = run([fincore, "--bytes", "--noheadings", "--output", "RES", str(img)]).stdout
+        return int(out.strip())
+
+    assert resident() == size
+    before = os.stat(d).st_mtime_ns
+    metadata = GlobalCache(msb.cache).image_metadata_path(THREE)
+    os.utime(metadata)
+    os.utime(metadata.parent)
+    assert wait_for(lambda: os.stat(d).st_mtime_ns != before, 2.0), "no refresh seen"
+    assert resident() == size
+    assert img.read_bytes() == b"".join(p.read_bytes() for p in artifacts(msb.cache, THREE))
+
+
 def test_sigterm_during_reads_unmounts(mounted: ViewMount) -> None:
     img = mounted.image_dir(THREE) / "rootfs.img"
     stop = threading.Event()
