@@ -232,9 +232,16 @@ class ArchiveLayer:
     def descriptor(self) -> Descriptor:
         return Descriptor(mediaType=self.media_type, digest=str(self.digest), size=self.size)
 
-    def open(self) -> BinaryIO:
-        """Stream the blob's bytes; DigestMismatch is raised on reading past a bad end."""
+    def open(self, *, verify: bool = True) -> BinaryIO:
+        """Stream the blob's bytes; DigestMismatch is raised on reading past a bad end.
+
+        ``verify=False`` leaves the digest check to the caller: :func:`cachefs.pull.load`
+        does so for an uncompressed layer, whose blob digest is its diff_id, because ingest
+        verifies the diff_id over the very same bytes (one sha256 pass instead of two).
+        """
         raw = self._members.open(self.member)
+        if not verify:
+            return raw
         what = f"{self._members.path}: layer member {self.member!r}"
         return io.BufferedReader(  # type: ignore[return-value]
             _VerifyingStream(raw, self.digest, self.size, what), buffer_size=_CHUNK
