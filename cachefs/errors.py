@@ -23,6 +23,20 @@ class CachefsError(Exception):
         text = " ".join(str(self).split())
         return f"{text} ({self.hint})" if self.hint else text
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle without calling ``__init__`` again: subclasses take other arguments
+        (``DigestMismatch(what, expected, actual)``), and an error raised in a layer-building
+        worker process must arrive as the same class with the same message and attributes."""
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    cls: type[CachefsError], args: tuple[object, ...], state: dict[str, object]
+) -> CachefsError:
+    err = cls.__new__(cls, *args)
+    err.__dict__.update(state)
+    return err
+
 
 class UsageError(CachefsError):
     """The caller asked for something malformed (bad option combination, bad path)."""
