@@ -164,17 +164,19 @@ _EOF = _EndOfStream()
 
 
 class _PrefetchingStream:
-    """``read(n)`` over decompressed chunks that a worker thread produces, hashes and counts.
+    """``read(n)`` over decompressed chunks that worker threads produce, hash and count.
 
-    Why a thread: inflating (zlib/ISA-L/zstd) and sha256 release the GIL on large buffers,
-    so they run on a second core while this thread parses the tar and writes the spool,
-    which hold it. The queue is bounded (``_PREFETCH_DEPTH`` chunks of ≤ 1 MiB), so memory
-    stays flat however large the layer. The producer's error (``LayerFormatError`` for a
-    corrupt or truncated stream, an ``OSError`` reading the blob) is queued after the
-    chunks that preceded it and raised by ``read`` at that same point of the stream, as if
-    the parser had pulled the chunks itself. ``close()`` stops and joins the producer;
-    the owner calls it before the blob is closed, on success and failure alike.
-    ``count`` and ``hexdigest`` are final once ``read`` has returned ``b""``.
+    Why threads: inflating (zlib/ISA-L/zstd) and sha256 release the GIL on large buffers,
+    so they run on other cores while this thread parses the tar and writes the spool,
+    which hold it. Inflating and hashing get a thread each: in one thread they took longer
+    than the parser, which then waited for them. The queues are bounded
+    (``_PREFETCH_DEPTH`` chunks of ≤ 1 MiB), so memory stays flat however large the
+    layer. The producer's error (``LayerFormatError`` for a corrupt or truncated stream, an
+    ``OSError`` reading the blob) is queued after the chunks that preceded it and raised by
+    ``read`` at that same point of the stream, as if the parser had pulled the chunks
+    itself. ``close()`` stops and joins both threads; the owner calls it before the blob is
+    closed, on success and failure alike. ``count`` and ``hexdigest`` are final once
+    ``read`` has returned ``b""`` (the producer joins the hasher before queueing the end).
     """
 
     def __init__(
@@ -187,20 +189,28 @@ class _PrefetchingStream:
         self._queue: queue.Queue[bytes | _EndOfStream | BaseException] = queue.Queue(
             _PREFETCH_DEPTH
         )
+        self._to_hash: queue.Queue[bytes | _EndOfStream] = queue.Queue(_PREFETCH_DEPTH)
         self._stop = threading.Event()
         self._left = b""
         self._ended = False
         self.count = 0
+        self._hasher = threading.Thread(target=self._digest, name=f"hash {label}", daemon=True)
         self._thread = threading.Thread(
             target=self._produce, args=(chunks,), name=f"inflate {label}", daemon=True
         )
+        self._hasher.start()
         self._thread.start()
 
+    def _digest(self) -> None:
+        get, update = self._to_hash.get, self._hash.update
+        while not isinstance(chunk := get(), _EndOfStream):
+            update(chunk)
+
     def _produce(self, chunks: Generator[bytes, None, None]) -> None:
-        put, update, stop = self._queue.put, self._hash.update, self._stop
+        put, put_hash, stop = self._queue.put, self._to_hash.put, self._stop
         try:
             for chunk in chunks:
-                update(chunk)
+                put_hash(chunk)
                 self.count += len(chunk)
                 put(chunk)
                 if stop.is_set():
@@ -211,6 +221,8 @@ class _PrefetchingStream:
         finally:
             if stop.is_set():
                 chunks.close()
+            put_hash(_EOF)  # the hasher only ever waits for input: room comes soon
+            self._hasher.join()
         if not stop.is_set():
             put(item)
 
