@@ -18,10 +18,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import io
 import os
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import trio
 
@@ -112,11 +115,104 @@ class PullResult:
 
 @dataclass
 class LayerBlob:
-    """A layer's blob, ready to ingest: a file, or an opener streaming it from an archive."""
+    """A layer's blob, ready to ingest: a file, or an opener streaming it from an archive.
+
+    With ``feed``, the blob is still arriving: ``feed()`` downloads it (holding its
+    download lock) and must run while ``source`` is read, which follows the download.
+    """
 
     source: Path | BlobOpener
     compression: Compression | None  # None: sniff the magic bytes (msb's ``load``)
     transient: bool  # a downloaded file to remove once the image is published
+    feed: Callable[[], Awaitable[None]] | None = None
+    file: Path | None = None  # the downloaded file, when ``source`` is not it
+
+
+class _DownloadFailed(Exception):
+    """What the reader of a growing blob raises when its download failed or was cancelled.
+
+    Not a CachefsError: the download's own error is the one to report (``first_error``).
+    """
+
+
+class _GrowingBlob:
+    """A blob file that a download is still writing, readable as it grows (FORMATS.md §1.6:
+    the bytes stay in ``tmp/<blob>.part`` until verified and renamed, as without this).
+
+    Ingest may read unverified bytes because nothing is published before the reader hits
+    its end, and the end comes only after the download verified the whole blob; a failed
+    download makes the reader raise instead. A restart that truncates the file rewrites
+    the same content-addressed bytes at the same offsets, so the reader just waits for them
+    again (and the diff_id check covers whatever was read).
+    """
+
+    def __init__(self, path: Path, final: Path) -> None:
+        self._path = path
+        self._final = final
+        self._cond = threading.Condition()
+        self._size = -1  # -1: the download has not prepared the file yet
+        self._done = False
+        self._failed = False
+
+    def written(self, size: int) -> None:
+        with self._cond:
+            self._size = size
+            self._cond.notify_all()
+
+    def finish(self, ok: bool) -> None:
+        with self._cond:
+            self._done = True
+            self._failed = not ok
+            self._cond.notify_all()
+
+    def wait(self, pos: int) -> int:
+        """Bytes readable at ``pos`` (blocking until there are some); 0 at the verified end."""
+        with self._cond:
+            while True:
+                if self._failed:
+                    raise _DownloadFailed(f"download of {self._path.name} failed")
+                if self._size > pos:
+                    return self._size - pos
+                if self._done:
+                    return 0
+                self._cond.wait()
+
+    def open(self) -> BinaryIO:
+        self.wait(-1)  # the file exists once the download has prepared it
+        try:
+            fd = os.open(self._path, os.O_RDONLY)
+        except FileNotFoundError:  # already complete and renamed (or failed and removed)
+            with self._cond:
+                while not self._done:
+                    self._cond.wait()
+            if self._failed:
+                raise _DownloadFailed(f"download of {self._path.name} failed") from None
+            fd = os.open(self._final, os.O_RDONLY)
+        return _GrowingReader(self, fd)  # type: ignore[return-value]
+
+
+class _GrowingReader(io.RawIOBase):
+    def __init__(self, blob: _GrowingBlob, fd: int) -> None:
+        self._blob = blob
+        self._fd = fd
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        avail = self._blob.wait(self._pos)
+        if not avail:
+            return 0
+        with memoryview(b) as view:
+            n = os.preadv(self._fd, [view[: min(len(view), avail)]], self._pos)
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
 class _Emitter:
@@ -247,16 +343,33 @@ async def materialize_plan(
             if blob is None:  # another process materialised it while we waited
                 emit(LayerProgress(i, layer.diff_id, "cached"))
                 return
-            if blob.transient and isinstance(blob.source, Path):
-                transient.append(blob.source)
+            if blob.transient:
+                path = blob.file or blob.source
+                if isinstance(path, Path):
+                    transient.append(path)
             emit(LayerProgress(i, layer.diff_id, "materialize"))
-            built = await trio.to_thread.run_sync(
+            build = functools.partial(
+                trio.to_thread.run_sync,
                 functools.partial(
                     materialize_layer, cache, blob.source, compression=blob.compression,
                     diff_id=diff, layer_label=layer.digest, force=force,
                 ),
                 limiter=limiter,
             )
+            if blob.feed is None:
+                built = await build()
+            else:  # ingest follows the download
+                # A failed ingest lets the download finish: a corrupt blob must fail as the
+                # download's DigestMismatch (and leave no .part), as it does without this.
+                build_error: Exception | None = None
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(blob.feed)
+                    try:
+                        built = await build()
+                    except Exception as e:
+                        build_error = e
+                if build_error is not None:
+                    raise build_error
             if built.root is not None and built.block_map is not None:
                 trees[diff] = (built.root, built.block_map.total_blocks)
             emit(LayerProgress(i, layer.diff_id, "done"))
@@ -352,26 +465,48 @@ async def pull(
                 blob = descriptor.parsed_digest
                 tar = cache.tar_path(blob)
                 total = descriptor.size or None
-                async with flock_exclusive_async(cache.download_lock_path(blob)):
+                compression = compression_from_media_type(descriptor.media_type)
+                held = contextlib.AsyncExitStack()
+                await held.enter_async_context(
+                    flock_exclusive_async(cache.download_lock_path(blob))
+                )
+                try:
                     # a concurrent pull may have finished this layer (and removed its blob)
                     if not force and cache.is_layer_materialized(layer.diff_digest):
                         return None
-                    if not _reusable_blob(tar, total):
-                        part = cache.part_path(blob)
-                        done = 0
+                    if _reusable_blob(tar, total):
+                        return LayerBlob(tar, compression, True)
+                    part = cache.part_path(blob)
+                    growing = _GrowingBlob(part, tar)
+                    lock = held.pop_all()  # feed() releases it when the download ends
 
-                        def on_bytes(n: int) -> None:
-                            nonlocal done
-                            done += n
-                            emit_(LayerProgress(i, layer.diff_id, "download", done, total))
+                    async def feed() -> None:
+                        """The download, under its lock (handed over), while ingest reads."""
+                        async with lock:
+                            ok = False
+                            try:
+                                done = 0
 
-                        emit_(LayerProgress(i, layer.diff_id, "download", 0, total))
-                        await registry.fetch_blob(  # type: ignore[attr-defined]
-                            ref, descriptor, part, resume=True, progress=on_bytes
-                        )
-                        emit_(LayerProgress(i, layer.diff_id, "verify", done, total))
-                        os.rename(part, tar)
-                return LayerBlob(tar, compression_from_media_type(descriptor.media_type), True)
+                                def on_bytes(n: int) -> None:
+                                    nonlocal done
+                                    done += n
+                                    emit_(LayerProgress(i, layer.diff_id, "download", done,
+                                                        total))
+
+                                emit_(LayerProgress(i, layer.diff_id, "download", 0, total))
+                                await registry.fetch_blob(  # type: ignore[attr-defined]
+                                    ref, descriptor, part, resume=True, progress=on_bytes,
+                                    written=growing.written,
+                                )
+                                emit_(LayerProgress(i, layer.diff_id, "verify", done, total))
+                                os.rename(part, tar)
+                                ok = True
+                            finally:
+                                growing.finish(ok)
+
+                    return LayerBlob(growing.open, compression, True, feed=feed, file=tar)
+                finally:
+                    await held.aclose()
 
             return await materialize_plan(cache, plan, provide, emit=emit, force=force,
                                           source="pull")

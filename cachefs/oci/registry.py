@@ -384,8 +384,14 @@ class RegistryClient:
         *,
         resume: bool = True,
         progress: Progress | None = None,
+        written: Progress | None = None,
     ) -> None:
         """Download a blob into ``dest`` (the ``.part`` file) and verify it.
+
+        ``written(n)`` is called whenever ``dest`` holds ``n`` bytes of the blob (flushed,
+        so another reader sees them): once the kept prefix is known, after each chunk, and
+        with 0 when a restart truncates it. A reader may follow the file with it; the bytes
+        are verified only when this returns.
 
         ``progress(n)`` is called with the number of bytes *newly received* from the network
         for each chunk (bytes reused from an existing partial file are not reported). On
@@ -401,6 +407,8 @@ class RegistryClient:
         hasher, have, done = await trio.to_thread.run_sync(
             _prepare_part, dest, digest, expected, resume
         )
+        if written is not None:
+            written(have)
         if done:
             return
         failures = 0
@@ -420,6 +428,8 @@ class RegistryClient:
                         # Our prefix is not a prefix of theirs (or already complete): start over.
                         hasher, have = digest.hasher(), 0
                         await trio.to_thread.run_sync(_truncate, dest)
+                        if written is not None:
+                            written(0)
                         failures += 1
                         continue
                     await self._raise_for_status(resp, ref, path)
@@ -427,6 +437,8 @@ class RegistryClient:
                         # A full 200 body (or a range we did not ask for): truncate, restart.
                         hasher, have = digest.hasher(), 0
                         await trio.to_thread.run_sync(_truncate, dest)
+                        if written is not None:
+                            written(0)
                         if resp.status_code != 200:
                             failures += 1
                             continue
@@ -437,6 +449,9 @@ class RegistryClient:
                             f.write(chunk)
                             hasher.update(chunk)
                             have += len(chunk)
+                            if written is not None:
+                                f.flush()
+                                written(have)
                             got += len(chunk)
                             if progress is not None:
                                 progress(len(chunk))
