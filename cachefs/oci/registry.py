@@ -174,6 +174,7 @@ class RegistryClient:
             verify = ctx
         self._http = httpx.AsyncClient(
             verify=verify,
+            transport=_PlainFirstTransport(verify) if insecure else None,
             follow_redirects=True,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
             headers={"User-Agent": "cachefs/0.1"},
@@ -474,6 +475,32 @@ class RegistryClient:
             if actual == str(digest):
                 actual += f" ({have} bytes, descriptor says {expected})"
             raise DigestMismatch(f"blob of {where}", str(digest), actual)
+
+
+class _PlainFirstTransport(httpx.AsyncBaseTransport):
+    """The transport of an ``insecure`` client, whose registry speaks plain HTTP.
+
+    Why: a verifying TLS context loads the CA bundle (~20 ms at the start of every pull),
+    which plain HTTP never uses. It is built on the first ``https`` request (a redirect, a
+    token realm), and such requests are verified exactly as before.
+    """
+
+    def __init__(self, verify: ssl.SSLContext | bool) -> None:
+        self._verify = verify
+        self._plain = httpx.AsyncHTTPTransport(verify=False)  # only ever sees http:// URLs
+        self._tls: httpx.AsyncHTTPTransport | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.scheme != "https":
+            return await self._plain.handle_async_request(request)
+        if self._tls is None:
+            self._tls = httpx.AsyncHTTPTransport(verify=self._verify)
+        return await self._tls.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._plain.aclose()
+        if self._tls is not None:
+            await self._tls.aclose()
 
 
 def _first_error(err: ValidationError) -> str:
