@@ -125,7 +125,7 @@ def _count_names(root: Node) -> dict[int, int]:
     while stack:
         node = stack.pop()
         for child in (node.children or {}).values():
-            if child.is_dir:
+            if child.type is FileType.DIR:
                 stack.append(child)
             else:
                 counts[id(child)] = counts.get(id(child), 0) + 1
@@ -156,35 +156,41 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
     by_node: dict[int, PlannedInode] = {}
     # Pre-order walk that remembers each directory's parent for "..".
     stack: list[tuple[bytes, Node, Node | None]] = [(b"", root, None)]
+    DIR, REG, SYMLINK = FileType.DIR, FileType.REG, FileType.SYMLINK  # locals: hot loop
+    pop, push = stack.pop, stack.append
     while stack:
-        path, node, parent = stack.pop()
+        path, node, parent = pop()
+        ntype = node.type
+        is_dir = ntype is DIR
         if id(node) in by_node:
-            if node.is_dir:
+            if is_dir:
                 raise LayerFormatError(
                     "a directory appears under two names (directories cannot be hardlinked)",
                     entry=path.decode(errors="replace"),
                 )
             continue  # a later name of a hardlink group: same NID, no slot
-        if node.children:
-            for name in sorted(node.children, reverse=True):
+        kids = node.children
+        kid_names = sorted(kids) if kids else []
+        if kid_names:
+            sep = path + b"/" if path else b""
+            for name in reversed(kid_names):
                 if len(name) > _MAX_NAME or not name or b"/" in name or name in (b".", b".."):
                     raise LayerFormatError(
                         f"invalid file name {name!r} (1..255 bytes, no '/', not '.'/'..')",
                         entry=path.decode(errors="replace"),
                     )
-                child_path = path + b"/" + name if path else name
-                stack.append((child_path, node.children[name], node))
-        ibody = _ibody(node, path)
+                push((sep + name, kids[name], node))  # type: ignore[index]
+        ibody = _ibody(node, path) if node.xattrs else b""
         fixed = 64 + len(ibody)
         room = F.BLOCK_SIZE - cursor % F.BLOCK_SIZE
         inode = PlannedInode(
             node=node, path=path, nid=(cursor - meta_start) // F.SLOT_SIZE, offset=cursor,
             layout=F.LAYOUT_FLAT_PLAIN, size=0, ibody=ibody, nlink=1,
         )
-        if node.is_dir:
-            child_dirs = sum(1 for c in (node.children or {}).values() if c.is_dir)
+        if is_dir:
+            child_dirs = sum(1 for c in kids.values() if c.type is DIR) if kids else 0
             inode.nlink = 2 if parent is None else 2 + child_dirs
-            entries = sorted([b".", b"..", *(node.children or {})])
+            entries = sorted([b".", b"..", *kid_names])  # nearly sorted already: linear
             inode.dir_blocks = pack_dirent_names(entries)
             inode.size = (len(inode.dir_blocks) - 1) * F.BLOCK_SIZE + _dir_block_len(
                 inode.dir_blocks[-1]
@@ -194,14 +200,14 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
             inode.size = _content_size(node)
         size = inode.size
         extra = 0  # bytes after the ibody inside the inode's slots
-        if node.type is FileType.REG and chunked:
+        if ntype is REG and chunked:
             inode.layout = F.LAYOUT_CHUNK_BASED
             inode.chunks = F.blocks_for(size)
             inode.chunk_pad = 4 if len(ibody) % 8 == 4 and inode.chunks else 0
             extra = inode.chunk_pad + F.CHUNK_INDEX_SIZE * inode.chunks
-        elif node.type in (FileType.REG, FileType.DIR, FileType.SYMLINK) and size:
+        elif (ntype is REG or is_dir or ntype is SYMLINK) and size:
             tail = size % F.BLOCK_SIZE
-            if node.type is not FileType.REG and tail and fixed + tail <= room:
+            if ntype is not REG and tail and fixed + tail <= room:
                 inode.layout = F.LAYOUT_FLAT_INLINE
                 inode.tail_len = tail
                 inode.data_blocks = size // F.BLOCK_SIZE
@@ -216,9 +222,11 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
         inodes.append(inode)
         by_node[id(node)] = inode
     for inode in inodes:  # ".." of every directory
-        for child in (inode.node.children or {}).values():
-            if child.is_dir:
-                by_node[id(child)].parent_nid = inode.nid
+        kids = inode.node.children
+        if kids:
+            for child in kids.values():
+                if child.type is DIR:
+                    by_node[id(child)].parent_nid = inode.nid
     return Plan(
         inodes=inodes, by_node=by_node, meta_blkaddr=meta_blkaddr, meta_end=cursor,
         data_start=F.blocks_for(cursor), data_blocks=next_block, chunked=chunked,
