@@ -137,6 +137,17 @@ def mounted(msb: Msb, tmp_path: Path) -> Iterator[ViewMount]:
         yield vm
 
 
+def artifacts(cache: Path, ref: str) -> list[Path]:
+    """fsmeta then layers, bottom first: the disk's byte order."""
+    from cachefs.cache.store import GlobalCache
+
+    gc = GlobalCache(cache)
+    meta = gc.read_image_metadata(ref)
+    assert meta is not None
+    return [gc.fsmeta_erofs_path(meta.manifest_digest),
+            *(gc.layer_erofs_path(d) for d in meta.diff_ids)]
+
+
 def concat(paths: list[Path]) -> bytes:
     return b"".join(p.read_bytes() for p in paths)
 

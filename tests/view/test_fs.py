@@ -23,6 +23,7 @@ from cachefs.vmdk import parse_descriptor
 from tests.fixtures.system import Msb, loop_mount_erofs, require_fuse, require_tool, run
 from tests.view.conftest import (
     ViewMount,
+    artifacts,
     image_one,
     image_two,
     load,
@@ -36,15 +37,6 @@ pytestmark = pytest.mark.system
 ONE = "docker.io/library/one:1"
 ONE_REG = "127.0.0.1:5000/team/one:latest"
 THREE = "docker.io/library/three:v3"
-
-
-def artifacts(cache: Path, ref: str) -> list[Path]:
-    """fsmeta then layers, bottom first: the disk's byte order."""
-    gc = GlobalCache(cache)
-    meta = gc.read_image_metadata(ref)
-    assert meta is not None
-    return [gc.fsmeta_erofs_path(meta.manifest_digest),
-            *(gc.layer_erofs_path(d) for d in meta.diff_ids)]
 
 
 def test_paths_by_reference_and_symlinks(mounted: ViewMount, msb: Msb) -> None:

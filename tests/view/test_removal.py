@@ -3,31 +3,21 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-from cachefs.cache.store import GlobalCache
 from tests.fixtures.system import Msb
-from tests.view.conftest import ViewMount, concat, wait_for
+from tests.view.conftest import ViewMount, artifacts, concat, wait_for
 
 pytestmark = pytest.mark.system
 
 THREE = "docker.io/library/three:v3"
 
 
-def parts(cache: Path, ref: str) -> list[Path]:
-    gc = GlobalCache(cache)
-    meta = gc.read_image_metadata(ref)
-    assert meta is not None
-    return [gc.fsmeta_erofs_path(meta.manifest_digest),
-            *(gc.layer_erofs_path(d) for d in meta.diff_ids)]
-
-
 def test_msb_rm_keeps_the_files_of_an_open_rootfs_img(mounted: ViewMount, msb: Msb) -> None:
     """msb drops the reference, but its deleter takes exclusive leases without blocking,
     and the shared leases of the open handle make it leave every file in place."""
-    files = parts(msb.cache, THREE)
+    files = artifacts(msb.cache, THREE)
     expected = concat(files)
     img = mounted.image_dir(THREE) / "rootfs.img"
     with open(img, "rb", buffering=0) as f:
@@ -42,7 +32,7 @@ def test_msb_rm_keeps_the_files_of_an_open_rootfs_img(mounted: ViewMount, msb: M
 def test_files_unlinked_under_an_open_reader(mounted: ViewMount, msb: Msb) -> None:
     """Something that ignores leases (rm -f) deletes the artifacts: the open handle keeps
     reading the old inodes, the image turns not-ready, and the daemon lives on."""
-    files = parts(msb.cache, THREE)
+    files = artifacts(msb.cache, THREE)
     expected = concat(files)
     image_dir = mounted.image_dir(THREE)
     with open(image_dir / "rootfs.img", "rb", buffering=0) as f:
