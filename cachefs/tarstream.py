@@ -105,6 +105,18 @@ def parse_number(field_: bytes, what: str, entry: bytes) -> int:
         ) from None
 
 
+def _header_checksum_ok(hdr: bytes) -> bool:
+    """Does the checksum field parse and match (unsigned or signed sum)? Never raises."""
+    text = hdr[148:156].split(b"\0", 1)[0].strip(b" ")
+    try:
+        stored = int(text, 8)
+    except ValueError:
+        return False
+    unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 0x20
+    high = sum(1 for b in hdr[:148] + hdr[156:] if b >= 0x80)
+    return stored in (unsigned, unsigned - 256 * high)
+
+
 def _cstring(field_: bytes) -> bytes:
     nul = field_.find(b"\0")
     return field_ if nul < 0 else field_[:nul]
@@ -295,6 +307,9 @@ class TarReader:
                 return  # end-of-archive marker; the caller drains the rest
             raw_name = _cstring(hdr[0:100])
             self._current_name = raw_name
+            if self.offset == BLOCK and not _header_checksum_ok(hdr):
+                # the very first block is no tar header: say that, not "entry <garbage>"
+                raise LayerFormatError("not a tar archive (no valid tar header at offset 0)")
             stored = parse_number(hdr[148:156], "checksum", raw_name)
             unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 0x20
             if stored != unsigned:

@@ -231,9 +231,20 @@ def test_malformed_pax_record() -> None:
 def test_bad_checksum_names_entry() -> None:
     hdr = header(reg("broken", b"")[0])
     hdr[0:6] = b"BROKEN"
+    first = bytes(header(reg("fine", b"")[0]))
     with pytest.raises(LayerFormatError, match="bad tar header checksum") as ei:
-        entries(bytes(hdr) + END)
+        entries(first + bytes(hdr) + END)
     assert ei.value.entry == "BROKEN"
+
+
+@pytest.mark.parametrize("data", [b"root:x:0:0:root:/root:/bin/bash\n" * 40, b"\x89PNG" * 300])
+def test_not_a_tar_says_so(data: bytes) -> None:
+    hdr = header(reg("broken", b"")[0])
+    hdr[0:6] = b"BROKEN"
+    for blob in (data[:2048], bytes(hdr) + END):
+        with pytest.raises(LayerFormatError, match="not a tar archive") as ei:
+            entries(blob.ljust(1024, b"\0"))
+        assert ei.value.entry is None
 
 
 def test_signed_checksum_accepted() -> None:
