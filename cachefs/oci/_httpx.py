@@ -18,6 +18,11 @@ def _import_without_cli() -> None:
     sys.modules["httpx._main"] = None  # type: ignore[assignment]
     try:
         import httpx  # noqa: F401
+    except ImportError:
+        # an httpx that needs its CLI module after all: forget the half import, and the
+        # plain import below loads everything
+        for name in [n for n in sys.modules if n == "httpx" or n.startswith("httpx.")]:
+            del sys.modules[name]
     finally:
         if "httpx._main" in sys.modules and sys.modules["httpx._main"] is None:
             del sys.modules["httpx._main"]
