@@ -456,3 +456,67 @@ async def test_wrong_credentials(tmp_path: Path, registry_factory) -> None:  # n
     ok = await cachefs_pull(cache, ref, client_kw={
         "authenticator": Authenticator(Credentials(r.username, r.password), lookup=None)})
     assert not ok.cached
+
+
+class ManifestGarbler:
+    """Forwards to the registry, but every manifest comes back as bytes that are not JSON."""
+
+    BODY = b"<html>this is not a manifest{"
+
+    def __init__(self, upstream_port: int) -> None:
+        outer = self
+        self.upstream_port = upstream_port
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                up = http.client.HTTPConnection("127.0.0.1", outer.upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection")}
+                up.request("GET", self.path, headers=headers)
+                resp = up.getresponse()
+                data = resp.read()
+                up.close()
+                if "/manifests/" in self.path:
+                    data = ManifestGarbler.BODY
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length",
+                                         "docker-content-digest"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_HEAD = do_GET
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_manifest_that_is_not_json(pushed: Pushed, tmp_path: Path) -> None:
+    proxy = ManifestGarbler(pushed.registry.port)
+    try:
+        cache = GlobalCache.new(tmp_path / "c")
+        ref = f"{proxy.host}/app/gz:v1"
+        with pytest.raises(RegistryError) as info:
+            await cachefs_pull(cache, ref)
+        text = one_line(info.value)
+        assert "json" in text.lower() or "manifest" in text.lower()
+        assert_nothing_published(cache, ref)
+        assert not list(cache.layers_dir().glob("*.erofs"))
+    finally:
+        proxy.close()
