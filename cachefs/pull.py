@@ -18,13 +18,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
-import io
 import os
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import trio
 
@@ -34,6 +31,7 @@ from .cache.publish import remove_quietly
 from .digest import Digest
 from .erofs.tree import Node
 from .errors import CachefsError, NotCachedError
+from .growing import GrowingBlob
 from .layer import Compression, compression_from_media_type
 from .materialize import BlobOpener, materialize_layer, stitch_image
 from .models import CachedImageMetadata, ImageConfig, ImageConfigFile, LayerMetadata
@@ -126,93 +124,6 @@ class LayerBlob:
     transient: bool  # a downloaded file to remove once the image is published
     feed: Callable[[], Awaitable[None]] | None = None
     file: Path | None = None  # the downloaded file, when ``source`` is not it
-
-
-class _DownloadFailed(Exception):
-    """What the reader of a growing blob raises when its download failed or was cancelled.
-
-    Not a CachefsError: the download's own error is the one to report (``first_error``).
-    """
-
-
-class _GrowingBlob:
-    """A blob file that a download is still writing, readable as it grows (FORMATS.md §1.6:
-    the bytes stay in ``tmp/<blob>.part`` until verified and renamed, as without this).
-
-    Ingest may read unverified bytes because nothing is published before the reader hits
-    its end, and the end comes only after the download verified the whole blob; a failed
-    download makes the reader raise instead. A restart that truncates the file rewrites
-    the same content-addressed bytes at the same offsets, so the reader just waits for them
-    again (and the diff_id check covers whatever was read).
-    """
-
-    def __init__(self, path: Path, final: Path) -> None:
-        self._path = path
-        self._final = final
-        self._cond = threading.Condition()
-        self._size = -1  # -1: the download has not prepared the file yet
-        self._done = False
-        self._failed = False
-
-    def written(self, size: int) -> None:
-        with self._cond:
-            self._size = size
-            self._cond.notify_all()
-
-    def finish(self, ok: bool) -> None:
-        with self._cond:
-            self._done = True
-            self._failed = not ok
-            self._cond.notify_all()
-
-    def wait(self, pos: int) -> int:
-        """Bytes readable at ``pos`` (blocking until there are some); 0 at the verified end."""
-        with self._cond:
-            while True:
-                if self._failed:
-                    raise _DownloadFailed(f"download of {self._path.name} failed")
-                if self._size > pos:
-                    return self._size - pos
-                if self._done:
-                    return 0
-                self._cond.wait()
-
-    def open(self) -> BinaryIO:
-        self.wait(-1)  # the file exists once the download has prepared it
-        try:
-            fd = os.open(self._path, os.O_RDONLY)
-        except FileNotFoundError:  # already complete and renamed (or failed and removed)
-            with self._cond:
-                while not self._done:
-                    self._cond.wait()
-            if self._failed:
-                raise _DownloadFailed(f"download of {self._path.name} failed") from None
-            fd = os.open(self._final, os.O_RDONLY)
-        return _GrowingReader(self, fd)  # type: ignore[return-value]
-
-
-class _GrowingReader(io.RawIOBase):
-    def __init__(self, blob: _GrowingBlob, fd: int) -> None:
-        self._blob = blob
-        self._fd = fd
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        avail = self._blob.wait(self._pos)
-        if not avail:
-            return 0
-        with memoryview(b) as view:
-            n = os.preadv(self._fd, [view[: min(len(view), avail)]], self._pos)
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-        super().close()
 
 
 class _Emitter:
@@ -477,7 +388,7 @@ async def pull(
                     if _reusable_blob(tar, total):
                         return LayerBlob(tar, compression, True)
                     part = cache.part_path(blob)
-                    growing = _GrowingBlob(part, tar)
+                    growing = GrowingBlob(part, tar)
                     lock = held.pop_all()  # feed() releases it when the download ends
 
                     async def feed() -> None:

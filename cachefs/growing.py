@@ -1,0 +1,102 @@
+"""A downloading blob file that ingest reads while it grows (pull's download/ingest overlap).
+
+The bytes stay in ``tmp/<blob>.part`` until the download has verified and renamed them
+(FORMATS.md §1.6), exactly as without the overlap; ingest may read unverified bytes only
+because nothing is published before the reader reaches the end, and the end comes only
+after verification. A failed download makes the reader raise instead.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+class DownloadFailed(Exception):
+    """What the reader of a growing blob raises when its download failed or was cancelled.
+
+    Not a CachefsError: the download's own error is the one to report (``first_error``).
+    """
+
+
+class GrowingBlob:
+    """A blob file that a download is still writing, readable as it grows (FORMATS.md §1.6:
+    the bytes stay in ``tmp/<blob>.part`` until verified and renamed, as without this).
+
+    Ingest may read unverified bytes because nothing is published before the reader hits
+    its end, and the end comes only after the download verified the whole blob; a failed
+    download makes the reader raise instead. A restart that truncates the file rewrites
+    the same content-addressed bytes at the same offsets, so the reader just waits for them
+    again (and the diff_id check covers whatever was read).
+    """
+
+    def __init__(self, path: Path, final: Path) -> None:
+        self._path = path
+        self._final = final
+        self._cond = threading.Condition()
+        self._size = -1  # -1: the download has not prepared the file yet
+        self._done = False
+        self._failed = False
+
+    def written(self, size: int) -> None:
+        with self._cond:
+            self._size = size
+            self._cond.notify_all()
+
+    def finish(self, ok: bool) -> None:
+        with self._cond:
+            self._done = True
+            self._failed = not ok
+            self._cond.notify_all()
+
+    def wait(self, pos: int) -> int:
+        """Bytes readable at ``pos`` (blocking until there are some); 0 at the verified end."""
+        with self._cond:
+            while True:
+                if self._failed:
+                    raise DownloadFailed(f"download of {self._path.name} failed")
+                if self._size > pos:
+                    return self._size - pos
+                if self._done:
+                    return 0
+                self._cond.wait()
+
+    def open(self) -> BinaryIO:
+        self.wait(-1)  # the file exists once the download has prepared it
+        try:
+            fd = os.open(self._path, os.O_RDONLY)
+        except FileNotFoundError:  # already complete and renamed (or failed and removed)
+            with self._cond:
+                while not self._done:
+                    self._cond.wait()
+            if self._failed:
+                raise DownloadFailed(f"download of {self._path.name} failed") from None
+            fd = os.open(self._final, os.O_RDONLY)
+        return GrowingReader(self, fd)  # type: ignore[return-value]
+
+
+class GrowingReader(io.RawIOBase):
+    def __init__(self, blob: GrowingBlob, fd: int) -> None:
+        self._blob = blob
+        self._fd = fd
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        avail = self._blob.wait(self._pos)
+        if not avail:
+            return 0
+        with memoryview(b) as view:
+            n = os.preadv(self._fd, [view[: min(len(view), avail)]], self._pos)
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
