@@ -23,6 +23,8 @@ iteration moves on. Any malformed input raises ``LayerFormatError`` naming the e
 
 from __future__ import annotations
 
+import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -105,6 +107,27 @@ def parse_number(field_: bytes, what: str, entry: bytes) -> int:
         ) from None
 
 
+# The numeric fields mode..chksum (offsets 100..156) as every common writer (GNU tar, Go's
+# archive/tar, Python's tarfile) emits them: zero-padded octal, NUL-terminated, checksum
+# "dddddd" plus two of NUL/space. A header that matches parses with six C-level ``int``
+# calls and gives exactly what ``parse_number`` gives (digits only: nothing to split,
+# strip or reject); anything else (base-256, space padding, odd terminators, garbage) goes
+# through ``parse_number`` field by field, with its error messages and their order.
+_PLAIN_NUMBERS = re.compile(
+    rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0([0-7]{6})[ \0][ \0]"
+)
+_adler32 = zlib.adler32
+
+
+def _byte_sum(hdr: bytes) -> int:
+    """``sum(hdr)`` for a 512-byte block, five times faster than ``sum``.
+
+    Why this is exact: Adler-32's low half is ``(1 + sum of the bytes) mod 65521``, and a
+    256-byte half of a block sums to at most 256 * 255 = 65280, so no reduction happens.
+    """
+    return (_adler32(hdr[:256]) & 0xFFFF) + (_adler32(hdr[256:]) & 0xFFFF) - 2
+
+
 def _header_checksum_ok(hdr: bytes) -> bool:
     """Does the checksum field parse and match (unsigned or signed sum)? Never raises."""
     text = hdr[148:156].split(b"\0", 1)[0].strip(b" ")
@@ -115,11 +138,6 @@ def _header_checksum_ok(hdr: bytes) -> bool:
     unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 0x20
     high = sum(1 for b in hdr[:148] + hdr[156:] if b >= 0x80)
     return stored in (unsigned, unsigned - 256 * high)
-
-
-def _cstring(field_: bytes) -> bytes:
-    nul = field_.find(b"\0")
-    return field_ if nul < 0 else field_[:nul]
 
 
 def _parse_pax(data: bytes, entry: bytes) -> dict[bytes, bytes]:
@@ -297,21 +315,49 @@ class TarReader:
         pax: dict[bytes, bytes] | None = None
         gnu_name: bytes | None = None
         gnu_link: bytes | None = None
+        plain_numbers = _PLAIN_NUMBERS.match
+        byte_sum = _byte_sum
+        type_kind = _TYPE_KIND.get
         while True:
-            self._finish_current()
+            # The common cases inline (the previous entry's rest and the next header inside
+            # the buffer): this loop runs once per member and bounds pull/load CPU time.
+            cur = self._current
+            if cur is not None:
+                rest = cur.remaining + (-cur.size % BLOCK)
+                pos = self._pos
+                if 0 <= rest <= len(self._buf) - pos:  # (a "-1" size field gives rest < 0)
+                    self._pos = pos + rest
+                    self.offset += rest
+                else:
+                    self._skip(rest)
+                cur.remaining = 0
+                self._current = None
             self._current_name = b""
-            hdr = self._take(BLOCK)
-            if hdr is None:
-                return  # clean EOF on a header boundary
-            if hdr.count(0) == BLOCK:
-                return  # end-of-archive marker; the caller drains the rest
-            raw_name = _cstring(hdr[0:100])
+            buf, pos = self._buf, self._pos
+            if len(buf) - pos >= BLOCK:
+                self._pos = end = pos + BLOCK
+                self.offset += BLOCK
+                hdr = buf[pos:end]
+            else:
+                hdr = self._take(BLOCK)
+                if hdr is None:
+                    return  # clean EOF on a header boundary
+            total = byte_sum(hdr)
+            if not total:
+                return  # end-of-archive marker (all zero); the caller drains the rest
+            nul = hdr.find(0, 0, 100)
+            raw_name = hdr[:nul] if nul >= 0 else hdr[:100]
             self._current_name = raw_name
             if self.offset == BLOCK and not _header_checksum_ok(hdr):
                 # the very first block is no tar header: say that, not "entry <garbage>"
                 raise LayerFormatError("not a tar archive (no valid tar header at offset 0)")
-            stored = parse_number(hdr[148:156], "checksum", raw_name)
-            unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 0x20
+            numbers = plain_numbers(hdr, 100)
+            if numbers is not None:
+                mode_f, uid_f, gid_f, size_f, mtime_f, chk_f = numbers.groups()
+                stored = int(chk_f, 8)
+            else:
+                stored = parse_number(hdr[148:156], "checksum", raw_name)
+            unsigned = total - sum(hdr[148:156]) + 8 * 0x20
             if stored != unsigned:
                 high = sum(1 for b in hdr[:148] + hdr[156:] if b >= 0x80)
                 signed = unsigned - 256 * high
@@ -321,7 +367,10 @@ class TarReader:
                         entry=_display(raw_name),
                     )
             typeflag = hdr[156]
-            size = parse_number(hdr[124:136], "size", raw_name)
+            if numbers is not None:
+                size = int(size_f, 8)
+            else:
+                size = parse_number(hdr[124:136], "size", raw_name)
             if typeflag in (0x78, 0x67):  # 'x' per-entry PAX, 'g' global PAX
                 records = _parse_pax(self._meta_data(size, raw_name), raw_name)
                 if typeflag == 0x67:
@@ -337,16 +386,24 @@ class TarReader:
                 continue
 
             name = raw_name
-            magic = hdr[257:265]
-            if magic[:6] == b"ustar\0":
-                prefix = _cstring(hdr[345:500])
+            if hdr[257:263] == b"ustar\0":
+                nul = hdr.find(0, 345, 500)
+                prefix = hdr[345:nul] if nul >= 0 else hdr[345:500]
                 if prefix:
                     name = prefix + b"/" + name
             if gnu_name is not None:
                 name = gnu_name
-            linkname = gnu_link if gnu_link is not None else _cstring(hdr[157:257])
-            uid = parse_number(hdr[108:116], "uid", name)
-            gid = parse_number(hdr[116:124], "gid", name)
+            if gnu_link is not None:
+                linkname = gnu_link
+            else:
+                nul = hdr.find(0, 157, 257)
+                linkname = hdr[157:nul] if nul >= 0 else hdr[157:257]
+            if numbers is not None:
+                uid = int(uid_f, 8)
+                gid = int(gid_f, 8)
+            else:
+                uid = parse_number(hdr[108:116], "uid", name)
+                gid = parse_number(hdr[116:124], "gid", name)
             xattrs: list[tuple[bytes, bytes]] = []
             records = {**global_pax, **pax} if pax is not None else global_pax
             if records:
@@ -366,21 +423,21 @@ class TarReader:
             pax = None
             gnu_name = gnu_link = None
             self._current_name = name
-            kind = _TYPE_KIND.get(typeflag, OTHER)
-            is_dev = kind is CHAR or kind is BLOCKDEV
+            if numbers is not None:
+                mode = int(mode_f, 8)
+                mtime = int(mtime_f, 8)
+            else:
+                mode = parse_number(hdr[100:108], "mode", name)
+                mtime = parse_number(hdr[136:148], "mtime", name)
+            kind = type_kind(typeflag, OTHER)
+            if kind is CHAR or kind is BLOCKDEV:
+                devmajor = parse_number(hdr[329:337], "devmajor", name)
+                devminor = parse_number(hdr[337:345], "devminor", name)
+            else:
+                devmajor = devminor = 0
             entry = TarEntry(
-                name=name,
-                kind=kind,
-                typeflag=typeflag,
-                mode=parse_number(hdr[100:108], "mode", name),
-                uid=uid,
-                gid=gid,
-                size=size,
-                mtime=parse_number(hdr[136:148], "mtime", name),
-                linkname=linkname,
-                devmajor=parse_number(hdr[329:337], "devmajor", name) if is_dev else 0,
-                devminor=parse_number(hdr[337:345], "devminor", name) if is_dev else 0,
-                xattrs=xattrs,
+                name, kind, typeflag, mode, uid, gid, size, mtime, linkname, devmajor, devminor,
+                xattrs,
             )
             self._current = entry.data = EntryData(self, size)
             yield entry

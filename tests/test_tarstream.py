@@ -138,6 +138,50 @@ def test_base256_numbers() -> None:
     assert (e.uid, e.gid, e.mtime) == (5_000_000_000, 70000, 1 << 40)
 
 
+@pytest.mark.parametrize(
+    ("at", "field", "value"),
+    [
+        (100, b"000644 \0", 0o644),  # libarchive/v7: space then NUL
+        (100, b"  644\0\0\0", 0o644),  # leading spaces, NUL padding
+        (100, b"644\0junk", 0o644),  # whatever follows the NUL is ignored
+        (100, b"\0   0755", 0),  # a leading NUL makes the field empty, so 0
+        (108, b"        ", 0),  # all spaces: empty, so 0
+        (108, b"\0" * 8, 0),
+        (116, b"0001750 ", 0o1750),  # space-terminated instead of NUL
+        (124, b"3" + b"\0" * 11, 3),  # size, short
+        (136, b"12345670123 ", 0o12345670123),  # mtime, space-terminated
+        (136, b"\x80" + (1 << 40).to_bytes(11, "big"), 1 << 40),  # base-256
+    ],
+)
+def test_numbers_off_the_plain_layout_parse_like_before(at: int, field: bytes, value: int) -> None:
+    """Headers that are not zero-padded NUL-terminated octal leave the fast path; same values."""
+    hdr = header(reg("f", b"abc", mode=0o600)[0])
+    hdr[at : at + len(field)] = field
+    (e, d), = entries(bytes(fix_checksum(hdr)) + b"abc".ljust(512, b"\0") + END)
+    assert d == b"abc"
+    got = {100: e.mode, 108: e.uid, 116: e.gid, 124: e.size, 136: e.mtime}[at]
+    assert got == value
+
+
+@pytest.mark.parametrize("chk_tail", [b"\0 ", b" \0", b"  ", b"\0\0"])
+def test_checksum_terminators(chk_tail: bytes) -> None:
+    hdr = fix_checksum(header(reg("f", b"")[0]))
+    hdr[154:156] = chk_tail
+    block = hdr[:512]
+    block[148:156] = b" " * 8
+    assert int(hdr[148:154], 8) == sum(block)
+    assert entries(bytes(hdr) + END)[0][0].name == b"f"
+
+
+@pytest.mark.parametrize("fill", [0, 1, 0x7F, 0x80, 0xFF])
+def test_byte_sum_is_sum(fill: int) -> None:
+    block = bytes([fill]) * 512
+    assert ts._byte_sum(block) == sum(block)
+    mixed = bytes(range(256)) * 2
+    assert ts._byte_sum(mixed) == sum(mixed)
+    assert ts._byte_sum(mixed[::-1]) == sum(mixed)
+
+
 def test_base256_size_streams_data() -> None:
     hdr = header(reg("f", b"")[0])
     hdr[124:136] = b"\x80" + (3).to_bytes(11, "big")
