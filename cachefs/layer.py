@@ -305,8 +305,8 @@ class _Builder:
         self._offset = spool.tell()
         self._total = 0
         self.entries = 0
-        self._last_parent_key: bytes | None = None
-        self._last_parent = self.root
+        # every parent directory resolved so far, by its '/'-joined path (b"" is the root)
+        self._dirs: dict[bytes, Node] = {b"": self.root}
 
     def _fail(self, entry: ts.TarEntry, rule: str) -> LayerFormatError:
         return LayerFormatError(rule, layer=self.label, entry=ts._display(entry.name))
@@ -318,16 +318,18 @@ class _Builder:
             raise self._fail(entry, "path has a '..' component")
         return parts
 
-    def _parent(self, entry: ts.TarEntry, parts: list[bytes]) -> Node:
-        """The directory holding ``parts[-1]``; missing parents are created (0755 0:0 mtime 0).
+    def _parent(self, entry: ts.TarEntry, key: bytes, parts: list[bytes]) -> Node:
+        """The directory ``key`` holding ``parts[-1]`` (``key`` is ``parts[:-1]`` '/'-joined);
+        missing parents are created (0755 0:0 mtime 0).
 
         Directory Nodes are never removed or replaced within one layer (a non-dir cannot
-        land on a dir), so caching the last parent by path is safe and makes the common
-        "many files in one dir" case a single dict lookup.
+        land on a dir, a dir entry on a dir updates it in place), so once resolved a parent
+        path stays valid: caching every one by path makes nearly every entry a single dict
+        lookup, including the return to a directory after its subdirectories.
         """
-        key = b"/".join(parts[:-1])
-        if key == self._last_parent_key:
-            return self._last_parent
+        node = self._dirs.get(key)
+        if node is not None:
+            return node
         node = self.root
         for comp in parts[:-1]:
             children = node.children
@@ -338,8 +340,7 @@ class _Builder:
             elif child.type is not FileType.DIR:
                 raise self._fail(entry, f"parent {ts._display(comp)!r} is not a directory")
             node = child
-        self._last_parent_key = key
-        self._last_parent = node
+        self._dirs[key] = node
         return node
 
     def _put(self, entry: ts.TarEntry, parent: Node, name: bytes, node: Node) -> None:
@@ -357,14 +358,29 @@ class _Builder:
         kind = entry.kind
         if kind is ts.OTHER:
             return  # GNU sparse, volume headers, …: skipped with their data, as msb does
-        parts = self._split(entry, entry.name)
-        if not parts:
-            return  # "./" — the layer root keeps its defaults
-        if sum(map(len, parts)) + len(parts) - 1 > MAX_PATH:
+        # Fast path for the usual "./usr/bin/x" or "usr/share/" shape: after the leading
+        # "./" and trailing "/" go, the plain split has no "", "." or ".." component, so the
+        # normalised path, its parent key and its name are slices of it.
+        path = entry.name
+        if path[:2] == b"./":
+            path = path[2:]
+        path = path.rstrip(b"/")
+        parts = path.split(b"/")
+        if b"" in parts or b"." in parts or b".." in parts:
+            parts = self._split(entry, entry.name)
+            if not parts:
+                return  # "./" — the layer root keeps its defaults
+            length = sum(map(len, parts)) + len(parts) - 1
+            key = b"/".join(parts[:-1])
+        else:
+            length = len(path)
+            slash = path.rfind(b"/")
+            key = path[:slash] if slash >= 0 else b""
+        if length > MAX_PATH:
             raise self._fail(entry, f"path longer than {MAX_PATH} bytes")
         if len(parts) > MAX_DEPTH:
             raise self._fail(entry, f"path deeper than {MAX_DEPTH} components")
-        parent = self._parent(entry, parts)
+        parent = self._parent(entry, key, parts)
         name = parts[-1]
         mode = entry.mode & 0o7777
 
