@@ -201,6 +201,16 @@ class EntryData:
 
     def copy_to(self, write: Callable[[Any], Any]) -> int:
         """Stream every remaining byte to ``write`` (memoryview chunks); returns the count."""
+        reader = self._reader
+        n = self.remaining
+        pos = reader._pos
+        if self is reader._current and 0 < n <= len(reader._buf) - pos:
+            # the common small file: all of it is in the buffer, one write, no generator
+            reader._pos = pos + n
+            reader.offset += n
+            self.remaining = 0
+            write(memoryview(reader._buf)[pos : pos + n])
+            return n
         total = 0
         for chunk in self._reader._data_chunks(self, self.remaining):
             write(chunk)

@@ -342,6 +342,28 @@ def test_unread_data_is_skipped_and_data_streams_in_chunks() -> None:
     assert names == [b"one", b"two"]
 
 
+def test_copy_to_small_files_in_the_buffer() -> None:
+    """Data that sits in the buffer goes out in one write; state is as after chunked copies."""
+    data = layer_tar([reg("a", b"alpha"), reg("b", b"x" * 700), reg("c", b"")])
+    reader = ts.TarReader(io.BytesIO(data))
+    it = iter(reader)
+    a = next(it)
+    assert a.data is not None
+    assert a.data.read(2) == b"al"
+    writes: list[bytes] = []
+    assert a.data.copy_to(lambda c: writes.append(bytes(c))) == 3
+    assert writes == [b"pha"] and a.data.remaining == 0
+    assert a.data.copy_to(writes.append) == 0
+    b = next(it)
+    assert b.data is not None
+    assert b.data.copy_to(lambda c: writes.append(bytes(c))) == 700
+    assert writes[1:] == [b"x" * 700]
+    assert reader.offset == 3 * 512 + 700  # the padding goes when the reader moves on
+    with pytest.raises(RuntimeError, match="after the reader moved on"):
+        a.data.copy_to(writes.append)
+    assert [e.name for e in it] == [b"c"]
+
+
 def test_drain_counts_padding() -> None:
     data = layer_tar([reg("a", b"1")], tarfile.USTAR_FORMAT) + b"\0" * 5000
     reader = ts.TarReader(io.BytesIO(data), chunk_size=512)
