@@ -99,12 +99,10 @@ def parse_number(field_: bytes, what: str, entry: bytes) -> int:
     text = field_.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise LayerFormatError(
-            f"invalid octal {what} field {field_!r}", entry=_display(entry)
-        ) from None
+    # int() alone would also take a sign or underscores ("-7" as a size): digits only
+    if text.strip(b"01234567"):
+        raise LayerFormatError(f"invalid octal {what} field {field_!r}", entry=_display(entry))
+    return int(text, 8)
 
 
 # The numeric fields mode..chksum (offsets 100..156) as every common writer (GNU tar, Go's

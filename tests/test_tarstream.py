@@ -370,3 +370,9 @@ def test_drain_counts_padding() -> None:
     assert len(list(reader)) == 1
     reader.drain()
     assert reader.offset == len(data)
+
+
+@pytest.mark.parametrize("field", [b"-7\0", b"+7\0", b"1_0\0", b"7 7\0"])
+def test_numbers_are_plain_octal_digits(field: bytes) -> None:
+    with pytest.raises(LayerFormatError, match="invalid octal size"):
+        ts.parse_number(field, "size", b"f")
