@@ -183,17 +183,14 @@ async def test_platform_override(pushed: Pushed, tmp_path: Path) -> None:
 # resume ------------------------------------------------------------------------------
 
 
-class StallingProxy:
-    """Forwards to the registry; the first blob GET stalls after ``stall_after`` bytes
-    until ``release`` is set. Counts body bytes sent for blob GETs."""
+class Forwarder:
+    """A GET/HEAD proxy on 127.0.0.1 in front of the registry; ``deliver`` writes each
+    answer's body, so subclasses can stall, count or replace it."""
 
-    def __init__(self, upstream_port: int, stall_after: int) -> None:
+    DROP = ("connection", "transfer-encoding", "content-length")
+
+    def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.stall_after: int | None = stall_after
-        self.release = threading.Event()
-        self.stalled = threading.Event()
-        self.blob_bytes = 0  # body bytes sent for the big layer blob
-        self.ranges: list[str | None] = []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -208,49 +205,73 @@ class StallingProxy:
                 up = http.client.HTTPConnection("127.0.0.1", outer.upstream_port, timeout=30)
                 up.request("GET", self.path, headers=headers)
                 resp = up.getresponse()
-                data = resp.read()
+                data = outer.body(self.path, resp.read())
                 up.close()
-                is_blob = "/blobs/" in self.path
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    if k.lower() not in outer.DROP:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if not is_blob:
-                    self.wfile.write(data)
-                    return
-                stall = outer.stall_after
-                big = len(data) > 1 << 20 or self.headers.get("Range") is not None
-                if big:
-                    outer.ranges.append(self.headers.get("Range"))
-                if stall is not None and len(data) > stall:  # the layer, not the config
-                    outer.stall_after = None
-                    self.wfile.write(data[:stall])
-                    self.wfile.flush()
-                    outer.blob_bytes += stall
-                    outer.stalled.set()
-                    outer.release.wait(60)
-                    return
-                self.wfile.write(data)
-                if big:
-                    outer.blob_bytes += len(data)
+                outer.deliver(self, data)
 
-            def do_HEAD(self) -> None:
-                self.do_GET()
+            do_HEAD = do_GET
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def body(self, path: str, data: bytes) -> bytes:
+        return data
+
+    def deliver(self, handler: http.server.BaseHTTPRequestHandler, data: bytes) -> None:
+        handler.wfile.write(data)
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.server.server_address[1]}"
 
     def close(self) -> None:
-        self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+class StallingProxy(Forwarder):
+    """The first blob GET bigger than ``stall_after`` stalls after that many bytes until
+    ``release`` is set. Counts body bytes sent for the big layer blob."""
+
+    def __init__(self, upstream_port: int, stall_after: int) -> None:
+        self.stall_after: int | None = stall_after
+        self.release = threading.Event()
+        self.stalled = threading.Event()
+        self.blob_bytes = 0
+        self.ranges: list[str | None] = []
+        super().__init__(upstream_port)
+
+    def deliver(self, handler: http.server.BaseHTTPRequestHandler, data: bytes) -> None:
+        if "/blobs/" not in handler.path:
+            handler.wfile.write(data)
+            return
+        rng = handler.headers.get("Range")
+        big = len(data) > 1 << 20 or rng is not None
+        if big:
+            self.ranges.append(rng)
+        stall = self.stall_after
+        if stall is not None and len(data) > stall:  # the layer, not the config
+            self.stall_after = None
+            handler.wfile.write(data[:stall])
+            handler.wfile.flush()
+            self.blob_bytes += stall
+            self.stalled.set()
+            self.release.wait(60)
+            return
+        handler.wfile.write(data)
+        if big:
+            self.blob_bytes += len(data)
+
+    def close(self) -> None:
+        self.release.set()
+        super().close()
 
 
 PULL_SCRIPT = r"""
@@ -458,53 +479,14 @@ async def test_wrong_credentials(tmp_path: Path, registry_factory) -> None:  # n
     assert not ok.cached
 
 
-class ManifestGarbler:
-    """Forwards to the registry, but every manifest comes back as bytes that are not JSON."""
+class ManifestGarbler(Forwarder):
+    """Every manifest comes back as bytes that are not JSON (and without its digest)."""
 
     BODY = b"<html>this is not a manifest{"
+    DROP = (*Forwarder.DROP, "docker-content-digest")
 
-    def __init__(self, upstream_port: int) -> None:
-        outer = self
-        self.upstream_port = upstream_port
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                up = http.client.HTTPConnection("127.0.0.1", outer.upstream_port, timeout=30)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("host", "connection")}
-                up.request("GET", self.path, headers=headers)
-                resp = up.getresponse()
-                data = resp.read()
-                up.close()
-                if "/manifests/" in self.path:
-                    data = ManifestGarbler.BODY
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("connection", "transfer-encoding", "content-length",
-                                         "docker-content-digest"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_HEAD = do_GET
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def body(self, path: str, data: bytes) -> bytes:
+        return self.BODY if "/manifests/" in path else data
 
 
 async def test_manifest_that_is_not_json(pushed: Pushed, tmp_path: Path) -> None:
