@@ -38,12 +38,12 @@ import trio
 
 from cachefs.cache import GlobalCache
 from cachefs.reference import Reference
+from cachefs.view.daemon import READY_LINE, stop_daemon
 
 from . import debian
 from .measure import drop_page_cache, median, run_measured
 from .pull import prepare_inputs
 
-READY_LINE = "cachefs-view: ready"
 MOUNT_DEADLINE_S = 60.0
 WARM_REPEATS = 5
 
@@ -55,11 +55,6 @@ class Mounted:
     started: float  # perf_counter() just before the daemon was spawned
     ready_line_s: float | None = None  # when the daemon said it was ready
     stderr: list[str] = field(default_factory=list)
-
-
-def _is_mounted(path: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
 
 
 @contextlib.contextmanager
@@ -107,15 +102,7 @@ def view_mount(cache: Path, mnt: Path) -> Iterator[Mounted]:
                 time.sleep(0.002)
         yield m
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if _is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        stop_daemon(proc, mnt)
 
 
 def _timed(cmd: Sequence[str]) -> float:
@@ -225,15 +212,7 @@ def floor_mount(src: Path, mnt: Path) -> Iterator[Path]:
             raise RuntimeError(f"minimal FUSE server exited ({proc.wait()})")
         yield mnt / "f"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if _is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        stop_daemon(proc, mnt)
 
 
 def _serve_one_file(src: str, mnt: str) -> None:

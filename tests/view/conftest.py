@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.view.daemon import READY_LINE
+from cachefs.view.daemon import READY_LINE, stop_daemon
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
 from tests.fixtures.system import Msb, require_fuse
 
@@ -76,12 +75,6 @@ class ViewMount:
         return self.proc.poll() is None
 
 
-def _is_mounted(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
-
-
 @contextlib.contextmanager
 def view_mount(cache: Path, mnt: Path, *, msb_db: Path | None = None) -> Iterator[ViewMount]:
     """Run ``python -m cachefs.view.daemon`` and wait for its ready line; always unmount."""
@@ -117,15 +110,7 @@ def view_mount(cache: Path, mnt: Path, *, msb_db: Path | None = None) -> Iterato
             raise AssertionError(f"view daemon exited {proc.returncode}: {''.join(err_lines)}")
         yield ViewMount(mnt, proc, err_lines)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if _is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        stop_daemon(proc, mnt)
 
 
 @pytest.fixture
