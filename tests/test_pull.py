@@ -20,7 +20,7 @@ import pytest
 
 from cachefs.cache import GlobalCache
 from cachefs.errors import AuthError, CachefsError, DigestMismatch, NotCachedError, RegistryError
-from cachefs.oci import Authenticator, RegistryClient
+from cachefs.oci import Authenticator
 from cachefs.oci.auth import Credentials
 from cachefs.progress import Event, Finished, LayerProgress, Resolved
 from cachefs.pull import PullPolicy, pull
@@ -32,6 +32,7 @@ from tests.fixtures.registry import (  # noqa: F401  (fixtures)
     oci_layout,
     registry_factory,
 )
+from tests.fixtures.registry import test_client as client
 from tests.fixtures.system import Msb
 
 BASE = layer_tar([dir_("etc"), reg("etc/os-release", b"ID=test\n"), reg("bin/sh", b"\x7fELF" * 100,
@@ -74,13 +75,6 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
         docker_archive(DOCK, ["x/y:1"], d / "dock.tar", compress=True)
         r.push_docker_archive(d / "dock.tar", "app/dock", "v1")
         yield Pushed(r)
-
-
-def client(**kw: Any) -> RegistryClient:
-    kw.setdefault("insecure", True)
-    kw.setdefault("authenticator", Authenticator(lookup=None))
-    kw.setdefault("backoff_s", 0.0)
-    return RegistryClient(**kw)
 
 
 async def cachefs_pull(cache: GlobalCache, ref: str, **kw: Any):  # type: ignore[no-untyped-def]

@@ -21,7 +21,7 @@ from cachefs.models import (
     Descriptor,
     Platform,
 )
-from cachefs.oci import Authenticator, RegistryClient, RegistryNotFound
+from cachefs.oci import RegistryClient, RegistryNotFound
 from cachefs.reference import Reference
 from tests.fixtures.images import TestImage, docker_archive, layer_tar, reg
 from tests.fixtures.registry import (  # noqa: F401  (fixtures)
@@ -31,6 +31,7 @@ from tests.fixtures.registry import (  # noqa: F401  (fixtures)
     oci_layout,
     registry_factory,
 )
+from tests.fixtures.registry import test_client as client
 from tests.fixtures.system import Msb
 
 AMD = TestImage(
@@ -67,14 +68,6 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
         docker_archive(ARM, ["x/arm:1"], d / "arm.tar", compress=True)
         r.push_docker_archive(d / "arm.tar", "dock", "arm64")
         yield Pushed(r, multi, zst, plain)
-
-
-def client(**kw: object) -> RegistryClient:
-    """A client that never reads the developer's own ~/.docker/config.json."""
-    kw.setdefault("insecure", True)
-    kw.setdefault("authenticator", Authenticator(lookup=None))
-    kw.setdefault("backoff_s", 0.0)
-    return RegistryClient(**kw)  # type: ignore[arg-type]
 
 
 # resolve ------------------------------------------------------------------------------------
