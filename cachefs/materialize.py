@@ -122,6 +122,7 @@ def stitch_image(
     *,
     msb_quirks: bool = False,
     trees: Mapping[Digest, tuple[Node, int]] | None = None,
+    force: bool = False,
 ) -> tuple[Path, Path]:
     """Make ``fsmeta/<m>.erofs`` and ``vmdk/<m>.vmdk`` for an image whose layers are cached.
 
@@ -136,9 +137,11 @@ def stitch_image(
     written from (:attr:`MaterializedLayer.root`): when it covers every layer, the fsmeta
     is merged from those trees, which are exactly what the images hold, instead of
     reading every image back; otherwise it is rebuilt from the images.
+
+    ``force`` rebuilds both even when valid (renamed over them, never absent meanwhile).
     """
     fsmeta, vmdk = cache.fsmeta_erofs_path(manifest_digest), cache.vmdk_path(manifest_digest)
-    if cache.is_fsmeta_materialized(manifest_digest) and cache.is_vmdk_materialized(
+    if not force and cache.is_fsmeta_materialized(manifest_digest) and cache.is_vmdk_materialized(
         manifest_digest
     ):
         return fsmeta, vmdk
@@ -158,7 +161,7 @@ def stitch_image(
         work.mkdir()
         try:
             rebuilt = False
-            if not cache.is_fsmeta_materialized(manifest_digest):
+            if force or not cache.is_fsmeta_materialized(manifest_digest):
                 tmp = work / "fsmeta.erofs"
                 with tmp.open("wb") as out:
                     if trees is not None and all(d in trees for d in diff_ids):

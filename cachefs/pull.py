@@ -22,6 +22,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -30,7 +31,7 @@ from .cache.locks import Leases, flock_exclusive, flock_exclusive_async, publica
 from .cache.publish import remove_quietly
 from .digest import Digest
 from .erofs.tree import Node
-from .errors import CachefsError, NotCachedError
+from .errors import CachefsError, NotCachedError, RegistryError
 from .growing import GrowingBlob
 from .layer import Compression, compression_from_media_type
 from .materialize import BlobOpener, materialize_layer, stitch_image
@@ -45,6 +46,10 @@ from .progress import (
     ignore,
 )
 from .reference import Reference
+
+if TYPE_CHECKING:
+    from .oci.auth import Credentials
+    from .oci.registry import RegistryClient
 
 DOWNLOAD_PARALLELISM = 4
 # Ingest is CPU-bound Python; more threads than cores only adds GIL contention.
@@ -169,17 +174,6 @@ def _entries(cache: GlobalCache, plan: ImagePlan) -> list[Path]:
     ]
 
 
-async def _take_leases(cache: GlobalCache, entries: Sequence[Path]) -> Leases:
-    leases = Leases()
-    try:
-        for entry in entries:
-            await trio.to_thread.run_sync(functools.partial(leases.add_shared, entry))
-    except BaseException:
-        leases.release()
-        raise
-    return leases
-
-
 def cached_metadata(cache: GlobalCache, reference: Reference) -> CachedImageMetadata | None:
     """The metadata of a reference whose layers are all valid (fsmeta/VMDK may be rebuilt)."""
     meta = cache.read_image_metadata(reference)
@@ -199,9 +193,11 @@ def _publish(cache: GlobalCache, plan: ImagePlan, source: str) -> CachedImageMet
 
 
 async def _stitch(cache: GlobalCache, manifest: Digest, diff_ids: Sequence[Digest],
-                  trees: dict[Digest, tuple[Node, int]] | None = None) -> tuple[Path, Path]:
+                  trees: dict[Digest, tuple[Node, int]] | None = None, *,
+                  force: bool = False) -> tuple[Path, Path]:
     fsmeta, vmdk = await trio.to_thread.run_sync(
-        functools.partial(stitch_image, cache, manifest, list(diff_ids), trees=trees)
+        functools.partial(stitch_image, cache, manifest, list(diff_ids), trees=trees,
+                          force=force)
     )
     return Path(fsmeta), Path(vmdk)
 
@@ -240,7 +236,8 @@ async def materialize_plan(
     """
     emit(Resolved(str(plan.reference), str(plan.manifest_digest),
                   tuple((layer.diff_id, layer.size_bytes) for layer in plan.layers)))
-    leases = await _take_leases(cache, _entries(cache, plan))
+    # blocking: a deleter holding a lease exclusively is waited out, in a worker thread
+    leases = await trio.to_thread.run_sync(Leases.acquire_all, _entries(cache, plan))
     transient: list[Path] = []
     trees: dict[Digest, tuple[Node, int]] = {}  # layers built here: the fsmeta needs no re-read
     limiter = trio.CapacityLimiter(MATERIALIZE_PARALLELISM)
@@ -297,12 +294,9 @@ async def materialize_plan(
             raise first_error(group) from None
 
         emit(Stitching(str(plan.manifest_digest)))
-        if force:  # rebuild the stitched artifacts too, not only the layers
-            with flock_exclusive(cache.fsmeta_erofs_lock_path(plan.manifest_digest)):
-                remove_quietly(cache.fsmeta_erofs_path(plan.manifest_digest))
-                remove_quietly(cache.vmdk_path(plan.manifest_digest))
         fsmeta, vmdk = await _stitch(cache, plan.manifest_digest,
-                                     [layer.diff_digest for layer in plan.layers], trees)
+                                     [layer.diff_digest for layer in plan.layers], trees,
+                                     force=force)
         trees.clear()
         meta = await trio.to_thread.run_sync(_publish, cache, plan, source)
     finally:
@@ -325,9 +319,9 @@ async def pull(
     insecure: bool = False,
     platform: str | None = None,
     ca_certs: Path | None = None,
-    credentials: object | None = None,
+    credentials: Credentials | None = None,
     progress: ProgressCallback = ignore,
-    client: object | None = None,
+    client: RegistryClient | None = None,
 ) -> PullResult:
     """Pull ``reference`` into ``cache``; see the module docstring for the stages."""
     from .oci.platform import parse_platform
@@ -348,16 +342,14 @@ async def pull(
             )
         own_client = client is None
         registry = client or RegistryClient(
-            insecure=insecure, ca_certs=ca_certs, credentials=credentials  # type: ignore[arg-type]
+            insecure=insecure, ca_certs=ca_certs, credentials=credentials
         )
         try:
             wanted = parse_platform(platform) if platform else None
-            resolved = await registry.resolve(ref, wanted)  # type: ignore[attr-defined]
+            resolved = await registry.resolve(ref, wanted)
             descriptors = {d.digest: d for d in resolved.layers}
             diff_ids = resolved.config.rootfs.diff_ids
             if len(diff_ids) != len(resolved.layers):
-                from .errors import RegistryError
-
                 raise RegistryError(
                     f"{ref}: manifest lists {len(resolved.layers)} layers but the config has "
                     f"{len(diff_ids)} diff_ids"
@@ -405,7 +397,7 @@ async def pull(
                                                         total))
 
                                 emit_(LayerProgress(i, layer.diff_id, "download", 0, total))
-                                await registry.fetch_blob(  # type: ignore[attr-defined]
+                                await registry.fetch_blob(
                                     ref, descriptor, part, resume=True, progress=on_bytes,
                                     written=growing.written,
                                 )
@@ -423,7 +415,7 @@ async def pull(
                                           source="pull")
         finally:
             if own_client:
-                await registry.aclose()  # type: ignore[attr-defined]
+                await registry.aclose()
 
 
 def _reusable_blob(tar: Path, expected: int | None) -> bool:

@@ -496,3 +496,16 @@ async def test_manifest_that_is_not_json(pushed: Pushed, tmp_path: Path) -> None
         assert not list(cache.layers_dir().glob("*.erofs"))
     finally:
         proxy.close()
+
+
+async def test_force_rebuilds_every_artifact_in_place(pushed: Pushed, tmp_path: Path) -> None:
+    cache = GlobalCache.new(tmp_path / "c")
+    ref = pushed.ref("app/plain:v1")
+    first = await cachefs_pull(cache, ref)
+    before = artifacts(cache.root)
+    inodes = {p: p.stat().st_ino for p in (first.fsmeta, first.vmdk,
+                                           *cache.layers_dir().glob("*.erofs"))}
+    again = await cachefs_pull(cache, ref, force=True)
+    assert not again.cached
+    assert artifacts(cache.root) == before  # the same bytes, written anew
+    assert all(p.stat().st_ino != ino for p, ino in inodes.items())

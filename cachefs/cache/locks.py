@@ -161,6 +161,21 @@ class Leases:
         while self._locks:
             self._locks.pop().release()
 
+    @classmethod
+    def acquire_all(cls, entries: Iterable[Path], *, exclusive: bool = False) -> Leases:
+        """Leases on every entry, or none: whatever was taken is released on failure."""
+        leases = cls()
+        try:
+            for entry in entries:
+                if exclusive:
+                    leases.add_exclusive(entry)
+                else:
+                    leases.add_shared(entry)
+        except BaseException:
+            leases.release()
+            raise
+        return leases
+
     def __enter__(self) -> Leases:
         return self
 
@@ -171,16 +186,8 @@ class Leases:
 @contextlib.contextmanager
 def hold_leases(entries: Iterable[Path], *, exclusive: bool = False) -> Iterator[Leases]:
     """Shared (readers, publishers) or exclusive non-blocking (deleters) leases on entries."""
-    leases = Leases()
-    try:
-        for entry in entries:
-            if exclusive:
-                leases.add_exclusive(entry)
-            else:
-                leases.add_shared(entry)
+    with Leases.acquire_all(entries, exclusive=exclusive) as leases:
         yield leases
-    finally:
-        leases.release()
 
 
 def lock_is_busy(path: Path) -> bool:
