@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..digest import Digest
-from ..errors import CachefsError
+from ..errors import CacheCorrupt, CachefsError
 from ..models import CachedImageMetadata
 from ..reference import Reference
 from .store import GlobalCache
@@ -72,23 +72,38 @@ def default_msb_db(cache: GlobalCache) -> Path:
     return cache.root.parent / "db" / "msb.db"
 
 
-def read_msb_db(path: Path, problems: list[str] | None = None) -> list[DbImage]:
-    """Rows of msb's database, read-only; [] (and a problem noted) if it cannot be read."""
+def read_msb_db(
+    path: Path,
+    problems: list[str] | None = None,
+    *,
+    strict: bool = False,
+    timeout: float = _BUSY_TIMEOUT_S,
+) -> list[DbImage]:
+    """Rows of msb's database, read-only; [] if there is none.
+
+    One that cannot be read (locked, a migration half-way) is noted in ``problems`` and
+    read as empty, so a polling view just tries again; ``strict`` raises ``CacheCorrupt``
+    instead, for callers such as ``gc`` that must not guess what is in use.
+    """
     if not path.exists():
         return []
+
+    def fail(text: str) -> list[DbImage]:
+        if strict:
+            raise CacheCorrupt(text)
+        _note(problems, text)
+        return []
+
     uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
+        conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
     except sqlite3.Error as err:
-        _note(problems, f"msb database {path} cannot be opened: {err}")
-        return []
+        return fail(f"msb database {path} cannot be opened: {err}")
     try:
         conn.execute("PRAGMA query_only = ON")
         rows = conn.execute(_DB_QUERY).fetchall()
     except sqlite3.Error as err:
-        # Locked, or a migration is half-way: try again on the next scan.
-        _note(problems, f"msb database {path} cannot be read: {err}")
-        return []
+        return fail(f"msb database {path} cannot be read: {err}")
     finally:
         conn.close()
     images: dict[str, DbImage] = {}

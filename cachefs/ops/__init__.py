@@ -18,64 +18,20 @@ would be guessing.
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cache.index import SOURCE_MSB_DB, DbImage, default_msb_db, read_msb_db
 from ..cache.store import GlobalCache, read_metadata_file
 from ..digest import Digest
-from ..errors import CacheCorrupt, NotCachedError, ReferenceError
+from ..errors import NotCachedError, ReferenceError
 from ..models import CachedImageMetadata
 from ..reference import Reference
 
 SOURCE_CACHEFS = "cachefs"
-SOURCE_MSB_DB = "msb-db"
 SOURCE_JSON = "manifest-json"
-
-
-def default_msb_db(cache: GlobalCache) -> Path:
-    """msb keeps its database next to the cache: ``<root>/cache`` ↔ ``<root>/db/msb.db``."""
-    return cache.root.parent / "db" / "msb.db"
-
-
-@dataclass(frozen=True, slots=True)
-class DbImage:
-    """One ``image_ref`` row of msb's database with its manifest digest and layers."""
-
-    typed: str
-    manifest_digest: str
-    diff_ids: tuple[str, ...]
-
-
-def read_msb_db(path: Path | None) -> list[DbImage]:
-    """Every image reference msb's database knows; [] when there is no database.
-
-    Opened read-only with a busy timeout, never written (FORMATS.md §6). A database that
-    exists but cannot be queried raises ``CacheCorrupt``.
-    """
-    if path is None or not path.exists():
-        return []
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    except sqlite3.Error as err:
-        raise CacheCorrupt(f"cannot open msb database {path}: {err}") from None
-    try:
-        refs = con.execute(
-            "SELECT r.reference, m.id, m.digest FROM image_ref r "
-            "JOIN manifest m ON m.id = r.manifest_id ORDER BY r.reference"
-        ).fetchall()
-        layers: dict[int, list[str]] = {}
-        for manifest_id, diff_id in con.execute(
-            "SELECT ml.manifest_id, l.diff_id FROM manifest_layer ml "
-            "JOIN layer l ON l.id = ml.layer_id ORDER BY ml.manifest_id, ml.position"
-        ):
-            layers.setdefault(manifest_id, []).append(diff_id)
-    except sqlite3.Error as err:
-        raise CacheCorrupt(f"cannot read msb database {path}: {err}") from None
-    finally:
-        con.close()
-    return [DbImage(typed, digest, tuple(layers.get(mid, []))) for typed, mid, digest in refs]
+_DB_TIMEOUT_S = 10.0  # a command may wait out a busy msb; the polling view does not
 
 
 @dataclass(slots=True)
@@ -123,7 +79,8 @@ def list_images(cache: GlobalCache, msb_db: Path | None = None) -> list[ImageInf
         info.reference, info.typed = str(ref), rec.typed
         info.manifest_digest = rec.manifest_digest
         info.sources.append(SOURCE_CACHEFS)
-    for row in read_msb_db(msb_db if msb_db is not None else default_msb_db(cache)):
+    db = msb_db if msb_db is not None else default_msb_db(cache)
+    for row in read_msb_db(db, strict=True, timeout=_DB_TIMEOUT_S):
         try:
             ref = Reference.parse(row.typed)
         except ReferenceError:
@@ -132,7 +89,7 @@ def list_images(cache: GlobalCache, msb_db: Path | None = None) -> list[ImageInf
         info.reference = str(ref)
         info.typed = info.typed or row.typed
         info.manifest_digest = info.manifest_digest or row.manifest_digest
-        info.db_diff_ids = row.diff_ids
+        info.db_diff_ids = tuple(row.layers)
         info.sources.append(SOURCE_MSB_DB)
     for path in _manifest_jsons(cache):
         info = entry(path.stem)

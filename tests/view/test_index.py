@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from cachefs.cache.index import default_msb_db, index_images, read_msb_db
 from cachefs.cache.store import GlobalCache
 from cachefs.view.model import scan_cache
@@ -108,3 +110,19 @@ def test_scan_detects_corruption(msb: Msb, tmp_path: Path) -> None:
     assert snap.layers[str(meta.diff_ids[1])].problem == "corrupt (not a valid EROFS image)"
     assert snap.bytes_by_kind["layers"] == sum(
         p.stat().st_size for p in (msb.cache / "layers").glob("*.erofs"))
+
+
+def test_strict_reading_refuses_an_unreadable_db(msb: Msb, tmp_path: Path) -> None:
+    """gc/rm must not guess what is in use: there an unreadable database is an error."""
+    from cachefs.cache.index import read_msb_db
+    from cachefs.errors import CacheCorrupt
+    from cachefs.ops import list_images
+
+    load(msb, tmp_path, image_one(), ["one:1"], "one")
+    assert [row.typed for row in read_msb_db(msb.db, strict=True)] == ["one:1"]
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(CacheCorrupt, match="cannot"):
+        read_msb_db(garbage, strict=True)
+    with pytest.raises(CacheCorrupt, match="msb database"):
+        list_images(GlobalCache(msb.cache), garbage)
