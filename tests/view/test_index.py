@@ -114,7 +114,6 @@ def test_scan_detects_corruption(msb: Msb, tmp_path: Path) -> None:
 
 def test_strict_reading_refuses_an_unreadable_db(msb: Msb, tmp_path: Path) -> None:
     """gc/rm must not guess what is in use: there an unreadable database is an error."""
-    from cachefs.cache.index import read_msb_db
     from cachefs.errors import CacheCorrupt
     from cachefs.ops import list_images
 
