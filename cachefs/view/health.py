@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 from ..errors import MountError
@@ -21,7 +22,14 @@ def require_live_view(mountpoint: Path) -> None:
         raise MountError(f"no cachefs view is mounted at {mountpoint}",
                          hint=f"start it: cachefs mount {mountpoint}, or "
                               "systemctl start cachefs.service")
+    # The kernel answers a known name from its caches even after the daemon died; a name
+    # never looked up before must reach the daemon.
+    probe = mountpoint / f".cachefs-health-{os.getpid()}-{time.monotonic_ns()}"
     try:
+        try:
+            os.stat(probe)
+        except FileNotFoundError:
+            pass
         os.stat(mountpoint / "status.json")
     except OSError as err:
         if err.errno == errno.ENOTCONN:
