@@ -78,6 +78,16 @@ def test_install_systemd_installed_a_venv_of_its_own(machine: Machine) -> None:
     machine.run("cachefs", "--version", user=USER)
 
 
+def test_the_shared_cache_is_readable_by_group_cachefs_only(machine: Machine) -> None:
+    machine.run("useradd", "--create-home", "--user-group", "--groups", "cachefs", "vmm")
+    shared = {"CACHEFS_CACHE_DIR": "/var/lib/cachefs/cache"}
+    images = machine.run("cachefs", "images", "--json", user="vmm", env=shared)
+    assert SYSTEM_REF in images.stdout
+    refused = machine.run("cachefs", "images", user=USER, env=shared, check=False)
+    assert refused.returncode != 0
+    assert "Permission denied" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_start_is_ready_only_when_the_view_answers(system: Machine) -> None:
     m = system
     m.run("systemctl", "start", UNIT, timeout=120)  # returns once systemd has READY=1
