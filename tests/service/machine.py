@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from tests.fixtures.system import missing, require_root, require_tool
@@ -90,9 +90,11 @@ def debian_root() -> Path:
             shutil.rmtree(part, ignore_errors=True)
             missing(f"a Debian root from mmdebstrap (exit {proc.returncode}, see {log})")
         os.replace(part, out)
-        for old in ROOTS_DIR.glob(f"{SUITE}-systemd-*"):  # yesterday's roots
-            if old != out and old.is_dir():
+        for old in ROOTS_DIR.glob(f"{SUITE}-systemd-*"):  # yesterday's roots and logs
+            if old.is_dir() and old != out:
                 shutil.rmtree(old, ignore_errors=True)
+            elif old.suffix == ".log" and old != log:
+                old.unlink(missing_ok=True)
     return out
 
 
@@ -285,10 +287,10 @@ class Machine:
             out.append((left.split(" ")[4], fstype, opts))
         return out
 
-    def wait_for(self, what: str, predicate: object, timeout: float = 60) -> None:
-        """Poll ``predicate`` (a callable) until true: unit states change on their own."""
+    def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float = 60) -> None:
+        """Poll ``predicate`` until true: unit states change on their own, with no event."""
         deadline = time.monotonic() + timeout
-        while not predicate():  # type: ignore[operator]
+        while not predicate():
             self._wait_a_little(deadline, what)
 
 
