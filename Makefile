@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config erofs-utils docker-registry skopeo \
 	qemu-utils qemu-system-x86 busybox-static cpio sqlite3 zstd mmdebstrap \
-	linux-image-6.12-amd64 systemd util-linux apache2-utils openssl
+	linux-image-6.12-amd64 systemd util-linux apache2-utils openssl python3-venv
 PYTEST_ARGS ?=
 
 .PHONY: test lint deps system-deps venv bench demo demo-stop install-systemd clean
@@ -41,12 +41,27 @@ demo: deps
 demo-stop:
 	$(PY) -m cachefs.demo stop --mountpoint ./mnt
 
+# The service runs from its own environment, not this checkout's .venv: the service's
+# user may be unable to read the checkout, and `make clean` would pull the floor from
+# under it. PIP_INSTALL_ARGS e.g. "--no-index --find-links DIR" installs offline.
+SERVICE_VENV ?= /opt/cachefs
+SERVICE_PYTHON ?= python3
+PIP_INSTALL_ARGS ?=
+# The system unit's cache: $(SHARED_HOME)/cache, an msb home (MSB_HOME=$(SHARED_HOME) msb
+# shares it), readable by the members of group $(SHARED_GROUP).
+SHARED_HOME ?= /var/lib/cachefs
+SHARED_GROUP ?= cachefs
+
 install-systemd:
+	umask 022 && { test -x $(SERVICE_VENV)/bin/python || $(SERVICE_PYTHON) -m venv $(SERVICE_VENV); }
+	umask 022 && $(SERVICE_VENV)/bin/python -m pip install -q --upgrade $(PIP_INSTALL_ARGS) .
+	ln -sfn $(SERVICE_VENV)/bin/cachefs /usr/local/bin/cachefs
+	getent group $(SHARED_GROUP) >/dev/null || groupadd --system $(SHARED_GROUP)
+	install -d -m 2750 -o root -g $(SHARED_GROUP) $(SHARED_HOME)
 	install -m 0644 systemd/cachefs.service /etc/systemd/system/cachefs.service
 	install -d /etc/systemd/user
 	install -m 0644 systemd/cachefs-user.service /etc/systemd/user/cachefs.service
 	test -e /etc/default/cachefs || install -m 0644 systemd/cachefs.default /etc/default/cachefs
-	ln -sf $(abspath $(VENV))/bin/cachefs /usr/local/bin/cachefs
 	systemctl daemon-reload || true
 
 clean:

@@ -482,9 +482,17 @@ def umount(ctx: click.Context, mountpoint: Path, lazy: bool) -> None:
 @click.pass_context
 def status(ctx: click.Context, mountpoint: Path | None, as_json: bool,
            msb_db: Path | None) -> None:
-    """What the view sees: its status.json when mounted, otherwise computed now."""
+    """What the view sees: its status.json when mounted, otherwise computed now.
+
+    With --mountpoint (the service's health check) nothing mounted there is a failure,
+    not a silent fallback to computing the status from the cache.
+    """
     doc: dict[str, Any]
     source = "computed"
+    if mountpoint is not None:
+        from .view.health import require_live_view
+
+        require_live_view(mountpoint)
     if mountpoint is not None and (mountpoint / "status.json").is_file():
         try:
             doc = json.loads((mountpoint / "status.json").read_bytes())

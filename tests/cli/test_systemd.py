@@ -14,7 +14,7 @@ import pytest
 
 from cachefs import sdnotify
 from cachefs.view.daemon import is_mountpoint
-from tests.cli.conftest import CACHEFS, REF_A, LoadedCache, run
+from tests.cli.conftest import CACHEFS, REF_A, LoadedCache, assert_one_line_error, run
 from tests.fixtures.system import require_fuse, require_root, require_tool
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
@@ -166,3 +166,35 @@ def test_sdnotify_paths_and_the_abstract_namespace(tmp_path: Path) -> None:
         assert sock.recv(100) == b"STOPPING=1"
     # A vanished socket is not an error for the daemon.
     assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "gone")}) is False
+
+
+def test_status_with_a_mountpoint_fails_when_no_view_answers_there(loaded: LoadedCache,
+                                                                   tmp_path: Path) -> None:
+    """The README's health check must not fall back to computing the status from the cache:
+    nothing mounted, or a view whose daemon died, is a failure with a one-line reason."""
+    require_fuse()
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    line = assert_one_line_error(run(loaded.root, "status", "--mountpoint", str(mountpoint)), 13)
+    assert f"no cachefs view is mounted at {mountpoint}" in line
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(60)
+        proc = subprocess.Popen(_exec_start(loaded.root, mountpoint),
+                                env={**os.environ, "NOTIFY_SOCKET": str(sock_path)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert sock.recv(4096).decode().startswith("READY=1")
+            assert run(loaded.root, "status", "--mountpoint", str(mountpoint)).returncode == 0
+            proc.kill()  # the daemon dies; the kernel keeps a dead mount
+            proc.wait()
+            line = assert_one_line_error(
+                run(loaded.root, "status", "--mountpoint", str(mountpoint)), 13)
+            assert f"the view at {mountpoint} is dead" in line
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+    assert not is_mountpoint(mountpoint)
