@@ -235,13 +235,16 @@ class Authenticator:
         what: str,
         sent: str | None = None,
         limits: NetLimits | None = None,
+        challenger: httpx.URL | None = None,
     ) -> str:
         """Turn a 401 challenge *of the registry itself* into an Authorization value, or
         raise AuthError.
 
         ``what`` names the request (reference and path) for the error message; ``sent`` is
-        the Authorization the refused request carried. Concurrent downloads that are refused
-        at once share one token request: whoever comes second finds a newer token and uses it.
+        the Authorization the refused request carried; ``challenger`` the URL that answered
+        401 (an https registry's credentials never go to a plain-http realm). Concurrent
+        downloads that are refused at once share one token request: whoever comes second
+        finds a newer token and uses it.
         """
         lock = self._locks.setdefault((registry, scope), trio.Lock())
         async with lock:
@@ -249,7 +252,7 @@ class Authenticator:
             if current is not None and current != sent:
                 return current
             return await self._respond(http, registry, scope, www_authenticate, what, sent,
-                                       limits or NetLimits.from_env())
+                                       limits or NetLimits.from_env(), challenger)
 
     async def _respond(
         self,
@@ -260,6 +263,7 @@ class Authenticator:
         what: str,
         sent: str | None,
         limits: NetLimits,
+        challenger: httpx.URL | None,
     ) -> str:
         self.forget(registry, scope)
         challenge = parse_www_authenticate(www_authenticate)
@@ -287,6 +291,10 @@ class Authenticator:
         if challenge.params.get("service"):
             params["service"] = challenge.params["service"]
         headers = {"Authorization": creds.basic_header()} if creds is not None else {}
+        if (creds is not None and challenger is not None and challenger.scheme == "https"
+                and realm.lower().startswith("http://")):
+            raise AuthError(f"{what}: registry {registry} names a plain-http token service "
+                            f"{realm}; its credentials are not sent unencrypted")
         self.token_requests += 1
         try:
             url = httpx.URL(realm, params=params)

@@ -289,7 +289,8 @@ class RegistryClient:
         self._refuse_foreign_challenge(resp, home, what)
         challenge = resp.headers.get("WWW-Authenticate", "")
         hdrs["Authorization"] = await self.auth.respond(
-            self._http, ref.registry, scope, challenge, what, sent=known, limits=self.limits
+            self._http, ref.registry, scope, challenge, what, sent=known, limits=self.limits,
+            challenger=resp.url,
         )
         resp = await send_following(self._http, method, url, hdrs, clock, home=home)
         if resp.status_code == 401 and origin(resp.url) != home:

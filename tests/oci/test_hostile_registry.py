@@ -47,6 +47,7 @@ from tests.fixtures.hostile import (  # noqa: F401  (fixture)
     sha256,
 )
 from tests.fixtures.images import TestImage, layer_tar, reg
+from tests.fixtures.registry import registry_factory  # noqa: F401  (fixture)
 from tests.fixtures.registry import test_client as client
 
 Hostile = Callable[[Callable[[Exchange], None]], HostileServer]
@@ -497,3 +498,16 @@ async def test_oversized_token_answer_is_refused(hostile: Hostile, tmp_path: Pat
     err, _ = await timed_failure(RegistryError, server, tmp_path, limits=limits)
     assert "larger than 65536 bytes" in one_line(err) and tokens.host in one_line(err)
     assert all(len(a) < 1000 for a in server.authorizations())
+
+
+async def test_https_registry_credentials_never_go_to_a_plain_http_realm(
+    registry_factory, tmp_path: Path  # noqa: F811
+) -> None:
+    r = registry_factory(auth="token", tls=True)  # its token service is plain http
+    assert r.token_server is not None and r.token_server.realm.startswith("http://")
+    auth = Authenticator(Credentials(r.username, r.password), lookup=None)
+    async with client(insecure=False, ca_certs=r.ca_cert, authenticator=auth) as c:
+        with pytest.raises(AuthError) as info:
+            await c.resolve(Reference.parse(f"{r.host}/any/thing:v1"))
+    assert "plain-http token service" in one_line(info.value)
+    assert r.token_server.requests == []  # not even asked
