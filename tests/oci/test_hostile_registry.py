@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,12 @@ from cachefs.errors import (
     LayerFormatError,
     RegistryError,
     ResourceLimit,
+    UsageError,
 )
 from cachefs.oci import Authenticator
 from cachefs.oci.auth import Credentials, docker_config_credentials
 from cachefs.oci.transfer import NetLimits, TransferTooSlow
-from cachefs.pull import PullResult, pull
+from cachefs.pull import PullResult, layers_in_flight, pull
 from cachefs.reference import Reference
 from tests.fixtures.hostile import (  # noqa: F401  (fixture)
     OCI_INDEX,
@@ -418,13 +420,26 @@ main(["--cache", sys.argv[2], "pull", "--insecure", sys.argv[3]])
 """
 
 
-def _pull_process(tmp_path: Path, ref: str, nofile: int) -> subprocess.CompletedProcess[str]:
+@dataclass
+class Pulled:
+    returncode: int
+    stderr: str
+    peak_rss_mib: float
+
+
+def _pull_process(tmp_path: Path, ref: str, nofile: int) -> Pulled:
+    """``cachefs pull`` in a child with RLIMIT_NOFILE lowered; its own peak RSS (wait4)."""
     env = dict(os.environ, HOME=str(tmp_path), DOCKER_CONFIG=str(tmp_path / "nodocker"),
                CACHEFS_HTTP_ATTEMPTS="2")
-    return subprocess.run(
-        [sys.executable, "-c", _PULL_UNDER_LIMIT, str(nofile), str(tmp_path / "cache"), ref],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _PULL_UNDER_LIMIT, str(nofile), str(tmp_path / "cache"), ref],
+            stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return Pulled(proc.returncode, err.read_text(), usage.ru_maxrss / 1024)
 
 
 def _many_layers(n: int) -> TestImage:
@@ -511,3 +526,46 @@ async def test_https_registry_credentials_never_go_to_a_plain_http_realm(
             await c.resolve(Reference.parse(f"{r.host}/any/thing:v1"))
     assert "plain-http token service" in one_line(info.value)
     assert r.token_server.requests == []  # not even asked
+
+
+def test_huge_token_answer_is_cut_off_in_bounded_memory(
+    hostile: Hostile, tmp_path: Path  # noqa: F811
+) -> None:
+    """A token service answering 300 MiB: the pull fails fast, its memory stays flat."""
+    sent = [0]
+
+    def token_service(ex: Exchange) -> None:
+        ex.send_response(200)
+        ex.send_header("Content-Length", str(300 << 20))
+        ex.end_headers()
+        ex.raw(b'{"token": "')
+        chunk = b"t" * (1 << 20)
+        while sent[0] < 300 << 20 and ex.pause(0):
+            ex.raw(chunk)
+            sent[0] += len(chunk)
+
+    def registry(ex: Exchange) -> None:
+        ex.send(401, b"", {"WWW-Authenticate": f'Bearer realm="{tokens.url}/token"'})
+
+    tokens = hostile(token_service)
+    server = hostile(registry)
+    start = time.monotonic()
+    pulled = _pull_process(tmp_path, f"{server.host}/evil/app:v1", 1024)
+    assert time.monotonic() - start < 30
+    assert pulled.returncode == RegistryError.exit_code, pulled.stderr[-2000:]
+    assert "larger than 1048576 bytes" in pulled.stderr and tokens.host in pulled.stderr
+    assert pulled.peak_rss_mib < 120  # measured ~60; a 300 MiB answer read whole: over 600
+    assert sent[0] < 100 << 20  # the rest was never asked for
+
+
+def test_limits_from_the_environment() -> None:
+    limits = NetLimits.from_env({"CACHEFS_HTTP_MIN_RATE": "10", "CACHEFS_HTTP_RATE_WINDOW": "0.5",
+                                 "CACHEFS_MAX_BLOB_BYTES": str(1 << 20)})
+    assert (limits.min_rate, limits.rate_window_s, limits.max_blob_bytes) == (10, 0.5, 1 << 20)
+    assert limits.attempts == NetLimits().attempts
+    for bad in ("0", "-3", "fast"):
+        with pytest.raises(UsageError, match="CACHEFS_HTTP_ATTEMPTS"):
+            NetLimits.from_env({"CACHEFS_HTTP_ATTEMPTS": bad})
+    assert layers_in_flight({"CACHEFS_LAYERS_IN_FLIGHT": "2"}) == 2
+    with pytest.raises(UsageError, match="CACHEFS_LAYERS_IN_FLIGHT"):
+        layers_in_flight({"CACHEFS_LAYERS_IN_FLIGHT": "0"})
