@@ -513,6 +513,7 @@ class RegistryClient:
         while True:
             headers = {"Range": f"bytes={have}-"} if have else {}
             delay = self._delay(retries.count)
+            got = 0  # bytes this attempt received: a cut after progress is resumed at once
             try:
                 async with self._exchange("GET", ref, path, headers) as (resp, clock):
                     if resp.status_code in RETRY_STATUSES:
@@ -543,7 +544,7 @@ class RegistryClient:
                                 await _receive(resp, clock, dest, part, expected, progress,
                                                written)
                             finally:
-                                have = part.size  # what reached the file, even on an error
+                                got, have = part.size - have, part.size  # even on an error
                             reason = f"the body ended after {have} of {expected} bytes"
                         else:
                             reason = f"HTTP {status} to a request for bytes {have}-"
@@ -559,7 +560,7 @@ class RegistryClient:
                          f"{self.limits.env_name('retry_window_s')} bound the retries",
                 )
             retries.count += 1
-            await trio.sleep(delay)
+            await trio.sleep(0 if got else delay)
         actual = f"{digest.algorithm}:{hasher.hexdigest()}"
         if actual != str(digest):
             await trio.to_thread.run_sync(_unlink, dest)
