@@ -379,15 +379,31 @@ async def test_unverifiable_content_digest_is_refused(
     assert not list((tmp_path / "cache" / "manifests").glob("*.json"))
 
 
-async def test_unverifiable_layer_digest_is_refused_before_anything_is_keyed(
-    hostile: Hostile, tmp_path: Path  # noqa: F811
+@pytest.mark.parametrize("where", ["layer", "config", "index entry"])
+async def test_unverifiable_descriptor_digest_is_refused_before_anything_is_keyed(
+    hostile: Hostile, tmp_path: Path, where: str  # noqa: F811
 ) -> None:
     image = ServedImage.of(IMAGE)
-    image.manifest_doc["layers"][1]["digest"] = "foo:bar"
+    if where == "layer":
+        image.manifest_doc["layers"][1]["digest"] = "foo:bar"
+    elif where == "config":
+        image.manifest_doc["config"]["digest"] = "foo:bar"
     image.seal()
-    server = hostile(lambda ex: ex.serve_image(image))
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": "foo:bar", "size": len(image.manifest),
+         "platform": {"os": "linux", "architecture": arch}}
+        for arch in ("amd64", "arm64")]}).encode()
+
+    def registry(ex: Exchange) -> None:
+        if where == "index entry" and "/manifests/v1" in ex.path:
+            ex.send(200, index, {"Content-Type": OCI_INDEX})
+        else:
+            ex.serve_image(image)
+
+    server = hostile(registry)
     err, _ = await timed_failure(RegistryError, server, tmp_path)
-    assert "foo:bar" in one_line(err)
+    assert "foo:bar" in one_line(err) and "cannot be verified" in one_line(err)
+    assert server.requests("foo") == []  # never asked for
     assert server.requests("/blobs/") == []  # not even the config: refused at the manifest
     assert not [p for p in (tmp_path / "cache").rglob("*") if "foo" in p.name]
 
