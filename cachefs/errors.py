@@ -154,3 +154,12 @@ EXIT_CODES: dict[str, int] = {
         MountError,
     )
 }
+
+
+class ResourceLimit(CachefsError):
+    """The work needs more of a process resource (open files) than this process may have."""
+
+    exit_code = 17
+
+
+EXIT_CODES.update({ResourceLimit.__name__: ResourceLimit.exit_code})

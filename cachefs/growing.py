@@ -38,12 +38,14 @@ class GrowingBlob:
         self._final = final
         self._cond = threading.Condition()
         self._size = -1  # -1: the download has not prepared the file yet
+        self._updates = 0  # counts written() calls: a reader waits for the next one
         self._done = False
         self._failed = False
 
     def written(self, size: int) -> None:
         with self._cond:
             self._size = size
+            self._updates += 1
             self._cond.notify_all()
 
     def finish(self, ok: bool) -> None:
@@ -63,6 +65,17 @@ class GrowingBlob:
                 if self._done:
                     return 0
                 self._cond.wait()
+
+    def wait_update(self, seen: int) -> None:
+        """Block until the download reports again after update number ``seen`` (or ends)."""
+        with self._cond:
+            while self._updates == seen and not self._done and not self._failed:
+                self._cond.wait()
+
+    @property
+    def updates(self) -> int:
+        with self._cond:
+            return self._updates
 
     def open(self) -> BinaryIO:
         self.wait(-1)  # the file exists once the download has prepared it
@@ -88,13 +101,19 @@ class GrowingReader(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
-        avail = self._blob.wait(self._pos)
-        if not avail:
-            return 0
-        with memoryview(b) as view:
-            n = os.preadv(self._fd, [view[: min(len(view), avail)]], self._pos)
-        self._pos += n
-        return n
+        while True:
+            seen = self._blob.updates
+            avail = self._blob.wait(self._pos)
+            if not avail:
+                return 0
+            with memoryview(b) as view:
+                n = os.preadv(self._fd, [view[: min(len(view), avail)]], self._pos)
+            if n:
+                self._pos += n
+                return n
+            # The file is shorter than reported: a restart truncated it after ``seen``;
+            # the same bytes come again at the same offsets. Not an end of file.
+            self._blob.wait_update(seen)
 
     def close(self) -> None:
         if not self.closed:

@@ -19,10 +19,10 @@ import contextlib
 import enum
 import functools
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -31,11 +31,12 @@ from .cache.locks import Leases, flock_exclusive, flock_exclusive_async, publica
 from .cache.publish import remove_quietly
 from .digest import Digest
 from .erofs.tree import Node
-from .errors import CachefsError, NotCachedError, RegistryError
+from .errors import CachefsError, NotCachedError, RegistryError, UsageError
 from .growing import GrowingBlob
 from .layer import Compression, compression_from_media_type
 from .materialize import BlobOpener, materialize_layer, stitch_image
 from .models import CachedImageMetadata, ImageConfig, ImageConfigFile, LayerMetadata
+from .openfiles import ensure_open_files, files_needed
 from .progress import (
     Event,
     Finished,
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from .oci.auth import Credentials
     from .oci.registry import RegistryClient
 
+# Layers being downloaded or ingested at once, whatever the image's layer count: each holds
+# a few files and a connection (README "Limits"; CACHEFS_LAYERS_IN_FLIGHT).
 DOWNLOAD_PARALLELISM = 4
 # Ingest is CPU-bound Python; more threads than cores only adds GIL contention.
 MATERIALIZE_PARALLELISM = max(1, min(4, os.cpu_count() or 1))
@@ -129,6 +132,8 @@ class LayerBlob:
     transient: bool  # a downloaded file to remove once the image is published
     feed: Callable[[], Awaitable[None]] | None = None
     file: Path | None = None  # the downloaded file, when ``source`` is not it
+    # called when ingest failed: the cancelled download then drops its partial file
+    discard: Callable[[], None] | None = None
 
 
 class _Emitter:
@@ -236,13 +241,21 @@ async def materialize_plan(
     """
     emit(Resolved(str(plan.reference), str(plan.manifest_digest),
                   tuple((layer.diff_id, layer.size_bytes) for layer in plan.layers)))
+    entries = _entries(cache, plan)
+    in_flight = trio.CapacityLimiter(layers_in_flight())
+    ensure_open_files(files_needed(len(entries), in_flight.total_tokens),
+                      f"{plan.reference} ({len(plan.layers)} layers)")
     # blocking: a deleter holding a lease exclusively is waited out, in a worker thread
-    leases = await trio.to_thread.run_sync(Leases.acquire_all, _entries(cache, plan))
+    leases = await trio.to_thread.run_sync(Leases.acquire_all, entries)
     transient: list[Path] = []
     trees: dict[Digest, tuple[Node, int]] = {}  # layers built here: the fsmeta needs no re-read
     limiter = trio.CapacityLimiter(MATERIALIZE_PARALLELISM)
     try:
         async def one(i: int, layer: LayerMetadata) -> None:
+            async with in_flight:
+                await build_one(i, layer)
+
+        async def build_one(i: int, layer: LayerMetadata) -> None:
             diff = layer.diff_digest
             if not force and await trio.to_thread.run_sync(cache.is_layer_materialized, diff):
                 emit(LayerProgress(i, layer.diff_id, "cached"))
@@ -267,17 +280,7 @@ async def materialize_plan(
             if blob.feed is None:
                 built = await build()
             else:  # ingest follows the download
-                # A failed ingest lets the download finish: a corrupt blob must fail as the
-                # download's DigestMismatch (and leave no .part), as it does without this.
-                build_error: Exception | None = None
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(blob.feed)
-                    try:
-                        built = await build()
-                    except Exception as e:
-                        build_error = e
-                if build_error is not None:
-                    raise build_error
+                built = await _ingest_while_downloading(build, blob.feed, blob.discard)
             if built.root is not None and built.block_map is not None:
                 trees[diff] = (built.root, built.block_map.total_blocks)
             emit(LayerProgress(i, layer.diff_id, "done"))
@@ -382,6 +385,7 @@ async def pull(
                     part = cache.part_path(blob)
                     growing = GrowingBlob(part, tar)
                     lock = held.pop_all()  # feed() releases it when the download ends
+                    discard = trio.Event()
 
                     async def feed() -> None:
                         """The download, under its lock (handed over), while ingest reads."""
@@ -406,8 +410,11 @@ async def pull(
                                 ok = True
                             finally:
                                 growing.finish(ok)
+                                if not ok and discard.is_set():  # still under the lock
+                                    remove_quietly(part)
 
-                    return LayerBlob(growing.open, compression, True, feed=feed, file=tar)
+                    return LayerBlob(growing.open, compression, True, feed=feed, file=tar,
+                                     discard=discard.set)
                 finally:
                     await held.aclose()
 
@@ -416,6 +423,41 @@ async def pull(
         finally:
             if own_client:
                 await registry.aclose()
+
+
+async def _ingest_while_downloading(
+    build: Callable[[], Awaitable[Any]],
+    feed: Callable[[], Awaitable[None]],
+    discard: Callable[[], None] | None,
+) -> Any:
+    """Ingest a blob as it downloads. A failed ingest cancels the download (whose partial
+    file is then discarded: its bytes are what failed); a failed download makes the
+    ingest's reader fail, and the download's error is the one reported (``first_error``)."""
+    built: Any = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        try:
+            built = await build()
+        except Exception:
+            if discard is not None:
+                discard()
+            nursery.cancel_scope.cancel()
+            raise
+    return built
+
+
+def layers_in_flight(environ: Mapping[str, str] | None = None) -> int:
+    """DOWNLOAD_PARALLELISM, or ``CACHEFS_LAYERS_IN_FLIGHT``."""
+    raw = (os.environ if environ is None else environ).get("CACHEFS_LAYERS_IN_FLIGHT", "")
+    if not raw.strip():
+        return DOWNLOAD_PARALLELISM
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"CACHEFS_LAYERS_IN_FLIGHT={raw!r}: expected a positive integer")
+    return value
 
 
 def _reusable_blob(tar: Path, expected: int | None) -> bool:

@@ -5,6 +5,7 @@
 * :func:`open_archive` — docker archives and OCI layouts → :class:`ArchiveSource`.
 * :class:`Authenticator` / :class:`Credentials` — explicit credentials, docker config,
   credential helpers, bearer tokens.
+* :class:`NetLimits` — every bound on what a registry may cost (time, bytes, attempts).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from .auth import Authenticator, Credentials, docker_config_credentials
     from .platform import host_platform, parse_platform, select_manifest
     from .registry import RegistryClient, RegistryNotFound, ResolvedImage
+    from .transfer import NetLimits, TransferTooSlow
 
 # Loaded on first use (PEP 562): a pull never needs the archive reader (tarfile), a load
 # never needs the registry client (httpx), and each costs start-up time.
@@ -26,6 +28,7 @@ _LAZY = {
     "Authenticator": "auth", "Credentials": "auth", "docker_config_credentials": "auth",
     "host_platform": "platform", "parse_platform": "platform", "select_manifest": "platform",
     "RegistryClient": "registry", "RegistryNotFound": "registry", "ResolvedImage": "registry",
+    "NetLimits": "transfer", "TransferTooSlow": "transfer",
 }
 
 
@@ -44,9 +47,11 @@ __all__ = [
     "ArchiveSource",
     "Authenticator",
     "Credentials",
+    "NetLimits",
     "RegistryClient",
     "RegistryNotFound",
     "ResolvedImage",
+    "TransferTooSlow",
     "docker_config_credentials",
     "host_platform",
     "open_archive",

@@ -16,6 +16,13 @@ base64 ``user:pass``, or ``username``/``password``). The host matches including 
 with or without an ``http(s)://`` prefix or path in the key.
 
 Secrets never reach logs or exception messages: :class:`Credentials` masks its repr.
+
+Where credentials go: only to the registry they were configured for, and to the token realm
+*that registry* names in its own challenge (a token service may live on another host, as
+Docker Hub's does). :class:`~cachefs.oci.registry.RegistryClient` never asks this module to
+answer a challenge from anyone else (a redirect target); the token request itself follows
+redirects only without credentials once it leaves the realm's origin, runs under the same
+deadline as every request, and its answer is size-capped (``max_token_bytes``).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import trio
 
 from ..errors import AuthError, RegistryError
 from ._httpx import httpx
+from .transfer import NetLimits, deadline, origin, read_body, send_following
 
 _CHALLENGE_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 _TOKEN_MARGIN_S = 30.0
@@ -226,19 +234,25 @@ class Authenticator:
         www_authenticate: str,
         what: str,
         sent: str | None = None,
+        limits: NetLimits | None = None,
+        challenger: httpx.URL | None = None,
     ) -> str:
-        """Turn a 401 challenge into an Authorization value, or raise AuthError.
+        """Turn a 401 challenge *of the registry itself* into an Authorization value, or
+        raise AuthError.
 
         ``what`` names the request (reference and path) for the error message; ``sent`` is
-        the Authorization the refused request carried. Concurrent downloads that are refused
-        at once share one token request: whoever comes second finds a newer token and uses it.
+        the Authorization the refused request carried; ``challenger`` the URL that answered
+        401 (an https registry's credentials never go to a plain-http realm). Concurrent
+        downloads that are refused at once share one token request: whoever comes second
+        finds a newer token and uses it.
         """
         lock = self._locks.setdefault((registry, scope), trio.Lock())
         async with lock:
             current = self.header_for(registry, scope)
             if current is not None and current != sent:
                 return current
-            return await self._respond(http, registry, scope, www_authenticate, what, sent)
+            return await self._respond(http, registry, scope, www_authenticate, what, sent,
+                                       limits or NetLimits.from_env(), challenger)
 
     async def _respond(
         self,
@@ -248,6 +262,8 @@ class Authenticator:
         www_authenticate: str,
         what: str,
         sent: str | None,
+        limits: NetLimits,
+        challenger: httpx.URL | None,
     ) -> str:
         self.forget(registry, scope)
         challenge = parse_www_authenticate(www_authenticate)
@@ -275,23 +291,28 @@ class Authenticator:
         if challenge.params.get("service"):
             params["service"] = challenge.params["service"]
         headers = {"Authorization": creds.basic_header()} if creds is not None else {}
+        if (creds is not None and challenger is not None and challenger.scheme == "https"
+                and realm.lower().startswith("http://")):
+            raise AuthError(f"{what}: registry {registry} names a plain-http token service "
+                            f"{realm}; its credentials are not sent unencrypted")
         self.token_requests += 1
         try:
-            resp = await http.get(realm, params=params, headers=headers)
+            url = httpx.URL(realm, params=params)
+            status, body = await _fetch_token(http, url, headers, limits)
         except httpx.HTTPError as err:
             raise RegistryError(
                 f"{what}: token service {realm} unreachable ({err.__class__.__name__})"
             ) from None
-        if resp.status_code in (401, 403):
+        if status in (401, 403):
             who = f"user {creds.username!r}" if creds is not None else "anonymous access"
             raise AuthError(
-                f"{what}: token service refused {who} for {scope} (HTTP {resp.status_code})",
+                f"{what}: token service refused {who} for {scope} (HTTP {status})",
                 hint="check the username/password" if creds else "credentials are required",
             )
-        if resp.status_code != 200:
-            raise RegistryError(f"{what}: token service {realm} answered HTTP {resp.status_code}")
+        if status != 200:
+            raise RegistryError(f"{what}: token service {realm} answered HTTP {status}")
         try:
-            doc = resp.json()
+            doc = json.loads(body)
             value = doc.get("token") or doc.get("access_token")
             expires_in = float(doc.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError):
@@ -302,6 +323,23 @@ class Authenticator:
             str(value), time.monotonic() + max(expires_in - _TOKEN_MARGIN_S, 1.0)
         )
         return f"Bearer {value}"
+
+
+async def _fetch_token(http: httpx.AsyncClient, url: httpx.URL, headers: dict[str, str],
+                       limits: NetLimits) -> tuple[int, bytes]:
+    """(status, body) of a token request: bounded in time and size; credentials go only to
+    the realm's own origin."""
+    async with deadline(limits, "token request") as clock:
+        resp = await send_following(http, "GET", url, headers, clock, home=origin(url))
+        try:
+            if resp.status_code != 200:
+                return resp.status_code, b""
+            body = await read_body(resp, clock, limits.max_token_bytes,
+                                   f"the token answer of {url.host}")
+            return resp.status_code, body
+        finally:
+            await resp.aclose()
+    raise AssertionError("unreachable")  # deadline() raises when it cancels the block
 
 
 def pull_scope(repository: str) -> str:

@@ -27,6 +27,9 @@ _MACHINE_TO_ARCH = {
 }
 
 
+LISTED_PLATFORMS = 10  # platforms named in a "no manifest for platform" message
+
+
 def host_platform() -> Platform:
     """linux/<GOARCH of this machine>, as msb (oci-client) chooses by default."""
     machine = _pyplatform.machine()
@@ -97,12 +100,21 @@ def select_manifest(
     )
     raise error(
         f"{source}: no manifest for platform {format_platform(target)}; "
-        f"available: {', '.join(available) or 'none'}",
+        f"available: {capped_list(available) or 'none'}",
         hint="choose one with --platform os/arch[/variant]",
     )
 
 
+def capped_list(items: Sequence[str], shown: int = LISTED_PLATFORMS) -> str:
+    """``a, b, … and 9,990 more``: an index may list any number of platforms, and a message
+    must stay one readable line."""
+    head = ", ".join(items[:shown])
+    rest = len(items) - shown
+    return f"{head} … and {rest:,} more" if rest > 0 else head
+
+
 __all__ = [
+    "capped_list",
     "format_platform",
     "host_platform",
     "parse_platform",

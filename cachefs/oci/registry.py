@@ -14,13 +14,22 @@ Semantics follow msb (oci-client 0.17) where they are observable in the cache:
 Plain HTTP is used only with ``insecure=True`` — even for 127.0.0.1, exactly like
 ``msb pull --insecure``. Transient failures (429, 5xx, connection errors) are retried with
 bounded exponential backoff; a retried blob download resumes from the bytes already written.
+
+Everything the registry controls is bounded (:mod:`cachefs.oci.transfer`, README
+"Limits"): every request has a deadline scaled to what it carries, attempts are bounded in
+count and time per document and per blob (progress or not), a blob is never read past its
+descriptor's size, redirects are followed by hand and never carry credentials to another
+origin, and every digest is verified against the bytes (an algorithm cachefs cannot
+verify is refused before anything is keyed by it). Digested content is requested with
+``Accept-Encoding: identity``: the digest is over the bytes as stored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,7 +37,7 @@ from typing import Any, BinaryIO
 import trio
 
 from ..digest import Digest
-from ..errors import AuthError, DigestMismatch, RegistryError
+from ..errors import AuthError, DigestError, DigestMismatch, RegistryError
 from ..models import (
     DOCKER_CONFIG,
     DOCKER_LAYER_FOREIGN,
@@ -48,6 +57,7 @@ from ..reference import Reference
 from ._httpx import httpx
 from .auth import Authenticator, Credentials, pull_scope
 from .platform import format_platform, select_manifest
+from .transfer import Deadline, NetLimits, deadline, origin, read_body, send_following
 
 ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
@@ -103,6 +113,50 @@ def check_layer_descriptor(layer: Descriptor, where: str) -> None:
                             f"{layer.media_type!r}")
 
 
+def verifiable(digest: Digest, what: str) -> Digest:
+    """``digest`` if cachefs can check bytes against it; else a RegistryError, raised before
+    anything (a download, a cache path) is keyed by a digest nobody verified."""
+    try:
+        digest.hasher()
+    except DigestError:
+        raise RegistryError(f"{what}: digest {digest} uses algorithm {digest.algorithm!r}, "
+                            "which cannot be verified; refusing it") from None
+    return digest
+
+
+def check_blob_descriptor(layer: Descriptor, where: str, limits: NetLimits) -> None:
+    """A layer is downloaded only with a verifiable digest and a size in (0, max_blob_bytes]:
+    the size is what bounds the download, so a descriptor without one is refused."""
+    verifiable(layer.parsed_digest, f"{where}: layer")
+    if layer.size <= 0:
+        raise RegistryError(f"{where}: layer {layer.digest} has no size in the manifest "
+                            f"(size {layer.size}); refusing a download of unknown length")
+    if layer.size > limits.max_blob_bytes:
+        raise RegistryError(
+            f"{where}: layer {layer.digest} declares {layer.size} bytes, more than the "
+            f"limit of {limits.max_blob_bytes}",
+            hint=f"{limits.env_name('max_blob_bytes')} sets the limit",
+        )
+
+
+class _Retries:
+    """Attempts at one document or blob: at most ``attempts``, and none started after
+    ``window_s`` from the first, whether or not the previous ones made progress."""
+
+    def __init__(self, attempts: int, window_s: float) -> None:
+        self.attempts = attempts
+        self.window_s = window_s
+        self.started = trio.current_time()
+        self.count = 0  # attempts that failed so far
+
+    def elapsed(self) -> float:
+        return trio.current_time() - self.started
+
+    def last(self) -> bool:
+        """Is the attempt about to start the last one allowed?"""
+        return self.count + 1 >= self.attempts or self.elapsed() >= self.window_s
+
+
 def _manifest_kind(body: bytes, content_type: str, where: str) -> tuple[str, str]:
     """("index"|"manifest", media type) from the body's mediaType, else Content-Type."""
     try:
@@ -151,15 +205,17 @@ class RegistryClient:
         credentials: Credentials | None = None,
         authenticator: Authenticator | None = None,
         mirrors: dict[str, str] | None = None,
-        max_attempts: int = 4,
+        max_attempts: int | None = None,
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
         timeout_s: float = 60.0,
+        limits: NetLimits | None = None,
     ) -> None:
         self.insecure = insecure
         self.auth = authenticator or Authenticator(credentials)
         self.mirrors = dict(mirrors or {})
-        self.max_attempts = max(1, max_attempts)
+        self.limits = limits or NetLimits.from_env()
+        self.max_attempts = max(1, max_attempts or self.limits.attempts)
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         verify: ssl.SSLContext | bool = True
@@ -175,9 +231,9 @@ class RegistryClient:
         self._http = httpx.AsyncClient(
             verify=verify,
             transport=_PlainFirstTransport(verify) if insecure else None,
-            follow_redirects=True,
+            follow_redirects=False,  # send_following: credentials stay with their origin
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
-            headers={"User-Agent": "cachefs/0.1"},
+            headers={"User-Agent": "cachefs/0.1", "Accept-Encoding": "identity"},
         )
 
     async def __aenter__(self) -> RegistryClient:
@@ -196,7 +252,7 @@ class RegistryClient:
         scheme = "http" if self.insecure else "https"
         return f"{scheme}://{host}/v2/{ref.repository}/{path}"
 
-    async def _backoff(self, attempt: int, resp: httpx.Response | None = None) -> None:
+    def _delay(self, attempt: int, resp: httpx.Response | None = None) -> float:
         delay = min(self.backoff_s * (2**attempt), self.max_backoff_s)
         if resp is not None:
             try:
@@ -204,36 +260,75 @@ class RegistryClient:
                             self.max_backoff_s)
             except ValueError:
                 pass
-        await trio.sleep(delay)
+        return delay
+
+    async def _backoff(self, attempt: int, resp: httpx.Response | None = None) -> None:
+        await trio.sleep(self._delay(attempt, resp))
 
     async def _open(self, method: str, ref: Reference, path: str,
-                    headers: dict[str, str]) -> httpx.Response:
-        """Send (streaming), answering one auth challenge. Caller must ``aclose()``."""
+                    headers: dict[str, str], clock: Deadline) -> httpx.Response:
+        """Send (streaming), answering one auth challenge of the registry itself.
+
+        Credentials and tokens are scoped to the registry's origin: a redirect target gets
+        none (:func:`send_following`), and its 401, whatever realm it names, is an error
+        naming it — answering its challenge would hand it the user's credentials.
+        Caller must ``aclose()``.
+        """
         scope = pull_scope(ref.repository)
         url = self._url(ref, path)
+        home = origin(httpx.URL(url))
+        what = f"{ref}: {method} /v2/{ref.repository}/{path}"
         hdrs = dict(headers)
         known = self.auth.header_for(ref.registry, scope)
         if known:
             hdrs["Authorization"] = known
-        resp = await self._http.send(self._http.build_request(method, url, headers=hdrs),
-                                     stream=True)
+        resp = await send_following(self._http, method, url, hdrs, clock, home=home)
         if resp.status_code != 401:
             return resp
-        challenge = resp.headers.get("WWW-Authenticate", "")
         await resp.aclose()
-        what = f"{ref}: {method} /v2/{ref.repository}/{path}"
+        self._refuse_foreign_challenge(resp, home, what)
+        challenge = resp.headers.get("WWW-Authenticate", "")
         hdrs["Authorization"] = await self.auth.respond(
-            self._http, ref.registry, scope, challenge, what, sent=known
+            self._http, ref.registry, scope, challenge, what, sent=known, limits=self.limits,
+            challenger=resp.url,
         )
-        return await self._http.send(self._http.build_request(method, url, headers=hdrs),
-                                     stream=True)
+        resp = await send_following(self._http, method, url, hdrs, clock, home=home)
+        if resp.status_code == 401 and origin(resp.url) != home:
+            await resp.aclose()
+            self._refuse_foreign_challenge(resp, home, what)
+        return resp
 
-    async def _raise_for_status(self, resp: httpx.Response, ref: Reference, path: str) -> None:
+    @staticmethod
+    def _refuse_foreign_challenge(resp: httpx.Response, home: tuple[str, str, int],
+                                  what: str) -> None:
+        if origin(resp.url) == home:
+            return
+        target = resp.url.netloc.decode("ascii", "replace")
+        raise AuthError(
+            f"{what}: redirected to {target}, which answered HTTP 401; the registry's "
+            f"credentials are never sent to another host",
+            hint=f"{target} is not the registry; ask the registry's operator",
+        )
+
+    @contextlib.asynccontextmanager
+    async def _exchange(self, method: str, ref: Reference, path: str,
+                        headers: dict[str, str]) -> AsyncIterator[tuple[httpx.Response, Deadline]]:
+        """One request and its body, under a deadline (TransferTooSlow names the host)."""
+        async with deadline(self.limits, f"{method} /v2/{ref.repository}/{path}") as clock:
+            resp = await self._open(method, ref, path, headers, clock)
+            try:
+                yield resp, clock
+            finally:
+                await resp.aclose()
+
+    async def _raise_for_status(self, resp: httpx.Response, ref: Reference, path: str,
+                                clock: Deadline) -> None:
         if resp.status_code < 400:
             return
         body = b""
         try:
             async for chunk in resp.aiter_raw():
+                clock.received(len(chunk))
                 body += chunk
                 if len(body) > 65536:
                     break
@@ -250,62 +345,59 @@ class RegistryClient:
                             hint="the credentials lack pull access to this repository")
         if status == 404:
             raise RegistryNotFound(f"{where}: HTTP 404 not found{detail}")
+        if resp.url.host and origin(resp.url) != origin(httpx.URL(self._url(ref, path))):
+            where += f" (redirected to {resp.url.netloc.decode('ascii', 'replace')})"
         raise RegistryError(f"{where}: HTTP {status}{detail}")
 
     async def _get_small(self, ref: Reference, path: str, headers: dict[str, str],
                          limit: int) -> tuple[httpx.Response, bytes]:
         """GET a document (manifest, config) with retries; returns the response and body."""
-        for attempt in range(self.max_attempts):
-            last = attempt == self.max_attempts - 1
+        retries = _Retries(self.max_attempts, self.limits.retry_window_s)
+        while True:
+            last = retries.last()
+            delay = self._delay(retries.count)
             try:
-                resp = await self._open("GET", ref, path, headers)
-                try:
+                async with self._exchange("GET", ref, path, headers) as (resp, clock):
                     if resp.status_code in RETRY_STATUSES and not last:
-                        await self._backoff(attempt, resp)
-                        continue
-                    await self._raise_for_status(resp, ref, path)
-                    body = bytearray()
-                    async for chunk in resp.aiter_raw():
-                        body += chunk
-                        if len(body) > limit:
-                            raise RegistryError(
-                                f"{ref}: /v2/{ref.repository}/{path} is larger than "
-                                f"{limit} bytes; refusing it"
-                            )
-                    return resp, bytes(body)
-                finally:
-                    await resp.aclose()
+                        delay = self._delay(retries.count, resp)
+                    else:
+                        await self._raise_for_status(resp, ref, path, clock)
+                        body = await read_body(resp, clock, limit,
+                                               f"{ref}: /v2/{ref.repository}/{path}")
+                        return resp, body
             except httpx.TransportError as err:
                 if last:
                     raise RegistryError(
                         f"{ref}: GET /v2/{ref.repository}/{path} failed after "
-                        f"{self.max_attempts} attempts: {err.__class__.__name__}: {err}"
+                        f"{retries.count + 1} attempts: {err.__class__.__name__}: {err}"
                     ) from None
-                await self._backoff(attempt)
-        raise AssertionError("unreachable")
+            retries.count += 1
+            await trio.sleep(delay)
 
     # manifests -------------------------------------------------------------------------------
 
     async def fetch_manifest(self, ref: Reference, target: str) -> tuple[bytes, str, Digest]:
         """(body, content type, digest) of ``manifests/<target>`` (a tag or a digest)."""
         path = f"manifests/{target}"
+        what = f"manifest {target} of {ref.name}"
+        wanted: Digest | None = None
+        if ":" in target:  # a digest (tags cannot contain ':')
+            wanted = verifiable(Digest.parse(target), f"{ref}: {what}")
         resp, body = await self._get_small(ref, path, {"Accept": ACCEPT_MANIFESTS},
                                            MAX_MANIFEST_BYTES)
-        actual = Digest.sha256_of(body)
-        what = f"manifest {target} of {ref.name}"
-        if target.startswith("sha") and ":" in target:
-            wanted = Digest.parse(target)
-            h = wanted.hasher()
-            h.update(body)
-            if h.hexdigest() != wanted.encoded:
-                raise DigestMismatch(what, str(wanted), f"{wanted.algorithm}:{h.hexdigest()}")
-            digest = wanted
-        elif resp.headers.get("Docker-Content-Digest"):
-            digest = Digest.parse(resp.headers["Docker-Content-Digest"].strip())
-            if digest.algorithm == "sha256" and digest != actual:
-                raise DigestMismatch(what + " (Docker-Content-Digest)", str(digest), str(actual))
-        else:
-            digest = actual
+        if wanted is not None:
+            wanted.verify_bytes(body, what)
+        header = resp.headers.get("Docker-Content-Digest", "").strip()
+        claimed: Digest | None = None
+        if header:
+            try:
+                claimed = Digest.parse(header)
+            except DigestError:
+                raise RegistryError(f"{ref}: {what}: malformed Docker-Content-Digest "
+                                    f"{header[:200]!r}") from None
+            verifiable(claimed, f"{ref}: {what} (Docker-Content-Digest)")
+            claimed.verify_bytes(body, what + " (Docker-Content-Digest)")
+        digest = wanted or claimed or Digest.sha256_of(body)
         return body, resp.headers.get("Content-Type", ""), digest
 
     async def resolve(self, ref: Reference, platform: Platform | None = None) -> ResolvedImage:
@@ -337,11 +429,15 @@ class RegistryClient:
             raise RegistryError(f"{ref}: malformed image manifest: {_first_error(err)}") from None
         for layer in manifest.layers:
             check_layer_descriptor(layer, f"{ref}")
+            check_blob_descriptor(layer, f"{ref}", self.limits)
+        verifiable(manifest.config.parsed_digest, f"{ref}: config")
         config_bytes = await self.fetch_config(ref, manifest.config)
         try:
             config = ImageConfigFile.model_validate_json(config_bytes)
         except ValidationError as err:
             raise RegistryError(f"{ref}: malformed image config: {_first_error(err)}") from None
+        for diff_id in config.diff_ids:
+            verifiable(diff_id, f"{ref}: config rootfs.diff_ids")
         if len(config.rootfs.diff_ids) != len(manifest.layers):
             raise RegistryError(
                 f"{ref}: manifest has {len(manifest.layers)} layers but the config lists "
@@ -402,8 +498,9 @@ class RegistryClient:
         where = f"{ref}"
         if _is_foreign(descriptor.media_type):
             check_layer_descriptor(descriptor, where)
+        check_blob_descriptor(descriptor, where, self.limits)
         digest = descriptor.parsed_digest
-        expected = descriptor.size or None
+        expected = descriptor.size
         path = f"blobs/{digest}"
         hasher, have, done = await trio.to_thread.run_sync(
             _prepare_part, dest, digest, expected, resume
@@ -412,70 +509,62 @@ class RegistryClient:
             written(have)
         if done:
             return
-        failures = 0
+        retries = _Retries(self.max_attempts, self.limits.retry_window_s)
         while True:
             headers = {"Range": f"bytes={have}-"} if have else {}
-            got = 0
+            delay = self._delay(retries.count)
+            got = 0  # bytes this attempt received: a cut after progress is resumed at once
             try:
-                resp = await self._open("GET", ref, path, headers)
-                try:
+                async with self._exchange("GET", ref, path, headers) as (resp, clock):
                     if resp.status_code in RETRY_STATUSES:
-                        failures += 1
-                        if failures >= self.max_attempts:
-                            await self._raise_for_status(resp, ref, path)
-                        await self._backoff(failures - 1, resp)
-                        continue
-                    if resp.status_code == 416 and have:
+                        if retries.last():
+                            await self._raise_for_status(resp, ref, path, clock)
+                        delay = self._delay(retries.count, resp)
+                        reason = f"HTTP {resp.status_code}"
+                    elif resp.status_code == 416 and have:
                         # Our prefix is not a prefix of theirs (or already complete): start over.
                         hasher, have = digest.hasher(), 0
                         await trio.to_thread.run_sync(_truncate, dest)
                         if written is not None:
                             written(0)
-                        failures += 1
-                        continue
-                    await self._raise_for_status(resp, ref, path)
-                    if have and (resp.status_code != 206 or not _range_starts_at(resp, have)):
-                        # A full 200 body (or a range we did not ask for): truncate, restart.
-                        hasher, have = digest.hasher(), 0
-                        await trio.to_thread.run_sync(_truncate, dest)
-                        if written is not None:
-                            written(0)
-                        if resp.status_code != 200:
-                            failures += 1
-                            continue
-                    with dest.open("r+b" if dest.exists() else "wb") as f:
-                        f.seek(have)
-                        f.truncate()
-                        async for chunk in resp.aiter_raw():
-                            f.write(chunk)
-                            hasher.update(chunk)
-                            have += len(chunk)
+                        reason = "HTTP 416 to a resume request"
+                    else:
+                        await self._raise_for_status(resp, ref, path, clock)
+                        status = resp.status_code
+                        restarted = False
+                        if have and (status != 206 or not _range_starts_at(resp, have)):
+                            # A full body (or a range we did not ask for): truncate, restart.
+                            hasher, have, restarted = digest.hasher(), 0, True
+                            await trio.to_thread.run_sync(_truncate, dest)
                             if written is not None:
-                                f.flush()
-                                written(have)
-                            got += len(chunk)
-                            if progress is not None:
-                                progress(len(chunk))
-                            if expected is not None and have > expected:
-                                break
-                finally:
-                    await resp.aclose()
-                break
+                                written(0)
+                        if status == 200 or (status == 206 and not restarted):
+                            part = _Part(hasher, have)
+                            try:
+                                await _receive(resp, clock, dest, part, expected, progress,
+                                               written)
+                            finally:
+                                got, have = part.size - have, part.size  # even on an error
+                            reason = f"the body ended after {have} of {expected} bytes"
+                        else:
+                            reason = f"HTTP {status} to a request for bytes {have}-"
+                if have == expected:
+                    break
             except httpx.TransportError as err:
-                failures = 0 if got else failures + 1
-                if failures >= self.max_attempts:
-                    raise RegistryError(
-                        f"{where}: downloading blob {digest} failed after {self.max_attempts} "
-                        f"attempts ({have} bytes kept for resume): {err.__class__.__name__}"
-                    ) from None
-                await self._backoff(max(failures - 1, 0))
+                reason = f"{err.__class__.__name__} ({have} bytes kept for resume)"
+            if retries.last():
+                raise RegistryError(
+                    f"{where}: downloading blob {digest} failed after {retries.count + 1} "
+                    f"attempts in {retries.elapsed():.1f} s: {reason}",
+                    hint=f"{self.limits.env_name('attempts')} and "
+                         f"{self.limits.env_name('retry_window_s')} bound the retries",
+                )
+            retries.count += 1
+            await trio.sleep(0 if got else delay)
         actual = f"{digest.algorithm}:{hasher.hexdigest()}"
-        if actual != str(digest) or (expected is not None and have != expected):
+        if actual != str(digest):
             await trio.to_thread.run_sync(_unlink, dest)
-            if actual == str(digest):
-                actual += f" ({have} bytes, descriptor says {expected})"
             raise DigestMismatch(f"blob of {where}", str(digest), actual)
-
 
 class _PlainFirstTransport(httpx.AsyncBaseTransport):
     """The transport of an ``insecure`` client, whose registry speaks plain HTTP.
@@ -517,6 +606,36 @@ def _range_starts_at(resp: httpx.Response, offset: int) -> bool:
         return unit == "bytes" and int(spec.split("-", 1)[0]) == offset
     except ValueError:
         return False
+
+
+@dataclass
+class _Part:
+    """A ``.part`` being appended to: the hash of its bytes and their count."""
+
+    hasher: Any
+    size: int
+
+
+async def _receive(resp: httpx.Response, clock: Deadline, dest: Path, part: _Part,
+                   expected: int, progress: Progress | None, written: Progress | None) -> None:
+    """Append the body to ``dest`` at ``part.size``, never past ``expected`` bytes: whatever
+    a server sends beyond the descriptor's size is not read."""
+    with dest.open("r+b" if dest.exists() else "wb") as f:
+        f.seek(part.size)
+        f.truncate()
+        async for chunk in resp.aiter_raw():
+            clock.received(len(chunk))
+            chunk = chunk[: expected - part.size]
+            f.write(chunk)
+            part.hasher.update(chunk)
+            part.size += len(chunk)
+            if written is not None:
+                f.flush()
+                written(part.size)
+            if progress is not None:
+                progress(len(chunk))
+            if part.size >= expected:
+                break
 
 
 def _hash_file(f: BinaryIO, hasher: Any) -> int:
