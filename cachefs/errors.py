@@ -154,3 +154,18 @@ EXIT_CODES: dict[str, int] = {
         MountError,
     )
 }
+
+
+class ConfigError(CachefsError):
+    """A configuration file cachefs reads (registries.conf, an auth file) is malformed."""
+
+    exit_code = 20
+
+
+class RegistryBlocked(RegistryError):
+    """registries.conf marks the registry (or namespace) the reference names as blocked."""
+
+    exit_code = 21
+
+
+EXIT_CODES.update({cls.__name__: cls.exit_code for cls in (ConfigError, RegistryBlocked)})

@@ -11,9 +11,13 @@ Semantics follow msb (oci-client 0.17) where they are observable in the cache:
   ``Range: bytes=<size>-`` hashing the existing prefix; a ``200`` answer to a range request
   restarts from zero; the whole-file sha256 must match or the ``.part`` is deleted.
 
-Plain HTTP is used only with ``insecure=True`` — even for 127.0.0.1, exactly like
-``msb pull --insecure``. Transient failures (429, 5xx, connection errors) are retried with
-bounded exponential backoff; a retried blob download resumes from the bytes already written.
+``insecure=True`` means plain HTTP only, exactly like ``msb pull --insecure``; without it,
+loopback hosts and hosts registries.conf marks insecure are tried over HTTPS, then plain HTTP
+(:mod:`cachefs.oci.endpoints`). Mirrors and location rewrites from registries.conf
+(:mod:`cachefs.oci.registries_conf`) are tried in order for the manifest; the blobs then
+come from the location that served it. Transient failures (429, 5xx, connection errors) are
+retried with bounded exponential backoff; a retried blob download resumes from the bytes
+already written.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, BinaryIO
 import trio
 
 from ..digest import Digest
-from ..errors import AuthError, DigestMismatch, RegistryError
+from ..errors import AuthError, CachefsError, DigestMismatch, RegistryError
 from ..models import (
     DOCKER_CONFIG,
     DOCKER_LAYER_FOREIGN,
@@ -47,7 +51,9 @@ from ..models import (
 from ..reference import Reference
 from ._httpx import httpx
 from .auth import Authenticator, Credentials, pull_scope
+from .endpoints import answered_plain_http, schemes_for
 from .platform import format_platform, select_manifest
+from .registries_conf import PullSource, RegistriesConf
 
 ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
@@ -151,14 +157,18 @@ class RegistryClient:
         credentials: Credentials | None = None,
         authenticator: Authenticator | None = None,
         mirrors: dict[str, str] | None = None,
+        registries: RegistriesConf | None = None,
         max_attempts: int = 4,
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
         timeout_s: float = 60.0,
     ) -> None:
         self.insecure = insecure
-        self.auth = authenticator or Authenticator(credentials)
+        self.auth = authenticator or Authenticator(credentials, explicit_hosts=set())
         self.mirrors = dict(mirrors or {})
+        self.registries = registries or RegistriesConf()
+        self._routes: dict[Reference, PullSource] = {}
+        self._bases: dict[str, str] = {}
         self.max_attempts = max(1, max_attempts)
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -175,6 +185,7 @@ class RegistryClient:
         self._http = httpx.AsyncClient(
             verify=verify,
             transport=_PlainFirstTransport(verify) if insecure else None,
+            mounts=_unverified_mounts(self.registries),
             follow_redirects=True,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
             headers={"User-Agent": "cachefs/0.1"},
@@ -191,11 +202,6 @@ class RegistryClient:
 
     # plumbing ------------------------------------------------------------------------------
 
-    def _url(self, ref: Reference, path: str) -> str:
-        host = self.mirrors.get(ref.registry, ref.registry)
-        scheme = "http" if self.insecure else "https"
-        return f"{scheme}://{host}/v2/{ref.repository}/{path}"
-
     async def _backoff(self, attempt: int, resp: httpx.Response | None = None) -> None:
         delay = min(self.backoff_s * (2**attempt), self.max_backoff_s)
         if resp is not None:
@@ -208,25 +214,105 @@ class RegistryClient:
 
     async def _open(self, method: str, ref: Reference, path: str,
                     headers: dict[str, str]) -> httpx.Response:
-        """Send (streaming), answering one auth challenge. Caller must ``aclose()``."""
-        scope = pull_scope(ref.repository)
-        url = self._url(ref, path)
+        """Send (streaming), answering one auth challenge. Caller must ``aclose()``.
+
+        ``ref`` is the logical reference; the request goes to its physical location
+        (:meth:`_route`), whose host is also the one credentials are looked up for.
+        """
+        phys, url = await self._physical_url(ref, path)
+        scope = pull_scope(phys.repository)
         hdrs = dict(headers)
-        known = self.auth.header_for(ref.registry, scope)
+        known = self.auth.header_for(phys.registry, scope)
         if known:
             hdrs["Authorization"] = known
-        resp = await self._http.send(self._http.build_request(method, url, headers=hdrs),
-                                     stream=True)
+        resp = await self._send(method, url, hdrs, phys.registry)
         if resp.status_code != 401:
             return resp
         challenge = resp.headers.get("WWW-Authenticate", "")
         await resp.aclose()
-        what = f"{ref}: {method} /v2/{ref.repository}/{path}"
+        what = f"{ref}: {method} /v2/{phys.repository}/{path}"
+        if phys.registry != ref.registry:
+            what += f" at {phys.registry}"
         hdrs["Authorization"] = await self.auth.respond(
-            self._http, ref.registry, scope, challenge, what, sent=known
+            self._http, phys.registry, scope, challenge, what, sent=known
         )
-        return await self._http.send(self._http.build_request(method, url, headers=hdrs),
-                                     stream=True)
+        return await self._send(method, url, hdrs, phys.registry)
+
+    # registries.conf routes and scheme choice --------------------------------------------
+
+    def _route(self, ref: Reference) -> PullSource:
+        """The location serving ``ref``: the one :meth:`resolve` settled on, else the first."""
+        source = self._routes.get(ref)
+        if source is None:
+            source = self._routes[ref] = self.registries.pull_sources(ref)[0]
+        return source
+
+    async def _physical_url(self, ref: Reference, path: str) -> tuple[Reference, str]:
+        source = self._route(ref)
+        phys = source.reference
+        if phys.registry == ref.registry and self.auth.explicit_hosts is not None:
+            # explicit --username credentials are for the registry the user named only
+            self.auth.explicit_hosts.add(ref.registry)
+        host = self.mirrors.get(phys.registry, phys.registry)
+        base = await self._base_url(host, source.insecure)
+        return phys, f"{base}/v2/{phys.repository}/{path}"
+
+    async def _base_url(self, host: str, conf_insecure: bool | None) -> str:
+        """``scheme://host``, pinging ``/v2/`` over HTTPS first where plain HTTP may follow."""
+        base = self._bases.get(host)
+        if base is not None:
+            return base
+        schemes = schemes_for(host, insecure_flag=self.insecure, conf_insecure=conf_insecure)
+        scheme = schemes[0]
+        if len(schemes) > 1:
+            try:
+                resp = await self._http.get(f"https://{host}/v2/")
+                await resp.aclose()
+            except httpx.TransportError:
+                scheme = schemes[1]
+        base = self._bases[host] = f"{scheme}://{host}"
+        return base
+
+    async def _send(self, method: str, url: str, headers: dict[str, str],
+                    host: str) -> httpx.Response:
+        try:
+            return await self._http.send(
+                self._http.build_request(method, url, headers=headers), stream=True)
+        except httpx.ConnectError as err:
+            if url.startswith("https://") and answered_plain_http(err):
+                raise RegistryError(
+                    f"{host} answered the TLS handshake with plain HTTP: it is not "
+                    "an HTTPS registry",
+                    hint="pass --insecure, or set insecure = true for it in registries.conf",
+                ) from None
+            raise
+
+    async def check_credentials(self, registry: str) -> None:
+        """``GET /v2/`` at ``registry``, answering its challenge with the client's credentials.
+
+        What ``podman login`` and ``docker login`` do before they store a password: a wrong
+        one raises AuthError here and is never written anywhere.
+        """
+        base = await self._base_url(self.mirrors.get(registry, registry),
+                                    self.registries.insecure_for(registry))
+        url = f"{base}/v2/"
+        try:
+            resp = await self._send("GET", url, {}, registry)
+            await resp.aclose()
+            if resp.status_code == 401:
+                header = await self.auth.respond(
+                    self._http, registry, "", resp.headers.get("WWW-Authenticate", ""),
+                    f"{registry}: GET /v2/")
+                resp = await self._send("GET", url, {"Authorization": header}, registry)
+                await resp.aclose()
+        except httpx.TransportError as err:
+            raise RegistryError(f"{registry}: GET /v2/ failed: "
+                                f"{err.__class__.__name__}: {err}") from None
+        if resp.status_code in (401, 403):
+            raise AuthError(f"{registry}: HTTP {resp.status_code}: the registry refused the "
+                            "credentials", hint="check the username and password")
+        if resp.status_code != 200:
+            raise RegistryError(f"{registry}: GET /v2/ answered HTTP {resp.status_code}")
 
     async def _raise_for_status(self, resp: httpx.Response, ref: Reference, path: str) -> None:
         if resp.status_code < 400:
@@ -313,7 +399,26 @@ class RegistryClient:
 
         An index (OCI or Docker manifest list) is narrowed to ``platform`` (default:
         linux/<host arch>); a plain manifest is taken as is, whatever its platform.
+        Each location registries.conf gives for ``ref`` is tried in order (mirrors, then
+        the primary); the first that serves the image also serves its blobs. When all fail,
+        the primary's error is raised with the mirrors' errors in its message (podman's way).
         """
+        sources = self.registries.pull_sources(ref)
+        failures: list[tuple[PullSource, CachefsError]] = []
+        for source in sources:
+            self._routes[ref] = source
+            try:
+                return await self._resolve_at(ref, platform)
+            except CachefsError as err:
+                if len(sources) == 1:
+                    raise
+                failures.append((source, err))
+        where, primary = failures[-1]
+        others = "; ".join(f"[{s.reference}: {e.one_line()}]" for s, e in failures[:-1])
+        primary.args = (f"{primary} (at {where.reference}; mirrors also failed: {others})",)
+        raise primary
+
+    async def _resolve_at(self, ref: Reference, platform: Platform | None) -> ResolvedImage:
         target = str(ref.digest) if ref.digest is not None else (ref.tag or "latest")
         body, ctype, digest = await self.fetch_manifest(ref, target)
         kind, media_type = _manifest_kind(body, ctype, f"{ref}")
@@ -501,6 +606,17 @@ class _PlainFirstTransport(httpx.AsyncBaseTransport):
         await self._plain.aclose()
         if self._tls is not None:
             await self._tls.aclose()
+
+
+def _unverified_mounts(conf: RegistriesConf) -> dict[str, httpx.AsyncBaseTransport]:
+    """HTTPS without certificate checks for the hosts registries.conf marks insecure."""
+    hosts: set[str] = set()
+    for entry in conf.registries:
+        for endpoint in (entry.endpoint, *entry.mirrors):
+            if endpoint.insecure:
+                hosts.add((endpoint.location or entry.prefix).split("/", 1)[0])
+    return {f"https://{host}": httpx.AsyncHTTPTransport(verify=False)
+            for host in sorted(hosts)}
 
 
 def _first_error(err: ValidationError) -> str:
