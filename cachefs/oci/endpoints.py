@@ -8,8 +8,9 @@ answer cannot downgrade a connection. ``insecure = false`` written out for such 
 the fallback off. ``--insecure`` keeps its meaning: plain HTTP only, as ``msb pull
 --insecure``.
 
-When HTTPS is the only scheme and the server answers a TLS handshake with plain HTTP, the
-error says so at once: that is a configuration mistake, not a transient failure.
+When HTTPS is the only scheme and the server answers a TLS handshake with plain HTTP, or
+its certificate is not trusted, the error says so at once: that is a configuration
+mistake, not a transient failure worth retrying.
 """
 
 from __future__ import annotations
@@ -48,18 +49,32 @@ def schemes_for(host: str, *, insecure_flag: bool, conf_insecure: bool | None) -
     return ("https",)
 
 
-def answered_plain_http(err: BaseException) -> bool:
-    """Whether a failed connection was a TLS handshake met by a plain-HTTP server."""
+def _ssl_error(err: BaseException) -> ssl.SSLError | None:
+    """The ssl error under an httpx ConnectError (whose own message is often empty)."""
     seen: set[int] = set()
     cur: BaseException | None = err
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, ssl.SSLError) and (
-                getattr(cur, "reason", None) in _PLAIN_HTTP_REASONS
-                or "wrong version number" in str(cur)):
-            return True
+        if isinstance(cur, ssl.SSLError):
+            return cur
         cur = cur.__cause__ or cur.__context__
-    return False
+    return None
 
 
-__all__ = ["answered_plain_http", "is_loopback", "schemes_for", "split_host"]
+def answered_plain_http(err: BaseException) -> bool:
+    """Whether a failed connection was a TLS handshake met by a plain-HTTP server."""
+    found = _ssl_error(err)
+    return found is not None and (getattr(found, "reason", None) in _PLAIN_HTTP_REASONS
+                                  or "wrong version number" in str(found))
+
+
+def untrusted_certificate(err: BaseException) -> str | None:
+    """Why the server's certificate was refused, when that is why a connection failed."""
+    found = _ssl_error(err)
+    if isinstance(found, ssl.SSLCertVerificationError):
+        return str(found.verify_message or found.reason or "verification failed")
+    return None
+
+
+__all__ = ["answered_plain_http", "is_loopback", "schemes_for", "split_host",
+           "untrusted_certificate"]

@@ -20,9 +20,11 @@ skopeo read, in the same order, with the same merge rules (facts from containers
 
 A ``[[registry]]`` table is chosen by the longest ``prefix`` that the repository name
 (``host[:port]/path``, without tag or digest) starts with, followed by ``/``, ``:``, ``@``
-or the end; ``*.example.com`` matches any subdomain. ``location`` replaces the matched
-prefix; a mirror's ``location`` does the same. Docker Hub names carry their ``library/``
-(``docker.io/library/debian``), so a prefix of ``docker.io`` covers them all.
+or the end; ``*.example.com`` matches any subdomain. Unlike containers/image (which calls
+its behaviour unintended), a bare ``example.com`` does not cover ``example.com:5000``.
+``location`` replaces the matched prefix; a mirror's ``location`` does the same. Docker
+Hub names carry their ``library/`` (``docker.io/library/debian``), so a prefix of
+``docker.io`` covers them all.
 """
 
 from __future__ import annotations
@@ -183,9 +185,11 @@ def _prefix_match(ref: str, prefix: str) -> int:
         return index if index == len(ref) or ref[index] in ":/@" else -1
     if ref == prefix:
         return len(prefix)
-    if ref.startswith(prefix) and ref[len(prefix)] in ":/@":
-        return len(prefix)
-    return -1
+    if not ref.startswith(prefix) or ref[len(prefix)] not in ":/@":
+        return -1
+    if ref[len(prefix)] == ":" and "/" not in prefix:
+        return -1  # a port, not a tag: example.com does not cover example.com:5000
+    return len(prefix)
 
 
 def _rewrite(ref: Reference, prefix: str, location: str) -> Reference:

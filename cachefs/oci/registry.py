@@ -51,7 +51,7 @@ from ..models import (
 from ..reference import Reference
 from ._httpx import httpx
 from .auth import Authenticator, Credentials, pull_scope
-from .endpoints import answered_plain_http, schemes_for
+from .endpoints import answered_plain_http, schemes_for, untrusted_certificate
 from .platform import format_platform, select_manifest
 from .registries_conf import PullSource, RegistriesConf
 
@@ -284,6 +284,13 @@ class RegistryClient:
                     f"{host} answered the TLS handshake with plain HTTP: it is not "
                     "an HTTPS registry",
                     hint="pass --insecure, or set insecure = true for it in registries.conf",
+                ) from None
+            why = untrusted_certificate(err) if url.startswith("https://") else None
+            if why is not None:
+                raise RegistryError(
+                    f"{host}: TLS certificate not trusted ({why})",
+                    hint="pass --ca-certs FILE, or set insecure = true for it in "
+                         "registries.conf",
                 ) from None
             raise
 
