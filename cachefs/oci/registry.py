@@ -268,8 +268,9 @@ class RegistryClient:
             try:
                 resp = await self._http.get(f"https://{host}/v2/")
                 await resp.aclose()
-            except httpx.TransportError:
-                scheme = schemes[1]
+            except httpx.TransportError as err:
+                if untrusted_certificate(err) is None:  # a TLS server with a bad cert stays TLS
+                    scheme = schemes[1]
         base = self._bases[host] = f"{scheme}://{host}"
         return base
 
