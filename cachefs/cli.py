@@ -149,7 +149,9 @@ def _describe_result(result: PullResult) -> str:
               help="if-missing: use the cache when complete; always: re-resolve the "
                    "reference at the registry; never: cache only.")
 @click.option("--force", is_flag=True, help="Rebuild artifacts even when cached.")
-@click.option("--insecure", is_flag=True, help="Plain HTTP to the registry (local registries).")
+@click.option("--insecure", is_flag=True,
+              help="Plain HTTP only. Not needed for localhost, 127.0.0.0/8 and ::1 (HTTPS is "
+                   "tried, then plain HTTP) nor for insecure = true in registries.conf.")
 @click.option("--ca-certs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Extra CA certificates (PEM) to trust for the registry.")
 @click.option("--username", default=None,
