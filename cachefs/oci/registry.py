@@ -168,7 +168,7 @@ class RegistryClient:
         self.mirrors = dict(mirrors or {})
         self.registries = registries or RegistriesConf()
         self._routes: dict[Reference, PullSource] = {}
-        self._bases: dict[str, str] = {}
+        self._schemes: dict[str, str] = {}
         self.max_attempts = max(1, max_attempts)
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -202,6 +202,11 @@ class RegistryClient:
 
     # plumbing ------------------------------------------------------------------------------
 
+    def _url(self, ref: Reference, path: str) -> str:
+        host = self.mirrors.get(ref.registry, ref.registry)
+        scheme = self._schemes.get(host) or ("http" if self.insecure else "https")
+        return f"{scheme}://{host}/v2/{ref.repository}/{path}"
+
     async def _backoff(self, attempt: int, resp: httpx.Response | None = None) -> None:
         delay = min(self.backoff_s * (2**attempt), self.max_backoff_s)
         if resp is not None:
@@ -214,29 +219,26 @@ class RegistryClient:
 
     async def _open(self, method: str, ref: Reference, path: str,
                     headers: dict[str, str]) -> httpx.Response:
-        """Send (streaming), answering one auth challenge. Caller must ``aclose()``.
-
-        ``ref`` is the logical reference; the request goes to its physical location
-        (:meth:`_route`), whose host is also the one credentials are looked up for.
-        """
-        phys, url = await self._physical_url(ref, path)
-        scope = pull_scope(phys.repository)
+        """Send (streaming), answering one auth challenge. Caller must ``aclose()``."""
+        ref = await self._physical(ref)  # registries.conf: the location serving ``ref``
+        scope = pull_scope(ref.repository)
+        url = self._url(ref, path)
         hdrs = dict(headers)
-        known = self.auth.header_for(phys.registry, scope)
+        known = self.auth.header_for(ref.registry, scope)
         if known:
             hdrs["Authorization"] = known
-        resp = await self._send(method, url, hdrs, phys.registry)
+        resp = await self._http.send(self._http.build_request(method, url, headers=hdrs),
+                                     stream=True)
         if resp.status_code != 401:
             return resp
         challenge = resp.headers.get("WWW-Authenticate", "")
         await resp.aclose()
-        what = f"{ref}: {method} /v2/{phys.repository}/{path}"
-        if phys.registry != ref.registry:
-            what += f" at {phys.registry}"
+        what = f"{ref}: {method} /v2/{ref.repository}/{path}"
         hdrs["Authorization"] = await self.auth.respond(
-            self._http, phys.registry, scope, challenge, what, sent=known
+            self._http, ref.registry, scope, challenge, what, sent=known
         )
-        return await self._send(method, url, hdrs, phys.registry)
+        return await self._http.send(self._http.build_request(method, url, headers=hdrs),
+                                     stream=True)
 
     # registries.conf routes and scheme choice --------------------------------------------
 
@@ -247,53 +249,53 @@ class RegistryClient:
             source = self._routes[ref] = self.registries.pull_sources(ref)[0]
         return source
 
-    async def _physical_url(self, ref: Reference, path: str) -> tuple[Reference, str]:
+    async def _physical(self, ref: Reference) -> Reference:
+        """The reference at the location serving the logical ``ref``, its scheme settled.
+
+        Requests, scopes and credential lookups use it: a mirror's own login applies there.
+        """
         source = self._route(ref)
-        phys = source.reference
-        if phys.registry == ref.registry and self.auth.explicit_hosts is not None:
+        if source.reference.registry == ref.registry and self.auth.explicit_hosts is not None:
             # explicit --username credentials are for the registry the user named only
             self.auth.explicit_hosts.add(ref.registry)
-        host = self.mirrors.get(phys.registry, phys.registry)
-        base = await self._base_url(host, source.insecure)
-        return phys, f"{base}/v2/{phys.repository}/{path}"
+        host = self.mirrors.get(source.reference.registry, source.reference.registry)
+        await self._settle_scheme(host, source.insecure)
+        return source.reference
 
-    async def _base_url(self, host: str, conf_insecure: bool | None) -> str:
-        """``scheme://host``, pinging ``/v2/`` over HTTPS first where plain HTTP may follow."""
-        base = self._bases.get(host)
-        if base is not None:
-            return base
+    async def _settle_scheme(self, host: str, conf_insecure: bool | None) -> None:
+        """Ping ``https://host/v2/`` once (as podman and docker do) unless ``--insecure``.
+
+        A TLS handshake answered in plain HTTP, or an untrusted certificate, is a one-line
+        error at once — or, where plain HTTP may follow (loopback, ``insecure = true``),
+        the plain-HTTP answer selects ``http``. Other failures leave ``https`` to the
+        request itself, with its retries.
+        """
+        if host in self._schemes:
+            return
         schemes = schemes_for(host, insecure_flag=self.insecure, conf_insecure=conf_insecure)
         scheme = schemes[0]
-        if len(schemes) > 1:
+        if scheme == "https":
             try:
                 resp = await self._http.get(f"https://{host}/v2/")
                 await resp.aclose()
             except httpx.TransportError as err:
-                if untrusted_certificate(err) is None:  # a TLS server with a bad cert stays TLS
+                why = untrusted_certificate(err)
+                if why is not None:
+                    raise RegistryError(
+                        f"{host}: TLS certificate not trusted ({why})",
+                        hint="pass --ca-certs FILE, or set insecure = true for it in "
+                             "registries.conf",
+                    ) from None
+                if len(schemes) > 1:
                     scheme = schemes[1]
-        base = self._bases[host] = f"{scheme}://{host}"
-        return base
-
-    async def _send(self, method: str, url: str, headers: dict[str, str],
-                    host: str) -> httpx.Response:
-        try:
-            return await self._http.send(
-                self._http.build_request(method, url, headers=headers), stream=True)
-        except httpx.ConnectError as err:
-            if url.startswith("https://") and answered_plain_http(err):
-                raise RegistryError(
-                    f"{host} answered the TLS handshake with plain HTTP: it is not "
-                    "an HTTPS registry",
-                    hint="pass --insecure, or set insecure = true for it in registries.conf",
-                ) from None
-            why = untrusted_certificate(err) if url.startswith("https://") else None
-            if why is not None:
-                raise RegistryError(
-                    f"{host}: TLS certificate not trusted ({why})",
-                    hint="pass --ca-certs FILE, or set insecure = true for it in "
-                         "registries.conf",
-                ) from None
-            raise
+                elif answered_plain_http(err):
+                    raise RegistryError(
+                        f"{host} answered the TLS handshake with plain HTTP: it is not an "
+                        "HTTPS registry",
+                        hint="pass --insecure, or set insecure = true for it in "
+                             "registries.conf",
+                    ) from None
+        self._schemes[host] = scheme
 
     async def check_credentials(self, registry: str) -> None:
         """``GET /v2/`` at ``registry``, answering its challenge with the client's credentials.
@@ -301,17 +303,17 @@ class RegistryClient:
         What ``podman login`` and ``docker login`` do before they store a password: a wrong
         one raises AuthError here and is never written anywhere.
         """
-        base = await self._base_url(self.mirrors.get(registry, registry),
-                                    self.registries.insecure_for(registry))
-        url = f"{base}/v2/"
+        host = self.mirrors.get(registry, registry)
+        await self._settle_scheme(host, self.registries.insecure_for(registry))
+        url = f"{self._schemes[host]}://{host}/v2/"
         try:
-            resp = await self._send("GET", url, {}, registry)
+            resp = await self._http.get(url)
             await resp.aclose()
             if resp.status_code == 401:
                 header = await self.auth.respond(
                     self._http, registry, "", resp.headers.get("WWW-Authenticate", ""),
                     f"{registry}: GET /v2/")
-                resp = await self._send("GET", url, {"Authorization": header}, registry)
+                resp = await self._http.get(url, headers={"Authorization": header})
                 await resp.aclose()
         except httpx.TransportError as err:
             raise RegistryError(f"{registry}: GET /v2/ failed: "
