@@ -139,7 +139,13 @@ def store_credentials(registry: str, credentials: Credentials,
                       environ: Mapping[str, str] | None = None,
                       path: Path | None = None) -> Path:
     """Record a login the way ``podman login`` does; returns the file written."""
-    target = path or write_path(environ)
+    env = os.environ if environ is None else environ
+    target = path or write_path(env)
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if path is None and not env.get("REGISTRY_AUTH_FILE") and runtime and not Path(
+            runtime).is_dir():
+        raise ConfigError(f"$XDG_RUNTIME_DIR ({runtime}) does not exist",
+                          hint="create it, unset it, or pass --authfile")
     doc = read_auth_file(target)
     auths = doc.setdefault("auths", {})
     if not isinstance(auths, dict):
