@@ -68,6 +68,23 @@ def answered_plain_http(err: BaseException) -> bool:
                                   or "wrong version number" in str(found))
 
 
+def connection_refused(err: BaseException) -> bool:
+    """Whether nothing listens there (every address refused): no retry will help.
+
+    trio reports the attempts of one connect as an exception group under the OSError.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ConnectionRefusedError):
+            return True
+        if isinstance(cur, BaseExceptionGroup):
+            return all(connection_refused(e) for e in cur.exceptions)
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def untrusted_certificate(err: BaseException) -> str | None:
     """Why the server's certificate was refused, when that is why a connection failed."""
     found = _ssl_error(err)
@@ -76,5 +93,5 @@ def untrusted_certificate(err: BaseException) -> str | None:
     return None
 
 
-__all__ = ["answered_plain_http", "is_loopback", "schemes_for", "split_host",
+__all__ = ["answered_plain_http", "connection_refused", "is_loopback", "schemes_for", "split_host",
            "untrusted_certificate"]

@@ -51,7 +51,12 @@ from ..models import (
 from ..reference import Reference
 from ._httpx import httpx
 from .auth import Authenticator, Credentials, pull_scope
-from .endpoints import answered_plain_http, schemes_for, untrusted_certificate
+from .endpoints import (
+    answered_plain_http,
+    connection_refused,
+    schemes_for,
+    untrusted_certificate,
+)
 from .platform import format_platform, select_manifest
 from .registries_conf import PullSource, RegistriesConf
 
@@ -259,16 +264,18 @@ class RegistryClient:
             # explicit --username credentials are for the registry the user named only
             self.auth.explicit_hosts.add(ref.registry)
         host = self.mirrors.get(source.reference.registry, source.reference.registry)
-        await self._settle_scheme(host, source.insecure)
+        await self._settle_scheme(host, source.insecure, mirror=source.mirror)
         return source.reference
 
-    async def _settle_scheme(self, host: str, conf_insecure: bool | None) -> None:
+    async def _settle_scheme(self, host: str, conf_insecure: bool | None, *,
+                             mirror: bool = False) -> None:
         """Ping ``https://host/v2/`` once (as podman and docker do) unless ``--insecure``.
 
         A TLS handshake answered in plain HTTP, or an untrusted certificate, is a one-line
         error at once — or, where plain HTTP may follow (loopback, ``insecure = true``),
-        the plain-HTTP answer selects ``http``. Other failures leave ``https`` to the
-        request itself, with its retries.
+        the plain-HTTP answer selects ``http``. A mirror that refuses the connection is
+        given up at once (the next location is tried, as podman does). Other failures leave
+        ``https`` to the request itself, with its retries.
         """
         if host in self._schemes:
             return
@@ -279,6 +286,8 @@ class RegistryClient:
                 resp = await self._http.get(f"https://{host}/v2/")
                 await resp.aclose()
             except httpx.TransportError as err:
+                if mirror and connection_refused(err):
+                    raise RegistryError(f"mirror {host} refused the connection") from None
                 why = untrusted_certificate(err)
                 if why is not None:
                     raise RegistryError(

@@ -289,11 +289,13 @@ location = "{recorder.host}/mirror"
 
 async def test_all_locations_failing_names_each_of_them(tmp_path: Path,
                                                         recorder: _Recorder) -> None:
-    primary = f"127.0.0.1:{free_port()}"
+    primary, dead = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     conf = _conf(tmp_path, f"""
 [[registry]]
 prefix = "example.com"
 location = "{primary}"
+[[registry.mirror]]
+location = "{dead}"
 [[registry.mirror]]
 location = "{recorder.host}"
 """)
@@ -304,6 +306,7 @@ location = "{recorder.host}"
     line = exc.value.one_line()
     assert f"at {primary}/a/b:1" in line and f"[{recorder.host}/a/b:1:" in line
     assert "404" in line
+    assert f"[{dead}/a/b:1: mirror {dead} refused the connection]" in line  # not retried
 
 
 async def test_tls_handshake_against_plain_http_is_one_clear_error_without_retries(
