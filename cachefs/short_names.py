@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import CachefsError, RegistryBlocked, RegistryError
+from .errors import CachefsError, NotCachedError, RegistryBlocked, RegistryError
 from .pull import pull
 
 if TYPE_CHECKING:
@@ -27,15 +27,20 @@ async def pull_short_name(cache: GlobalCache, text: str, *, registries: Registri
     if len(candidates) == 1:
         return await pull(cache, candidates[0], registries=registries, **kw)
     failures: list[str] = []
+    uncached = 0
     for candidate in candidates:
         try:
             return await pull(cache, candidate, registries=registries, **kw)
         except RegistryBlocked as err:
             failures.append(err.one_line())
         except CachefsError as err:
-            if not isinstance(err, RegistryError):
+            if not isinstance(err, (RegistryError, NotCachedError)):
                 raise
+            uncached += isinstance(err, NotCachedError)
             failures.append(f"{candidate}: {err.one_line()}")
+    if uncached == len(candidates):
+        raise NotCachedError(f"{text}: none of {', '.join(candidates)} is in the cache and "
+                             "the pull policy is 'never'")
     raise RegistryError(
         f"{text}: no unqualified-search registry could provide it: {'; '.join(failures)}",
         hint="use a fully-qualified reference")

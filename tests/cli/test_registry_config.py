@@ -150,6 +150,12 @@ unqualified-search-registries = ["{dead}", "{local.host}"]
     searched = world.cachefs(world.tmp / "c2", "pull", "library/debian:bookworm")
     assert searched.returncode == 0, searched.stderr
     assert searched.stdout.split()[0] == f"{local.host}/library/debian:bookworm"
+    cached = world.cachefs(world.tmp / "c2", "pull", "--policy", "never",
+                           "library/debian:bookworm")
+    assert cached.stdout.split()[0] == f"{local.host}/library/debian:bookworm", cached.stderr
+    assert_one_line_error(world.cachefs(world.tmp / "c3", "pull", "--policy", "never",
+                                        "library/debian:bookworm"),
+                          EXIT_CODES["NotCachedError"])
     missing = world.cachefs(world.tmp / "c3", "pull", "library/nothing:1")
     line = assert_one_line_error(missing, EXIT_CODES["RegistryError"])
     assert dead in line and local.host in line
