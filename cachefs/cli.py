@@ -149,12 +149,16 @@ def _describe_result(result: PullResult) -> str:
               help="if-missing: use the cache when complete; always: re-resolve the "
                    "reference at the registry; never: cache only.")
 @click.option("--force", is_flag=True, help="Rebuild artifacts even when cached.")
-@click.option("--insecure", is_flag=True, help="Plain HTTP to the registry (local registries).")
+@click.option("--insecure", is_flag=True,
+              help="Plain HTTP only. Not needed for localhost, 127.0.0.0/8 and ::1 (HTTPS is "
+                   "tried, then plain HTTP) nor for insecure = true in registries.conf.")
 @click.option("--ca-certs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Extra CA certificates (PEM) to trust for the registry.")
 @click.option("--username", default=None,
               help="Registry user; the password is read from stdin (--password-stdin) or "
-                   "$CACHEFS_REGISTRY_PASSWORD. Default: ~/.docker/config.json, helpers.")
+                   "$CACHEFS_REGISTRY_PASSWORD. Default: the logins of cachefs/podman/"
+                   "docker login ($REGISTRY_AUTH_FILE, containers auth.json, "
+                   "~/.docker/config.json, helpers).")
 @click.option("--password-stdin", is_flag=True, help="Read the registry password from stdin.")
 @click.option("--platform", default=None, help="os/arch[/variant]; default: linux/<host arch>.")
 @click.pass_context
@@ -165,13 +169,15 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
 
     Layers download in parallel, resume after an interruption, and are verified against
     their digests before anything is published; a second pull of a complete image needs
-    no network.
+    no network. Mirrors, blocked registries and short-name aliases come from
+    registries.conf (see README, Configuration); the image keeps the name you asked for.
     """
     import trio
 
     from .oci.auth import Credentials
+    from .oci.registries_conf import load_registries_conf
     from .pull import PullPolicy
-    from .pull import pull as do_pull
+    from .short_names import pull_short_name
 
     c = _ctx(ctx)
     credentials = None
@@ -186,9 +192,9 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
         raise UsageError("--password-stdin needs --username")
     with c.progress() as progress:
         result = trio.run(functools.partial(
-            do_pull, c.writable_cache(), reference, policy=PullPolicy(policy), force=force,
-            insecure=insecure, ca_certs=ca_certs, credentials=credentials, platform=platform,
-            progress=progress))
+            pull_short_name, c.writable_cache(), reference, policy=PullPolicy(policy),
+            force=force, insecure=insecure, ca_certs=ca_certs, credentials=credentials,
+            platform=platform, progress=progress, registries=load_registries_conf()))
     click.echo(_describe_result(result))
 
 
@@ -599,6 +605,72 @@ def vmdk_cmd(ctx: click.Context, out: Path, extents: tuple[Path, ...],
 
     vmdk_for_extents(out, list(extents), relative_to=relative_to)
     _ctx(ctx).say(f"{out}: {len(extents)} extents")
+
+
+# ---------------------------------------------------------------------------------------
+# login / logout
+# ---------------------------------------------------------------------------------------
+
+_authfile_option = click.option(
+    "--authfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="The auth file to edit. Default: $REGISTRY_AUTH_FILE, else "
+         "$XDG_RUNTIME_DIR/containers/auth.json (where podman login writes).")
+
+
+@main.command()
+@click.argument("registry")
+@click.option("-u", "--username", default=None, help="Registry user (prompted on a terminal).")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password from stdin (it is never taken as an argument).")
+@click.option("--insecure", is_flag=True, help="Plain HTTP to the registry.")
+@click.option("--ca-certs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Extra CA certificates (PEM) to trust for the registry.")
+@_authfile_option
+@click.pass_context
+def login(ctx: click.Context, registry: str, username: str | None, password_stdin: bool,
+          insecure: bool, ca_certs: Path | None, authfile: Path | None) -> None:
+    """Check a username and password at REGISTRY (host[:port]) and remember them.
+
+    They are written where podman login writes them, so podman, skopeo, buildah and
+    cachefs share the login; a password the registry refuses is not stored.
+    """
+    import trio
+
+    from .oci.auth import Credentials
+    from .oci.login import login as do_login
+
+    tty = sys.stdin.isatty()
+    if username is None:
+        if not tty:
+            raise UsageError("login needs --username when stdin is not a terminal")
+        username = click.prompt("Username", err=True)
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    elif tty:
+        password = click.prompt("Password", hide_input=True, err=True)
+    else:
+        raise UsageError("login reads the password from a terminal or --password-stdin")
+    if not username or not password:
+        raise UsageError("login needs a non-empty username and password")
+    path = trio.run(functools.partial(do_login, registry, Credentials(username, password),
+                                      insecure=insecure, ca_certs=ca_certs, authfile=authfile))
+    _ctx(ctx).say(f"Login Succeeded! ({path})")
+
+
+@main.command()
+@click.argument("registry", required=False)
+@click.option("-a", "--all", "everything", is_flag=True, help="Forget every registry's login.")
+@_authfile_option
+@click.pass_context
+def logout(ctx: click.Context, registry: str | None, everything: bool,
+           authfile: Path | None) -> None:
+    """Forget the login for REGISTRY in the file cachefs/podman login writes."""
+    from .oci.login import logout as do_logout
+
+    if (registry is None) == (not everything):
+        raise UsageError("logout needs a REGISTRY or --all (not both)")
+    path = do_logout(None if everything else registry, authfile=authfile)
+    _ctx(ctx).say(f"Removed login credentials for {registry or 'all registries'} ({path})")
 
 
 if __name__ == "__main__":  # pragma: no cover

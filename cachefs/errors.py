@@ -163,3 +163,18 @@ class ResourceLimit(CachefsError):
 
 
 EXIT_CODES.update({ResourceLimit.__name__: ResourceLimit.exit_code})
+
+
+class ConfigError(CachefsError):
+    """A configuration file cachefs reads (registries.conf, an auth file) is malformed."""
+
+    exit_code = 20
+
+
+class RegistryBlocked(RegistryError):
+    """registries.conf marks the registry (or namespace) the reference names as blocked."""
+
+    exit_code = 21
+
+
+EXIT_CODES.update({cls.__name__: cls.exit_code for cls in (ConfigError, RegistryBlocked)})

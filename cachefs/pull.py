@@ -50,6 +50,7 @@ from .reference import Reference
 
 if TYPE_CHECKING:
     from .oci.auth import Credentials
+    from .oci.registries_conf import RegistriesConf
     from .oci.registry import RegistryClient
 
 # Layers being downloaded or ingested at once, whatever the image's layer count: each holds
@@ -325,8 +326,13 @@ async def pull(
     credentials: Credentials | None = None,
     progress: ProgressCallback = ignore,
     client: RegistryClient | None = None,
+    registries: RegistriesConf | None = None,
 ) -> PullResult:
-    """Pull ``reference`` into ``cache``; see the module docstring for the stages."""
+    """Pull ``reference`` into ``cache``; see the module docstring for the stages.
+
+    ``registries`` (default: the machine's registries.conf files) says where the
+    reference is really fetched from; the cache key stays ``reference``.
+    """
     from .oci.platform import parse_platform
     from .oci.registry import RegistryClient
 
@@ -345,7 +351,8 @@ async def pull(
             )
         own_client = client is None
         registry = client or RegistryClient(
-            insecure=insecure, ca_certs=ca_certs, credentials=credentials
+            insecure=insecure, ca_certs=ca_certs, credentials=credentials,
+            registries=registries if registries is not None else _registries_conf(),
         )
         try:
             wanted = parse_platform(platform) if platform else None
@@ -458,6 +465,12 @@ def layers_in_flight(environ: Mapping[str, str] | None = None) -> int:
     if value < 1:
         raise UsageError(f"CACHEFS_LAYERS_IN_FLIGHT={raw!r}: expected a positive integer")
     return value
+
+
+def _registries_conf() -> RegistriesConf:
+    from .oci.registries_conf import load_registries_conf
+
+    return load_registries_conf()
 
 
 def _reusable_blob(tar: Path, expected: int | None) -> bool:

@@ -10,10 +10,13 @@ time. A ``401`` carries ``WWW-Authenticate``:
   otherwise. Tokens are cached per (registry, scope) until they expire.
 
 Credentials are looked up lazily (only when a registry asks), in this order: explicit
-``username/password`` (``--username/--password``), then ``~/.docker/config.json``:
-``credHelpers[<host>]``, ``credsStore``, and finally ``auths[<host>]`` (``auth`` =
-base64 ``user:pass``, or ``username``/``password``). The host matches including its port,
-with or without an ``http(s)://`` prefix or path in the key.
+``username/password`` (``--username/--password``), only ever sent to the registry the user
+named (never to a registries.conf mirror on another host, as podman), then the files
+podman reads (:mod:`cachefs.oci.auth_files`: ``$REGISTRY_AUTH_FILE``, the containers
+``auth.json`` files), then ``~/.docker/config.json``: ``credHelpers[<host>]``,
+``credsStore``, and finally ``auths[<host>]`` (``auth`` = base64 ``user:pass``, or
+``username``/``password``). The host matches including its port, with or without an
+``http(s)://`` prefix or path in the key.
 
 Secrets never reach logs or exception messages: :class:`Credentials` masks its repr.
 
@@ -170,6 +173,13 @@ def docker_config_credentials(
     return None
 
 
+def default_credentials_lookup(registry: str) -> Credentials | None:
+    """The files podman reads, then docker's (:mod:`cachefs.oci.auth_files`)."""
+    from .auth_files import default_credentials
+
+    return default_credentials(registry)
+
+
 # The per-client auth state ------------------------------------------------------------------
 
 
@@ -193,9 +203,15 @@ class Authenticator:
         self,
         credentials: Credentials | None = None,
         *,
-        lookup: CredentialLookup | None = docker_config_credentials,
+        lookup: CredentialLookup | None = default_credentials_lookup,
+        explicit_hosts: set[str] | None = None,
     ) -> None:
+        """``lookup`` defaults to the files of
+        :func:`cachefs.oci.auth_files.default_credentials`; ``lookup=None`` reads no file.
+        ``explicit_hosts``: the registries ``credentials`` may be sent to (None: any); the
+        registry client fills it with the hosts that references name."""
         self._explicit = credentials
+        self.explicit_hosts = explicit_hosts
         self._lookup = lookup
         self._looked_up: dict[str, Credentials | None] = {}
         self._tokens: dict[tuple[str, str], _Token] = {}
@@ -204,7 +220,8 @@ class Authenticator:
         self.token_requests = 0  # observable for tests: tokens fetched, not cached hits
 
     def credentials_for(self, registry: str) -> Credentials | None:
-        if self._explicit is not None:
+        if self._explicit is not None and (self.explicit_hosts is None
+                                           or registry in self.explicit_hosts):
             return self._explicit
         if self._lookup is None:
             return None
@@ -278,7 +295,8 @@ class Authenticator:
             if creds is None:
                 raise AuthError(
                     f"{what}: registry {registry} requires credentials",
-                    hint="pass --username/--password or log in via ~/.docker/config.json",
+                    hint="pass --username with --password-stdin, or log in first: "
+                         "cachefs login (or podman/skopeo/docker login)",
                 )
             self._basic.add(registry)
             return creds.basic_header()
@@ -287,7 +305,7 @@ class Authenticator:
         realm = challenge.params.get("realm")
         if not realm:
             raise AuthError(f"{what}: Bearer challenge without a realm")
-        params = {"scope": scope}
+        params = {"scope": scope} if scope else {}  # no scope: a login check
         if challenge.params.get("service"):
             params["service"] = challenge.params["service"]
         headers = {"Authorization": creds.basic_header()} if creds is not None else {}
@@ -350,6 +368,7 @@ __all__ = [
     "Authenticator",
     "Challenge",
     "Credentials",
+    "default_credentials_lookup",
     "docker_config_credentials",
     "parse_www_authenticate",
     "pull_scope",

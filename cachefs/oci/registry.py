@@ -11,9 +11,13 @@ Semantics follow msb (oci-client 0.17) where they are observable in the cache:
   ``Range: bytes=<size>-`` hashing the existing prefix; a ``200`` answer to a range request
   restarts from zero; the whole-file sha256 must match or the ``.part`` is deleted.
 
-Plain HTTP is used only with ``insecure=True`` — even for 127.0.0.1, exactly like
-``msb pull --insecure``. Transient failures (429, 5xx, connection errors) are retried with
-bounded exponential backoff; a retried blob download resumes from the bytes already written.
+``insecure=True`` means plain HTTP only, exactly like ``msb pull --insecure``; without it,
+loopback hosts and hosts registries.conf marks insecure are tried over HTTPS, then plain HTTP
+(:mod:`cachefs.oci.endpoints`). Mirrors and location rewrites from registries.conf
+(:mod:`cachefs.oci.registries_conf`) are tried in order for the manifest; the blobs then
+come from the location that served it. Transient failures (429, 5xx, connection errors) are
+retried with bounded exponential backoff; a retried blob download resumes from the bytes
+already written.
 
 Everything the registry controls is bounded (:mod:`cachefs.oci.transfer`, README
 "Limits"): every request has a deadline scaled to what it carries, attempts are bounded in
@@ -37,7 +41,7 @@ from typing import Any, BinaryIO
 import trio
 
 from ..digest import Digest
-from ..errors import AuthError, DigestError, DigestMismatch, RegistryError
+from ..errors import AuthError, CachefsError, DigestError, DigestMismatch, RegistryError
 from ..models import (
     DOCKER_CONFIG,
     DOCKER_LAYER_FOREIGN,
@@ -56,7 +60,14 @@ from ..models import (
 from ..reference import Reference
 from ._httpx import httpx
 from .auth import Authenticator, Credentials, pull_scope
+from .endpoints import (
+    answered_plain_http,
+    connection_refused,
+    schemes_for,
+    untrusted_certificate,
+)
 from .platform import format_platform, select_manifest
+from .registries_conf import PullSource, RegistriesConf
 from .transfer import Deadline, NetLimits, deadline, origin, read_body, send_following
 
 ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
@@ -205,6 +216,7 @@ class RegistryClient:
         credentials: Credentials | None = None,
         authenticator: Authenticator | None = None,
         mirrors: dict[str, str] | None = None,
+        registries: RegistriesConf | None = None,
         max_attempts: int | None = None,
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
@@ -212,8 +224,11 @@ class RegistryClient:
         limits: NetLimits | None = None,
     ) -> None:
         self.insecure = insecure
-        self.auth = authenticator or Authenticator(credentials)
+        self.auth = authenticator or Authenticator(credentials, explicit_hosts=set())
         self.mirrors = dict(mirrors or {})
+        self.registries = registries or RegistriesConf()
+        self._routes: dict[Reference, PullSource] = {}
+        self._schemes: dict[str, str] = {}
         self.limits = limits or NetLimits.from_env()
         self.max_attempts = max(1, max_attempts or self.limits.attempts)
         self.backoff_s = backoff_s
@@ -231,6 +246,7 @@ class RegistryClient:
         self._http = httpx.AsyncClient(
             verify=verify,
             transport=_PlainFirstTransport(verify) if insecure else None,
+            mounts=_unverified_mounts(self.registries),
             follow_redirects=False,  # send_following: credentials stay with their origin
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
             headers={"User-Agent": "cachefs/0.1", "Accept-Encoding": "identity"},
@@ -249,7 +265,7 @@ class RegistryClient:
 
     def _url(self, ref: Reference, path: str) -> str:
         host = self.mirrors.get(ref.registry, ref.registry)
-        scheme = "http" if self.insecure else "https"
+        scheme = self._schemes.get(host) or ("http" if self.insecure else "https")
         return f"{scheme}://{host}/v2/{ref.repository}/{path}"
 
     def _delay(self, attempt: int, resp: httpx.Response | None = None) -> float:
@@ -274,6 +290,7 @@ class RegistryClient:
         naming it — answering its challenge would hand it the user's credentials.
         Caller must ``aclose()``.
         """
+        ref = await self._physical(ref)  # registries.conf: the location serving ``ref``
         scope = pull_scope(ref.repository)
         url = self._url(ref, path)
         home = origin(httpx.URL(url))
@@ -309,6 +326,94 @@ class RegistryClient:
             f"credentials are never sent to another host",
             hint=f"{target} is not the registry; ask the registry's operator",
         )
+
+    # registries.conf routes and scheme choice --------------------------------------------
+
+    def _route(self, ref: Reference) -> PullSource:
+        """The location serving ``ref``: the one :meth:`resolve` settled on, else the first."""
+        source = self._routes.get(ref)
+        if source is None:
+            source = self._routes[ref] = self.registries.pull_sources(ref)[0]
+        return source
+
+    async def _physical(self, ref: Reference) -> Reference:
+        """The reference at the location serving the logical ``ref``, its scheme settled.
+
+        Requests, scopes and credential lookups use it: a mirror's own login applies there.
+        """
+        source = self._route(ref)
+        if source.reference.registry == ref.registry and self.auth.explicit_hosts is not None:
+            # explicit --username credentials are for the registry the user named only
+            self.auth.explicit_hosts.add(ref.registry)
+        host = self.mirrors.get(source.reference.registry, source.reference.registry)
+        await self._settle_scheme(host, source.insecure, mirror=source.mirror)
+        return source.reference
+
+    async def _settle_scheme(self, host: str, conf_insecure: bool | None, *,
+                             mirror: bool = False) -> None:
+        """Ping ``https://host/v2/`` once (as podman and docker do) unless ``--insecure``.
+
+        A TLS handshake answered in plain HTTP, or an untrusted certificate, is a one-line
+        error at once — or, where plain HTTP may follow (loopback, ``insecure = true``),
+        the plain-HTTP answer selects ``http``. A mirror that refuses the connection is
+        given up at once (the next location is tried, as podman does). Other failures leave
+        ``https`` to the request itself, with its retries.
+        """
+        if host in self._schemes:
+            return
+        schemes = schemes_for(host, insecure_flag=self.insecure, conf_insecure=conf_insecure)
+        scheme = schemes[0]
+        if scheme == "https":
+            try:
+                resp = await self._http.get(f"https://{host}/v2/")
+                await resp.aclose()
+            except httpx.TransportError as err:
+                if mirror and connection_refused(err):
+                    raise RegistryError(f"mirror {host} refused the connection") from None
+                why = untrusted_certificate(err)
+                if why is not None:
+                    raise RegistryError(
+                        f"{host}: TLS certificate not trusted ({why})",
+                        hint="pass --ca-certs FILE, or set insecure = true for it in "
+                             "registries.conf",
+                    ) from None
+                if len(schemes) > 1:
+                    scheme = schemes[1]
+                elif answered_plain_http(err):
+                    raise RegistryError(
+                        f"{host} answered the TLS handshake with plain HTTP: it is not an "
+                        "HTTPS registry",
+                        hint="pass --insecure, or set insecure = true for it in "
+                             "registries.conf",
+                    ) from None
+        self._schemes[host] = scheme
+
+    async def check_credentials(self, registry: str) -> None:
+        """``GET /v2/`` at ``registry``, answering its challenge with the client's credentials.
+
+        What ``podman login`` and ``docker login`` do before they store a password: a wrong
+        one raises AuthError here and is never written anywhere.
+        """
+        host = self.mirrors.get(registry, registry)
+        await self._settle_scheme(host, self.registries.insecure_for(registry))
+        url = f"{self._schemes[host]}://{host}/v2/"
+        try:
+            resp = await self._http.get(url)
+            await resp.aclose()
+            if resp.status_code == 401:
+                header = await self.auth.respond(
+                    self._http, registry, "", resp.headers.get("WWW-Authenticate", ""),
+                    f"{registry}: GET /v2/")
+                resp = await self._http.get(url, headers={"Authorization": header})
+                await resp.aclose()
+        except httpx.TransportError as err:
+            raise RegistryError(f"{registry}: GET /v2/ failed: "
+                                f"{err.__class__.__name__}: {err}") from None
+        if resp.status_code in (401, 403):
+            raise AuthError(f"{registry}: HTTP {resp.status_code}: the registry refused the "
+                            "credentials", hint="check the username and password")
+        if resp.status_code != 200:
+            raise RegistryError(f"{registry}: GET /v2/ answered HTTP {resp.status_code}")
 
     @contextlib.asynccontextmanager
     async def _exchange(self, method: str, ref: Reference, path: str,
@@ -405,7 +510,26 @@ class RegistryClient:
 
         An index (OCI or Docker manifest list) is narrowed to ``platform`` (default:
         linux/<host arch>); a plain manifest is taken as is, whatever its platform.
+        Each location registries.conf gives for ``ref`` is tried in order (mirrors, then
+        the primary); the first that serves the image also serves its blobs. When all fail,
+        the primary's error is raised with the mirrors' errors in its message (podman's way).
         """
+        sources = self.registries.pull_sources(ref)
+        failures: list[tuple[PullSource, CachefsError]] = []
+        for source in sources:
+            self._routes[ref] = source
+            try:
+                return await self._resolve_at(ref, platform)
+            except CachefsError as err:
+                if len(sources) == 1:
+                    raise
+                failures.append((source, err))
+        where, primary = failures[-1]
+        others = "; ".join(f"[{s.reference}: {e.one_line()}]" for s, e in failures[:-1])
+        primary.args = (f"{primary} (at {where.reference}; mirrors also failed: {others})",)
+        raise primary
+
+    async def _resolve_at(self, ref: Reference, platform: Platform | None) -> ResolvedImage:
         target = str(ref.digest) if ref.digest is not None else (ref.tag or "latest")
         body, ctype, digest = await self.fetch_manifest(ref, target)
         kind, media_type = _manifest_kind(body, ctype, f"{ref}")
@@ -590,6 +714,17 @@ class _PlainFirstTransport(httpx.AsyncBaseTransport):
         await self._plain.aclose()
         if self._tls is not None:
             await self._tls.aclose()
+
+
+def _unverified_mounts(conf: RegistriesConf) -> dict[str, httpx.AsyncBaseTransport]:
+    """HTTPS without certificate checks for the hosts registries.conf marks insecure."""
+    hosts: set[str] = set()
+    for entry in conf.registries:
+        for endpoint in (entry.endpoint, *entry.mirrors):
+            if endpoint.insecure:
+                hosts.add((endpoint.location or entry.prefix).split("/", 1)[0])
+    return {f"https://{host}": httpx.AsyncHTTPTransport(verify=False)
+            for host in sorted(hosts)}
 
 
 def _first_error(err: ValidationError) -> str:
