@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import queue
 import threading
 import zlib
@@ -28,12 +29,11 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import zstandard
-
 from . import tarstream as ts
 from .digest import Digest
 from .erofs.tree import OPAQUE_XATTR, FileType, Node, SpoolExtent
-from .errors import DigestMismatch, LayerFormatError
+from .errors import DigestMismatch, LayerFormatError, UsageError
+from .zstd_stream import zstd_chunks
 
 try:  # ISA-L inflate: the same API and output as zlib, about twice as fast
     from isal import isal_zlib as _inflate
@@ -44,13 +44,13 @@ _INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error, _inflate.error)
 MAX_PATH = 4096
 MAX_DEPTH = 128
 MAX_FILE = 5 << 30
-MAX_TOTAL = 10 << 30
+MAX_TOTAL = 10 << 30  # default of the content cap; CACHEFS_MAX_LAYER_BYTES overrides it
+CONTENT_CAP_ENV = "CACHEFS_MAX_LAYER_BYTES"
 MAX_ENTRIES = 1_000_000
 MAX_SYMLINK = 4096
 
 _IN_CHUNK = 256 << 10  # compressed bytes per read
 _OUT_CHUNK = 1 << 20  # gzip output bound per call
-_ZSTD_IN_CHUNK = 32 << 10  # zstd cannot bound output per call, so feed it small inputs
 _PREFETCH_DEPTH = 4  # decompressed chunks (≤ _OUT_CHUNK each) queued ahead of the tar parser
 
 
@@ -77,6 +77,31 @@ def detect_compression(head: bytes) -> Compression:
     if head[:4] == b"\x28\xb5\x2f\xfd":
         return Compression.ZSTD
     return Compression.NONE
+
+
+def content_cap() -> int:
+    """The most bytes one layer may hold: its file contents, and its decompressed stream.
+
+    One number bounds both, because a bomb need not be a big file: 10 GiB of zeros after
+    the end-of-archive marker is as costly to inflate and hash as a 10 GiB file.
+    """
+    text = os.environ.get(CONTENT_CAP_ENV)
+    if text is None or not text.strip():
+        return MAX_TOTAL
+    try:
+        cap = int(text)
+    except ValueError:
+        cap = -1
+    if cap <= 0:
+        raise UsageError(f"{CONTENT_CAP_ENV}={text!r} is not a positive number of bytes")
+    return cap
+
+
+def content_cap_error(cap: int, *, entry: str | None = None, layer: str | None = None
+                      ) -> LayerFormatError:
+    err = LayerFormatError(f"layer content exceeds {cap} bytes", layer=layer, entry=entry)
+    err.hint = f"set {CONTENT_CAP_ENV} to allow more"
+    return err
 
 
 # -- decompression ----------------------------------------------------------------------
@@ -126,36 +151,6 @@ def _gzip_chunks(blob: BinaryIO, label: str) -> Generator[bytes, None, None]:
         raise LayerFormatError("empty gzip stream", layer=label)
 
 
-def _zstd_chunks(blob: BinaryIO, label: str) -> Generator[bytes, None, None]:
-    """Every zstd frame in turn; a frame cut short is an error (zstandard's readers hide it)."""
-    dctx = zstandard.ZstdDecompressor()
-    d = dctx.decompressobj()
-    in_frame = False
-    seen_frame = False
-    pending = b""
-    while True:
-        if not pending:
-            pending = blob.read(_ZSTD_IN_CHUNK)
-            if not pending:
-                break
-        feed, pending = pending[:_ZSTD_IN_CHUNK], pending[_ZSTD_IN_CHUNK:]
-        in_frame = seen_frame = True
-        try:
-            out = d.decompress(feed)
-        except zstandard.ZstdError as e:
-            raise LayerFormatError(f"corrupt zstd stream: {e}", layer=label) from None
-        if out:
-            yield out
-        if d.eof:
-            pending = d.unused_data + pending
-            d = dctx.decompressobj()
-            in_frame = False
-    if in_frame:
-        raise LayerFormatError("truncated zstd stream (ends inside a frame)", layer=label)
-    if not seen_frame:
-        raise LayerFormatError("empty zstd stream", layer=label)
-
-
 class _EndOfStream:
     """The producer's last queue item on success (a failure is queued as the exception)."""
 
@@ -184,8 +179,11 @@ class _PrefetchingStream:
         chunks: Generator[bytes, None, None],
         hasher: hashlib._Hash,  # type: ignore[name-defined]
         label: str,
+        cap: int,
     ) -> None:
         self._hash = hasher
+        self._cap = cap
+        self._label = label
         self._queue: queue.Queue[bytes | _EndOfStream | BaseException] = queue.Queue(
             _PREFETCH_DEPTH
         )
@@ -207,11 +205,13 @@ class _PrefetchingStream:
             update(chunk)
 
     def _produce(self, chunks: Generator[bytes, None, None]) -> None:
-        put, put_hash, stop = self._queue.put, self._to_hash.put, self._stop
+        put, put_hash, stop, cap = self._queue.put, self._to_hash.put, self._stop, self._cap
         try:
             for chunk in chunks:
-                put_hash(chunk)
                 self.count += len(chunk)
+                if self.count > cap:
+                    raise content_cap_error(cap, layer=self._label)
+                put_hash(chunk)
                 put(chunk)
                 if stop.is_set():
                     return
@@ -271,7 +271,7 @@ def decompressed_chunks(
     if compression is Compression.GZIP:
         return _gzip_chunks(blob, label)
     if compression is Compression.ZSTD:
-        return _zstd_chunks(blob, label)
+        return zstd_chunks(blob, label, read_size=_IN_CHUNK, out_chunk=_OUT_CHUNK)
     return _plain_chunks(blob)
 
 
@@ -298,8 +298,9 @@ _SIMPLE_TYPES = {
 class _Builder:
     """Applies tar entries to a layer tree per FORMATS.md §3.12."""
 
-    def __init__(self, spool: BinaryIO, label: str) -> None:
+    def __init__(self, spool: BinaryIO, label: str, cap: int) -> None:
         self.root = Node.directory()
+        self._cap = cap
         self.label = label
         self._write = spool.write
         self._offset = spool.tell()
@@ -399,8 +400,9 @@ class _Builder:
             if size > MAX_FILE:
                 raise self._fail(entry, f"file larger than {MAX_FILE} bytes")
             self._total += size
-            if self._total > MAX_TOTAL:
-                raise self._fail(entry, f"layer content exceeds {MAX_TOTAL} bytes")
+            if self._total > self._cap:
+                raise content_cap_error(self._cap, entry=ts._display(entry.name),
+                                        layer=self.label)
             node = Node(
                 FileType.REG, mode, entry.uid, entry.gid, entry.mtime,
                 size=size, content=SpoolExtent(self._offset),
@@ -464,11 +466,12 @@ def ingest_layer(
     checked after the whole stream was read, so on mismatch the tree is discarded.
     """
     hasher = expected_diff_id.hasher() if expected_diff_id is not None else hashlib.sha256()
+    cap = content_cap()
     stream = _PrefetchingStream(
-        decompressed_chunks(blob, compression, layer_label), hasher, layer_label
+        decompressed_chunks(blob, compression, layer_label), hasher, layer_label, cap
     )
     reader = ts.TarReader(stream)
-    builder = _Builder(spool, layer_label)
+    builder = _Builder(spool, layer_label, cap)
     try:
         for entry in reader:
             builder.add(entry)

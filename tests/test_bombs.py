@@ -1,0 +1,162 @@
+"""Decompression bombs: ``cachefs load`` of a layer that inflates to hundreds of MiB of
+zeros runs in memory that does not depend on the layer's size, in time linear in it, and a
+bomb larger than the content cap fails with the cap's message.
+
+Each load runs in a fresh process (a small Python parent around the real CLI) so its peak
+RSS is its own and not the largest of everything this test session started before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from tests.cli.conftest import CACHEFS
+
+_MEASURE = """
+import resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+sys.stderr.write(proc.stderr)
+peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(proc.returncode, peak_kib)
+"""
+
+_MIB = 1 << 20
+
+
+class Sink:
+    """Streaming compressor into memory: the compressed bomb is small, its content is not."""
+
+    def __init__(self, kind: str) -> None:
+        self.out = io.BytesIO()
+        self.kind = kind
+        if kind == "zstd":
+            self._z = zstandard.ZstdCompressor(level=3).stream_writer(self.out, closefd=False)
+        elif kind == "gzip":
+            self._c = zlib.compressobj(6, zlib.DEFLATED, 31)
+
+    def write(self, data: bytes) -> None:
+        if self.kind == "zstd":
+            self._z.write(data)
+        elif self.kind == "gzip":
+            self.out.write(self._c.compress(data))
+        else:
+            self.out.write(data)
+
+    def finish(self) -> bytes:
+        if self.kind == "zstd":
+            self._z.close()
+        elif self.kind == "gzip":
+            self.out.write(self._c.flush())
+        return self.out.getvalue()
+
+
+def zeros_layer(size: int, kind: str) -> tuple[bytes, str]:
+    """A layer tar holding one file of ``size`` zero bytes, compressed; and its diff_id."""
+    ti = tarfile.TarInfo("zeros")
+    ti.size = size
+    ti.mode = 0o644
+    header = ti.tobuf(tarfile.PAX_FORMAT)
+    sink, digest = Sink(kind), hashlib.sha256()
+    zeros = bytes(_MIB)
+
+    def put(data: bytes) -> None:
+        sink.write(data)
+        digest.update(data)
+
+    put(header)
+    for _ in range(size // _MIB):
+        put(zeros)
+    put(bytes(size % _MIB + (-size % 512) + 1024))
+    return sink.finish(), "sha256:" + digest.hexdigest()
+
+
+def bomb_archive(out: Path, size: int, kind: str) -> Path:
+    """A docker-archive whose one layer is ``zeros_layer(size, kind)``."""
+    blob, diff_id = zeros_layer(size, kind)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    manifest = json.dumps([{"Config": "config.json", "RepoTags": ["example.com/bomb:1"],
+                            "Layers": ["l0/layer.tar"]}]).encode()
+    with tarfile.open(out, "w") as tf:
+        for name, data in (("config.json", config), ("l0/layer.tar", blob),
+                           ("manifest.json", manifest)):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return out
+
+
+def measured_load(cache: Path, archive: Path, env: dict[str, str] | None = None
+                  ) -> tuple[int, int, float, str]:
+    """(exit code, peak RSS in bytes, seconds, stderr) of ``cachefs load`` in a fresh process."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, CACHEFS, "--cache", str(cache), "-q", "load",
+         str(archive)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+    )
+    elapsed = time.monotonic() - start
+    code, peak_kib = proc.stdout.split()
+    return int(code), int(peak_kib) * 1024, elapsed, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def baseline_rss(tmp_path_factory: pytest.TempPathFactory) -> int:
+    """Peak RSS of loading a 1 MiB image: everything but the layer's size."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    code, peak, _, err = measured_load(tmp / "cache", bomb_archive(tmp / "a.tar", _MIB, "gzip"))
+    assert code == 0, err
+    return peak
+
+
+@pytest.mark.parametrize("kind", ["zstd", "gzip", "plain"])
+def test_bomb_load_memory_does_not_depend_on_layer_size(
+    tmp_path: Path, baseline_rss: int, kind: str
+) -> None:
+    size = 256 * _MIB if kind == "plain" else 512 * _MIB
+    archive = bomb_archive(tmp_path / "bomb.tar", size, kind)
+    if kind != "plain":
+        assert archive.stat().st_size < 4 * _MIB  # a bomb: tiny outside, big inside
+    code, peak, elapsed, err = measured_load(tmp_path / "cache", archive)
+    assert code == 0, err
+    assert peak - baseline_rss < 48 * _MIB, (peak, baseline_rss)
+    # linear time: a quadratic zstd path took 20 s for 256 MiB; this is ~2 s of work
+    assert elapsed < 120
+    layers = list((tmp_path / "cache" / "layers").glob("*.erofs"))
+    assert len(layers) == 1 and layers[0].stat().st_size > size
+
+
+@pytest.mark.parametrize("kind", ["zstd", "gzip"])
+def test_bomb_over_the_content_cap_fails_with_the_cap_message(tmp_path: Path, kind: str) -> None:
+    archive = bomb_archive(tmp_path / "bomb.tar", 256 * _MIB, kind)
+    cap = 64 * _MIB
+    code, _, elapsed, err = measured_load(tmp_path / "cache", archive,
+                                          {"CACHEFS_MAX_LAYER_BYTES": str(cap)})
+    assert code == 8, err
+    assert f"layer content exceeds {cap} bytes" in err
+    assert "CACHEFS_MAX_LAYER_BYTES" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert elapsed < 60
+    assert not list((tmp_path / "cache" / "layers").glob("*.erofs"))
+
+
+def test_gzip_and_zstd_bombs_give_the_same_layer(tmp_path: Path) -> None:
+    """The zstd path is bounded, not different: both compressions give one EROFS."""
+    for kind in ("zstd", "gzip"):
+        archive = bomb_archive(tmp_path / f"{kind}.tar", 32 * _MIB, kind)
+        code, _, _, err = measured_load(tmp_path / "cache", archive)
+        assert code == 0, err
+    assert len(list((tmp_path / "cache" / "layers").glob("*.erofs"))) == 1
+
