@@ -15,6 +15,12 @@ layer that carries an empty PAX ``SCHILY.xattr`` value (Go's archive/tar writes 
 accept it. PAX xattrs are then dropped, as msb drops them [FORMATS.md §3.10]: a layer EROFS
 with xattrs msb never writes would differ byte for byte from msb's, and fsmeta rebuilds
 from our layers would no longer match msb's.
+
+A second difference: numbers an EROFS inode cannot hold fail the layer, naming the entry.
+msb wraps them silently: a uid of 2^32 becomes 0 (root owns the file), an mtime of 2^64
+becomes 0, and a minor device number of 2^20 encodes as 0:0, the whiteout marker, so the
+merged tree would depend on whether fsmeta was built from the tar or from the layers.
+Every value msb stores faithfully is accepted and stored the same way.
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ MAX_TOTAL = 10 << 30  # default of the content cap; CACHEFS_MAX_LAYER_BYTES over
 CONTENT_CAP_ENV = "CACHEFS_MAX_LAYER_BYTES"
 MAX_ENTRIES = 1_000_000
 MAX_SYMLINK = 4096
+MAX_NAME = 255  # EROFS_NAME_LEN
+MAX_ID = 0xFFFF_FFFF  # uid/gid: 32 bits in an extended inode
+MAX_MTIME = (1 << 64) - 1  # i_mtime: 64 bits
+MAX_MAJOR = 0xFFF  # i_u holds Linux new_encode_dev: 12-bit major, 20-bit minor
+MAX_MINOR = 0xF_FFFF
 
 _IN_CHUNK = 256 << 10  # compressed bytes per read
 _OUT_CHUNK = 1 << 20  # gzip output bound per call
@@ -381,8 +392,12 @@ class _Builder:
             raise self._fail(entry, f"path longer than {MAX_PATH} bytes")
         if len(parts) > MAX_DEPTH:
             raise self._fail(entry, f"path deeper than {MAX_DEPTH} components")
-        parent = self._parent(entry, key, parts)
         name = parts[-1]
+        if len(name) > MAX_NAME:
+            raise self._fail(entry, f"file name longer than {MAX_NAME} bytes")
+        if entry.uid > MAX_ID or entry.gid > MAX_ID or entry.mtime > MAX_MTIME:
+            raise self._fail(entry, self._out_of_range(entry))
+        parent = self._parent(entry, key, parts)
         mode = entry.mode & 0o7777
 
         if (kind is ts.REGULAR or kind is ts.SYMLINK) and name.startswith(b".wh."):
@@ -390,6 +405,8 @@ class _Builder:
                 if OPAQUE_XATTR not in parent.xattrs:
                     parent.xattrs.append(OPAQUE_XATTR)
                 return
+            if name in (b".wh..", b".wh..."):
+                raise self._fail(entry, f"whiteout {ts._display(name)!r} names no file")
             if len(name) > 4:
                 wh = Node(FileType.CHR, mode, entry.uid, entry.gid, entry.mtime)
                 self._put(entry, parent, name[4:], wh)
@@ -430,8 +447,22 @@ class _Builder:
                     raise self._fail(entry, f"symlink target longer than {MAX_SYMLINK} bytes")
                 node.target = entry.linkname
             elif ftype is FileType.CHR or ftype is FileType.BLK:
+                if entry.devmajor > MAX_MAJOR or entry.devminor > MAX_MINOR:
+                    raise self._fail(
+                        entry,
+                        f"device number {entry.devmajor}:{entry.devminor} out of range "
+                        f"(major ≤ {MAX_MAJOR}, minor ≤ {MAX_MINOR})",
+                    )
                 node.rdev_major, node.rdev_minor = entry.devmajor, entry.devminor
             self._put(entry, parent, name, node)
+
+    @staticmethod
+    def _out_of_range(entry: ts.TarEntry) -> str:
+        for what, value, most in (("uid", entry.uid, MAX_ID), ("gid", entry.gid, MAX_ID),
+                                  ("mtime", entry.mtime, MAX_MTIME)):
+            if value > most:
+                return f"{what} {value} out of range (at most {most})"
+        raise AssertionError("called for an entry whose numbers are in range")
 
     def _link_target(self, entry: ts.TarEntry) -> Node:
         parts = self._split(entry, entry.linkname)

@@ -525,3 +525,71 @@ def test_zstd_rle_bomb_output_is_bounded_per_piece() -> None:
         tracemalloc.stop()
     assert total == 256 << 20
     assert peak < 8 << 20
+
+
+# -- numbers an EROFS inode cannot hold, names it cannot hold -----------------------------
+
+
+def _b256(value: int, width: int) -> bytes:
+    return b"\x80" + value.to_bytes(width - 1, "big")
+
+
+def _with_field(entry: Entry, at: tuple[int, int], value: bytes) -> bytes:
+    hdr = header(entry[0])
+    hdr[at[0]:at[1]] = value
+    return bytes(fix_checksum(hdr)) + (entry[1] or b"") + bytes(-len(entry[1] or b"") % 512)
+
+
+@pytest.mark.parametrize(
+    ("blob", "match"),
+    [
+        (pax_header(pax_record(b"uid", b"%d" % (1 << 40))) + header(reg("f")[0]),
+         "uid 1099511627776 out"),
+        (pax_header(pax_record(b"gid", b"%d" % (1 << 32))) + header(reg("f")[0]),
+         "gid 4294967296 out"),
+        (_with_field(reg("f"), (108, 116), _b256(1 << 32, 8)), "uid 4294967296 out of range"),
+        (_with_field(reg("f"), (136, 148), _b256(1 << 70, 12)), f"mtime {1 << 70} out of range"),
+        (_with_field(reg("f"), (136, 148), _b256(1 << 64, 12)), f"mtime {1 << 64} out of range"),
+    ],
+    ids=["pax-uid-2^40", "pax-gid-2^32", "base256-uid-2^32", "mtime-2^70", "mtime-2^64"],
+)
+def test_numbers_an_inode_cannot_hold_fail_naming_the_entry(blob: bytes, match: str) -> None:
+    fails(bytes(blob) + END, match, "f")
+
+
+def test_largest_numbers_an_inode_holds_are_kept() -> None:
+    top = str((1 << 32) - 1).encode()
+    blob = (pax_header(pax_record(b"uid", top) + pax_record(b"gid", top))
+            + _with_field(reg("f"), (136, 148), _b256((1 << 64) - 1, 12)) + END)
+    node = at(ingest(bytes(blob))[0].root, b"f")
+    assert (node.uid, node.gid, node.mtime) == ((1 << 32) - 1, (1 << 32) - 1, (1 << 64) - 1)
+
+
+@pytest.mark.parametrize(
+    ("kind", "major", "minor"),
+    [(tarfile.CHRTYPE, 1 << 40, 1), (tarfile.CHRTYPE, 1, 1 << 33), (tarfile.BLKTYPE, 4096, 0),
+     (tarfile.CHRTYPE, 0, 1 << 20)],
+    ids=["major-2^40", "minor-2^33", "major-4096", "minor-2^20-would-be-whiteout"],
+)
+def test_device_numbers_out_of_range_fail(kind: bytes, major: int, minor: int) -> None:
+    entry = device("dev/x", kind)
+    hdr = header(entry[0])
+    hdr[329:337] = _b256(major, 8) if major >= 1 << 21 else b"%07o\0" % major
+    hdr[337:345] = _b256(minor, 8) if minor >= 1 << 21 else b"%07o\0" % minor
+    fails(bytes(fix_checksum(hdr)) + END, f"device number {major}:{minor} out of range",
+          "dev/x")
+
+
+def test_largest_device_numbers_are_kept() -> None:
+    node = at(tree_of([device("x", tarfile.CHRTYPE, 0xFFF, 0xFFFFF)]), b"x")
+    assert (node.type, node.rdev_major, node.rdev_minor) == (FileType.CHR, 0xFFF, 0xFFFFF)
+
+
+def test_name_over_255_bytes_names_the_whole_path() -> None:
+    long = "n" * 256
+    fails([dir_("d/"), reg(f"d/{long}", b"1")], "file name longer than 255 bytes", f"d/{long}")
+
+
+@pytest.mark.parametrize("name", ["d/.wh..", ".wh..."])
+def test_whiteout_of_dot_names_layer_and_entry(name: str) -> None:
+    fails([dir_("d/"), reg(name)], "names no file", name)

@@ -176,8 +176,8 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
             for name in reversed(kid_names):
                 if len(name) > _MAX_NAME or not name or b"/" in name or name in (b".", b".."):
                     raise LayerFormatError(
-                        f"invalid file name {name!r} (1..255 bytes, no '/', not '.'/'..')",
-                        entry=path.decode(errors="replace"),
+                        "invalid file name (1..255 bytes, no '/', not '.'/'..')",
+                        entry=(sep + name).decode(errors="replace"),
                     )
                 push((sep + name, kids[name], node))  # type: ignore[index]
         ibody = _ibody(node, path) if node.xattrs else b""

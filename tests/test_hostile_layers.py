@@ -1,6 +1,9 @@
-"""Decompression bombs: ``cachefs load`` of a layer that inflates to hundreds of MiB of
-zeros runs in memory that does not depend on the layer's size, in time linear in it, and a
-bomb larger than the content cap fails with the cap's message.
+"""Hostile layers through the real CLI.
+
+Decompression bombs: ``cachefs load`` of a layer that inflates to hundreds of MiB of zeros
+runs in memory that does not depend on the layer's size, in time linear in it, and a bomb
+larger than the content cap fails with the cap's message. Numbers an EROFS inode cannot
+hold fail as a layer error (exit 8), never as an internal error or a silent wrap.
 
 Each load runs in a fresh process (a small Python parent around the real CLI) so its peak
 RSS is its own and not the largest of everything this test session started before.
@@ -160,3 +163,62 @@ def test_gzip_and_zstd_bombs_give_the_same_layer(tmp_path: Path) -> None:
         assert code == 0, err
     assert len(list((tmp_path / "cache" / "layers").glob("*.erofs"))) == 1
 
+
+
+def _hostile_header(ti: tarfile.TarInfo, *fields: tuple[int, int, bytes]) -> bytes:
+    """``ti``'s ustar header with raw bytes put into numeric fields, checksum fixed."""
+    hdr = bytearray(ti.tobuf(tarfile.USTAR_FORMAT))
+    for start, end, value in fields:
+        hdr[start:end] = value
+    hdr[148:156] = b" " * 8
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    return bytes(hdr)
+
+
+def _pax_uid_2_40() -> bytes:
+    ti = tarfile.TarInfo("etc/passwd")
+    ti.pax_headers = {"uid": str(1 << 40)}
+    return ti.tobuf(tarfile.PAX_FORMAT)
+
+
+def _char_device(major: int, minor: int) -> bytes:
+    ti = tarfile.TarInfo("dev/evil")
+    ti.type = tarfile.CHRTYPE
+    return _hostile_header(ti, (329, 337, b"\x80" + major.to_bytes(7, "big")),
+                           (337, 345, b"\x80" + minor.to_bytes(7, "big")))
+
+
+@pytest.mark.parametrize(
+    ("tar", "message"),
+    [
+        (_pax_uid_2_40(), "entry 'etc/passwd': uid 1099511627776 out of range"),
+        (_hostile_header(tarfile.TarInfo("old"),
+                         (136, 148, b"\x80" + (1 << 70).to_bytes(11, "big"))),
+         f"entry 'old': mtime {1 << 70} out of range"),
+        (_char_device(1 << 40, 1), f"entry 'dev/evil': device number {1 << 40}:1 out of range"),
+        (_char_device(1, 1 << 33), f"entry 'dev/evil': device number 1:{1 << 33} out of range"),
+    ],
+    ids=["pax-uid-2^40", "mtime-2^70", "major-2^40", "minor-2^33"],
+)
+def test_numbers_erofs_cannot_hold_are_a_layer_error(tmp_path: Path, tar: bytes,
+                                                     message: str) -> None:
+    """Not an internal error (exit 70, a struct traceback), not a silent 0 (root, 0:0)."""
+    tar += bytes(1024)
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    manifest = json.dumps([{"Config": "c.json", "RepoTags": ["example.com/evil:1"],
+                            "Layers": ["l.tar"]}]).encode()
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, data in (("c.json", config), ("l.tar", tar), ("manifest.json", manifest)):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    proc = subprocess.run([CACHEFS, "--cache", str(tmp_path / "cache"), "-q", "load",
+                           str(archive)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 8, proc.stderr
+    assert message in proc.stderr
+    assert f"layer {diff_id}" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not list((tmp_path / "cache" / "layers").glob("*.erofs"))
