@@ -27,6 +27,7 @@ from .erofs.merge import merge_layers
 from .erofs.tree import BlockMap, Node
 from .erofs.writer import write_layer_erofs
 from .errors import NotCachedError
+from .health import fsmeta_problems, vmdk_problems
 from .layer import Compression, detect_compression, ingest_layer
 from .vmdk import descriptor_for_paths
 
@@ -126,9 +127,12 @@ def stitch_image(
 ) -> tuple[Path, Path]:
     """Make ``fsmeta/<m>.erofs`` and ``vmdk/<m>.vmdk`` for an image whose layers are cached.
 
-    A valid fsmeta is kept (only a missing VMDK is regenerated, as msb does); a missing or
-    invalid one is rebuilt from the layer images alone (§4.7), and then the VMDK is
-    rewritten too, since its extent sizes may have changed. VMDK extents are the
+    A sound fsmeta is kept (only a missing or stale VMDK is regenerated); a missing or
+    unsound one is rebuilt from the layer images alone (§4.7), and then the VMDK is
+    rewritten too, since its extent sizes may have changed. Sound is more than msb's
+    §1.7 rule: :mod:`cachefs.health`'s cheap checks (superblock crc, device table against
+    the layer files, VMDK extents), so a pull never reports success over a file the
+    kernel or QEMU would refuse. VMDK extents are the
     ``realpath`` of the cache files, exactly like msb's. ``msb_quirks`` selects msb's
     merge quirks (byte-identical fsmeta); the default merge is OCI-correct. Held:
     ``fsmeta/<m>.erofs.lock`` (exclusive) around both files.
@@ -141,9 +145,15 @@ def stitch_image(
     ``force`` rebuilds both even when valid (renamed over them, never absent meanwhile).
     """
     fsmeta, vmdk = cache.fsmeta_erofs_path(manifest_digest), cache.vmdk_path(manifest_digest)
-    if not force and cache.is_fsmeta_materialized(manifest_digest) and cache.is_vmdk_materialized(
-        manifest_digest
-    ):
+    layers = [cache.layer_erofs_path(d) for d in diff_ids]
+
+    def fsmeta_sound() -> bool:
+        return not force and not fsmeta_problems(fsmeta, layers)
+
+    def vmdk_sound() -> bool:
+        return not force and not vmdk_problems(vmdk, [fsmeta, *layers])
+
+    if fsmeta_sound() and vmdk_sound():
         return fsmeta, vmdk
     missing = [str(d) for d in diff_ids if not cache.is_layer_materialized(d)]
     if missing:
@@ -152,7 +162,6 @@ def stitch_image(
             + ", ".join(missing),
             hint="pull the image again",
         )
-    layers = [cache.layer_erofs_path(d) for d in diff_ids]
     for sub in (cache.fsmeta_dir(), cache.vmdk_dir(), cache.tmp_dir()):
         sub.mkdir(parents=True, exist_ok=True)
     with flock_exclusive(cache.fsmeta_erofs_lock_path(manifest_digest)):
@@ -161,7 +170,7 @@ def stitch_image(
         work.mkdir()
         try:
             rebuilt = False
-            if force or not cache.is_fsmeta_materialized(manifest_digest):
+            if not fsmeta_sound():
                 tmp = work / "fsmeta.erofs"
                 with tmp.open("wb") as out:
                     if trees is not None and all(d in trees for d in diff_ids):
@@ -172,7 +181,7 @@ def stitch_image(
                         fsmeta_from_layer_images(layers, out, msb_quirks=msb_quirks)
                 publish_file(tmp, fsmeta)
                 rebuilt = True
-            if rebuilt or not cache.is_vmdk_materialized(manifest_digest):
+            if rebuilt or not vmdk_sound():
                 tmp = work / "rootfs.vmdk"
                 tmp.write_text(descriptor_for_paths([fsmeta, *layers]))
                 publish_file(tmp, vmdk)
