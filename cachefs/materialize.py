@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from .cache.locks import flock_exclusive
-from .cache.publish import publish_file, remove_quietly
+from .cache.publish import naming, publish_file, remove_quietly
 from .cache.store import GlobalCache
 from .digest import Digest
 from .erofs.fsmeta import fsmeta_from_layer_images, write_fsmeta
@@ -71,6 +71,26 @@ def _sniff(stream: BinaryIO) -> Compression:
     return detect_compression(peek(4)[:4])
 
 
+@contextlib.contextmanager
+def _spool(path: Path) -> Iterator[BinaryIO]:
+    """The spool file, whose close never hides the error that is failing the layer.
+
+    Closing flushes the buffer: after an ENOSPC that flush fails again, and its bare
+    error (no file name) would replace the first one, which names the spool.
+    """
+    # A large buffer: most files are small, and each flush releases the GIL the
+    # decompressing thread then competes for.
+    spool = path.open("wb+", buffering=4 << 20)
+    try:
+        yield spool
+    except BaseException:
+        with contextlib.suppress(OSError):
+            spool.close()
+        raise
+    with naming(path):
+        spool.close()
+
+
 def materialize_layer(
     cache: GlobalCache,
     blob_path: Path | BlobOpener,
@@ -97,16 +117,16 @@ def materialize_layer(
             return MaterializedLayer(diff_id, final, None)  # finished while we waited
         spool_path, part = cache.spool_path(diff_id), cache.layer_part_path(diff_id)
         try:
-            # A large buffer: most files are small, and each flush releases the GIL the
-            # decompressing thread then competes for.
-            with _open_blob(blob_path) as blob, spool_path.open("wb+", buffering=4 << 20) as spool:
+            with _open_blob(blob_path) as blob, _spool(spool_path) as spool:
                 if compression is None:
                     compression = _sniff(blob)
-                ingested = ingest_layer(
-                    blob, compression=compression, expected_diff_id=diff_id, spool=spool,
-                    layer_label=layer_label,
-                )
-                with part.open("wb") as out:
+                with naming(spool_path):
+                    ingested = ingest_layer(
+                        blob, compression=compression, expected_diff_id=diff_id, spool=spool,
+                        layer_label=layer_label,
+                    )
+                    spool.flush()
+                with naming(part), part.open("wb") as out:
                     block_map = write_layer_erofs(ingested.root, spool, out)
             publish_file(part, final)
         finally:
@@ -172,7 +192,7 @@ def stitch_image(
             rebuilt = False
             if not fsmeta_sound():
                 tmp = work / "fsmeta.erofs"
-                with tmp.open("wb") as out:
+                with naming(tmp), tmp.open("wb") as out:
                     if trees is not None and all(d in trees for d in diff_ids):
                         roots = [trees[d][0] for d in diff_ids]
                         merged = merge_layers(roots, leak_nested_whiteouts=msb_quirks)
@@ -183,7 +203,8 @@ def stitch_image(
                 rebuilt = True
             if rebuilt or not vmdk_sound():
                 tmp = work / "rootfs.vmdk"
-                tmp.write_text(descriptor_for_paths([fsmeta, *layers]))
+                with naming(tmp):
+                    tmp.write_text(descriptor_for_paths([fsmeta, *layers]))
                 publish_file(tmp, vmdk)
         finally:
             with contextlib.suppress(OSError):

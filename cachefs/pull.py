@@ -189,12 +189,22 @@ def cached_metadata(cache: GlobalCache, reference: Reference) -> CachedImageMeta
 
 
 def _publish(cache: GlobalCache, plan: ImagePlan, source: str) -> CachedImageMetadata:
-    """Metadata json last (msb's order), renamed under the publication gate."""
+    """cachefs's record, then the metadata json last: msb's file is the commit point.
+
+    A failure before the json (ENOSPC, say) then fails an image that is not published,
+    never a published image; a record this call created is taken back.
+    """
     meta = plan.metadata()
-    gate = publication_gate_path(cache.manifests_dir(), plan.reference.cache_key)
-    with flock_exclusive(gate):
-        cache.write_image_metadata(plan.reference, meta)
+    had_record = cache.ref_record_path(plan.reference).exists()
     cache.record_reference(plan.reference, plan.typed, plan.manifest_digest, source)
+    gate = publication_gate_path(cache.manifests_dir(), plan.reference.cache_key)
+    try:
+        with flock_exclusive(gate):
+            cache.write_image_metadata(plan.reference, meta)
+    except BaseException:
+        if not had_record:
+            cache.forget_reference(plan.reference)
+        raise
     return meta
 
 

@@ -23,7 +23,7 @@ from ..digest import Digest
 from ..errors import UsageError
 from ..models import CachedImageMetadata, compact_json
 from ..reference import Reference
-from .publish import fsync_dir, publish_file, remove_quietly
+from .publish import fsync_dir, naming, publish_file, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class GlobalCache:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(final.name + ".part")
         try:
-            with open(tmp, "wb") as f:
+            with naming(tmp), open(tmp, "wb") as f:
                 f.write(metadata.to_json_bytes())
             publish_file(tmp, final, durable=True)
         except BaseException:
@@ -217,7 +217,8 @@ class GlobalCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.part")
         try:
-            tmp.write_bytes(compact_json(record.model_dump()))
+            with naming(tmp):
+                tmp.write_bytes(compact_json(record.model_dump()))
             publish_file(tmp, path, durable=True)
         except BaseException:
             remove_quietly(tmp)
