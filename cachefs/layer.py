@@ -52,6 +52,7 @@ MAX_DEPTH = 128
 MAX_FILE = 5 << 30
 MAX_TOTAL = 10 << 30  # default of the content cap; CACHEFS_MAX_LAYER_BYTES overrides it
 CONTENT_CAP_ENV = "CACHEFS_MAX_LAYER_BYTES"
+MAX_CONTENT_CAP = 1 << 40  # a layer image addresses 2^32 blocks of 4 KiB: stay well inside
 MAX_ENTRIES = 1_000_000
 MAX_SYMLINK = 4096
 MAX_NAME = 255  # EROFS_NAME_LEN
@@ -103,8 +104,9 @@ def content_cap() -> int:
         cap = int(text)
     except ValueError:
         cap = -1
-    if cap <= 0:
-        raise UsageError(f"{CONTENT_CAP_ENV}={text!r} is not a positive number of bytes")
+    if not 0 < cap <= MAX_CONTENT_CAP:
+        raise UsageError(f"{CONTENT_CAP_ENV}={text!r} is not a number of bytes from 1 to "
+                         f"{MAX_CONTENT_CAP}")
     return cap
 
 

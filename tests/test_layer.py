@@ -444,8 +444,10 @@ def test_content_cap_bounds_the_decompressed_stream(
     assert layer_mod.CONTENT_CAP_ENV in ei.value.one_line()
 
 
-def test_content_cap_setting_must_be_a_positive_number(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(layer_mod.CONTENT_CAP_ENV, "ten")
+@pytest.mark.parametrize("value", ["ten", "0", "-5", str((1 << 40) + 1)])
+def test_content_cap_setting_must_be_in_range(monkeypatch: pytest.MonkeyPatch, value: str
+                                              ) -> None:
+    monkeypatch.setenv(layer_mod.CONTENT_CAP_ENV, value)
     with pytest.raises(UsageError, match=layer_mod.CONTENT_CAP_ENV):
         ingest(SAMPLE)
 

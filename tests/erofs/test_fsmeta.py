@@ -11,7 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cachefs.erofs import format as F
-from cachefs.erofs.fsmeta import fsmeta_from_layer_images, fsmeta_meta_blkaddr, write_fsmeta
+from cachefs.erofs.fsmeta import (
+    device_table,
+    fsmeta_from_layer_images,
+    fsmeta_meta_blkaddr,
+    write_fsmeta,
+)
 from cachefs.erofs.merge import merge_layers
 from cachefs.erofs.tree import FileType, LayerBlocks, Node, SpoolExtent
 from cachefs.erofs.writer import write_layer_erofs
@@ -180,3 +185,10 @@ def test_random_images_mount_as_the_oci_merge(
     disk = concat([fsmeta, *layers], work / "disk.img")
     with loop_mount_erofs(disk, work / "mnt") as mnt:
         assert scan_mount(mnt) == flatten(want_merged(tars))
+
+
+def test_device_table_beyond_2_32_blocks_is_a_format_error() -> None:
+    """Not a struct.error (an internal error): the image is too big for one fsmeta."""
+    assert len(device_table(1, [0xFFFF_FFFE])) == 128
+    with pytest.raises(ErofsFormatError, match="16 TiB"):
+        device_table(1, [1 << 31, 1 << 31])
