@@ -20,12 +20,14 @@ import sys
 import tarfile
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
 
 from tests.cli.conftest import CACHEFS
+from tests.fixtures.registry import LocalRegistry
 
 _MEASURE = """
 import resource, subprocess, sys
@@ -222,3 +224,65 @@ def test_numbers_erofs_cannot_hold_are_a_layer_error(tmp_path: Path, tar: bytes,
     assert f"layer {diff_id}" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not list((tmp_path / "cache" / "layers").glob("*.erofs"))
+
+
+# -- the same bombs through a pull from a registry on 127.0.0.1 ---------------------------
+
+_MEDIA = {"zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+          "gzip": "application/vnd.oci.image.layer.v1.tar+gzip"}
+
+
+def _blob(layout: Path, data: bytes) -> dict[str, object]:
+    digest = hashlib.sha256(data).hexdigest()
+    path = layout / "blobs" / "sha256" / digest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def bomb_layout(out: Path, size: int, kind: str) -> Path:
+    """An OCI layout whose one layer is ``zeros_layer(size, kind)`` (built streaming)."""
+    blob, diff_id = zeros_layer(size, kind)
+    out.mkdir()
+    (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   **_blob(out, config)},
+        "layers": [{"mediaType": _MEDIA[kind], **_blob(out, blob)}],
+    }).encode()
+    top = {"mediaType": "application/vnd.oci.image.manifest.v1+json", **_blob(out, manifest),
+           "annotations": {"org.opencontainers.image.ref.name": "latest"}}
+    (out / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bomb_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
+    d = tmp_path_factory.mktemp("bombreg")
+    with LocalRegistry(d / "registry") as registry:
+        for name, size, kind in (("small", _MIB, "gzip"), ("zstd", 512 * _MIB, "zstd"),
+                                 ("gzip", 512 * _MIB, "gzip")):
+            registry.push_oci_layout(bomb_layout(d / name, size, kind), f"bomb/{name}", "v1")
+        yield registry
+
+
+def measured_pull(cache: Path, ref: str) -> tuple[int, int, str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, CACHEFS, "--cache", str(cache), "-q", "pull",
+         "--insecure", ref], capture_output=True, text=True, timeout=600)
+    code, peak_kib = proc.stdout.split()
+    return int(code), int(peak_kib) * 1024, proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["zstd", "gzip"])
+def test_bomb_pull_memory_does_not_depend_on_layer_size(
+    bomb_registry: LocalRegistry, tmp_path: Path, kind: str
+) -> None:
+    code, baseline, err = measured_pull(tmp_path / "small", f"{bomb_registry.host}/bomb/small:v1")
+    assert code == 0, err
+    code, peak, err = measured_pull(tmp_path / "cache", f"{bomb_registry.host}/bomb/{kind}:v1")
+    assert code == 0, err
+    assert peak - baseline < 48 * _MIB, (peak, baseline)
