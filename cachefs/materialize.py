@@ -21,13 +21,13 @@ from typing import BinaryIO
 from .cache.locks import flock_exclusive
 from .cache.publish import naming, publish_file, remove_quietly
 from .cache.store import GlobalCache
+from .derived_check import fsmeta_problems, vmdk_problems
 from .digest import Digest
 from .erofs.fsmeta import fsmeta_from_layer_images, write_fsmeta
 from .erofs.merge import merge_layers
 from .erofs.tree import BlockMap, Node
 from .erofs.writer import write_layer_erofs
 from .errors import NotCachedError
-from .health import fsmeta_problems, vmdk_problems
 from .layer import Compression, detect_compression, ingest_layer
 from .vmdk import descriptor_for_paths
 
@@ -150,7 +150,7 @@ def stitch_image(
     A sound fsmeta is kept (only a missing or stale VMDK is regenerated); a missing or
     unsound one is rebuilt from the layer images alone (§4.7), and then the VMDK is
     rewritten too, since its extent sizes may have changed. Sound is more than msb's
-    §1.7 rule: :mod:`cachefs.health`'s cheap checks (superblock crc, device table against
+    §1.7 rule: :mod:`cachefs.derived_check`'s cheap checks (superblock crc, device table against
     the layer files, VMDK extents), so a pull never reports success over a file the
     kernel or QEMU would refuse. VMDK extents are the
     ``realpath`` of the cache files, exactly like msb's. ``msb_quirks`` selects msb's

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cache.store import GlobalCache
+from ..derived_check import device_table_problems as check_device_table
+from ..derived_check import superblock_problems
+from ..derived_check import vmdk_problems as check_vmdk
 from ..errors import CachefsError
-from ..health import device_table_problems as check_device_table
-from ..health import superblock_problems
-from ..health import vmdk_problems as check_vmdk
 from . import ImageInfo, default_msb_db, find_image, list_images
 
 
