@@ -385,7 +385,8 @@ def collect_garbage(
     """Remove layers, fsmeta and VMDKs no image uses, and abandoned transient files.
 
     An entry whose lease or owning lock is held is skipped and reported, never waited for.
-    With ``dry_run`` the locks are only probed and released, and nothing is removed.
+    With ``dry_run`` nothing is removed and no lock is taken: locks and leases are probed
+    read-only, so a dry run needs no write access to the cache.
     """
     db = msb_db if msb_db is not None else default_msb_db(cache)
     if dry_run:
