@@ -343,6 +343,8 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool, msb_db: Path | None) ->
     """Remove layers, fsmeta and VMDKs no image uses, and abandoned temporary files.
 
     Anything a lease, a running pull or a download holds is skipped, never waited for.
+    A dry run takes no locks and needs only read access to the cache. If what is in use
+    cannot be read (manifests/, a metadata file, msb's database), gc deletes nothing.
     """
     from .ops.remove import collect_garbage
 

@@ -178,3 +178,16 @@ class RegistryBlocked(RegistryError):
 
 
 EXIT_CODES.update({cls.__name__: cls.exit_code for cls in (ConfigError, RegistryBlocked)})
+
+
+class CacheUnreadable(CacheCorrupt):
+    """A cache file or directory a decision depends on cannot be read or parsed.
+
+    Raised where guessing would destroy data (``gc``/``rm`` would count an unreadable
+    image's layers as unused); the command stops and deletes nothing.
+    """
+
+    def __init__(self, path: object, err: BaseException) -> None:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        super().__init__(f"cannot read {path}: {' '.join(reason.split()[:30])}")
+        self.path = str(path)

@@ -15,12 +15,19 @@ layer that carries an empty PAX ``SCHILY.xattr`` value (Go's archive/tar writes 
 accept it. PAX xattrs are then dropped, as msb drops them [FORMATS.md §3.10]: a layer EROFS
 with xattrs msb never writes would differ byte for byte from msb's, and fsmeta rebuilds
 from our layers would no longer match msb's.
+
+A second difference: numbers an EROFS inode cannot hold fail the layer, naming the entry.
+msb wraps them silently: a uid of 2^32 becomes 0 (root owns the file), an mtime of 2^64
+becomes 0, and a minor device number of 2^20 encodes as 0:0, the whiteout marker, so the
+merged tree would depend on whether fsmeta was built from the tar or from the layers.
+Every value msb stores faithfully is accepted and stored the same way.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import queue
 import threading
 import zlib
@@ -28,12 +35,11 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import zstandard
-
 from . import tarstream as ts
 from .digest import Digest
 from .erofs.tree import OPAQUE_XATTR, FileType, Node, SpoolExtent
-from .errors import DigestMismatch, LayerFormatError
+from .errors import DigestMismatch, LayerFormatError, UsageError
+from .zstd_stream import zstd_chunks
 
 try:  # ISA-L inflate: the same API and output as zlib, about twice as fast
     from isal import isal_zlib as _inflate
@@ -44,13 +50,19 @@ _INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error, _inflate.error)
 MAX_PATH = 4096
 MAX_DEPTH = 128
 MAX_FILE = 5 << 30
-MAX_TOTAL = 10 << 30
+MAX_TOTAL = 10 << 30  # default of the content cap; CACHEFS_MAX_LAYER_BYTES overrides it
+CONTENT_CAP_ENV = "CACHEFS_MAX_LAYER_BYTES"
+MAX_CONTENT_CAP = 1 << 40  # a layer image addresses 2^32 blocks of 4 KiB: stay well inside
 MAX_ENTRIES = 1_000_000
 MAX_SYMLINK = 4096
+MAX_NAME = 255  # EROFS_NAME_LEN
+MAX_ID = 0xFFFF_FFFF  # uid/gid: 32 bits in an extended inode
+MAX_MTIME = (1 << 64) - 1  # i_mtime: 64 bits
+MAX_MAJOR = 0xFFF  # i_u holds Linux new_encode_dev: 12-bit major, 20-bit minor
+MAX_MINOR = 0xF_FFFF
 
 _IN_CHUNK = 256 << 10  # compressed bytes per read
 _OUT_CHUNK = 1 << 20  # gzip output bound per call
-_ZSTD_IN_CHUNK = 32 << 10  # zstd cannot bound output per call, so feed it small inputs
 _PREFETCH_DEPTH = 4  # decompressed chunks (≤ _OUT_CHUNK each) queued ahead of the tar parser
 
 
@@ -77,6 +89,32 @@ def detect_compression(head: bytes) -> Compression:
     if head[:4] == b"\x28\xb5\x2f\xfd":
         return Compression.ZSTD
     return Compression.NONE
+
+
+def content_cap() -> int:
+    """The most bytes one layer may hold: its file contents, and its decompressed stream.
+
+    One number bounds both, because a bomb need not be a big file: 10 GiB of zeros after
+    the end-of-archive marker is as costly to inflate and hash as a 10 GiB file.
+    """
+    text = os.environ.get(CONTENT_CAP_ENV)
+    if text is None or not text.strip():
+        return MAX_TOTAL
+    try:
+        cap = int(text)
+    except ValueError:
+        cap = -1
+    if not 0 < cap <= MAX_CONTENT_CAP:
+        raise UsageError(f"{CONTENT_CAP_ENV}={text!r} is not a number of bytes from 1 to "
+                         f"{MAX_CONTENT_CAP}")
+    return cap
+
+
+def content_cap_error(cap: int, *, entry: str | None = None, layer: str | None = None
+                      ) -> LayerFormatError:
+    err = LayerFormatError(f"layer content exceeds {cap} bytes", layer=layer, entry=entry)
+    err.hint = f"set {CONTENT_CAP_ENV} to allow more"
+    return err
 
 
 # -- decompression ----------------------------------------------------------------------
@@ -126,36 +164,6 @@ def _gzip_chunks(blob: BinaryIO, label: str) -> Generator[bytes, None, None]:
         raise LayerFormatError("empty gzip stream", layer=label)
 
 
-def _zstd_chunks(blob: BinaryIO, label: str) -> Generator[bytes, None, None]:
-    """Every zstd frame in turn; a frame cut short is an error (zstandard's readers hide it)."""
-    dctx = zstandard.ZstdDecompressor()
-    d = dctx.decompressobj()
-    in_frame = False
-    seen_frame = False
-    pending = b""
-    while True:
-        if not pending:
-            pending = blob.read(_ZSTD_IN_CHUNK)
-            if not pending:
-                break
-        feed, pending = pending[:_ZSTD_IN_CHUNK], pending[_ZSTD_IN_CHUNK:]
-        in_frame = seen_frame = True
-        try:
-            out = d.decompress(feed)
-        except zstandard.ZstdError as e:
-            raise LayerFormatError(f"corrupt zstd stream: {e}", layer=label) from None
-        if out:
-            yield out
-        if d.eof:
-            pending = d.unused_data + pending
-            d = dctx.decompressobj()
-            in_frame = False
-    if in_frame:
-        raise LayerFormatError("truncated zstd stream (ends inside a frame)", layer=label)
-    if not seen_frame:
-        raise LayerFormatError("empty zstd stream", layer=label)
-
-
 class _EndOfStream:
     """The producer's last queue item on success (a failure is queued as the exception)."""
 
@@ -184,8 +192,11 @@ class _PrefetchingStream:
         chunks: Generator[bytes, None, None],
         hasher: hashlib._Hash,  # type: ignore[name-defined]
         label: str,
+        cap: int,
     ) -> None:
         self._hash = hasher
+        self._cap = cap
+        self._label = label
         self._queue: queue.Queue[bytes | _EndOfStream | BaseException] = queue.Queue(
             _PREFETCH_DEPTH
         )
@@ -207,11 +218,13 @@ class _PrefetchingStream:
             update(chunk)
 
     def _produce(self, chunks: Generator[bytes, None, None]) -> None:
-        put, put_hash, stop = self._queue.put, self._to_hash.put, self._stop
+        put, put_hash, stop, cap = self._queue.put, self._to_hash.put, self._stop, self._cap
         try:
             for chunk in chunks:
-                put_hash(chunk)
                 self.count += len(chunk)
+                if self.count > cap:
+                    raise content_cap_error(cap, layer=self._label)
+                put_hash(chunk)
                 put(chunk)
                 if stop.is_set():
                     return
@@ -271,7 +284,7 @@ def decompressed_chunks(
     if compression is Compression.GZIP:
         return _gzip_chunks(blob, label)
     if compression is Compression.ZSTD:
-        return _zstd_chunks(blob, label)
+        return zstd_chunks(blob, label, read_size=_IN_CHUNK, out_chunk=_OUT_CHUNK)
     return _plain_chunks(blob)
 
 
@@ -298,8 +311,9 @@ _SIMPLE_TYPES = {
 class _Builder:
     """Applies tar entries to a layer tree per FORMATS.md §3.12."""
 
-    def __init__(self, spool: BinaryIO, label: str) -> None:
+    def __init__(self, spool: BinaryIO, label: str, cap: int) -> None:
         self.root = Node.directory()
+        self._cap = cap
         self.label = label
         self._write = spool.write
         self._offset = spool.tell()
@@ -380,8 +394,12 @@ class _Builder:
             raise self._fail(entry, f"path longer than {MAX_PATH} bytes")
         if len(parts) > MAX_DEPTH:
             raise self._fail(entry, f"path deeper than {MAX_DEPTH} components")
-        parent = self._parent(entry, key, parts)
         name = parts[-1]
+        if len(name) > MAX_NAME:
+            raise self._fail(entry, f"file name longer than {MAX_NAME} bytes")
+        if entry.uid > MAX_ID or entry.gid > MAX_ID or entry.mtime > MAX_MTIME:
+            raise self._fail(entry, self._out_of_range(entry))
+        parent = self._parent(entry, key, parts)
         mode = entry.mode & 0o7777
 
         if (kind is ts.REGULAR or kind is ts.SYMLINK) and name.startswith(b".wh."):
@@ -389,6 +407,8 @@ class _Builder:
                 if OPAQUE_XATTR not in parent.xattrs:
                     parent.xattrs.append(OPAQUE_XATTR)
                 return
+            if name in (b".wh..", b".wh..."):
+                raise self._fail(entry, f"whiteout {ts._display(name)!r} names no file")
             if len(name) > 4:
                 wh = Node(FileType.CHR, mode, entry.uid, entry.gid, entry.mtime)
                 self._put(entry, parent, name[4:], wh)
@@ -399,8 +419,9 @@ class _Builder:
             if size > MAX_FILE:
                 raise self._fail(entry, f"file larger than {MAX_FILE} bytes")
             self._total += size
-            if self._total > MAX_TOTAL:
-                raise self._fail(entry, f"layer content exceeds {MAX_TOTAL} bytes")
+            if self._total > self._cap:
+                raise content_cap_error(self._cap, entry=ts._display(entry.name),
+                                        layer=self.label)
             node = Node(
                 FileType.REG, mode, entry.uid, entry.gid, entry.mtime,
                 size=size, content=SpoolExtent(self._offset),
@@ -428,8 +449,22 @@ class _Builder:
                     raise self._fail(entry, f"symlink target longer than {MAX_SYMLINK} bytes")
                 node.target = entry.linkname
             elif ftype is FileType.CHR or ftype is FileType.BLK:
+                if entry.devmajor > MAX_MAJOR or entry.devminor > MAX_MINOR:
+                    raise self._fail(
+                        entry,
+                        f"device number {entry.devmajor}:{entry.devminor} out of range "
+                        f"(major ≤ {MAX_MAJOR}, minor ≤ {MAX_MINOR})",
+                    )
                 node.rdev_major, node.rdev_minor = entry.devmajor, entry.devminor
             self._put(entry, parent, name, node)
+
+    @staticmethod
+    def _out_of_range(entry: ts.TarEntry) -> str:
+        for what, value, most in (("uid", entry.uid, MAX_ID), ("gid", entry.gid, MAX_ID),
+                                  ("mtime", entry.mtime, MAX_MTIME)):
+            if value > most:
+                return f"{what} {value} out of range (at most {most})"
+        raise AssertionError("called for an entry whose numbers are in range")
 
     def _link_target(self, entry: ts.TarEntry) -> Node:
         parts = self._split(entry, entry.linkname)
@@ -464,11 +499,12 @@ def ingest_layer(
     checked after the whole stream was read, so on mismatch the tree is discarded.
     """
     hasher = expected_diff_id.hasher() if expected_diff_id is not None else hashlib.sha256()
+    cap = content_cap()
     stream = _PrefetchingStream(
-        decompressed_chunks(blob, compression, layer_label), hasher, layer_label
+        decompressed_chunks(blob, compression, layer_label), hasher, layer_label, cap
     )
     reader = ts.TarReader(stream)
-    builder = _Builder(spool, layer_label)
+    builder = _Builder(spool, layer_label, cap)
     try:
         for entry in reader:
             builder.add(entry)

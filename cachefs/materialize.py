@@ -13,14 +13,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from .cache.locks import flock_exclusive
-from .cache.publish import publish_file, remove_quietly
+from .cache.publish import naming, publish_file, remove_quietly
 from .cache.store import GlobalCache
+from .derived_check import fsmeta_problems, vmdk_problems
 from .digest import Digest
 from .erofs.fsmeta import fsmeta_from_layer_images, write_fsmeta
 from .erofs.merge import merge_layers
@@ -70,6 +71,26 @@ def _sniff(stream: BinaryIO) -> Compression:
     return detect_compression(peek(4)[:4])
 
 
+@contextlib.contextmanager
+def _spool(path: Path) -> Iterator[BinaryIO]:
+    """The spool file, whose close never hides the error that is failing the layer.
+
+    Closing flushes the buffer: after an ENOSPC that flush fails again, and its bare
+    error (no file name) would replace the first one, which names the spool.
+    """
+    # A large buffer: most files are small, and each flush releases the GIL the
+    # decompressing thread then competes for.
+    spool = path.open("wb+", buffering=4 << 20)
+    try:
+        yield spool
+    except BaseException:
+        with contextlib.suppress(OSError):
+            spool.close()
+        raise
+    with naming(path):
+        spool.close()
+
+
 def materialize_layer(
     cache: GlobalCache,
     blob_path: Path | BlobOpener,
@@ -96,16 +117,16 @@ def materialize_layer(
             return MaterializedLayer(diff_id, final, None)  # finished while we waited
         spool_path, part = cache.spool_path(diff_id), cache.layer_part_path(diff_id)
         try:
-            # A large buffer: most files are small, and each flush releases the GIL the
-            # decompressing thread then competes for.
-            with _open_blob(blob_path) as blob, spool_path.open("wb+", buffering=4 << 20) as spool:
+            with _open_blob(blob_path) as blob, _spool(spool_path) as spool:
                 if compression is None:
                     compression = _sniff(blob)
-                ingested = ingest_layer(
-                    blob, compression=compression, expected_diff_id=diff_id, spool=spool,
-                    layer_label=layer_label,
-                )
-                with part.open("wb") as out:
+                with naming(spool_path):
+                    ingested = ingest_layer(
+                        blob, compression=compression, expected_diff_id=diff_id, spool=spool,
+                        layer_label=layer_label,
+                    )
+                    spool.flush()
+                with naming(part), part.open("wb") as out:
                     block_map = write_layer_erofs(ingested.root, spool, out)
             publish_file(part, final)
         finally:
@@ -126,9 +147,12 @@ def stitch_image(
 ) -> tuple[Path, Path]:
     """Make ``fsmeta/<m>.erofs`` and ``vmdk/<m>.vmdk`` for an image whose layers are cached.
 
-    A valid fsmeta is kept (only a missing VMDK is regenerated, as msb does); a missing or
-    invalid one is rebuilt from the layer images alone (§4.7), and then the VMDK is
-    rewritten too, since its extent sizes may have changed. VMDK extents are the
+    A sound fsmeta is kept (only a missing or stale VMDK is regenerated); a missing or
+    unsound one is rebuilt from the layer images alone (§4.7), and then the VMDK is
+    rewritten too, since its extent sizes may have changed. Sound is more than msb's
+    §1.7 rule: :mod:`cachefs.derived_check`'s cheap checks (superblock crc, device table against
+    the layer files, VMDK extents), so a pull never reports success over a file the
+    kernel or QEMU would refuse. VMDK extents are the
     ``realpath`` of the cache files, exactly like msb's. ``msb_quirks`` selects msb's
     merge quirks (byte-identical fsmeta); the default merge is OCI-correct. Held:
     ``fsmeta/<m>.erofs.lock`` (exclusive) around both files.
@@ -141,9 +165,15 @@ def stitch_image(
     ``force`` rebuilds both even when valid (renamed over them, never absent meanwhile).
     """
     fsmeta, vmdk = cache.fsmeta_erofs_path(manifest_digest), cache.vmdk_path(manifest_digest)
-    if not force and cache.is_fsmeta_materialized(manifest_digest) and cache.is_vmdk_materialized(
-        manifest_digest
-    ):
+    layers = [cache.layer_erofs_path(d) for d in diff_ids]
+
+    def fsmeta_sound() -> bool:
+        return not force and not fsmeta_problems(fsmeta, layers)
+
+    def vmdk_sound() -> bool:
+        return not force and not vmdk_problems(vmdk, [fsmeta, *layers])
+
+    if fsmeta_sound() and vmdk_sound():
         return fsmeta, vmdk
     missing = [str(d) for d in diff_ids if not cache.is_layer_materialized(d)]
     if missing:
@@ -152,7 +182,6 @@ def stitch_image(
             + ", ".join(missing),
             hint="pull the image again",
         )
-    layers = [cache.layer_erofs_path(d) for d in diff_ids]
     for sub in (cache.fsmeta_dir(), cache.vmdk_dir(), cache.tmp_dir()):
         sub.mkdir(parents=True, exist_ok=True)
     with flock_exclusive(cache.fsmeta_erofs_lock_path(manifest_digest)):
@@ -161,9 +190,9 @@ def stitch_image(
         work.mkdir()
         try:
             rebuilt = False
-            if force or not cache.is_fsmeta_materialized(manifest_digest):
+            if not fsmeta_sound():
                 tmp = work / "fsmeta.erofs"
-                with tmp.open("wb") as out:
+                with naming(tmp), tmp.open("wb") as out:
                     if trees is not None and all(d in trees for d in diff_ids):
                         roots = [trees[d][0] for d in diff_ids]
                         merged = merge_layers(roots, leak_nested_whiteouts=msb_quirks)
@@ -172,9 +201,10 @@ def stitch_image(
                         fsmeta_from_layer_images(layers, out, msb_quirks=msb_quirks)
                 publish_file(tmp, fsmeta)
                 rebuilt = True
-            if rebuilt or not cache.is_vmdk_materialized(manifest_digest):
+            if rebuilt or not vmdk_sound():
                 tmp = work / "rootfs.vmdk"
-                tmp.write_text(descriptor_for_paths([fsmeta, *layers]))
+                with naming(tmp):
+                    tmp.write_text(descriptor_for_paths([fsmeta, *layers]))
                 publish_file(tmp, vmdk)
         finally:
             with contextlib.suppress(OSError):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .cache import GlobalCache
+from .cache.blobs import drop_leftovers, reusable_blob
 from .cache.locks import Leases, flock_exclusive, flock_exclusive_async, publication_gate_path
 from .cache.publish import remove_quietly
 from .digest import Digest
@@ -189,12 +190,22 @@ def cached_metadata(cache: GlobalCache, reference: Reference) -> CachedImageMeta
 
 
 def _publish(cache: GlobalCache, plan: ImagePlan, source: str) -> CachedImageMetadata:
-    """Metadata json last (msb's order), renamed under the publication gate."""
+    """cachefs's record, then the metadata json last: msb's file is the commit point.
+
+    A failure before the json (ENOSPC, say) then fails an image that is not published,
+    never a published image; a record this call created is taken back.
+    """
     meta = plan.metadata()
-    gate = publication_gate_path(cache.manifests_dir(), plan.reference.cache_key)
-    with flock_exclusive(gate):
-        cache.write_image_metadata(plan.reference, meta)
+    had_record = cache.ref_record_path(plan.reference).exists()
     cache.record_reference(plan.reference, plan.typed, plan.manifest_digest, source)
+    gate = publication_gate_path(cache.manifests_dir(), plan.reference.cache_key)
+    try:
+        with flock_exclusive(gate):
+            cache.write_image_metadata(plan.reference, meta)
+    except BaseException:
+        if not had_record:
+            cache.forget_reference(plan.reference)
+        raise
     return meta
 
 
@@ -219,8 +230,18 @@ async def complete_from_cache(
                   tuple((layer.diff_id, layer.size_bytes) for layer in meta.layers), cached=True))
     fsmeta, vmdk = await _stitch(cache, meta.manifest, meta.diff_ids)
     cache.record_reference(reference, typed, meta.manifest, source)
+    await trio.to_thread.run_sync(drop_leftovers, cache, _blobs(meta.layers))
     emit(Finished(str(reference), meta.manifest_digest, cached=True))
     return PullResult(reference, meta.manifest, True, meta, fsmeta, vmdk)
+
+
+def _blobs(layers: Sequence[LayerMetadata]) -> list[tuple[Digest, Digest]]:
+    """(blob digest, diff_id) of each layer whose digests parse (msb's json may differ)."""
+    out = []
+    for layer in layers:
+        with contextlib.suppress(CachefsError):
+            out.append((Digest.parse(layer.digest), layer.diff_digest))
+    return out
 
 
 LayerProvider = Callable[[int, LayerMetadata, ProgressCallback], Awaitable["LayerBlob | None"]]
@@ -307,6 +328,7 @@ async def materialize_plan(
         leases.release()
     for path in transient:
         remove_quietly(path)
+    await trio.to_thread.run_sync(drop_leftovers, cache, _blobs(plan.layers))
     emit(Finished(str(plan.reference), str(plan.manifest_digest), cached=False))
     return PullResult(plan.reference, plan.manifest_digest, False, meta, fsmeta, vmdk)
 
@@ -387,7 +409,7 @@ async def pull(
                     # a concurrent pull may have finished this layer (and removed its blob)
                     if not force and cache.is_layer_materialized(layer.diff_digest):
                         return None
-                    if _reusable_blob(tar, total):
+                    if await trio.to_thread.run_sync(reusable_blob, tar, total, blob):
                         return LayerBlob(tar, compression, True)
                     part = cache.part_path(blob)
                     growing = GrowingBlob(part, tar)
@@ -471,15 +493,6 @@ def _registries_conf() -> RegistriesConf:
     from .oci.registries_conf import load_registries_conf
 
     return load_registries_conf()
-
-
-def _reusable_blob(tar: Path, expected: int | None) -> bool:
-    """msb's rule (§1.6): a complete ``.tar.gz`` of the right size (or any, size unknown)."""
-    try:
-        size = tar.stat().st_size
-    except FileNotFoundError:
-        return False
-    return size == expected if expected is not None else size > 0
 
 
 # archives --------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import zstandard
 from cachefs import layer as layer_mod
 from cachefs.digest import Digest
 from cachefs.erofs.tree import OPAQUE_XATTR, FileType, Node, SpoolExtent, walk
-from cachefs.errors import DigestMismatch, LayerFormatError
+from cachefs.errors import DigestMismatch, LayerFormatError, UsageError
 from cachefs.layer import (
     Compression,
     IngestedLayer,
@@ -419,9 +419,40 @@ def test_file_over_5gib_fails_before_reading_data() -> None:
     fails(bytes(fix_checksum(hdr)), "file larger than", "huge")
 
 
-def test_total_and_entry_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(layer_mod, "MAX_TOTAL", 10)
-    fails([reg("a", b"123456"), reg("b", b"12345")], "layer content exceeds 10 bytes", "b")
+def test_content_cap_names_the_entry_that_crosses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The declared sizes cross the cap before the stream does: the entry is named."""
+    monkeypatch.setenv(layer_mod.CONTENT_CAP_ENV, str(1_100_000))
+    big = bytes(600_000)
+    fails([reg("a", big), reg("b", big)], "layer content exceeds 1100000 bytes", "b")
+
+
+@pytest.mark.parametrize("compression", [Compression.NONE, Compression.GZIP, Compression.ZSTD])
+def test_content_cap_bounds_the_decompressed_stream(
+    monkeypatch: pytest.MonkeyPatch, compression: Compression
+) -> None:
+    """Zeros after the end marker hold no file, yet cost as much to inflate: capped too."""
+    monkeypatch.setenv(layer_mod.CONTENT_CAP_ENV, str(3 << 20))
+    tar = SAMPLE + bytes(4 << 20)
+    blob = {
+        Compression.NONE: tar,
+        Compression.GZIP: gzip.compress(tar),
+        Compression.ZSTD: zstandard.ZstdCompressor().compress(tar),
+    }[compression]
+    with pytest.raises(LayerFormatError, match=f"layer content exceeds {3 << 20} bytes") as ei:
+        ingest(blob, compression, label="sha256:bomb")
+    assert ei.value.layer == "sha256:bomb"
+    assert layer_mod.CONTENT_CAP_ENV in ei.value.one_line()
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-5", str((1 << 40) + 1)])
+def test_content_cap_setting_must_be_in_range(monkeypatch: pytest.MonkeyPatch, value: str
+                                              ) -> None:
+    monkeypatch.setenv(layer_mod.CONTENT_CAP_ENV, value)
+    with pytest.raises(UsageError, match=layer_mod.CONTENT_CAP_ENV):
+        ingest(SAMPLE)
+
+
+def test_entry_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(layer_mod, "MAX_ENTRIES", 3)
     fails([reg("a"), reg("b"), reg("c"), reg("d")], "more than 3 entries", "d")
 
@@ -429,3 +460,138 @@ def test_total_and_entry_limits(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_tar_errors_carry_layer_label() -> None:
     fails(SAMPLE[:700], "truncated")  # inside a header: no entry name yet
     fails(SAMPLE[:1500], "truncated", "d/a")
+
+
+# -- zstd frame walk ----------------------------------------------------------------------
+
+_ZSTD_DATA = bytes(range(256)) * 4000 + bytes(3 << 20) + b"abc" * 100_000
+
+
+def _zstd_streamed(data: bytes) -> bytes:
+    """Frames as a streaming writer makes them: no content size, blocks flushed mid-way."""
+    out = io.BytesIO()
+    w = zstandard.ZstdCompressor(level=3, write_checksum=True).stream_writer(out, closefd=False)
+    for i in range(0, len(data), 70_000):
+        w.write(data[i : i + 70_000])
+        w.flush()
+    w.close()
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        zstandard.ZstdCompressor(level=19).compress(_ZSTD_DATA),
+        zstandard.ZstdCompressor(write_checksum=True, write_content_size=False).compress(
+            _ZSTD_DATA),
+        _zstd_streamed(_ZSTD_DATA),
+        (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"skip!"
+        + zstandard.ZstdCompressor().compress(_ZSTD_DATA),
+    ],
+    ids=["level19", "checksum-no-size", "streamed", "skippable-frame"],
+)
+def test_zstd_frames_decode_exactly(blob: bytes) -> None:
+    chunks = list(layer_mod.decompressed_chunks(io.BytesIO(blob), Compression.ZSTD, "z"))
+    assert b"".join(chunks) == _ZSTD_DATA
+    assert max(map(len, chunks)) <= (1 << 20) + (128 << 10)
+
+
+@pytest.mark.parametrize(
+    ("blob", "match"),
+    [
+        (zstandard.ZstdCompressor().compress(_ZSTD_DATA)[:-3], "truncated zstd"),
+        (zstandard.ZstdCompressor().compress(_ZSTD_DATA)[:5], "truncated zstd"),
+        (zstandard.ZstdCompressor().compress(b"x") + b"junk", "corrupt zstd.*unknown frame"),
+        (zstandard.ZstdCompressor().compress(b"x") + b"\0", "truncated zstd"),
+        (b"\x28\xb5\x2f\xfd\x08" + b"\0" * 20, "corrupt zstd.*reserved bit"),
+    ],
+    ids=["cut-in-block", "cut-in-header", "trailing-junk", "trailing-nul", "reserved-bit"],
+)
+def test_zstd_damage_is_named(blob: bytes, match: str) -> None:
+    with pytest.raises(LayerFormatError, match=match):
+        list(layer_mod.decompressed_chunks(io.BytesIO(blob), Compression.ZSTD, "z"))
+
+
+def test_zstd_rle_bomb_output_is_bounded_per_piece() -> None:
+    """8 KiB of RLE blocks regenerate 256 MiB: never more than ~1 MiB at a time."""
+    blob = zstandard.ZstdCompressor(level=1).compress(bytes(256 << 20))
+    assert len(blob) < 64 << 10
+    total = 0
+    tracemalloc.start()
+    try:
+        for chunk in layer_mod.decompressed_chunks(io.BytesIO(blob), Compression.ZSTD, "z"):
+            assert len(chunk) <= (1 << 20) + (128 << 10)
+            total += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == 256 << 20
+    assert peak < 8 << 20
+
+
+# -- numbers an EROFS inode cannot hold, names it cannot hold -----------------------------
+
+
+def _b256(value: int, width: int) -> bytes:
+    return b"\x80" + value.to_bytes(width - 1, "big")
+
+
+def _with_field(entry: Entry, at: tuple[int, int], value: bytes) -> bytes:
+    hdr = header(entry[0])
+    hdr[at[0]:at[1]] = value
+    return bytes(fix_checksum(hdr)) + (entry[1] or b"") + bytes(-len(entry[1] or b"") % 512)
+
+
+@pytest.mark.parametrize(
+    ("blob", "match"),
+    [
+        (pax_header(pax_record(b"uid", b"%d" % (1 << 40))) + header(reg("f")[0]),
+         "uid 1099511627776 out"),
+        (pax_header(pax_record(b"gid", b"%d" % (1 << 32))) + header(reg("f")[0]),
+         "gid 4294967296 out"),
+        (_with_field(reg("f"), (108, 116), _b256(1 << 32, 8)), "uid 4294967296 out of range"),
+        (_with_field(reg("f"), (136, 148), _b256(1 << 70, 12)), f"mtime {1 << 70} out of range"),
+        (_with_field(reg("f"), (136, 148), _b256(1 << 64, 12)), f"mtime {1 << 64} out of range"),
+    ],
+    ids=["pax-uid-2^40", "pax-gid-2^32", "base256-uid-2^32", "mtime-2^70", "mtime-2^64"],
+)
+def test_numbers_an_inode_cannot_hold_fail_naming_the_entry(blob: bytes, match: str) -> None:
+    fails(bytes(blob) + END, match, "f")
+
+
+def test_largest_numbers_an_inode_holds_are_kept() -> None:
+    top = str((1 << 32) - 1).encode()
+    blob = (pax_header(pax_record(b"uid", top) + pax_record(b"gid", top))
+            + _with_field(reg("f"), (136, 148), _b256((1 << 64) - 1, 12)) + END)
+    node = at(ingest(bytes(blob))[0].root, b"f")
+    assert (node.uid, node.gid, node.mtime) == ((1 << 32) - 1, (1 << 32) - 1, (1 << 64) - 1)
+
+
+@pytest.mark.parametrize(
+    ("kind", "major", "minor"),
+    [(tarfile.CHRTYPE, 1 << 40, 1), (tarfile.CHRTYPE, 1, 1 << 33), (tarfile.BLKTYPE, 4096, 0),
+     (tarfile.CHRTYPE, 0, 1 << 20)],
+    ids=["major-2^40", "minor-2^33", "major-4096", "minor-2^20-would-be-whiteout"],
+)
+def test_device_numbers_out_of_range_fail(kind: bytes, major: int, minor: int) -> None:
+    entry = device("dev/x", kind)
+    hdr = header(entry[0])
+    hdr[329:337] = _b256(major, 8) if major >= 1 << 21 else b"%07o\0" % major
+    hdr[337:345] = _b256(minor, 8) if minor >= 1 << 21 else b"%07o\0" % minor
+    fails(bytes(fix_checksum(hdr)) + END, f"device number {major}:{minor} out of range",
+          "dev/x")
+
+
+def test_largest_device_numbers_are_kept() -> None:
+    node = at(tree_of([device("x", tarfile.CHRTYPE, 0xFFF, 0xFFFFF)]), b"x")
+    assert (node.type, node.rdev_major, node.rdev_minor) == (FileType.CHR, 0xFFF, 0xFFFFF)
+
+
+def test_name_over_255_bytes_names_the_whole_path() -> None:
+    long = "n" * 256
+    fails([dir_("d/"), reg(f"d/{long}", b"1")], "file name longer than 255 bytes", f"d/{long}")
+
+
+@pytest.mark.parametrize("name", ["d/.wh..", ".wh..."])
+def test_whiteout_of_dot_names_layer_and_entry(name: str) -> None:
+    fails([dir_("d/"), reg(name)], "names no file", name)

@@ -15,6 +15,21 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Make an ``OSError`` raised inside name ``path`` if it names no file.
+
+    A ``write()`` that hits ENOSPC or EIO names nothing, and "No space left on device"
+    alone does not say which filesystem filled up (cache, tmp, a bind mount).
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -28,7 +43,8 @@ def publish_file(tmp: Path, final: Path, *, durable: bool = False) -> None:
     if durable:
         fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            with naming(tmp):
+                os.fsync(fd)
         finally:
             os.close(fd)
     os.rename(tmp, final)
@@ -40,7 +56,7 @@ def write_file_atomic(final: Path, data: bytes, *, durable: bool, suffix: str = 
     """Write ``data`` to ``final`` via ``final + suffix``; the temp is removed on failure."""
     tmp = final.with_name(final.name + suffix)
     try:
-        with open(tmp, "wb") as f:
+        with naming(tmp), open(tmp, "wb") as f:
             f.write(data)
         publish_file(tmp, final, durable=durable)
     except BaseException:
@@ -54,7 +70,7 @@ def atomic_output(final: Path, tmp: Path, *, durable: bool = False) -> Iterator[
     """Yield ``tmp`` opened for writing; publish it as ``final`` only if the block succeeds."""
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(tmp, "wb") as f:
+        with naming(tmp), open(tmp, "wb") as f:
             yield f
         publish_file(tmp, final, durable=durable)
     except BaseException:

@@ -20,10 +20,10 @@ import trio
 from pydantic import BaseModel, ValidationError
 
 from ..digest import Digest
-from ..errors import UsageError
+from ..errors import CacheUnreadable, UsageError
 from ..models import CachedImageMetadata, compact_json
 from ..reference import Reference
-from .publish import fsync_dir, publish_file, remove_quietly
+from .publish import fsync_dir, naming, publish_file, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class GlobalCache:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(final.name + ".part")
         try:
-            with open(tmp, "wb") as f:
+            with naming(tmp), open(tmp, "wb") as f:
                 f.write(metadata.to_json_bytes())
             publish_file(tmp, final, durable=True)
         except BaseException:
@@ -217,7 +217,8 @@ class GlobalCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.part")
         try:
-            tmp.write_bytes(compact_json(record.model_dump()))
+            with naming(tmp):
+                tmp.write_bytes(compact_json(record.model_dump()))
             publish_file(tmp, path, durable=True)
         except BaseException:
             remove_quietly(tmp)
@@ -226,33 +227,52 @@ class GlobalCache:
     def forget_reference(self, reference: Reference | str) -> bool:
         return remove_quietly(self.ref_record_path(reference))
 
-    def ref_records(self) -> list[RefRecord]:
+    def ref_records(self, *, strict: bool = False) -> list[RefRecord]:
+        """cachefs's records; an unreadable one is skipped (logged), or with ``strict``
+        raises ``CacheUnreadable``: a deleter must not guess what it named."""
         out = []
         try:
             names = sorted(os.listdir(self.refs_dir()))
         except FileNotFoundError:
             return []
+        except OSError as err:
+            if strict:
+                raise CacheUnreadable(self.refs_dir(), err) from None
+            log.warning("cannot list reference records %s: %s", self.refs_dir(), err)
+            return []
         for name in names:
             if not name.endswith(".json"):
                 continue
+            path = self.refs_dir() / name
             try:
-                out.append(RefRecord.model_validate_json((self.refs_dir() / name).read_bytes()))
+                out.append(RefRecord.model_validate_json(path.read_bytes()))
+            except FileNotFoundError:
+                continue  # removed meanwhile (rm)
             except (OSError, ValidationError) as err:
+                if strict:
+                    raise CacheUnreadable(path, err) from None
                 log.warning("ignoring unreadable reference record %s: %s", name, err)
         return out
 
 
-def read_metadata_file(path: Path) -> CachedImageMetadata | None:
+def read_metadata_file(path: Path, *, strict: bool = False) -> CachedImageMetadata | None:
+    """The metadata, or None if there is none. One that cannot be read or parsed is a miss
+    (logged), as msb treats it; with ``strict`` it raises ``CacheUnreadable`` instead, for
+    deleters, which would otherwise count its layers as unused."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as err:
+        if strict:
+            raise CacheUnreadable(path, err) from None
         log.warning("cannot read image metadata %s: %s", path, err)
         return None
     try:
         return CachedImageMetadata.from_json_bytes(data)
     except (ValidationError, ValueError) as err:
+        if strict:
+            raise CacheUnreadable(path, err) from None
         log.warning("image metadata %s is corrupt, treating as a miss: %s", path,
                     str(err).splitlines()[0])
         return None

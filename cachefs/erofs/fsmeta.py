@@ -33,6 +33,11 @@ def device_table(own_blocks: int, layer_blocks: Sequence[int]) -> bytes:
     out = bytearray()
     mapped = own_blocks
     for blocks in layer_blocks:
+        if mapped + blocks > 0xFFFF_FFFF:
+            raise ErofsFormatError(
+                f"image of {len(layer_blocks)} layers is larger than the 2^32 blocks (16 TiB) "
+                "an EROFS device table can address"
+            )
         out += F.DEVICE_SLOT.pack(bytes(64), blocks, mapped, bytes(56))
         mapped += blocks
     return bytes(out)

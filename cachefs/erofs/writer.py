@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -176,8 +178,8 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
             for name in reversed(kid_names):
                 if len(name) > _MAX_NAME or not name or b"/" in name or name in (b".", b".."):
                     raise LayerFormatError(
-                        f"invalid file name {name!r} (1..255 bytes, no '/', not '.'/'..')",
-                        entry=path.decode(errors="replace"),
+                        "invalid file name (1..255 bytes, no '/', not '.'/'..')",
+                        entry=(sep + name).decode(errors="replace"),
                     )
                 push((sep + name, kids[name], node))  # type: ignore[index]
         ibody = _ibody(node, path) if node.xattrs else b""
@@ -252,19 +254,44 @@ def _dirent_block(plan: Plan, inode: PlannedInode, names: list[bytes]) -> bytes:
     return bytes(heads + tails)
 
 
-def _chunk_array(inode: PlannedInode) -> bytes:
-    """fsmeta chunk indexes (§4.4): one per block, contiguous in the provenance layer."""
+assert array("I").itemsize == 4, "chunk indexes are built as arrays of 32-bit words"
+_CHUNK_PIECE = 1 << 16  # chunk indexes per piece (512 KiB)
+_SMALL_CHUNKS = 64  # below this, packing one by one beats building arrays
+_META_PIECE = 1 << 20  # metadata is handed to the sink in pieces of about this size
+
+
+def _chunk_pieces(inode: PlannedInode) -> Iterator[bytes]:
+    """fsmeta chunk indexes (§4.4): one per block, contiguous in the provenance layer.
+
+    In pieces of at most ``_CHUNK_PIECE`` entries, built as arrays of 32-bit words: a
+    10 GiB file has 20 MiB of indexes, which must neither sit in memory at once nor cost
+    one Python object each.
+    """
     content = inode.node.content
-    if inode.chunks == 0:
-        return b""
+    n = inode.chunks
+    if n == 0:
+        return
     if isinstance(content, LayerBlocks) and content.start_block != NULL_BLOCK:
-        return b"".join(
-            F.CHUNK_INDEX.pack(0, content.device_id, content.start_block + k)
-            for k in range(inode.chunks)
-        )
+        start, device_id = content.start_block, content.device_id
+        if n <= _SMALL_CHUNKS:
+            yield b"".join(F.CHUNK_INDEX.pack(0, device_id, start + k) for k in range(n))
+            return
+        for first in range(0, n, _CHUNK_PIECE):
+            count = min(_CHUNK_PIECE, n - first)
+            # "<HHI" (advise 0, device_id, blkaddr) as two little-endian u32 words
+            words = array("I", bytes(8 * count))
+            words[0::2] = array("I", [device_id << 16]) * count
+            words[1::2] = array("I", range(start + first, start + first + count))
+            if sys.byteorder == "big":
+                words.byteswap()
+            yield words.tobytes()
+        return
     if content is None or isinstance(content, LayerBlocks):
         # No provenance: null chunks read as zeros (msb's behaviour, §4.4).
-        return F.CHUNK_INDEX.pack(0, 0, F.NULL_ADDR) * inode.chunks
+        null = F.CHUNK_INDEX.pack(0, 0, F.NULL_ADDR)
+        for first in range(0, n, _CHUNK_PIECE):
+            yield null * min(_CHUNK_PIECE, n - first)
+        return
     raise LayerFormatError(
         "fsmeta needs LayerBlocks content for regular files, got a spool extent",
         entry=inode.path.decode(errors="replace"),
@@ -282,30 +309,49 @@ def _i_u(plan: Plan, inode: PlannedInode) -> int:
     return plan.abs_block(inode)
 
 
-def render_metadata(plan: Plan) -> bytes:
-    """The metadata area (from ``meta_blkaddr`` up to ``meta_end``): inodes, ibodies, tails."""
-    meta_start = plan.meta_blkaddr * F.BLOCK_SIZE
-    area = bytearray(plan.meta_end - meta_start)
+def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
+    """The metadata area (from ``meta_blkaddr`` up to ``meta_end``): inodes, ibodies,
+    tails, in order and in pieces of about ``_META_PIECE`` bytes, so memory does not grow
+    with the area (an fsmeta's chunk indexes are 8 bytes per block of file data)."""
+    buf = bytearray()
+    pos = plan.meta_blkaddr * F.BLOCK_SIZE  # where ``buf`` ends, as an image offset
     for inode in plan.inodes:
+        if inode.offset < pos:
+            raise AssertionError(f"inode {inode.nid} planned before the one preceding it")
         node = inode.node
         icount = 0 if not inode.ibody else (len(inode.ibody) - 12) // 4 + 1
-        head = F.INODE_EXTENDED.pack(
+        buf += bytes(inode.offset - pos)
+        buf += F.INODE_EXTENDED.pack(
             F.i_format(True, inode.layout), icount, node.full_mode, 0, inode.size,
             _i_u(plan, inode), inode.nid, node.uid, node.gid, node.mtime, 0, inode.nlink,
             bytes(16),
         )
+        buf += inode.ibody
+        written = 64 + len(inode.ibody)
         if inode.layout == F.LAYOUT_CHUNK_BASED:
-            after = bytes(inode.chunk_pad) + _chunk_array(inode)
-        elif inode.tail_len and inode.dir_blocks is not None:
-            after = _dirent_block(plan, inode, inode.dir_blocks[-1])
-        elif inode.tail_len:
-            after = node.target[inode.data_blocks * F.BLOCK_SIZE:]
+            buf += bytes(inode.chunk_pad)
+            written += inode.chunk_pad
+            for piece in _chunk_pieces(inode):
+                buf += piece
+                written += len(piece)
+                if len(buf) >= _META_PIECE:
+                    yield buf
+                    buf = bytearray()
         else:
-            after = b""
-        body = head + inode.ibody + after
-        pos = inode.offset - meta_start
-        area[pos:pos + len(body)] = body
-    return bytes(area)
+            if inode.tail_len and inode.dir_blocks is not None:
+                after = _dirent_block(plan, inode, inode.dir_blocks[-1])
+            elif inode.tail_len:
+                after = node.target[inode.data_blocks * F.BLOCK_SIZE:]
+            else:
+                after = b""
+            buf += after
+            written += len(after)
+        pos = inode.offset + written
+        if len(buf) >= _META_PIECE:
+            yield buf
+            buf = bytearray()
+    buf += bytes(plan.meta_end - pos)
+    yield buf
 
 
 def _data_pieces(plan: Plan, inode: PlannedInode) -> Iterator[bytes]:
@@ -401,7 +447,8 @@ def write_image(
     header[F.SUPERBLOCK_OFFSET:extra_at] = superblock.pack()
     sink = _Sink(out)
     sink.write(bytes(header))
-    sink.write(render_metadata(plan))
+    for piece in metadata_pieces(plan):
+        sink.write(piece)
     sink.pad_to(plan.data_start * F.BLOCK_SIZE)
     for inode in plan.inodes:
         if not inode.data_blocks or inode.rel_block is None:

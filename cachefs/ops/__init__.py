@@ -17,6 +17,7 @@ would be guessing.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from pathlib import Path
 from ..cache.index import SOURCE_MSB_DB, DbImage, default_msb_db, read_msb_db
 from ..cache.store import GlobalCache, read_metadata_file
 from ..digest import Digest
-from ..errors import NotCachedError, ReferenceError
+from ..errors import CacheUnreadable, NotCachedError, ReferenceError
 from ..models import CachedImageMetadata
 from ..reference import Reference
 
@@ -63,14 +64,21 @@ class ImageInfo:
         return self.manifest_digest
 
 
-def list_images(cache: GlobalCache, msb_db: Path | None = None) -> list[ImageInfo]:
-    """Every image of the cache from all three sources, merged by cache key."""
+def list_images(
+    cache: GlobalCache, msb_db: Path | None = None, *, strict: bool = False
+) -> list[ImageInfo]:
+    """Every image of the cache from all three sources, merged by cache key.
+
+    ``strict`` (deleters): a source that cannot be read — ``manifests/`` itself, a
+    metadata file or record that exists but does not read or parse — raises
+    ``CacheUnreadable`` instead of reading as "no image", which would free its layers.
+    """
     by_key: dict[str, ImageInfo] = {}
 
     def entry(key: str) -> ImageInfo:
         return by_key.setdefault(key, ImageInfo(key=key))
 
-    for rec in cache.ref_records():
+    for rec in cache.ref_records(strict=strict):
         try:
             ref = Reference.parse(rec.reference)
         except ReferenceError:
@@ -91,19 +99,26 @@ def list_images(cache: GlobalCache, msb_db: Path | None = None) -> list[ImageInf
         info.manifest_digest = info.manifest_digest or row.manifest_digest
         info.db_diff_ids = tuple(row.layers)
         info.sources.append(SOURCE_MSB_DB)
-    for path in _manifest_jsons(cache):
+    for path in _manifest_jsons(cache, strict=strict):
         info = entry(path.stem)
         info.sources.append(SOURCE_JSON)
     for info in by_key.values():
-        info.metadata = read_metadata_file(cache.manifests_dir() / f"{info.key}.json")
+        info.metadata = read_metadata_file(cache.manifests_dir() / f"{info.key}.json",
+                                           strict=strict)
     return sorted(by_key.values(), key=lambda i: (i.reference is None, i.name))
 
 
-def _manifest_jsons(cache: GlobalCache) -> list[Path]:
+def _manifest_jsons(cache: GlobalCache, *, strict: bool = False) -> list[Path]:
+    directory = cache.manifests_dir()
     try:
-        return sorted(p for p in cache.manifests_dir().glob("*.json") if len(p.stem) == 64)
-    except OSError:
+        names = os.listdir(directory)
+    except FileNotFoundError:
         return []
+    except OSError as err:
+        if strict:
+            raise CacheUnreadable(directory, err) from None
+        return []
+    return sorted(directory / n for n in names if n.endswith(".json") and len(n) == 64 + 5)
 
 
 def find_image(images: Iterable[ImageInfo], text: str) -> ImageInfo:
@@ -148,12 +163,14 @@ def referenced(
 ) -> References:
     """Layers and manifests used by every image except those whose key is in ``excluding``.
 
+    Read strictly: this answers deleters, so a source that cannot be read stops them.
+
     Includes the msb database's layer lists as well as the json's, because the two can
     disagree while msb is mid-publication.
     """
     skip = set(excluding)
     refs = References()
-    for info in list_images(cache, msb_db):
+    for info in list_images(cache, msb_db, strict=True):
         if info.key not in skip:
             refs.add(info)
     return refs

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -28,11 +29,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache.locks import FileLock, Leases, lock_is_busy, publication_gate_path
+from ..cache.locks import (
+    FileLock,
+    Leases,
+    lease_path,
+    lock_is_busy,
+    publication_gate_path,
+    try_flock,
+)
 from ..cache.publish import fsync_dir
 from ..cache.store import GlobalCache
 from ..digest import Digest
-from ..errors import CachefsError, LockBusy, UsageError
+from ..errors import CacheCorrupt, CachefsError, LockBusy, UsageError
 from ..reference import Reference
 from . import SOURCE_MSB_DB, ImageInfo, default_msb_db, find_image, list_images, referenced
 
@@ -94,6 +102,21 @@ def coordination(cache: GlobalCache) -> Iterator[None]:
         lock.release()
 
 
+_UNREAD_HINT = "nothing was deleted; fix or remove that file, then retry"
+
+
+@contextlib.contextmanager
+def _stop_if_unread() -> Iterator[None]:
+    """A source of "what is in use" that cannot be read stops a deleter before it deletes
+    anything; the message says so (``CacheUnreadable`` does already)."""
+    try:
+        yield
+    except CacheCorrupt as err:
+        if err.hint is None:
+            err.hint = _UNREAD_HINT
+        raise
+
+
 def _size(path: Path) -> int:
     try:
         st = path.lstat()
@@ -152,7 +175,7 @@ def remove_images(
     db = msb_db if msb_db is not None else default_msb_db(cache)
     report = RemoveReport(dry_run=dry_run)
     held: dict[Path, FileLock] = {}
-    with coordination(cache):
+    with coordination(cache), _stop_if_unread():
         try:
             targets = _targets(cache, names, force=force, db=db)
             keys = {t.key for t in targets}
@@ -196,7 +219,7 @@ def remove_images(
 def _targets(cache: GlobalCache, names: list[str], *, force: bool, db: Path) -> list[ImageInfo]:
     if not names:
         raise UsageError("rm needs at least one image reference")
-    images = list_images(cache, db)
+    images = list_images(cache, db, strict=True)
     out: dict[str, ImageInfo] = {}
     for name in names:
         try:
@@ -362,11 +385,15 @@ def collect_garbage(
     """Remove layers, fsmeta and VMDKs no image uses, and abandoned transient files.
 
     An entry whose lease or owning lock is held is skipped and reported, never waited for.
-    With ``dry_run`` the locks are only probed and released, and nothing is removed.
+    With ``dry_run`` nothing is removed and no lock is taken: locks and leases are probed
+    read-only, so a dry run needs no write access to the cache.
     """
     db = msb_db if msb_db is not None else default_msb_db(cache)
+    if dry_run:
+        with _stop_if_unread():
+            return _gc_dry_run(cache, db)
     report = RemoveReport(dry_run=dry_run)
-    with coordination(cache):
+    with coordination(cache), _stop_if_unread():
         refs = referenced(cache, db)
         candidates, report.skipped = _gc_candidates(
             cache, refs.layers, refs.manifests, _pulls_running(cache)
@@ -403,6 +430,55 @@ def collect_garbage(
             for lock in held.values():
                 lock.release()
     return report
+
+
+def _busy(path: Path) -> bool:
+    """Does someone hold the lock file ``path``? Probed read-only; creates nothing.
+
+    A dry run may be run by someone who can read the cache but not write it (an
+    operator, a monitoring job): a lock file that cannot be opened cannot be probed, and
+    reads as free, since nothing is deleted on its account.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if try_flock(fd, fcntl.LOCK_EX):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
+def _gc_dry_run(cache: GlobalCache, db: Path) -> RemoveReport:
+    """What ``gc`` would remove now, without its locks: nothing is written or held.
+
+    The same candidates and the same skip rules as a real run, with every lock and
+    lease probed instead of taken; a real run re-checks all of it under its locks.
+    """
+    report = RemoveReport(dry_run=True)
+    refs = referenced(cache, db)
+    candidates, report.skipped = _gc_candidates(
+        cache, refs.layers, refs.manifests, any(_busy(p) for p in _pull_locks(cache))
+    )
+    for cand in candidates:
+        busy = next((lk for lk in cand.locks if _busy(lk)), None)
+        if busy is not None:
+            report.skipped.append(Skipped(cand.path, f"locked ({busy.name})"))
+        elif cand.lease and _busy(lease_path(cand.path)):
+            report.skipped.append(Skipped(cand.path, "lease held (in use)"))
+        elif cand.path.exists() or cand.path.is_symlink():
+            report.removed.append(Removal(cand.path, cand.kind, _size(cand.path)))
+    return report
+
+
+def _pull_locks(cache: GlobalCache) -> list[Path]:
+    try:
+        return list(cache.manifests_dir().glob("*.lock"))
+    except OSError:
+        return []
 
 
 __all__ = ["Removal", "RemoveReport", "Skipped", "collect_garbage", "remove_images"]

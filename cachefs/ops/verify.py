@@ -22,20 +22,16 @@ repairable when every layer is sound; layer and metadata problems need the sourc
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache.locks import FileLock, hold_leases
 from ..cache.store import GlobalCache
+from ..derived_check import device_table_problems as check_device_table
+from ..derived_check import superblock_problems
+from ..derived_check import vmdk_problems as check_vmdk
 from ..errors import CachefsError
-from ..vmdk import VmdkError, parse_descriptor
 from . import ImageInfo, default_msb_db, find_image, list_images
-
-SECTOR = 512
-BLOCK = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,25 +89,14 @@ class VerifyReport:
 
 
 def check_erofs(path: Path, *, devices: int | None = 0) -> list[str]:
-    """Problems of one EROFS file; ``devices``: how many device slots it must have."""
-    from ..erofs.reader import ErofsImage, is_valid_erofs
+    """Problems of one EROFS file: the cheap superblock checks, then a full metadata walk."""
+    from ..erofs.reader import ErofsImage
 
-    if not path.exists():
-        return ["missing"]
-    if not is_valid_erofs(path):
-        return ["not a valid EROFS image (msb would rebuild it)"]
-    problems: list[str] = []
+    problems = superblock_problems(path, devices=devices)
+    if problems:
+        return problems
     try:
         with ErofsImage.open(path) as image:
-            if not image.crc_ok:
-                problems.append("superblock checksum mismatch (the kernel refuses to mount it)")
-            if devices is not None and len(image.devices) != devices:
-                problems.append(f"device table has {len(image.devices)} slots, expected {devices}")
-            if image.superblock.blocks * BLOCK > image.file_size:
-                problems.append(
-                    f"superblock claims {image.superblock.blocks} blocks, file has "
-                    f"{image.file_size // BLOCK}"
-                )
             for _ in image.walk():
                 pass
     except (CachefsError, OSError) as err:
@@ -121,83 +106,6 @@ def check_erofs(path: Path, *, devices: int | None = 0) -> list[str]:
 
 def _one_line(err: BaseException) -> str:
     return err.one_line() if isinstance(err, CachefsError) else " ".join(str(err).split())
-
-
-def check_device_table(fsmeta: Path, layers: list[Path]) -> list[str]:
-    """The fsmeta's device slots against the layer files as they are now (§4.3)."""
-    from ..erofs.reader import ErofsImage
-
-    try:
-        with ErofsImage.open(fsmeta) as image:
-            slots = list(image.devices)
-            own = image.file_size // BLOCK
-    except (CachefsError, OSError) as err:
-        return [f"unreadable: {_one_line(err)}"]
-    problems = []
-    mapped = own
-    for i, (slot, layer) in enumerate(zip(slots, layers, strict=False), start=1):
-        try:
-            blocks = layer.stat().st_size // BLOCK
-        except FileNotFoundError:
-            continue  # reported with the layer
-        if slot.blocks != blocks:
-            problems.append(f"device {i} has {slot.blocks} blocks but layer {layer.name} "
-                            f"has {blocks}")
-        if slot.mapped_blkaddr != mapped:
-            problems.append(f"device {i} mapped_blkaddr {slot.mapped_blkaddr}, expected {mapped}")
-        mapped += blocks
-    return problems
-
-
-def check_vmdk(vmdk: Path, files: list[Path], base: Path | None = None) -> list[str]:
-    """The VMDK's extents must be exactly ``files`` in order, each whole, as they are now.
-
-    Relative extent paths resolve against ``base`` (default: the VMDK's directory), as
-    QEMU resolves them.
-    """
-    try:
-        text = vmdk.read_text(errors="replace")
-    except FileNotFoundError:
-        return ["missing"]
-    except OSError as err:
-        return [f"unreadable: {err}"]
-    try:
-        extents = parse_descriptor(text)
-    except VmdkError as err:
-        return [_one_line(err)]
-    base = vmdk.parent if base is None else base
-    problems: list[str] = []
-    # Group consecutive extents of one file (the 2 GiB split, §5).
-    groups: list[tuple[str, int, list[tuple[int, int]]]] = []
-    for extent in extents:
-        path, sectors, offset = extent.path, extent.sectors, extent.offset
-        if groups and groups[-1][0] == path:
-            groups[-1][2].append((sectors, offset))
-        else:
-            groups.append((path, len(groups), [(sectors, offset)]))
-    if len(groups) != len(files):
-        problems.append(f"{len(groups)} extent files, expected {len(files)} "
-                        "(fsmeta, then each layer)")
-    for (path, i, parts), want in zip(groups, files, strict=False):
-        target = Path(path) if os.path.isabs(path) else base / path
-        if os.path.realpath(target) != os.path.realpath(want):
-            problems.append(f"extent {i} names {path}, expected {want}")
-            continue
-        try:
-            size = want.stat().st_size
-        except FileNotFoundError:
-            problems.append(f"extent {i} file {want} is missing")
-            continue
-        expect_offset = 0
-        for sectors, offset in parts:
-            if offset != expect_offset:
-                problems.append(f"extent {i} offset {offset}, expected {expect_offset}")
-            expect_offset += sectors
-        if expect_offset * SECTOR != size:
-            problems.append(
-                f"extent {i} covers {expect_offset * SECTOR} bytes but {want.name} has {size}"
-            )
-    return problems
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,22 +168,17 @@ def verify(
 
 
 def rebuild_derived(cache: GlobalCache, info: ImageInfo) -> None:
-    """Delete an image's fsmeta and VMDK and stitch them again from its layers (§4.7).
+    """Stitch an image's fsmeta and VMDK again from its layers (§4.7), by replacement.
 
-    The bad files are removed under the fsmeta lock and exclusive leases (nobody may be
-    reading them: ``LockBusy`` otherwise), then ``materialize.stitch_image`` rebuilds and
-    publishes both exactly as a pull would.
+    Each new file is renamed over the bad one, so there is never a moment without an
+    fsmeta, and a reader (a VMM holding ``rootfs.img`` open, with its shared lease) keeps
+    the inode it opened: no exclusive lease is needed, and a repair works while the image
+    is in use. The bad files' bytes are never read (``force``).
     """
     from ..materialize import stitch_image
 
     assert info.metadata is not None and info.digest is not None
-    fsmeta, vmdk = cache.fsmeta_erofs_path(info.digest), cache.vmdk_path(info.digest)
-    with hold_leases([fsmeta, vmdk], exclusive=True), \
-            FileLock(cache.fsmeta_erofs_lock_path(info.digest)):
-        for path in (vmdk, fsmeta):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    stitch_image(cache, info.metadata.manifest, info.metadata.diff_ids)
+    stitch_image(cache, info.metadata.manifest, info.metadata.diff_ids, force=True)
 
 
 __all__ = [

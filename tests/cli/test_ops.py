@@ -276,3 +276,42 @@ def test_verify_missing_layer_is_not_repairable(loaded: LoadedCache) -> None:
     assert proc.returncode == 10
     assert Digest.parse(diff_id).path_safe() in proc.stdout or diff_id in proc.stdout
     assert "missing" in proc.stdout
+
+
+def test_pull_of_a_cached_image_rebuilds_an_fsmeta_with_a_bad_superblock(
+    loaded: LoadedCache,
+) -> None:
+    """msb's rule calls this fsmeta valid (magic and root intact); the kernel would not."""
+    fsmeta = loaded.fsmeta(REF_A)
+    original = fsmeta.read_bytes()
+    _flip(fsmeta, 1152 + 0x48)  # only the superblock crc notices
+    proc = run(loaded.root, "-q", "pull", "--policy", "never", REF_A)
+    assert proc.returncode == 0, proc.stderr
+    assert fsmeta.read_bytes() == original
+    assert run(loaded.root, "verify", REF_A).returncode == 0
+
+
+def test_pull_of_a_cached_image_rewrites_a_vmdk_naming_another_cache(
+    loaded: LoadedCache,
+) -> None:
+    vmdk = loaded.vmdk(REF_B)
+    original = vmdk.read_text()
+    vmdk.write_text(original.replace(str(loaded.root), "/elsewhere/cache"))
+    proc = run(loaded.root, "-q", "pull", "--policy", "never", REF_B)
+    assert proc.returncode == 0, proc.stderr
+    assert vmdk.read_text() == original
+
+
+def test_repair_replaces_while_a_reader_holds_the_image(loaded: LoadedCache) -> None:
+    """A reader's shared lease does not block the repair; it keeps reading what it opened."""
+    fsmeta = loaded.fsmeta(REF_A)
+    original = fsmeta.read_bytes()
+    _flip(fsmeta, 1152 + 0x48)
+    damaged = fsmeta.read_bytes()
+    with fsmeta.open("rb") as reader, held_by_other_process(lease_path(fsmeta)), \
+            held_by_other_process(lease_path(loaded.vmdk(REF_A))):
+        fixed = run(loaded.root, "verify", "--repair", REF_A)
+        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+        assert "repaired" in fixed.stdout
+        assert fsmeta.read_bytes() == original
+        assert reader.read() == damaged  # the old inode, untouched

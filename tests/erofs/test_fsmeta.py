@@ -11,7 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cachefs.erofs import format as F
-from cachefs.erofs.fsmeta import fsmeta_from_layer_images, fsmeta_meta_blkaddr, write_fsmeta
+from cachefs.erofs import writer
+from cachefs.erofs.fsmeta import (
+    device_table,
+    fsmeta_from_layer_images,
+    fsmeta_meta_blkaddr,
+    write_fsmeta,
+)
 from cachefs.erofs.merge import merge_layers
 from cachefs.erofs.tree import FileType, LayerBlocks, Node, SpoolExtent
 from cachefs.erofs.writer import write_layer_erofs
@@ -180,3 +186,30 @@ def test_random_images_mount_as_the_oci_merge(
     disk = concat([fsmeta, *layers], work / "disk.img")
     with loop_mount_erofs(disk, work / "mnt") as mnt:
         assert scan_mount(mnt) == flatten(want_merged(tars))
+
+
+def test_device_table_beyond_2_32_blocks_is_a_format_error() -> None:
+    """Not a struct.error (an internal error): the image is too big for one fsmeta."""
+    assert len(device_table(1, [0xFFFF_FFFE])) == 128
+    with pytest.raises(ErofsFormatError, match="16 TiB"):
+        device_table(1, [1 << 31, 1 << 31])
+
+
+def test_metadata_written_in_pieces_is_byte_identical_to_msb(
+    msb: Msb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk arrays and the metadata area go out in bounded pieces (memory must not grow
+    with file sizes); tiny pieces here make every file and inode cross piece boundaries."""
+    monkeypatch.setattr(writer, "_CHUNK_PIECE", 7)
+    monkeypatch.setattr(writer, "_META_PIECE", 300)
+    sizes = [1, 4096, 65 * 4096 + 3, 300 * 4096, 1000 * 4096 - 1]
+    tars = [layer_tar([reg(f"f{i}", pattern(n, i)) for i, n in enumerate(sizes)]
+                      + [reg(f"small/{k}", b"x" * k) for k in range(40)]),
+            layer_tar([reg("f2", pattern(70 * 4096, 9)), reg("g", b"g")])]
+    archive = docker_archive(TestImage(tars), ["example.com/t/pieces:1"], tmp_path / "a.tar")
+    msb.load(archive)
+    want = next((msb.cache / "fsmeta").glob("*.erofs")).read_bytes()
+    msb_layers = [msb.cache / "layers" / f"{sha256(t).replace(':', '_')}.erofs" for t in tars]
+    rebuilt = io.BytesIO()
+    fsmeta_from_layer_images(msb_layers, rebuilt, msb_quirks=True)
+    assert rebuilt.getvalue() == want
