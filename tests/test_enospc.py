@@ -69,3 +69,23 @@ def test_record_failure_comes_before_the_metadata_commit_point(tmp_path: Path) -
     assert _load(cache.root, archive).returncode == 0
     assert cache.image_metadata_path(Reference.parse(REF)).exists()
     assert [r.reference for r in cache.ref_records()] == [str(Reference.parse(REF))]
+
+
+def test_enospc_while_downloading_names_the_part_file(tmp_path: Path) -> None:
+    """A blob larger than the cache's filesystem: the download's own write fails, and the
+    one-line error names the ``.part`` being written, not just errno."""
+    from tests.fixtures.registry import LocalRegistry, oci_layout
+
+    image = TestImage([layer_tar([reg("blob", os.urandom(4 << 20))])])
+    with LocalRegistry(tmp_path / "registry") as registry:
+        layout = oci_layout(image, tmp_path / "layout", compression="none")
+        registry.push_oci_layout(layout.path, "full/app", "1")
+        ref = f"{registry.host}/full/app:1"
+        with small_tmpfs(tmp_path / "fs", "2m") as fs:
+            cache = fs / "cache"
+            proc = subprocess.run([CACHEFS, "--cache", str(cache), "-q", "pull", "--insecure",
+                                   ref], capture_output=True, text=True, timeout=300)
+            line = assert_one_line_error(proc, 1)
+            assert "No space left on device" in line
+            assert f": {cache}/tmp/" in line and ".part" in line, line
+            assert not GlobalCache(cache).image_metadata_path(Reference.parse(ref)).exists()

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 
 import trio
 
+from ..cache.publish import naming
 from ..digest import Digest
 from ..errors import AuthError, CachefsError, DigestError, DigestMismatch, RegistryError
 from ..models import (
@@ -755,7 +756,7 @@ async def _receive(resp: httpx.Response, clock: Deadline, dest: Path, part: _Par
                    expected: int, progress: Progress | None, written: Progress | None) -> None:
     """Append the body to ``dest`` at ``part.size``, never past ``expected`` bytes: whatever
     a server sends beyond the descriptor's size is not read."""
-    with dest.open("r+b" if dest.exists() else "wb") as f:
+    with naming(dest), dest.open("r+b" if dest.exists() else "wb") as f:
         f.seek(part.size)
         f.truncate()
         async for chunk in resp.aiter_raw():
