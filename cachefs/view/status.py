@@ -35,6 +35,7 @@ def status_document(snap: CacheSnapshot) -> dict[str, object]:
     return {
         "cache": str(snap.cache_root),
         "generated_at_ns": snap.taken_at_ns,
+        "leases": snap.lease_problem or "ok",
         "images": {"total": len(images), "ready": ready, "list": images},
         "layers": {
             "total": layers_present,
