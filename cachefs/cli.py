@@ -125,8 +125,10 @@ def _echo_json(doc: object) -> None:
 @click.pass_context
 def main(ctx: click.Context, cache_dir: Path | None, quiet: bool, verbose: int) -> None:
     """cachefs: the microsandbox (msb 0.7.11) image cache, and a FUSE view of it."""
-    ctx.obj = Context(cache_dir if cache_dir is not None else default_cache_dir(),
-                      quiet, verbose)
+    # Absolute once, here at the edge: every command, the daemon it starts, the paths in
+    # status.json and disk files then mean the same whatever the working directory.
+    chosen = cache_dir if cache_dir is not None else default_cache_dir()
+    ctx.obj = Context(Path(os.path.abspath(chosen)), quiet, verbose)
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -514,6 +516,10 @@ def status(ctx: click.Context, mountpoint: Path | None, as_json: bool,
         _echo_json(doc)
         return
     click.echo(render_status(doc, source))
+    if doc.get("log"):
+        click.echo(f"view log: {doc['log']}")
+    if doc.get("leases", "ok") != "ok":
+        click.echo(f"warning: {doc['leases']}")
 
 
 # ---------------------------------------------------------------------------------------

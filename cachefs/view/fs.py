@@ -128,9 +128,11 @@ class ViewOperations(pyfuse3.Operations):
         msb_db: Path | None = None,
         *,
         snapshot: CacheSnapshot | None = None,
+        log_target: str | None = None,
     ) -> None:
         super().__init__()
         self.cache = cache
+        self.log_target = log_target  # where this daemon logs, for status.json
         self.msb_db = default_msb_db(cache) if msb_db is None else msb_db
         # The signatures are taken before the scan: a change racing it is seen later.
         self._signature: tuple[object, ...] | None = None
@@ -190,7 +192,7 @@ class ViewOperations(pyfuse3.Operations):
 
     def _live_content(self, node: LiveNode, snap: CacheSnapshot) -> bytes:
         if node.kind == "status.json":
-            return render_status_json(snap)
+            return render_status_json(snap, log=self.log_target)
         return render_metrics(snap)
 
     def _live_size(self, node: LiveNode) -> int:

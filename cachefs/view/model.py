@@ -245,9 +245,9 @@ def lease_problem(cache: GlobalCache) -> str | None:
         lease_dir = directory / LEASE_DIR
         target = lease_dir if lease_dir.is_dir() else directory
         if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
-            return (f"leases impossible: {target} is not writable by the view (user "
-                    f"{_user()}); disks are served, but msb image rm and cachefs rm/gc "
-                    f"cannot see that they are in use")
+            return (f"cannot create leases: {target} is not writable by the view (user "
+                    f"{_user()}); a disk file whose lease file does not exist yet is "
+                    f"served without one, unseen by msb image rm and cachefs rm/gc")
     return None
 
 
