@@ -167,6 +167,12 @@ class OtherUser:
 
 @pytest.fixture(scope="session")
 def other_user() -> OtherUser:
+    return find_other_user()
+
+
+def find_other_user() -> OtherUser:
+    """``nobody`` with a Python it can run this checkout with (fails under
+    CACHEFS_REQUIRE_SYSTEM=1 when there is none)."""
     import pwd
     import sysconfig
 
@@ -190,6 +196,12 @@ def other_user() -> OtherUser:
 
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
+    with shared_tmpdir() as path:
+        yield path
+
+
+@contextlib.contextmanager
+def shared_tmpdir() -> Iterator[Path]:
     """A directory every user may traverse (pytest's tmp dirs are root-only): for
     mountpoints and outputs of the other user. Removed afterwards."""
     path = Path(tempfile.mkdtemp(prefix="cachefs-shared-", dir="/tmp"))
