@@ -443,7 +443,12 @@ def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path 
           foreground: bool, notify: bool) -> None:
     """Mount the view of the cache at MOUNTPOINT.
 
-    Without --foreground a daemon is started and this returns once the mount is live.
+    Without --foreground a daemon is started and this returns once the mount is live; if
+    it cannot start, its reason (e.g. fusermount3's) is printed. It then logs to
+    ~/.local/state/cachefs/view-*.log ($XDG_STATE_HOME; the journal under systemd), which
+    `cachefs status --mountpoint MOUNTPOINT` names. Every disk file (disk.vmdk and its
+    extents, rootfs.img) is served with the daemon's rights and holds msb leases while
+    open, so `cachefs rm`/`gc` and `msb image rm` leave a running VM's image alone.
     """
     from . import sdnotify
     from .view.daemon import mount as view_mount

@@ -8,17 +8,21 @@ Kept thin on purpose (like pyfuse3's ``passthroughfs``): the tree comes from
 * Generated files (``status``, ``image.json``, ``disk.vmdk``, …) are opened with
   ``direct_io``: their content is per-snapshot and must never be served stale from the
   page cache. ``status.json``/``metrics`` are rendered from a fresh scan at each open.
-* ``rootfs.img`` is served from the artifact files (fsmeta, then the layers), each open
+* Disk files (``rootfs.img``, ``fsmeta.erofs``, ``layers/*``) are served from the artifact
+  files (for ``rootfs.img`` fsmeta then the layers; the others one file each), each open
   handle keeping its own fds, mappings and SHARED msb leases (FORMATS.md §1.5) so that
   ``msb image rm`` or gc does not delete them under a reader. Cached pages are replied
   straight from the mapping (one kernel copy); the rest is ``pread`` into recycled
   buffers, in a worker thread when it would block. The artifacts are content-addressed
   and immutable, so ``keep_cache`` lets the kernel keep the pages across opens, and a
   refresh never invalidates an unchanged ``rootfs.img``.
-* Live: ``refresh_loop`` polls a cheap signature (directories, msb's database, artifact
-  file identities), rescans only when it changes and tells the kernel to drop entries and
-  attributes of nodes that changed or went away. That explicit invalidation is what keeps
-  the view fresh, so attribute/entry timeouts are long and ``ls -lR`` is answered from
+* Live: ``refresh_loop`` polls a cheap signature (directories, msb's database, the
+  identity of every metadata file, record and artifact), rescans only when it changes and
+  tells the kernel to drop entries and attributes of nodes that changed or went away. A
+  lookup miss, and every walk through an image directory (entry timeout 0), first
+  checks the index (``catch_up``), so pulls and removals are seen at once. That explicit
+  invalidation is what keeps the view fresh, so attribute/entry timeouts are long and
+  ``ls -lR`` is answered from
   the kernel's caches (READDIRPLUS fills them; attributes are built once per tree).
 * No xattrs: ENOSYS, so the kernel stops asking (``ls -l`` probes one per file).
 """
