@@ -236,7 +236,7 @@ class ViewOperations(pyfuse3.Operations):
             if isinstance(node, BytesNode):
                 size = len(node.content)
             elif isinstance(node, DocNode):
-                size = len(node.render())  # once per tree: attributes are memoised
+                size = node.size
             elif isinstance(node, LiveNode):
                 size = self._live_size(node)
             else:

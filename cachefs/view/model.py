@@ -296,6 +296,29 @@ class DocNode:
     render: Callable[[], bytes] = field(compare=False)
     key: object
     mtime_ns: int
+    size: int  # of what ``render`` returns, known without rendering it
+
+
+@dataclass(frozen=True, slots=True)
+class RefsBlock:
+    """The ``references`` of one manifest, encoded once for all of its images' image.json
+    (shared, so memory stays linear in the number of names)."""
+
+    text: str  # as ``json.dumps(refs, indent=2)`` prints it one level deep
+    nbytes: int
+    key: int
+
+    @classmethod
+    def of(cls, refs: list[str]) -> RefsBlock:
+        text = json.dumps(refs, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+        return cls(text, len(text.encode()), hash(tuple(refs)))
+
+
+# Stands in for the references while the rest of image.json is encoded; a NUL cannot
+# occur in a reference, and the random part keeps it out of any config text.
+_REFS_TOKEN = f"\0refs-{os.urandom(8).hex()}\0"
+_REFS_TOKEN_JSON = json.dumps(_REFS_TOKEN)
+_REFS_TOKEN_BYTES = len(_REFS_TOKEN_JSON.encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,7 +464,7 @@ def layer_link_name(index: int, count: int, diff: str) -> str:
 
 
 def _image_dir(
-    img: IndexedImage, all_refs: tuple[str, ...], refs_key: object, snap: CacheSnapshot,
+    img: IndexedImage, refs: RefsBlock, snap: CacheSnapshot,
 ) -> tuple[DirNode, ImageState]:
     """One image's directory. Its documents are ``DocNode``s: rendered on read, so the
     tree's memory is linear in the number of names however many tags share a manifest."""
@@ -461,8 +484,10 @@ def _image_dir(
     children["layers"] = DirNode(layer_files, mtime)
     if meta is not None:
         raw_manifest, raw_config = meta.raw_manifest_json, meta.raw_config_json
-        children["manifest.json"] = DocNode(raw_manifest.encode, ("m", mtime), mtime)
-        children["config.json"] = DocNode(raw_config.encode, ("c", mtime), mtime)
+        children["manifest.json"] = DocNode(raw_manifest.encode, ("m", mtime), mtime,
+                                            len(raw_manifest.encode()))
+        children["config.json"] = DocNode(raw_config.encode, ("c", mtime), mtime,
+                                          len(raw_config.encode()))
     disk_size: int | None = None
     if state.ready and fm is not None:
         files = [("fsmeta.erofs", fm.size)]
@@ -482,18 +507,22 @@ def _image_dir(
         disk_size = rootfs.size
 
     def render_image_json() -> bytes:
-        return _image_json(img, all_refs, state, snap, disk_size)
+        text = _image_json(img, state, snap, disk_size)
+        return text.replace(_REFS_TOKEN_JSON, refs.text, 1).encode()
 
-    key = (mtime, refs_key, state, disk_size,
+    key = (mtime, refs.key, state, disk_size,
            tuple(_state_word(snap.layers.get(d)) for d in img.layers),
            None if fm is None else (fm.size, _state_word(fm)))
-    children["image.json"] = DocNode(render_image_json, key, mtime)
+    size = (len(_image_json(img, state, snap, disk_size).encode()) - _REFS_TOKEN_BYTES
+            + refs.nbytes)
+    children["image.json"] = DocNode(render_image_json, key, mtime, size)
     children["status"] = BytesNode(status_text(img, state, snap.lease_problem).encode(), mtime)
     return DirNode(children, mtime, image=True), state
 
 
-def _image_json(img: IndexedImage, all_refs: tuple[str, ...], state: ImageState,
-                snap: CacheSnapshot, disk_size: int | None) -> bytes:
+def _image_json(img: IndexedImage, state: ImageState, snap: CacheSnapshot,
+                disk_size: int | None) -> str:
+    """image.json with ``_REFS_TOKEN`` where the references go."""
     meta = img.metadata
     fm = snap.fsmeta.get(img.manifest_digest) if img.manifest_digest else None
     layer_docs = []
@@ -513,7 +542,7 @@ def _image_json(img: IndexedImage, all_refs: tuple[str, ...], state: ImageState,
     doc = {
         "reference": str(img.reference),
         "typed": img.typed,
-        "references": list(all_refs),
+        "references": _REFS_TOKEN,
         "manifest_digest": img.manifest_digest,
         "config_digest": meta.config_digest if meta else None,
         "ready": state.ready,
@@ -530,7 +559,7 @@ def _image_json(img: IndexedImage, all_refs: tuple[str, ...], state: ImageState,
         "layers": layer_docs,
         "disk_size": disk_size,
     }
-    return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
 def _state_word(art: Artifact | None) -> str:
@@ -579,17 +608,14 @@ def build_tree(snap: CacheSnapshot) -> DirNode:
     for img in snap.images:
         if img.manifest_digest:
             by_manifest.setdefault(img.manifest_digest, []).append(str(img.reference))
-    # One tuple (and one change key) per manifest, shared by all of its images.
-    shared: dict[str, tuple[tuple[str, ...], object]] = {
-        digest: (tuple(refs), hash(tuple(refs))) for digest, refs in by_manifest.items()
-    }
+    # One encoded list (and change key) per manifest, shared by all of its images.
+    shared = {digest: RefsBlock.of(refs) for digest, refs in by_manifest.items()}
 
     images: dict[str, object] = {}
     by_digest: dict[str, Node] = {}
     for img in snap.images:
-        refs, refs_key = shared.get(img.manifest_digest or "",
-                                    ((str(img.reference),), str(img.reference)))
-        node, _ = _image_dir(img, refs, refs_key, snap)
+        refs = shared.get(img.manifest_digest or "") or RefsBlock.of([str(img.reference)])
+        node, _ = _image_dir(img, refs, snap)
         parts = _path_components(str(img.reference))
         if parts is not None:
             _insert(images, parts, node)

@@ -142,6 +142,10 @@ def test_reference_paths() -> None:
     assert len(_dir(root, "by-digest").children) == 1
     doc = json.loads(_text(root, "images/localhost:5000/a/b/c:1/image.json"))
     assert len(doc["references"]) == 3
+    # Documents are rendered on read; their size is known without rendering, exactly.
+    for name in ("image.json", "manifest.json", "config.json"):
+        node = resolve(root, ("images", "localhost:5000", "a", "b", "c:1", name))
+        assert isinstance(node, DocNode) and node.size == len(node.render()), name
 
 
 def test_layer_link_names_widen_past_99() -> None:
