@@ -438,9 +438,13 @@ def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: boo
 @click.option("--notify", is_flag=True,
               help="Tell systemd READY=1 once the mount is live and STOPPING=1 on shutdown "
                    "($NOTIFY_SOCKET).")
+@click.option("--symlinks", is_flag=True,
+              help="Serve fsmeta.erofs and layers/* as symlinks into the cache: faster warm "
+                   "reads for a VMM running as the cache's owner, but no leases protect "
+                   "their readers and other users cannot follow them.")
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path | None,
-          foreground: bool, notify: bool) -> None:
+          foreground: bool, notify: bool, symlinks: bool) -> None:
     """Mount the view of the cache at MOUNTPOINT.
 
     Without --foreground a daemon is started and this returns once the mount is live; if
@@ -471,7 +475,7 @@ def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path 
             sdnotify.stopping()
 
     view_mount(cache, mountpoint, allow_other=allow_other, msb_db=msb_db,
-               foreground=foreground, ready=ready, stopping=stopping)
+               foreground=foreground, ready=ready, stopping=stopping, links=symlinks)
 
 
 @main.command()

@@ -117,6 +117,7 @@ def mount(
     ready: Callable[[], None] | None = None,
     stopping: Callable[[], None] | None = None,
     log_target: str | None = None,
+    links: bool = False,
 ) -> None:
     """Mount the view of ``cache`` on ``mountpoint``.
 
@@ -130,13 +131,13 @@ def mount(
     cache = GlobalCache(Path(os.path.abspath(cache.root)))
     check_mountpoint(mountpoint)
     if not foreground:
-        _spawn_daemon(cache, mountpoint, allow_other=allow_other, msb_db=msb_db)
+        _spawn_daemon(cache, mountpoint, allow_other=allow_other, msb_db=msb_db, links=links)
         if ready is not None:
             ready()
         return
     if log_target is None:
         log_target = JOURNAL if under_systemd() else "stderr"
-    ops = ViewOperations(cache, msb_db, log_target=log_target)
+    ops = ViewOperations(cache, msb_db, log_target=log_target, links=links)
     trio.run(_serve, ops, mountpoint, fuse_options(allow_other), ready, stopping)
 
 
@@ -206,11 +207,13 @@ async def _watch_signals(scope: trio.CancelScope) -> None:
 
 
 def _spawn_daemon(cache: GlobalCache, mountpoint: Path, *, allow_other: bool,
-                  msb_db: Path | None) -> subprocess.Popen[str]:
+                  msb_db: Path | None, links: bool = False) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "cachefs.view.daemon", "--cache", str(cache.root),
            str(mountpoint)]
     if allow_other:
         cmd.append("--allow-other")
+    if links:
+        cmd.append("--symlinks")
     if msb_db is not None:
         cmd += ["--msb-db", str(msb_db)]
     log_file = None if under_systemd() else log_path(mountpoint)
@@ -298,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-other", action="store_true")
     parser.add_argument("--msb-db", type=Path, default=None)
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--symlinks", action="store_true",
+                        help="fsmeta.erofs and layers/* as symlinks into the cache")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="log here once ready (until then, also to stderr)")
     parser.add_argument("mountpoint", type=Path)
@@ -324,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mount(GlobalCache(Path(os.path.abspath(args.cache))), args.mountpoint,
               allow_other=args.allow_other, msb_db=args.msb_db, ready=ready,
-              log_target=log_target)
+              log_target=log_target, links=args.symlinks)
     except CachefsError as err:
         log.error("%s", err.one_line())  # to stderr (the parent) and the log file
         return err.exit_code

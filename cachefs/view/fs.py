@@ -57,6 +57,7 @@ from .model import (
     DocNode,
     LiveNode,
     Node,
+    SymlinkNode,
     build_tree,
     resolve,
     scan_cache,
@@ -133,8 +134,10 @@ class ViewOperations(pyfuse3.Operations):
         *,
         snapshot: CacheSnapshot | None = None,
         log_target: str | None = None,
+        links: bool = False,
     ) -> None:
         super().__init__()
+        self.links = links  # fsmeta/layers as symlinks (``cachefs mount --symlinks``)
         self.cache = cache
         self.log_target = log_target  # where this daemon logs, for status.json
         self.msb_db = default_msb_db(cache) if msb_db is None else msb_db
@@ -149,7 +152,7 @@ class ViewOperations(pyfuse3.Operations):
             self._signature = self._watch_signature()
             snapshot = scan_cache(cache, self.msb_db)
         self.snapshot = snapshot
-        self.root = build_tree(self.snapshot)
+        self.root = build_tree(self.snapshot, links=links)
         self._inodes: dict[tuple[str, ...], int] = {(): pyfuse3.ROOT_INODE}
         self._paths: dict[int, tuple[str, ...]] = {pyfuse3.ROOT_INODE: ()}
         self._next_inode = pyfuse3.ROOT_INODE + 1
@@ -230,6 +233,10 @@ class ViewOperations(pyfuse3.Operations):
             size = 0
             if node.image:
                 a.entry_timeout = 0  # revalidated by every path walk: see ``lookup``
+        elif isinstance(node, SymlinkNode):
+            a.st_mode = stat.S_IFLNK | 0o777
+            a.st_nlink = 1
+            size = len(os.fsencode(node.target))
         else:
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
@@ -276,8 +283,10 @@ class ViewOperations(pyfuse3.Operations):
         return path, node.children.get(name)
 
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        self._node(inode)
-        raise _errno(errno.EINVAL)  # the view has no symlinks
+        _, node = self._node(inode)
+        if not isinstance(node, SymlinkNode):
+            raise _errno(errno.EINVAL)
+        return os.fsencode(node.target)
 
     # -- directories --------------------------------------------------------------------
 
@@ -498,7 +507,7 @@ class ViewOperations(pyfuse3.Operations):
         idx = self._index_signature()
         sig = self._watch_signature()
         snap = scan_cache(self.cache, self.msb_db)
-        return idx, sig, snap, build_tree(snap)
+        return idx, sig, snap, build_tree(snap, links=self.links)
 
     async def refresh_loop(self, interval: float = POLL_INTERVAL_S,
                            on_refresh: Callable[[], None] | None = None) -> None:
@@ -522,7 +531,7 @@ class ViewOperations(pyfuse3.Operations):
         """Swap in the tree of ``snap`` (``new_root`` if already built from it) and
         invalidate what the kernel may have cached."""
         if new_root is None:
-            new_root = build_tree(snap)
+            new_root = build_tree(snap, links=self.links)
         old = dict(walk(self.root))
         new = dict(walk(new_root))
         self.snapshot = snap

@@ -243,3 +243,33 @@ def test_unwritable_cache_is_served_without_leases(
         assert other_user.run("test", "-e", str(d / "rootfs.img"), home=home).returncode == 1
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
+
+
+# -- the same-user opt-in: symlinks into the cache --------------------------------------
+
+
+def test_symlinks_opt_in(msb: Msb, tmp_path: Path) -> None:
+    require_fuse()
+    qemu_img = require_tool("qemu-img")
+    msb_load(msb, tmp_path, image_three(), ["three:v3"], "three")
+    parts = artifacts(msb.cache, THREE)
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(concat(parts))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_STATE_HOME": str(tmp_path / "state")}
+    started = _cachefs("--cache", str(msb.cache), "mount", "--symlinks", str(mnt),
+                       cwd=tmp_path, env=env)
+    assert started.returncode == 0, started.stderr
+    try:
+        d = mnt / "images" / THREE
+        assert os.readlink(d / "fsmeta.erofs") == str(parts[0])
+        layer_links = sorted(os.listdir(d / "layers"))
+        assert [os.readlink(d / "layers" / n) for n in layer_links] == [str(p)
+                                                                      for p in parts[1:]]
+        cmp = subprocess.run([qemu_img, "compare", str(d / "disk.vmdk"), str(raw)],
+                             capture_output=True, text=True)
+        assert "identical" in cmp.stdout, cmp.stderr
+        assert (d / "rootfs.img").read_bytes() == raw.read_bytes()  # still a FUSE file
+    finally:
+        umount(mnt, lazy=True)
