@@ -591,6 +591,9 @@ def _invalidate_inodes(inodes: list[int]) -> None:
 # -- rootfs.img handles (blocking; run in worker threads) -------------------------------------
 
 
+_UNLEASED: set[Path] = set()
+
+
 def _open_concat(node: ConcatNode, where: str) -> _ConcatHandle:
     """Lease, open and check every part; all or nothing."""
     leases = Leases()
@@ -600,7 +603,9 @@ def _open_concat(node: ConcatNode, where: str) -> _ConcatHandle:
             # Non-blocking: a deleter holding the lease exclusively means the file is going.
             # Best effort: on a cache the daemon may not write, no lease can be taken;
             # the disk is still served and status says so (``model.lease_problem``).
-            if not leases.add_shared(part, blocking=False, best_effort=True):
+            if not leases.add_shared(part, blocking=False, best_effort=True) \
+                    and part not in _UNLEASED and len(_UNLEASED) < 10_000:
+                _UNLEASED.add(part)  # said once per file, not at every open
                 log.warning("%s: no lease on %s (the cache is not writable for the view)",
                             where, part)
         starts, sizes, paths = [], [], []
