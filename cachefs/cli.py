@@ -125,8 +125,10 @@ def _echo_json(doc: object) -> None:
 @click.pass_context
 def main(ctx: click.Context, cache_dir: Path | None, quiet: bool, verbose: int) -> None:
     """cachefs: the microsandbox (msb 0.7.11) image cache, and a FUSE view of it."""
-    ctx.obj = Context(cache_dir if cache_dir is not None else default_cache_dir(),
-                      quiet, verbose)
+    # Absolute once, here at the edge: every command, the daemon it starts, the paths in
+    # status.json and disk files then mean the same whatever the working directory.
+    chosen = cache_dir if cache_dir is not None else default_cache_dir()
+    ctx.obj = Context(Path(os.path.abspath(chosen)), quiet, verbose)
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -438,12 +440,21 @@ def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: boo
 @click.option("--notify", is_flag=True,
               help="Tell systemd READY=1 once the mount is live and STOPPING=1 on shutdown "
                    "($NOTIFY_SOCKET).")
+@click.option("--symlinks", is_flag=True,
+              help="Serve fsmeta.erofs and layers/* as symlinks into the cache: faster warm "
+                   "reads for a VMM running as the cache's owner, but no leases protect "
+                   "their readers and other users cannot follow them.")
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path | None,
-          foreground: bool, notify: bool) -> None:
+          foreground: bool, notify: bool, symlinks: bool) -> None:
     """Mount the view of the cache at MOUNTPOINT.
 
-    Without --foreground a daemon is started and this returns once the mount is live.
+    Without --foreground a daemon is started and this returns once the mount is live; if
+    it cannot start, its reason (e.g. fusermount3's) is printed. It then logs to
+    ~/.local/state/cachefs/view-*.log ($XDG_STATE_HOME; the journal under systemd), which
+    `cachefs status --mountpoint MOUNTPOINT` names. Every disk file (disk.vmdk and its
+    extents, rootfs.img) is served with the daemon's rights and holds msb leases while
+    open, so `cachefs rm`/`gc` and `msb image rm` leave a running VM's image alone.
     """
     from . import sdnotify
     from .view.daemon import mount as view_mount
@@ -466,7 +477,7 @@ def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path 
             sdnotify.stopping()
 
     view_mount(cache, mountpoint, allow_other=allow_other, msb_db=msb_db,
-               foreground=foreground, ready=ready, stopping=stopping)
+               foreground=foreground, ready=ready, stopping=stopping, links=symlinks)
 
 
 @main.command()
@@ -516,6 +527,10 @@ def status(ctx: click.Context, mountpoint: Path | None, as_json: bool,
         _echo_json(doc)
         return
     click.echo(render_status(doc, source))
+    if doc.get("log"):
+        click.echo(f"view log: {doc['log']}")
+    if doc.get("leases", "ok") != "ok":
+        click.echo(f"warning: {doc['leases']}")
 
 
 # ---------------------------------------------------------------------------------------

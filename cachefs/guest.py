@@ -308,12 +308,14 @@ def run_param(command: str) -> str:
 
 
 def qemu_command(disk: Path, *, kernel: Path, initrd: Path, fmt: str = "vmdk",
-                 append: str = "", interactive: bool = False, memory_mb: int = 256) -> list[str]:
+                 append: str = "", interactive: bool = False, memory_mb: int = 256,
+                 user: str | None = None) -> list[str]:
     """The QEMU argv booting ``kernel``+``initrd`` with ``disk`` as read-only virtio ``vda``.
 
     TCG so it runs without KVM; serial console on stdio; ``-no-reboot`` + ``panic=-1`` so a
     dying guest ends QEMU instead of looping. Non-interactive runs detach the monitor so
-    nothing typed on stdin can reach it.
+    nothing typed on stdin can reach it. ``user``: run QEMU as that user, as libvirt does
+    (``setpriv`` execs QEMU itself, so killing the process kills QEMU).
     """
     cmdline = " ".join(w for w in ("console=ttyS0 panic=-1 quiet", append) if w)
     argv = [QEMU, "-accel", "tcg", "-m", str(memory_mb), "-nographic", "-no-reboot",
@@ -323,12 +325,27 @@ def qemu_command(disk: Path, *, kernel: Path, initrd: Path, fmt: str = "vmdk",
     if not interactive:
         argv[argv.index("-nographic") + 1:argv.index("-nographic") + 1] = [
             "-serial", "stdio", "-monitor", "none"]
+    if user is not None:
+        argv = [*as_user(user), *argv]
     return argv
+
+
+def as_user(user: str) -> list[str]:
+    """The argv prefix that runs a command as ``user`` (and its primary group), no PAM."""
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise GuestError(f"no such user: {user}") from None
+    return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+            "--"]
 
 
 def boot_and_run(disk: Path, command: str, timeout: float = 30.0, *, fmt: str = "vmdk",
                  kernel: Path | None = None, initrd: Path | None = None,
-                 on_line: Callable[[str], None] | None = None) -> str:
+                 on_line: Callable[[str], None] | None = None,
+                 user: str | None = None) -> str:
     """Boot ``disk``, run ``command`` in the mounted image, return its stdout+stderr.
 
     The serial console is read until the end marker or ``timeout`` seconds; QEMU is killed
@@ -338,11 +355,13 @@ def boot_and_run(disk: Path, command: str, timeout: float = 30.0, *, fmt: str = 
     """
     kernel = kernel or find_guest_kernel()
     with tempfile.TemporaryDirectory(prefix="cachefs-guest-") as tmp:
+        if user is not None:
+            os.chmod(tmp, 0o755)  # the initrd built here must be readable for ``user``
         if initrd is None:
             initrd = build_initramfs(Path(tmp) / "initrd.gz",
                                      kernel_version=kernel_version(kernel))
         argv = qemu_command(disk, kernel=kernel, initrd=initrd, fmt=fmt,
-                            append=run_param(command))
+                            append=run_param(command), user=user)
         lines = _run_console(argv, timeout, on_line)
     return _parse_output(lines)
 

@@ -9,9 +9,11 @@ cachefs's own layer writer + stitch, for msb's artifacts, and through the FUSE v
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import selectors
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from cachefs.guest import (
 from cachefs.materialize import materialize_layer, stitch_image
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
 from tests.fixtures.system import Msb, missing, msb_binary, require_tool
+from tests.view.conftest import OtherUser, find_other_user, shared_tmpdir
 
 pytestmark = pytest.mark.system
 
@@ -247,3 +250,98 @@ def test_boot_view_disk_vmdk(guest: Guest, view: Path) -> None:
 def test_boot_view_rootfs_img(guest: Guest, view: Path) -> None:
     """``rootfs.img`` (fsmeta ‖ layers served by FUSE reads) as a raw disk."""
     check_probe(guest.run(view / "rootfs.img", fmt="raw"))
+
+
+# --------------------------------------------- a VMM as another user, and what it protects
+
+
+@pytest.fixture
+def other_user() -> OtherUser:
+    return find_other_user()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    with shared_tmpdir() as path:
+        yield path
+
+
+def _readable_initrd(guest: Guest, where: Path) -> Path:
+    """The module's initrd lives in a root-only tmp dir: a copy QEMU-as-nobody can read."""
+    copy = where / "initrd.gz"
+    copy.write_bytes(guest.initrd.read_bytes())
+    copy.chmod(0o644)
+    return copy
+
+
+def test_guest_as_another_user_boots_the_view_of_a_private_cache(
+        guest: Guest, loaded: Loaded, shared_dir: Path, other_user: OtherUser) -> None:
+    """Issue 11.1, as deployed: root's cache behind 0700 directories, the view mounted
+    with --allow-other, QEMU running as ``nobody`` (like libvirt's ``libvirt-qemu``)."""
+    from tests.view.conftest import view_mount
+
+    fsmeta = loaded.msb.cache / "fsmeta" / f"{loaded.manifest.path_safe()}.erofs"
+    assert other_user.run("cat", str(fsmeta), home=shared_dir).returncode != 0  # private
+    initrd = _readable_initrd(guest, shared_dir)
+    with view_mount(loaded.msb.cache, shared_dir / "mnt", allow_other=True) as vm:
+        d = vm.image_dir(REF)
+        for disk, fmt in ((d / "disk.vmdk", "vmdk"), (d / "rootfs.img", "raw")):
+            check_probe(boot_and_run(disk, PROBE, BOOT_TIMEOUT_S, fmt=fmt, kernel=guest.kernel,
+                                     initrd=initrd, user=other_user.name))
+
+
+class _Checked(Exception):
+    """Raised from the console callback once the checks ran: stops (kills) the guest."""
+
+
+def _cachefs(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cachefs.cli", "--cache", str(cache), *args],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_running_guest_protects_its_image(guest: Guest, tmp_path: Path, shared_dir: Path,
+                                          other_user: OtherUser) -> None:
+    """Issue 11.2: a guest booted from disk.vmdk (as nobody) holds leases through the
+    view on every file it reads: ``cachefs rm`` refuses naming QEMU, msb's prune drops
+    the reference but leaves the leased files, ``cachefs gc`` skips them naming QEMU;
+    once the guest is gone, ``cachefs gc`` removes them."""
+    from tests.view.conftest import artifacts, view_mount
+
+    msb = Msb(msb_binary(), tmp_path / "home")
+    msb.load(docker_archive(guest_image(), [TAG], tmp_path / "image.tar"))
+    files = artifacts(msb.cache, REF)
+    initrd = _readable_initrd(guest, shared_dir)
+    seen: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def while_running(line: str) -> None:
+        if line != READY:
+            return
+        # The guest mounted /dev/vda: QEMU has disk.vmdk and its extents open.
+        seen["rm"] = _cachefs(msb.cache, "rm", "--force", REF)
+        seen["prune"] = msb("image", "prune", "-y", check=False)
+        seen["ls"] = msb("image", "ls", check=False)
+        seen["gc"] = _cachefs(msb.cache, "gc", "--json")
+        raise _Checked
+
+    with view_mount(msb.cache, shared_dir / "mnt", allow_other=True) as vm, \
+            pytest.raises(_Checked):
+        boot_and_run(vm.image_dir(REF) / "disk.vmdk", "sleep 120", 120.0,
+                         kernel=guest.kernel, initrd=initrd, on_line=while_running,
+                         user=other_user.name)
+    rm = seen["rm"]
+    assert rm.returncode != 0, rm.stdout
+    assert "lease held by qemu-system-x86" in rm.stderr, rm.stderr
+    assert "via the cachefs view" in rm.stderr, rm.stderr
+    assert seen["prune"].returncode == 0, seen["prune"].stderr
+    assert TAG.split(":")[0] not in seen["ls"].stdout  # msb dropped its reference...
+    assert all(p.exists() for p in files)  # ...but left the files the guest holds
+    gc = json.loads(seen["gc"].stdout)
+    skipped = {Path(s["path"]).name: s["reason"] for s in gc["skipped"]}
+    for p in files:
+        assert p.name in skipped, (p, skipped)
+        assert skipped[p.name].startswith("lease held by qemu-system-x86"), skipped[p.name]
+    # The guest is gone (QEMU killed, the view unmounted): nothing holds the files now.
+    after = _cachefs(msb.cache, "gc")
+    assert after.returncode == 0, after.stderr
+    assert not any(p.exists() for p in files)

@@ -28,9 +28,24 @@ from ..errors import LockBusy
 LEASE_DIR = ".msb-leases"
 
 
+# Errors that mean "this process may not create or write the lock file" (a read-only
+# cache, another user's cache), as opposed to a lock that is merely taken.
+_NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def _open_lock_file(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """Open (creating if needed) a lock file. flock needs no write access, so an existing
+    lock file this process cannot write (msb's, on a read-only mount) is opened read-only."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        if err.errno not in _NO_ACCESS:
+            raise
+        try:
+            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            raise err from None
 
 
 def try_flock(fd: int, mode: int) -> bool:
@@ -144,17 +159,28 @@ class Leases:
     def __init__(self) -> None:
         self._locks: list[FileLock] = []
 
-    def add_shared(self, entry: Path, *, blocking: bool = True) -> None:
+    def add_shared(self, entry: Path, *, blocking: bool = True,
+                   best_effort: bool = False) -> bool:
+        """Take a shared lease. ``best_effort``: if the lease file cannot be created or
+        opened for lack of rights (read-only cache, another user's lease file), return
+        False instead of raising; a lease held by a deleter still raises ``LockBusy``."""
         lock = FileLock(lease_path(entry), shared=True)
-        if not lock.acquire(blocking=blocking):
+        try:
+            acquired = lock.acquire(blocking=blocking)
+        except OSError as err:
+            if best_effort and err.errno in _NO_ACCESS:
+                return False
+            raise
+        if not acquired:
             raise LockBusy(f"{entry} is being deleted by another process")
         self._locks.append(lock)
+        return True
 
     def add_exclusive(self, entry: Path) -> None:
         """Deleter side: never blocks (so several leases cannot deadlock)."""
         lock = FileLock(lease_path(entry))
         if not lock.acquire(blocking=False):
-            raise LockBusy(f"{entry} is in use by another process (lease held)")
+            raise LockBusy(f"{entry} is in use (lease held by {lease_holders(entry)})")
         self._locks.append(lock)
 
     def release(self) -> None:
@@ -204,3 +230,103 @@ def lock_is_busy(path: Path) -> bool:
 def lease_is_busy(entry: Path) -> bool:
     """True if another process holds any lease on ``entry`` (probe without keeping it)."""
     return lock_is_busy(lease_path(entry))
+
+
+# -- who holds a lease (for messages) ---------------------------------------------------
+
+_MAX_HOLDERS_SHOWN = 4
+
+
+def _proc_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _lock_pids(path: Path) -> list[int]:
+    """Pids holding an flock on ``path``, from /proc/locks (the process that took it)."""
+    try:
+        st = os.stat(path)
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return []
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids: list[int] = []
+    for line in text.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  READ  1234 00:2d:5678 0 EOF" (blocked waiters: "-> ...")
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == ident:
+            with contextlib.suppress(ValueError):
+                pids.append(int(fields[4]))
+    return sorted(set(pids))
+
+
+def _view_mountpoints() -> list[str]:
+    """Mountpoints of every cachefs view (FUSE subtype ``cachefs``)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        pre, _, post = line.partition(" - ")
+        if post.split()[:1] == ["fuse.cachefs"]:
+            out.append(pre.split()[4].replace("\\040", " "))
+    return out
+
+
+def _view_readers(mountpoints: list[str]) -> list[str]:
+    """Processes with a file open below a cachefs view (what a VMM holds through it)."""
+    if not mountpoints:
+        return []
+    prefixes = tuple(m.rstrip("/") + "/" for m in mountpoints)
+    readers: list[str] = []
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(prefixes):
+                readers.append(f"{_proc_name(pid)} (pid {pid}) reading {target}")
+                break
+    return readers
+
+
+def lease_holders(entry: Path) -> str:
+    """Who holds a lease on ``entry``, for a message: "qemu-system-x86 (pid 42) reading
+    /mnt/images/…/fsmeta.erofs via the cachefs view (pid 7)", or "another process".
+
+    A VMM reading through the view holds no lease itself (the view daemon does, for it),
+    so for a view daemon the processes with files open below the view are named too.
+    Best effort: /proc may hide other users' processes.
+    """
+    pids = _lock_pids(lease_path(entry))
+    if not pids:
+        return "another process"
+    names = []
+    for pid in pids[:_MAX_HOLDERS_SHOWN]:
+        name = _proc_name(pid)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            cmdline = []
+        if any(b"cachefs" in arg for arg in cmdline) and (
+            b"cachefs.view.daemon" in cmdline or b"mount" in cmdline
+        ):
+            readers = _view_readers(_view_mountpoints())[:_MAX_HOLDERS_SHOWN]
+            via = f"the cachefs view (pid {pid})"
+            names.append(f"{', '.join(readers)} via {via}" if readers else via)
+        else:
+            names.append(f"{name} (pid {pid})")
+    more = len(pids) - _MAX_HOLDERS_SHOWN
+    return "; ".join(names) + (f" and {more} more" if more > 0 else "")

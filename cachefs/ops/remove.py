@@ -32,6 +32,7 @@ from pathlib import Path
 from ..cache.locks import (
     FileLock,
     Leases,
+    lease_holders,
     lease_path,
     lock_is_busy,
     publication_gate_path,
@@ -195,7 +196,8 @@ def remove_images(
                         leases.add_exclusive(removal.path)
                     except LockBusy:
                         raise LockBusy(
-                            f"{removal.path} is in use by another process (lease held)",
+                            f"{removal.path} is in use: lease held by "
+                            f"{lease_holders(removal.path)}",
                             hint="stop the sandbox or view using it, then retry",
                         ) from None
                 # A publisher may have finished between planning and leasing: plan again.
@@ -411,7 +413,8 @@ def collect_garbage(
                         try:
                             leases.add_exclusive(cand.path)
                         except LockBusy:
-                            report.skipped.append(Skipped(cand.path, "lease held (in use)"))
+                            report.skipped.append(Skipped(
+                                cand.path, f"lease held by {lease_holders(cand.path)}"))
                             continue
                     taken.append(cand)
                 # Leases held: anything published meanwhile is visible now; re-check.

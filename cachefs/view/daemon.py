@@ -29,6 +29,7 @@ import trio
 from ..cache.store import GlobalCache
 from ..errors import CachefsError, MountError
 from .fs import ViewOperations
+from .logs import JOURNAL, detach_stderr, log_path, open_log_file, stderr_handler, under_systemd
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ def mount(
     foreground: bool = True,
     ready: Callable[[], None] | None = None,
     stopping: Callable[[], None] | None = None,
+    log_target: str | None = None,
+    links: bool = False,
 ) -> None:
     """Mount the view of ``cache`` on ``mountpoint``.
 
@@ -124,14 +127,17 @@ def mount(
     wait until its mount is live, call ``ready`` and return. Raises ``MountError`` for an
     unusable mountpoint.
     """
-    mountpoint = Path(mountpoint)
+    mountpoint = Path(os.path.abspath(mountpoint))
+    cache = GlobalCache(Path(os.path.abspath(cache.root)))
     check_mountpoint(mountpoint)
     if not foreground:
-        _spawn_daemon(cache, mountpoint, allow_other=allow_other, msb_db=msb_db)
+        _spawn_daemon(cache, mountpoint, allow_other=allow_other, msb_db=msb_db, links=links)
         if ready is not None:
             ready()
         return
-    ops = ViewOperations(cache, msb_db)
+    if log_target is None:
+        log_target = JOURNAL if under_systemd() else "stderr"
+    ops = ViewOperations(cache, msb_db, log_target=log_target, links=links)
     trio.run(_serve, ops, mountpoint, fuse_options(allow_other), ready, stopping)
 
 
@@ -159,6 +165,7 @@ async def _serve(ops: ViewOperations, mountpoint: Path, options: set[str],
             # returns once the kernel's INIT is answered, which resets the readahead.
             await trio.to_thread.run_sync(os.stat, mountpoint)
             await trio.to_thread.run_sync(_raise_readahead, mountpoint)
+            log.info("serving %s at %s", ops.cache.root, mountpoint)
             if ready is not None:
                 await trio.to_thread.run_sync(ready)
     finally:
@@ -200,22 +207,45 @@ async def _watch_signals(scope: trio.CancelScope) -> None:
 
 
 def _spawn_daemon(cache: GlobalCache, mountpoint: Path, *, allow_other: bool,
-                  msb_db: Path | None) -> subprocess.Popen[str]:
+                  msb_db: Path | None, links: bool = False) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "cachefs.view.daemon", "--cache", str(cache.root),
            str(mountpoint)]
     if allow_other:
         cmd.append("--allow-other")
+    if links:
+        cmd.append("--symlinks")
     if msb_db is not None:
         cmd += ["--msb-db", str(msb_db)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
-    assert proc.stdout is not None
+    log_file = None if under_systemd() else log_path(mountpoint)
+    if log_file is not None:
+        cmd += ["--log-file", str(log_file)]
+    # stderr is read only if the start fails: before READY_LINE the daemon writes little
+    # (its reason, fusermount3's message), far below a pipe's buffer; after it, the
+    # daemon points its stderr at the log file.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace", start_new_session=True)
+    assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline()  # the daemon prints READY_LINE or exits
     if line.strip() != READY_LINE:
-        proc.wait(timeout=_START_TIMEOUT_S)
-        raise MountError(f"the view daemon for {mountpoint} exited ({proc.returncode})")
+        try:
+            _, err = proc.communicate(timeout=_START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        raise MountError(
+            f"the view daemon for {mountpoint} failed to start (exit {proc.returncode}): "
+            f"{_reason(err)}",
+            hint=None if log_file is None else f"its log: {log_file}")
     proc.stdout.close()
+    proc.stderr.close()
     return proc
+
+
+def _reason(stderr: str, limit: int = 2000) -> str:
+    """The child's stderr as one line (bounded): its own message and fusermount3's."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    text = "; ".join(dict.fromkeys(lines)) or "no message"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def umount(mountpoint: Path, *, lazy: bool = False) -> None:
@@ -271,20 +301,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-other", action="store_true")
     parser.add_argument("--msb-db", type=Path, default=None)
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--symlinks", action="store_true",
+                        help="fsmeta.erofs and layers/* as symlinks into the cache")
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="log here once ready (until then, also to stderr)")
     parser.add_argument("mountpoint", type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if args.debug else logging.INFO)
+    early = stderr_handler()
+    root.addHandler(early)
+    log_target = JOURNAL if under_systemd() else "stderr"
+    if args.log_file is not None:
+        try:
+            root.addHandler(open_log_file(args.log_file))
+            log_target = str(args.log_file)
+        except OSError as err:
+            log.warning("cannot log to %s (%s): logging to stderr", args.log_file, err)
+            args.log_file = None
 
     def ready() -> None:
         print(READY_LINE, flush=True)
+        if args.log_file is not None:
+            root.removeHandler(early)  # the parent stops reading stderr now
+            detach_stderr(args.log_file)
 
     try:
-        mount(GlobalCache(args.cache), args.mountpoint, allow_other=args.allow_other,
-              msb_db=args.msb_db, ready=ready)
+        mount(GlobalCache(Path(os.path.abspath(args.cache))), args.mountpoint,
+              allow_other=args.allow_other, msb_db=args.msb_db, ready=ready,
+              log_target=log_target, links=args.symlinks)
     except CachefsError as err:
-        print(f"cachefs: {err.one_line()}", file=sys.stderr)
+        log.error("%s", err.one_line())  # to stderr (the parent) and the log file
         return err.exit_code
     return 0
 

@@ -8,17 +8,21 @@ Kept thin on purpose (like pyfuse3's ``passthroughfs``): the tree comes from
 * Generated files (``status``, ``image.json``, ``disk.vmdk``, …) are opened with
   ``direct_io``: their content is per-snapshot and must never be served stale from the
   page cache. ``status.json``/``metrics`` are rendered from a fresh scan at each open.
-* ``rootfs.img`` is served from the artifact files (fsmeta, then the layers), each open
+* Disk files (``rootfs.img``, ``fsmeta.erofs``, ``layers/*``) are served from the artifact
+  files (for ``rootfs.img`` fsmeta then the layers; the others one file each), each open
   handle keeping its own fds, mappings and SHARED msb leases (FORMATS.md §1.5) so that
   ``msb image rm`` or gc does not delete them under a reader. Cached pages are replied
   straight from the mapping (one kernel copy); the rest is ``pread`` into recycled
   buffers, in a worker thread when it would block. The artifacts are content-addressed
   and immutable, so ``keep_cache`` lets the kernel keep the pages across opens, and a
   refresh never invalidates an unchanged ``rootfs.img``.
-* Live: ``refresh_loop`` polls a cheap signature (directories, msb's database, artifact
-  file identities), rescans only when it changes and tells the kernel to drop entries and
-  attributes of nodes that changed or went away. That explicit invalidation is what keeps
-  the view fresh, so attribute/entry timeouts are long and ``ls -lR`` is answered from
+* Live: ``refresh_loop`` polls a cheap signature (directories, msb's database, the
+  identity of every metadata file, record and artifact), rescans only when it changes and
+  tells the kernel to drop entries and attributes of nodes that changed or went away. A
+  lookup miss, and every walk through an image directory (entry timeout 0), first
+  checks the index (``catch_up``), so pulls and removals are seen at once. That explicit
+  invalidation is what keeps the view fresh, so attribute/entry timeouts are long and
+  ``ls -lR`` is answered from
   the kernel's caches (READDIRPLUS fills them; attributes are built once per tree).
 * No xattrs: ENOSYS, so the kernel stops asking (``ls -l`` probes one per file).
 """
@@ -31,6 +35,7 @@ import logging
 import mmap
 import os
 import stat
+import time
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +54,7 @@ from .model import (
     CacheSnapshot,
     ConcatNode,
     DirNode,
+    DocNode,
     LiveNode,
     Node,
     SymlinkNode,
@@ -74,6 +80,8 @@ POLL_INTERVAL_S = 0.5
 # seen at the next poll; a full rescan is only a safety net (e.g. a metadata json
 # rewritten in place with the same size and mtime).
 FULL_RESCAN_S = 60.0
+# A signature whose newest file time is this close to its scan's start is not trusted.
+_RACY_NS = 50_000_000
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 # rootfs.img reads land in recycled buffers of this size: libfuse's request buffer caps a
 # read at 1 MiB, and a fresh bytearray per request costs a zero-fill (and often page
@@ -125,17 +133,26 @@ class ViewOperations(pyfuse3.Operations):
         msb_db: Path | None = None,
         *,
         snapshot: CacheSnapshot | None = None,
+        log_target: str | None = None,
+        links: bool = False,
     ) -> None:
         super().__init__()
+        self.links = links  # fsmeta/layers as symlinks (``cachefs mount --symlinks``)
         self.cache = cache
+        self.log_target = log_target  # where this daemon logs, for status.json
         self.msb_db = default_msb_db(cache) if msb_db is None else msb_db
-        # The signature is taken before the scan: a change racing the scan is seen later.
+        # The signatures are taken before the scan: a change racing it is seen later.
         self._signature: tuple[object, ...] | None = None
+        self._index_sig: tuple[object, ...] = ()
+        self._scan_started_ns = 0
+        self._scan_lock = trio.Lock()
         if snapshot is None:
+            self._scan_started_ns = time.time_ns()
+            self._index_sig = self._index_signature()
             self._signature = self._watch_signature()
             snapshot = scan_cache(cache, self.msb_db)
         self.snapshot = snapshot
-        self.root = build_tree(self.snapshot)
+        self.root = build_tree(self.snapshot, links=links)
         self._inodes: dict[tuple[str, ...], int] = {(): pyfuse3.ROOT_INODE}
         self._paths: dict[int, tuple[str, ...]] = {pyfuse3.ROOT_INODE: ()}
         self._next_inode = pyfuse3.ROOT_INODE + 1
@@ -182,7 +199,7 @@ class ViewOperations(pyfuse3.Operations):
 
     def _live_content(self, node: LiveNode, snap: CacheSnapshot) -> bytes:
         if node.kind == "status.json":
-            return render_status_json(snap)
+            return render_status_json(snap, log=self.log_target)
         return render_metrics(snap)
 
     def _live_size(self, node: LiveNode) -> int:
@@ -214,6 +231,8 @@ class ViewOperations(pyfuse3.Operations):
             a.st_mode = stat.S_IFDIR | 0o555
             a.st_nlink = 2 + sum(isinstance(c, DirNode) for c in node.children.values())
             size = 0
+            if node.image:
+                a.entry_timeout = 0  # revalidated by every path walk: see ``lookup``
         elif isinstance(node, SymlinkNode):
             a.st_mode = stat.S_IFLNK | 0o777
             a.st_nlink = 1
@@ -223,6 +242,8 @@ class ViewOperations(pyfuse3.Operations):
             a.st_nlink = 1
             if isinstance(node, BytesNode):
                 size = len(node.content)
+            elif isinstance(node, DocNode):
+                size = node.size
             elif isinstance(node, LiveNode):
                 size = self._live_size(node)
             else:
@@ -231,7 +252,7 @@ class ViewOperations(pyfuse3.Operations):
                 # their buffer by it; 4 KiB would make them ask in 128 KiB steps).
                 a.st_blksize = _READ_BUF
         a.st_size = size
-        a.st_blocks = 0 if isinstance(node, SymlinkNode) else (size + 511) // 512
+        a.st_blocks = (size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
         return a
 
@@ -241,15 +262,25 @@ class ViewOperations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
+        """A name the view does not know, or an image directory (which the kernel
+        revalidates at every walk), first brings the view up to date: a path that exists
+        in the cache when the lookup starts (after `cachefs pull` returned) is found, and
+        a removed image is gone at once."""
+        arrived = time.time_ns()
+        child_name = os.fsdecode(name)
+        path, child = self._child(parent_inode, child_name)
+        if child is None or (isinstance(child, DirNode) and child.image):
+            await self.catch_up(arrived)
+            path, child = self._child(parent_inode, child_name)
+        if child is None:
+            raise _errno(errno.ENOENT)
+        return self._attr((*path, child_name), child)
+
+    def _child(self, parent_inode: int, name: str) -> tuple[tuple[str, ...], Node | None]:
         path, node = self._node(parent_inode)
         if not isinstance(node, DirNode):
             raise _errno(errno.ENOTDIR)
-        child_name = os.fsdecode(name)
-        child = node.children.get(child_name)
-        if child is None:
-            raise _errno(errno.ENOENT)
-        child_path = (*path, child_name)
-        return self._attr(child_path, child)
+        return path, node.children.get(name)
 
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
         _, node = self._node(inode)
@@ -288,6 +319,9 @@ class ViewOperations(pyfuse3.Operations):
             raise _errno(errno.EISDIR)
         if isinstance(node, BytesNode):
             return pyfuse3.FileInfo(fh=self._new_fh(_BytesHandle(node.content)),
+                                    direct_io=True, keep_cache=False)
+        if isinstance(node, DocNode):
+            return pyfuse3.FileInfo(fh=self._new_fh(_BytesHandle(node.render())),
                                     direct_io=True, keep_cache=False)
         if isinstance(node, LiveNode):
             snap = await trio.to_thread.run_sync(self._fresh_snapshot)
@@ -385,40 +419,34 @@ class ViewOperations(pyfuse3.Operations):
 
     # -- live refresh --------------------------------------------------------------------
 
-    def _watch_signature(self) -> tuple[object, ...]:
-        """Cheap fingerprint of everything whose change can change the view.
+    def _index_signature(self) -> tuple[object, ...]:
+        """Which images exist: msb's database (and WAL) and the directories of metadata
+        files and reference records (4 ``stat`` calls). Every pull, ``cachefs rm`` and
+        ``msb image rm`` changes one of them, so a lookup can afford to check it."""
+        c = self.cache
+        return tuple(_identity(p) for p in (self.msb_db, Path(f"{self.msb_db}-wal"),
+                                            c.manifests_dir(), c.refs_dir()))
 
-        The directories (entries added, removed or renamed over: metadata and reference
-        records are replaced by rename) plus the identity of every artifact file, since an
-        artifact corrupted in place keeps its directory's mtime but not its own. A
-        ``stat`` is a few µs per file, far below a rescan.
+    def _watch_signature(self) -> tuple[object, ...]:
+        """Fingerprint of everything whose change can change the view (the poll's rule).
+
+        The index signature, the directories, and the identity (inode, size, mtime,
+        ctime) of every metadata file, reference record and artifact: an in-place edit or
+        a ``chmod`` changes a file's ctime but not its directory's mtime. A ``stat`` is a
+        few µs per file, far below a rescan.
         """
         c = self.cache
-        sig: list[object] = []
-        for p in (self.msb_db, Path(f"{self.msb_db}-wal")):
-            try:
-                st = os.stat(p)
-                sig.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            except OSError:
-                sig.append(None)
-        for d, per_file in ((c.manifests_dir(), False), (c.vmdk_dir(), False),
-                            (c.refs_dir(), False), (c.layers_dir(), True),
-                            (c.fsmeta_dir(), True)):
-            try:
-                st = os.stat(d)
-                sig.append((st.st_ino, st.st_mtime_ns))
-                if not per_file:
+        sig: list[object] = [self._index_signature()]
+        for d in (c.vmdk_dir(), c.manifests_dir(), c.refs_dir(), c.layers_dir(),
+                  c.fsmeta_dir()):
+            sig.append(_identity(d))
+            for e in _scandir(d):
+                try:
+                    est = e.stat(follow_symlinks=False)
+                except OSError:
                     continue
-                with os.scandir(d) as it:
-                    for e in it:
-                        try:
-                            est = e.stat(follow_symlinks=False)
-                        except OSError:
-                            continue
-                        sig.append((e.name, est.st_ino, est.st_size, est.st_mtime_ns,
-                                    est.st_ctime_ns))
-            except OSError:
-                sig.append(None)
+                sig.append((e.name, est.st_ino, est.st_size, est.st_mtime_ns,
+                            est.st_ctime_ns, est.st_mode))
         return tuple(sig)
 
     def _fresh_snapshot(self) -> CacheSnapshot:
@@ -429,40 +457,81 @@ class ViewOperations(pyfuse3.Operations):
             return scan_cache(self.cache, self.msb_db, previous=self.snapshot)
         return scan_cache(self.cache, self.msb_db)
 
+    def _racy(self) -> bool:
+        """Was the last scan's index taken in the same clock tick as a change to it?
+
+        File times come from a coarse clock: a second change within the same tick keeps
+        the signature, so a signature too close to its scan is not trusted (git's
+        "racily clean" rule); the next check rescans once more.
+        """
+        newest = max((i[2] for i in self._index_sig if isinstance(i, tuple)), default=0)
+        return self._scan_started_ns - newest < _RACY_NS
+
+    async def catch_up(self, since_ns: int) -> None:
+        """Make the view at least as new as the cache was at ``since_ns``.
+
+        Called on a lookup miss (and for an image directory): if a scan started after
+        ``since_ns`` it already saw that state; else a rescan runs if the index changed.
+        Concurrent callers share one scan, which is the rate limit.
+        """
+        async with self._scan_lock:
+            if self._scan_started_ns > since_ns:
+                return
+            # Inline, not in a worker thread: four stat calls of directories the kernel
+            # has cached take microseconds, and a thread hop on every walk through an
+            # image directory cost a VMM's open a millisecond or more on a busy host.
+            sig = self._index_signature()
+            if sig == self._index_sig and not self._racy():
+                return
+            await self._rescan()
+
+    async def _rescan(self) -> bool:
+        """Scan, build and apply (the caller holds ``_scan_lock``); False if it failed."""
+        started = time.time_ns()
+        try:
+            # Signatures before the scan: a change racing the scan is seen next time.
+            # The tree is built in the worker thread too: for 1,000 images it takes
+            # ~0.15 s, which on the trio thread would stall every request meanwhile.
+            idx, sig, snap, tree = await trio.to_thread.run_sync(self._scan_all)
+        except (CachefsError, OSError) as err:
+            log.warning("rescan of %s failed, keeping the previous view: %s",
+                        self.cache.root, err)
+            self._signature = None
+            return False
+        await self.apply(snap, tree)
+        self._index_sig, self._signature, self._scan_started_ns = idx, sig, started
+        return True
+
+    def _scan_all(self) -> tuple[tuple[object, ...], tuple[object, ...], CacheSnapshot,
+                                 DirNode]:
+        idx = self._index_signature()
+        sig = self._watch_signature()
+        snap = scan_cache(self.cache, self.msb_db)
+        return idx, sig, snap, build_tree(snap, links=self.links)
+
     async def refresh_loop(self, interval: float = POLL_INTERVAL_S,
                            on_refresh: Callable[[], None] | None = None) -> None:
-        """Rescan when the cache changes; runs until cancelled."""
-        last = self._signature
-        if last is None:
-            last = await trio.to_thread.run_sync(self._watch_signature)
+        """Rescan when the cache changes (polled); runs until cancelled."""
         since_full = 0.0
         while True:
             await trio.sleep(interval)
             since_full += interval
             sig = await trio.to_thread.run_sync(self._watch_signature)
-            if sig == last and since_full < FULL_RESCAN_S:
+            if sig == self._signature and not self._racy() and since_full < FULL_RESCAN_S:
                 continue
-            last, since_full = sig, 0.0
-            try:
-                # The tree is built in the worker thread too: for 1,000 images it takes
-                # ~0.15 s, which on the trio thread would stall every request meanwhile.
-                snap, tree = await trio.to_thread.run_sync(_scan_and_build, self.cache,
-                                                           self.msb_db)
-            except (CachefsError, OSError) as err:
-                log.warning("rescan of %s failed, keeping the previous view: %s",
-                            self.cache.root, err)
-                self._signature = None
-                continue
-            await self.apply(snap, tree)
-            self._signature = sig
-            if on_refresh is not None:
+            async with self._scan_lock:
+                if sig == self._signature and not self._racy() and since_full < FULL_RESCAN_S:
+                    continue  # a lookup's catch-up scanned meanwhile
+                since_full = 0.0
+                done = await self._rescan()
+            if done and on_refresh is not None:
                 on_refresh()
 
     async def apply(self, snap: CacheSnapshot, new_root: DirNode | None = None) -> None:
         """Swap in the tree of ``snap`` (``new_root`` if already built from it) and
         invalidate what the kernel may have cached."""
         if new_root is None:
-            new_root = build_tree(snap)
+            new_root = build_tree(snap, links=self.links)
         old = dict(walk(self.root))
         new = dict(walk(new_root))
         self.snapshot = snap
@@ -486,9 +555,21 @@ class ViewOperations(pyfuse3.Operations):
             await trio.to_thread.run_sync(_invalidate_inodes, changed)
 
 
-def _scan_and_build(cache: GlobalCache, msb_db: Path) -> tuple[CacheSnapshot, DirNode]:
-    snap = scan_cache(cache, msb_db)
-    return snap, build_tree(snap)
+def _identity(path: Path) -> tuple[int, int, int, int, int] | None:
+    """(inode, size, mtime, ctime, mode) of ``path``, None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+
+
+def _scandir(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as it:
+            return list(it)
+    except OSError:
+        return []
 
 
 def _differs(a: Node, b: Node) -> bool:
@@ -510,6 +591,9 @@ def _invalidate_inodes(inodes: list[int]) -> None:
 # -- rootfs.img handles (blocking; run in worker threads) -------------------------------------
 
 
+_UNLEASED: set[Path] = set()
+
+
 def _open_concat(node: ConcatNode, where: str) -> _ConcatHandle:
     """Lease, open and check every part; all or nothing."""
     leases = Leases()
@@ -517,12 +601,21 @@ def _open_concat(node: ConcatNode, where: str) -> _ConcatHandle:
     try:
         for part, _ in node.parts:
             # Non-blocking: a deleter holding the lease exclusively means the file is going.
-            leases.add_shared(part, blocking=False)
+            # Best effort: on a cache the daemon may not write, no lease can be taken;
+            # the disk is still served and status says so (``model.lease_problem``).
+            if not leases.add_shared(part, blocking=False, best_effort=True) \
+                    and part not in _UNLEASED and len(_UNLEASED) < 10_000:
+                _UNLEASED.add(part)  # said once per file, not at every open
+                log.warning("%s: no lease on %s (the cache is not writable for the view)",
+                            where, part)
         starts, sizes, paths = [], [], []
         offset = 0
         for part, size in node.parts:
             fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
             fds.append(fd)
+            # VMMs and cat read disks front to back: a doubled readahead window on the
+            # artifact keeps its pages ahead of FUSE's requests on a cold read.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             actual = os.fstat(fd).st_size
             if actual != size:
                 log.warning("%s: %s changed size (%d, expected %d)", where, part, actual, size)

@@ -20,12 +20,13 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..cache.index import IndexedImage, index_images
+from ..cache.locks import LEASE_DIR
 from ..cache.store import GlobalCache
 from ..digest import Digest
 from ..errors import CachefsError
@@ -69,6 +70,9 @@ class CacheSnapshot:
     downloads: Mapping[str, int] = field(default_factory=dict)  # tmp/*.part name → size
     problems: list[str] = field(default_factory=list)  # cache-wide (e.g. msb.db unreadable)
     taken_at_ns: int = 0
+    # Why the view cannot take msb leases on what it serves (read-only cache, another
+    # user's lease files), or None. Disks are still served; deleters just cannot see it.
+    lease_problem: str | None = None
 
 
 class _ValidityMemo:
@@ -109,7 +113,10 @@ def _check_erofs(path: Path, *, fsmeta: bool) -> Artifact:
     if cached is not None:
         return cached
     art = Artifact(path, True, st.st_size, st.st_mtime_ns)
-    if not is_valid_erofs(path):
+    if not os.access(path, os.R_OK):
+        art = Artifact(path, True, st.st_size, st.st_mtime_ns,
+                       problem=f"not readable by the view (user {_user()})")
+    elif not is_valid_erofs(path):
         art = Artifact(path, True, st.st_size, st.st_mtime_ns,
                        problem="corrupt (not a valid EROFS image)")
     elif fsmeta:
@@ -205,6 +212,7 @@ def scan_cache(cache: GlobalCache, msb_db: Path | None = None,
         except OSError:
             pass
     return CacheSnapshot(
+        lease_problem=lease_problem(cache),
         cache_root=cache.root,
         images=images,
         layers=layers,
@@ -215,6 +223,32 @@ def scan_cache(cache: GlobalCache, msb_db: Path | None = None,
         problems=problems,
         taken_at_ns=time.time_ns(),
     )
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (KeyError, ImportError):
+        return str(os.geteuid())
+
+
+def lease_problem(cache: GlobalCache) -> str | None:
+    """Can the view take leases on the disk files it serves? (None: yes.)
+
+    A lease is an flock on ``<dir>/.msb-leases/<hash>.lock``; the view creates that file
+    if missing, so the lease directory (or, before it exists, the artifact directory)
+    must be writable for the daemon.
+    """
+    for directory in (cache.layers_dir(), cache.fsmeta_dir()):
+        lease_dir = directory / LEASE_DIR
+        target = lease_dir if lease_dir.is_dir() else directory
+        if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+            return (f"cannot create leases: {target} is not writable by the view (user "
+                    f"{_user()}); a disk file whose lease file does not exist yet is "
+                    f"served without one, unseen by msb image rm and cachefs rm/gc")
+    return None
 
 
 def _digest_from_name(stem: str) -> str | None:
@@ -237,10 +271,18 @@ def _digest_from_name(stem: str) -> str | None:
 class DirNode:
     children: Mapping[str, Node]
     mtime_ns: int
+    # An image's own directory: the kernel re-asks for it at every path walk, so a
+    # removed image is gone at once (see ``ViewOperations.lookup``).
+    image: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class SymlinkNode:
+    """Opt-in (``cachefs mount --symlinks``): ``fsmeta.erofs``/``layers/*`` as links to the
+    cache files, so a VMM running as the cache's owner reads them without FUSE (FUSE's
+    page cache is 4 KiB pages: warm reads at about half the speed). No lease is held for a
+    reader of a link, and a user who may not enter the cache cannot follow it."""
+
     target: str
     mtime_ns: int
 
@@ -254,6 +296,43 @@ class BytesNode:
 
 
 @dataclass(frozen=True, slots=True)
+class DocNode:
+    """A generated document rendered at open (and for its size), never kept rendered.
+
+    ``image.json`` lists every reference of its manifest: kept rendered, one image with
+    N tags would hold N documents of N names each (quadratic; 6,000 tags took 1.67 GB).
+    ``key`` says when the content changed (for invalidation); ``render`` is not compared.
+    """
+
+    render: Callable[[], bytes] = field(compare=False)
+    key: object
+    mtime_ns: int
+    size: int  # of what ``render`` returns, known without rendering it
+
+
+@dataclass(frozen=True, slots=True)
+class RefsBlock:
+    """The ``references`` of one manifest, encoded once for all of its images' image.json
+    (shared, so memory stays linear in the number of names)."""
+
+    text: str  # as ``json.dumps(refs, indent=2)`` prints it one level deep
+    nbytes: int
+    key: int
+
+    @classmethod
+    def of(cls, refs: list[str]) -> RefsBlock:
+        text = json.dumps(refs, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+        return cls(text, len(text.encode()), hash(tuple(refs)))
+
+
+# Stands in for the references while the rest of image.json is encoded; a NUL cannot
+# occur in a reference, and the random part keeps it out of any config text.
+_REFS_TOKEN = f"\0refs-{os.urandom(8).hex()}\0"
+_REFS_TOKEN_JSON = json.dumps(_REFS_TOKEN)
+_REFS_TOKEN_BYTES = len(_REFS_TOKEN_JSON.encode())
+
+
+@dataclass(frozen=True, slots=True)
 class LiveNode:
     """A file rendered at open time from a fresh scan (``status.json``, ``metrics``)."""
 
@@ -263,8 +342,11 @@ class LiveNode:
 
 @dataclass(frozen=True, slots=True)
 class ConcatNode:
-    """``rootfs.img``: the byte concatenation of ``parts`` (path, size), in order.
+    """A disk file served from cache artifacts: the byte concatenation of ``parts``.
 
+    ``rootfs.img`` has fsmeta and every layer; ``fsmeta.erofs`` and each layer file have
+    one part. All are served by FUSE reads with the daemon's rights (a VMM running as
+    another user cannot follow a path into a private cache) and a lease held while open.
     The parts are content-addressed cache files, immutable while they exist, so the
     kernel may cache the pages.
     """
@@ -277,7 +359,7 @@ class ConcatNode:
         return sum(size for _, size in self.parts)
 
 
-Node = DirNode | SymlinkNode | BytesNode | LiveNode | ConcatNode
+Node = DirNode | SymlinkNode | BytesNode | DocNode | LiveNode | ConcatNode
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,8 +381,8 @@ images/<reference>/      one directory per image reference, e.g.
                            qemu-system-x86_64 -drive file=<dir>/disk.vmdk,format=vmdk,readonly=on
   rootfs.img             the same disk as one raw file (fsmeta followed by the layers),
                          for VMMs without VMDK support (e.g. -drive format=raw)
-  fsmeta.erofs           symlink to the merged metadata EROFS in the cache
-  layers/NN-<diff>.erofs symlinks to the layer EROFS images, bottom first
+  fsmeta.erofs           the merged metadata EROFS (read-only, served from the cache)
+  layers/NN-<diff>.erofs the layer EROFS images, bottom first (read-only)
   manifest.json          the image manifest, as stored by msb
   config.json            the image config blob
   image.json             reference, digests, parsed config, layers with sizes and state
@@ -331,7 +413,7 @@ def judge_image(img: IndexedImage, snap: CacheSnapshot) -> ImageState:
             problems.append((f"layer {i} {diff} missing: layers/{_safe(diff)}.erofs", pull))
         elif art.problem:
             problems.append((f"layer {i} {diff} {art.problem}: layers/{_safe(diff)}.erofs",
-                             repair))
+                             _fix_for(art, repair)))
     if img.manifest_digest is None:
         problems.append(("manifest digest unknown", pull))
     else:
@@ -340,13 +422,20 @@ def judge_image(img: IndexedImage, snap: CacheSnapshot) -> ImageState:
         if fm is None or not fm.exists:
             problems.append((f"fsmeta missing: {rel}", repair))
         elif fm.problem:
-            problems.append((f"fsmeta {fm.problem}: {rel}", repair))
+            problems.append((f"fsmeta {fm.problem}: {rel}", _fix_for(fm, repair)))
         else:
             mismatch = _device_table_mismatch(fm, img.layers, snap)
             if mismatch:
                 problems.append((f"fsmeta does not match the layers ({mismatch}): {rel}",
                                  repair))
     return ImageState(ready=not problems, problems=problems)
+
+
+def _fix_for(art: Artifact, repair: str) -> str:
+    if art.problem is not None and art.problem.startswith("not readable"):
+        return (f"let user {_user()} read {art.path.parent} (or run the view as the "
+                f"cache's owner)")
+    return repair
 
 
 def _device_table_mismatch(fm: Artifact, layers: list[str], snap: CacheSnapshot) -> str | None:
@@ -364,9 +453,10 @@ def _device_table_mismatch(fm: Artifact, layers: list[str], snap: CacheSnapshot)
     return None
 
 
-def status_text(img: IndexedImage, state: ImageState) -> str:
+def status_text(img: IndexedImage, state: ImageState, lease_note: str | None = None) -> str:
+    """``ready`` (first line) or what is wrong; a lease problem is a note, not a fault."""
     if state.ready:
-        return "ready\n"
+        return "ready\n" if lease_note is None else f"ready\nnote: {lease_note}\n"
     lines = [f"not ready: {img.reference}"]
     lines += [f"  {what}" for what, _ in state.problems]
     fixes = list(dict.fromkeys(fix for _, fix in state.problems))
@@ -384,50 +474,39 @@ def layer_link_name(index: int, count: int, diff: str) -> str:
     return f"{index:0{width}d}-{_safe(diff)}.erofs"
 
 
-# Stands in for the "references" list while the rest of image.json is encoded; a NUL
-# cannot occur in a reference, and the random part keeps it out of any config text.
-_REFS_TOKEN = f"\0refs-{os.urandom(8).hex()}\0"
-_REFS_TOKEN_JSON = json.dumps(_REFS_TOKEN)
-
-
-def _refs_block(refs: list[str]) -> str:
-    """``refs`` as ``json.dumps(..., indent=2)`` prints it one level deep."""
-    return json.dumps(refs, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+def _disk_file(art: Artifact, links: bool) -> Node:
+    """One artifact as the view serves it: a FUSE file (default) or a link to it."""
+    if links:
+        return SymlinkNode(str(art.path), art.mtime_ns)
+    return ConcatNode(((art.path, art.size),), art.mtime_ns)
 
 
 def _image_dir(
-    img: IndexedImage, all_refs: list[str], snap: CacheSnapshot,
-    refs_json: dict[tuple[str, ...], str] | None = None,
+    img: IndexedImage, refs: RefsBlock, snap: CacheSnapshot, links: bool = False,
 ) -> tuple[DirNode, ImageState]:
+    """One image's directory. Its documents are ``DocNode``s: rendered on read, so the
+    tree's memory is linear in the number of names however many tags share a manifest."""
     state = judge_image(img, snap)
     meta = img.metadata
     mtime = snap.metadata_mtime_ns.get(str(img.reference), snap.taken_at_ns)
     children: dict[str, Node] = {}
     fm = snap.fsmeta.get(img.manifest_digest) if img.manifest_digest else None
-    if fm is not None and fm.exists:
-        children["fsmeta.erofs"] = SymlinkNode(str(fm.path), fm.mtime_ns)
-    layer_links: dict[str, Node] = {}
-    layer_docs = []
+    if fm is not None and fm.exists and fm.problem is None:
+        children["fsmeta.erofs"] = _disk_file(fm, links)
+    layer_files: dict[str, Node] = {}
     for i, diff in enumerate(img.layers):
         art = snap.layers.get(diff)
-        name = layer_link_name(i, len(img.layers), diff)
-        if art is not None and art.exists:
-            layer_links[name] = SymlinkNode(str(art.path), art.mtime_ns)
-        lm = meta.layers[i] if meta is not None and i < len(meta.layers) else None
-        layer_docs.append({
-            "index": i,
-            "diff_id": diff,
-            "digest": lm.digest if lm else None,
-            "media_type": lm.media_type if lm else None,
-            "compressed_size": lm.size_bytes if lm else None,
-            "erofs_size": art.size if art is not None and art.exists else None,
-            "path": f"layers/{name}",
-            "state": _state_word(art),
-        })
-    children["layers"] = DirNode(layer_links, mtime)
+        if art is not None and art.ok:
+            name = layer_link_name(i, len(img.layers), diff)
+            layer_files[name] = _disk_file(art, links)
+    children["layers"] = DirNode(layer_files, mtime)
     if meta is not None:
-        children["manifest.json"] = BytesNode(meta.raw_manifest_json.encode(), mtime)
-        children["config.json"] = BytesNode(meta.raw_config_json.encode(), mtime)
+        raw_manifest, raw_config = meta.raw_manifest_json, meta.raw_config_json
+        children["manifest.json"] = DocNode(raw_manifest.encode, ("m", mtime), mtime,
+                                            len(raw_manifest.encode()))
+        children["config.json"] = DocNode(raw_config.encode, ("c", mtime), mtime,
+                                          len(raw_config.encode()))
+    disk_size: int | None = None
     if state.ready and fm is not None:
         files = [("fsmeta.erofs", fm.size)]
         parts = [(fm.path, fm.size)]
@@ -441,7 +520,43 @@ def _image_dir(
         # metadata file) must not change the attributes, or the kernel would drop the
         # cached pages of an unchanged disk (FUSE_AUTO_INVAL_DATA compares mtimes).
         data_mtime = max(fm.mtime_ns, *(snap.layers[d].mtime_ns for d in img.layers))
-        children["rootfs.img"] = ConcatNode(tuple(parts), data_mtime)
+        rootfs = ConcatNode(tuple(parts), data_mtime)
+        children["rootfs.img"] = rootfs
+        disk_size = rootfs.size
+
+    def render_image_json() -> bytes:
+        text = _image_json(img, state, snap, disk_size)
+        return text.replace(_REFS_TOKEN_JSON, refs.text, 1).encode()
+
+    key = (mtime, refs.key, state, disk_size,
+           tuple(_state_word(snap.layers.get(d)) for d in img.layers),
+           None if fm is None else (fm.size, _state_word(fm)))
+    size = (len(_image_json(img, state, snap, disk_size).encode()) - _REFS_TOKEN_BYTES
+            + refs.nbytes)
+    children["image.json"] = DocNode(render_image_json, key, mtime, size)
+    children["status"] = BytesNode(status_text(img, state, snap.lease_problem).encode(), mtime)
+    return DirNode(children, mtime, image=True), state
+
+
+def _image_json(img: IndexedImage, state: ImageState, snap: CacheSnapshot,
+                disk_size: int | None) -> str:
+    """image.json with ``_REFS_TOKEN`` where the references go."""
+    meta = img.metadata
+    fm = snap.fsmeta.get(img.manifest_digest) if img.manifest_digest else None
+    layer_docs = []
+    for i, diff in enumerate(img.layers):
+        art = snap.layers.get(diff)
+        lm = meta.layers[i] if meta is not None and i < len(meta.layers) else None
+        layer_docs.append({
+            "index": i,
+            "diff_id": diff,
+            "digest": lm.digest if lm else None,
+            "media_type": lm.media_type if lm else None,
+            "compressed_size": lm.size_bytes if lm else None,
+            "erofs_size": art.size if art is not None and art.exists else None,
+            "path": f"layers/{layer_link_name(i, len(img.layers), diff)}",
+            "state": _state_word(art),
+        })
     doc = {
         "reference": str(img.reference),
         "typed": img.typed,
@@ -450,6 +565,7 @@ def _image_dir(
         "config_digest": meta.config_digest if meta else None,
         "ready": state.ready,
         "problems": [{"problem": what, "fix": fix} for what, fix in state.problems],
+        "leases": snap.lease_problem or "held while a disk file is open",
         "sources": sorted(img.sources),
         "config": _parsed_config(meta.raw_config_json) if meta else None,
         "runtime_config": meta.config.model_dump() if meta else None,
@@ -459,21 +575,9 @@ def _image_dir(
             "state": _state_word(fm),
         },
         "layers": layer_docs,
-        "disk_size": children["rootfs.img"].size if "rootfs.img" in children else None,  # type: ignore[union-attr]
+        "disk_size": disk_size,
     }
-    # Every image of a manifest lists the same references: encode that list once per
-    # build (``refs_json``) instead of once per image, which made image.json quadratic
-    # in the number of tags of one manifest.
-    if refs_json is None:
-        refs_json = {}
-    key = tuple(all_refs)
-    block = refs_json.get(key)
-    if block is None:
-        block = refs_json[key] = _refs_block(all_refs)
-    text = json.dumps(doc, indent=2, ensure_ascii=False).replace(_REFS_TOKEN_JSON, block, 1)
-    children["image.json"] = BytesNode((text + "\n").encode(), mtime)
-    children["status"] = BytesNode(status_text(img, state).encode(), mtime)
-    return DirNode(children, mtime), state
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
 def _state_word(art: Artifact | None) -> str:
@@ -515,30 +619,32 @@ def _path_components(text: str) -> list[str] | None:
     return parts
 
 
-def build_tree(snap: CacheSnapshot) -> DirNode:
-    """The whole view for one snapshot. Pure: same snapshot, same tree."""
+def build_tree(snap: CacheSnapshot, *, links: bool = False) -> DirNode:
+    """The whole view for one snapshot. Pure: same snapshot, same tree. ``links``:
+    fsmeta and layer files as symlinks into the cache (``SymlinkNode``)."""
     now = snap.taken_at_ns
     by_manifest: dict[str, list[str]] = {}
     for img in snap.images:
         if img.manifest_digest:
             by_manifest.setdefault(img.manifest_digest, []).append(str(img.reference))
+    # One encoded list (and change key) per manifest, shared by all of its images.
+    shared = {digest: RefsBlock.of(refs) for digest, refs in by_manifest.items()}
 
     images: dict[str, object] = {}
     by_digest: dict[str, Node] = {}
-    refs_json: dict[tuple[str, ...], str] = {}
     for img in snap.images:
-        refs = by_manifest.get(img.manifest_digest or "", [str(img.reference)])
-        node, _ = _image_dir(img, refs, snap, refs_json)
+        refs = shared.get(img.manifest_digest or "") or RefsBlock.of([str(img.reference)])
+        node, _ = _image_dir(img, refs, snap, links)
         parts = _path_components(str(img.reference))
         if parts is not None:
             _insert(images, parts, node)
         if img.manifest_digest:
             by_digest.setdefault(_safe(img.manifest_digest), node)
 
-    layer_links: dict[str, Node] = {
-        f"{_safe(diff)}.erofs": SymlinkNode(str(art.path), art.mtime_ns)
+    layer_files: dict[str, Node] = {
+        f"{_safe(diff)}.erofs": _disk_file(art, links)
         for diff, art in sorted(snap.layers.items())
-        if art.exists
+        if art.ok
     }
     root: dict[str, Node] = {
         "README": BytesNode(README.encode(), 0),
@@ -546,7 +652,7 @@ def build_tree(snap: CacheSnapshot) -> DirNode:
         "metrics": LiveNode("metrics", now),
         "images": _freeze(images, now),
         "by-digest": DirNode(dict(sorted(by_digest.items())), now),
-        "layers": DirNode(layer_links, now),
+        "layers": DirNode(layer_files, now),
     }
     return DirNode(root, now)
 

@@ -14,7 +14,8 @@ from .model import CacheSnapshot, image_states
 KINDS = ("layers", "fsmeta", "vmdk", "manifests", "tmp")
 
 
-def status_document(snap: CacheSnapshot) -> dict[str, object]:
+def status_document(snap: CacheSnapshot, log: str | None = None) -> dict[str, object]:
+    """``log``: where the serving daemon logs (a file, the journal), when there is one."""
     images = []
     problems: list[dict[str, str]] = [{"scope": "cache", "problem": p} for p in snap.problems]
     ready = 0
@@ -35,6 +36,7 @@ def status_document(snap: CacheSnapshot) -> dict[str, object]:
     return {
         "cache": str(snap.cache_root),
         "generated_at_ns": snap.taken_at_ns,
+        "leases": snap.lease_problem or "ok",
         "images": {"total": len(images), "ready": ready, "list": images},
         "layers": {
             "total": layers_present,
@@ -45,11 +47,13 @@ def status_document(snap: CacheSnapshot) -> dict[str, object]:
             {"file": name, "bytes": size} for name, size in sorted(snap.downloads.items())
         ],
         "problems": problems,
+        **({"log": log} if log is not None else {}),
     }
 
 
-def render_status_json(snap: CacheSnapshot) -> bytes:
-    return (json.dumps(status_document(snap), indent=2, ensure_ascii=False) + "\n").encode()
+def render_status_json(snap: CacheSnapshot, log: str | None = None) -> bytes:
+    doc = status_document(snap, log)
+    return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 def _label(value: str) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +18,7 @@ import pytest
 
 from cachefs.view.daemon import READY_LINE, stop_daemon
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
-from tests.fixtures.system import Msb, require_fuse
+from tests.fixtures.system import Msb, missing, require_fuse, require_root, require_tool
 
 START_DEADLINE_S = 20.0
 
@@ -76,13 +79,16 @@ class ViewMount:
 
 
 @contextlib.contextmanager
-def view_mount(cache: Path, mnt: Path, *, msb_db: Path | None = None) -> Iterator[ViewMount]:
+def view_mount(cache: Path, mnt: Path, *, msb_db: Path | None = None,
+               allow_other: bool = False) -> Iterator[ViewMount]:
     """Run ``python -m cachefs.view.daemon`` and wait for its ready line; always unmount."""
     require_fuse()
     mnt.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "cachefs.view.daemon", "--cache", str(cache), str(mnt)]
     if msb_db is not None:
         cmd += ["--msb-db", str(msb_db)]
+    if allow_other:
+        cmd.append("--allow-other")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[2])
     err_lines: list[str] = []
@@ -122,6 +128,90 @@ def mounted(msb: Msb, tmp_path: Path) -> Iterator[ViewMount]:
         yield vm
 
 
+OTHER_USER = "nobody"
+
+
+@dataclass
+class OtherUser:
+    """Run commands as an unprivileged user, as libvirt runs QEMU (``setpriv``, no PAM).
+
+    ``python`` is an interpreter that user may execute (the venv's lives under /root) with
+    this checkout and its site-packages on ``PYTHONPATH``, for running cachefs itself.
+    """
+
+    name: str
+    uid: int
+    gid: int
+    python: str
+    pythonpath: str
+
+    def argv(self, *cmd: str) -> list[str]:
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                "--", *cmd]
+
+    def env(self, home: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CACHEFS_CACHE_DIR", "MSB_HOME", "XDG_STATE_HOME")}
+        env.update(HOME=str(home), PYTHONPATH=self.pythonpath)
+        return env
+
+    def run(self, *cmd: str, home: Path, timeout: float = 120.0
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*cmd), capture_output=True, text=True,
+                              env=self.env(home), timeout=timeout, cwd="/")
+
+    def cachefs(self, *args: str, home: Path, timeout: float = 120.0
+                ) -> subprocess.CompletedProcess[str]:
+        return self.run(self.python, "-m", "cachefs.cli", *args, home=home, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def other_user() -> OtherUser:
+    return find_other_user()
+
+
+def find_other_user() -> OtherUser:
+    """``nobody`` with a Python it can run this checkout with (fails under
+    CACHEFS_REQUIRE_SYSTEM=1 when there is none)."""
+    import pwd
+    import sysconfig
+
+    require_root()
+    require_tool("setpriv")
+    try:
+        pw = pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        missing(f"user {OTHER_USER}")
+    repo = str(Path(__file__).resolve().parents[2])
+    pythonpath = f"{sysconfig.get_paths()['purelib']}:{sysconfig.get_paths()['platlib']}:{repo}"
+    minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    system_python = shutil.which(minor, path="/usr/local/bin:/usr/bin:/bin") or minor
+    user = OtherUser(OTHER_USER, pw.pw_uid, pw.pw_gid, system_python, pythonpath)
+    probe = user.run(user.python, "-c", "import cachefs.cli, pyfuse3", home=Path("/"))
+    if probe.returncode != 0:
+        missing(f"a {minor} that user {OTHER_USER} can run with this checkout: "
+                f"{probe.stderr.strip()[-300:]}")
+    return user
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    with shared_tmpdir() as path:
+        yield path
+
+
+@contextlib.contextmanager
+def shared_tmpdir() -> Iterator[Path]:
+    """A directory every user may traverse (pytest's tmp dirs are root-only): for
+    mountpoints and outputs of the other user. Removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="cachefs-shared-", dir="/tmp"))
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def artifacts(cache: Path, ref: str) -> list[Path]:
     """fsmeta then layers, bottom first: the disk's byte order."""
     from cachefs.cache.store import GlobalCache
@@ -142,5 +232,5 @@ def write_concat(paths: list[Path], out: Path) -> Path:
     return out
 
 
-__all__ = ["ViewMount", "concat", "image_one", "image_three", "image_two", "load",
+__all__ = ["OtherUser", "ViewMount", "concat", "image_one", "image_three", "image_two", "load",
            "view_mount", "wait_for", "write_concat"]

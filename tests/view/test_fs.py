@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -39,7 +40,7 @@ ONE_REG = "127.0.0.1:5000/team/one:latest"
 THREE = "docker.io/library/three:v3"
 
 
-def test_paths_by_reference_and_symlinks(mounted: ViewMount, msb: Msb) -> None:
+def test_paths_by_reference_and_files(mounted: ViewMount, msb: Msb) -> None:
     mnt = mounted.mnt
     assert sorted(os.listdir(mnt)) == ["README", "by-digest", "images", "layers", "metrics",
                                        "status.json"]
@@ -50,14 +51,18 @@ def test_paths_by_reference_and_symlinks(mounted: ViewMount, msb: Msb) -> None:
     assert sorted(os.listdir(d)) == ["config.json", "disk.vmdk", "fsmeta.erofs", "image.json",
                                      "layers", "manifest.json", "rootfs.img", "status"]
     parts = artifacts(msb.cache, THREE)
-    assert run(["readlink", str(d / "fsmeta.erofs")]).stdout.strip() == str(parts[0])
+    # Disk files are regular read-only files served by the view, never links into the
+    # cache (a VMM running as another user could not follow them into a private cache).
+    fm = os.lstat(d / "fsmeta.erofs")
+    assert stat.S_ISREG(fm.st_mode) and fm.st_mode & 0o777 == 0o444
+    assert (d / "fsmeta.erofs").read_bytes() == parts[0].read_bytes()
     links = sorted(os.listdir(d / "layers"))
     assert [n[:3] for n in links] == ["00-", "01-", "02-"]
     for name, part in zip(links, parts[1:], strict=True):
         assert name == f"{name[:2]}-{part.name}"
-        assert os.readlink(d / "layers" / name) == str(part)
-        # Resolves through the symlink to the cache file itself.
-        assert os.path.samefile(d / "layers" / name, part)
+        assert stat.S_ISREG(os.lstat(d / "layers" / name).st_mode)
+        assert (d / "layers" / name).read_bytes() == part.read_bytes()
+        assert (mnt / "layers" / part.name).read_bytes() == part.read_bytes()
     assert (d / "status").read_text() == "ready\n"
     # Top-level layers/: every layer file, by diff_id.
     all_layers = sorted(p.name for p in (msb.cache / "layers").glob("*.erofs"))
@@ -232,7 +237,7 @@ def test_moved_cache_keeps_disk_vmdk_working(msb: Msb, tmp_path: Path) -> None:
     with view_mount(cache, tmp_path / "mnt") as vm:
         vmdk = vm.image_dir(ONE) / "disk.vmdk"
         assert "identical" in run([qemu_img, "compare", str(vmdk), str(raw)]).stdout
-        assert os.readlink(vm.image_dir(ONE) / "fsmeta.erofs") == str(parts[0])
+        assert (vm.image_dir(ONE) / "fsmeta.erofs").read_bytes() == parts[0].read_bytes()
 
 
 def test_concurrent_readers_and_leases(mounted: ViewMount, msb: Msb) -> None:

@@ -14,8 +14,8 @@ from cachefs.view.model import (
     CacheSnapshot,
     ConcatNode,
     DirNode,
+    DocNode,
     LiveNode,
-    SymlinkNode,
     build_tree,
     layer_link_name,
     resolve,
@@ -91,6 +91,8 @@ def _dir(root: DirNode, path: str) -> DirNode:
 
 def _text(root: DirNode, path: str) -> str:
     node = resolve(root, tuple(path.split("/")))
+    if isinstance(node, DocNode):
+        return node.render().decode()
     assert isinstance(node, BytesNode), path
     return node.content.decode()
 
@@ -105,7 +107,8 @@ def test_ready_image_layout() -> None:
                                "manifest.json", "config.json", "image.json", "status"}
     assert _text(root, "images/docker.io/library/alpine:3.20/status") == "ready\n"
     fm = d.children["fsmeta.erofs"]
-    assert isinstance(fm, SymlinkNode) and fm.target == f"/cache/fsmeta/sha256_{'1' * 64}.erofs"
+    assert isinstance(fm, ConcatNode)
+    assert fm.parts == ((CACHE / "fsmeta" / f"sha256_{'1' * 64}.erofs", 4 * 4096),)
     layers = _dir(root, "images/docker.io/library/alpine:3.20/layers")
     assert list(layers.children) == [f"{i:02d}-sha256_{c * 64}.erofs"
                                      for i, c in enumerate("abc")]
@@ -139,6 +142,10 @@ def test_reference_paths() -> None:
     assert len(_dir(root, "by-digest").children) == 1
     doc = json.loads(_text(root, "images/localhost:5000/a/b/c:1/image.json"))
     assert len(doc["references"]) == 3
+    # Documents are rendered on read; their size is known without rendering, exactly.
+    for name in ("image.json", "manifest.json", "config.json"):
+        node = resolve(root, ("images", "localhost:5000", "a", "b", "c:1", name))
+        assert isinstance(node, DocNode) and node.size == len(node.render()), name
 
 
 def test_layer_link_names_widen_past_99() -> None:
