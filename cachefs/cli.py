@@ -139,6 +139,13 @@ def main(ctx: click.Context, cache_dir: Path | None, quiet: bool, verbose: int) 
 # ---------------------------------------------------------------------------------------
 
 
+_no_msb_db_option = click.option(
+    "--no-msb-db", is_flag=True,
+    help="Do not record (rm: remove) the image in msb's database <cache>/../db/msb.db. "
+         "By default a database of msb 0.7.11's schema gets the rows msb itself writes, "
+         "so `msb image ls` lists the image.")
+
+
 def _describe_result(result: PullResult) -> str:
     cached = " (already cached)" if result.cached else ""
     return f"{result.reference} {result.manifest_digest}{cached}"
@@ -163,10 +170,11 @@ def _describe_result(result: PullResult) -> str:
                    "~/.docker/config.json, helpers).")
 @click.option("--password-stdin", is_flag=True, help="Read the registry password from stdin.")
 @click.option("--platform", default=None, help="os/arch[/variant]; default: linux/<host arch>.")
+@_no_msb_db_option
 @click.pass_context
 def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure: bool,
          ca_certs: Path | None, username: str | None, password_stdin: bool,
-         platform: str | None) -> None:
+         platform: str | None, no_msb_db: bool) -> None:
     """Pull REFERENCE from its registry into the cache.
 
     Layers download in parallel, resume after an interruption, and are verified against
@@ -196,7 +204,8 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
         result = trio.run(functools.partial(
             pull_short_name, c.writable_cache(), reference, policy=PullPolicy(policy),
             force=force, insecure=insecure, ca_certs=ca_certs, credentials=credentials,
-            platform=platform, progress=progress, registries=load_registries_conf()))
+            platform=platform, progress=progress, registries=load_registries_conf(),
+            msb_db=not no_msb_db))
     click.echo(_describe_result(result))
 
 
@@ -207,9 +216,10 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
 @click.option("--platform", default=None, help="os/arch[/variant] to pick from a multi-"
               "platform OCI layout; default: linux/<host arch>.")
 @click.option("--force", is_flag=True, help="Rebuild artifacts even when cached.")
+@_no_msb_db_option
 @click.pass_context
 def load(ctx: click.Context, source: Path, tag: str | None, platform: str | None,
-         force: bool) -> None:
+         force: bool, no_msb_db: bool) -> None:
     """Load a docker-archive tar or an OCI layout (directory or tar) into the cache.
 
     Every tag in the archive becomes a reference; layers stream straight from the archive.
@@ -222,7 +232,7 @@ def load(ctx: click.Context, source: Path, tag: str | None, platform: str | None
     with c.progress() as progress:
         results = trio.run(functools.partial(
             do_load, c.writable_cache(), source, tag=tag, platform=platform, force=force,
-            progress=progress))
+            progress=progress, msb_db=not no_msb_db))
     for r in results:
         click.echo(_describe_result(r))
 
@@ -318,15 +328,16 @@ def _print_removals(c: Context, report: Any, verb: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
 @click.option("--json", "as_json", is_flag=True)
 @_msb_db_option
+@_no_msb_db_option
 @click.pass_context
 def rm(ctx: click.Context, references: tuple[str, ...], force: bool, dry_run: bool,
-       as_json: bool, msb_db: Path | None) -> None:
+       as_json: bool, msb_db: Path | None, no_msb_db: bool) -> None:
     """Remove images, and the layers no other image uses."""
     from .ops.remove import remove_images
 
     c = _ctx(ctx)
     report = remove_images(c.cache(), list(references), force=force, msb_db=msb_db,
-                           dry_run=dry_run)
+                           dry_run=dry_run, write_msb_db=not no_msb_db)
     if as_json:
         _echo_json(report.to_json())
         return
