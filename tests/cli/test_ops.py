@@ -140,11 +140,24 @@ def test_rm_removes_the_image_and_its_unique_layers_only(loaded: LoadedCache) ->
     assert lease_path(loaded.layer(only_a)).exists()
 
 
-def test_rm_of_an_image_msb_registered_needs_force(loaded: LoadedCache) -> None:
-    proc = run(loaded.root, "rm", REF_A)
+def test_rm_of_an_image_msb_registered_needs_force_without_the_database(
+    loaded: LoadedCache,
+) -> None:
+    proc = run(loaded.root, "rm", "--no-msb-db", REF_A)
     assert proc.returncode == 2
     assert "msb" in proc.stderr and "--force" in proc.stderr
     assert loaded.json(REF_A).exists()
+
+
+def test_rm_of_an_image_msb_registered_removes_its_rows(loaded: LoadedCache) -> None:
+    """msb's database is of msb 0.7.11's schema: rm removes the rows as msb image rm does."""
+    assert REF_A in loaded.msb("image", "ls").stdout
+    proc = run(loaded.root, "rm", REF_A)
+    assert proc.returncode == 0, proc.stderr
+    listing = loaded.msb("image", "ls").stdout
+    assert REF_A not in listing and REF_B in listing
+    assert not loaded.json(REF_A).exists()
+    assert "image not found" in loaded.msb("image", "inspect", REF_A, check=False).stderr.lower()
 
 
 def test_rm_refuses_while_a_shared_lease_is_held(loaded: LoadedCache) -> None:
