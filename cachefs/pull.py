@@ -546,9 +546,10 @@ async def load(
         if n == 0 and tag is not None:
             names.append(tag)
         if not names:
-            raise ArchiveError(
-                f"{archive}: image {image.manifest_digest} has no tag", hint="pass --tag REF"
-            )
+            bare = (f" (its OCI ref.name {image.layout_tag!r} is only a tag)"
+                    if image.layout_tag else "")
+            raise ArchiveError(f"{archive}: image {image.manifest_digest} has no name{bare}",
+                               hint="pass --tag REPOSITORY[:TAG]")
         refs = [(Reference.parse(name), name) for name in names]
         # An uncompressed layer's blob digest is its diff_id: ingest verifies those same
         # bytes against the diff_id, so the archive stream need not hash them a second time.

@@ -295,8 +295,9 @@ class Authenticator:
             if creds is None:
                 raise AuthError(
                     f"{what}: registry {registry} requires credentials",
-                    hint="pass --username with --password-stdin, or log in first: "
-                         "cachefs login (or podman/skopeo/docker login)",
+                    hint="pass --username (the password via --password-stdin, or asked on "
+                         "a terminal), or log in first: cachefs login (or podman/skopeo/"
+                         "docker login)",
                 )
             self._basic.add(registry)
             return creds.basic_header()
