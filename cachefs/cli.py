@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from .cache.store import GlobalCache, default_cache_dir
-from .cli_render import PullProgress, human_bytes, render_status, short_digest, table
+from .cli_render import (
+    PullProgress,
+    human_bytes,
+    render_layers,
+    render_status,
+    short_digest,
+    table,
+)
 from .errors import EXIT_CODES, CacheCorrupt, CachefsError, MountError, UsageError
 
 if TYPE_CHECKING:
@@ -407,9 +414,9 @@ def inspect_cmd(ctx: click.Context, reference: str, as_json: bool, msb_db: Path 
     if as_json:
         _echo_json(doc)
         return
-    for key in ("reference", "typed", "manifest_digest", "config_digest", "state",
-                "metadata_path"):
-        click.echo(f"{key + ':':17} {doc.get(key)}")
+    for key in ("reference", "typed", "manifest_digest", "config_digest", "architecture",
+                "os", "variant", "created", "state", "metadata_path"):
+        click.echo(f"{key + ':':17} {'-' if doc.get(key) is None else doc.get(key)}")
     click.echo(f"{'sources:':17} {', '.join(doc['sources'])}")  # type: ignore[arg-type]
     if doc.get("missing"):
         click.echo(f"{'missing:':17} {', '.join(doc['missing'])}")  # type: ignore[arg-type]
@@ -417,9 +424,7 @@ def inspect_cmd(ctx: click.Context, reference: str, as_json: bool, msb_db: Path 
         if name in doc:
             click.echo(f"{name + ':':17} {doc[name]['path']}")  # type: ignore[index]
     click.echo("layers (bottom first):")
-    for i, layer in enumerate(doc["layer_details"]):  # type: ignore[arg-type]
-        click.echo(f"  {i:2} {layer['diff_id']}  {human_bytes(layer['erofs_size'])}"
-                   f"{'' if layer['valid'] else '  (missing or invalid)'}")
+    click.echo(render_layers(doc["layer_details"]))  # type: ignore[arg-type]
     config = {k: v for k, v in (doc.get("config") or {}).items()  # type: ignore[attr-defined]
               if v not in (None, [], {})}
     if config:

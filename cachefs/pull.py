@@ -22,7 +22,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import trio
 
@@ -241,7 +241,8 @@ async def complete_from_cache(
     if meta is None:
         return None
     emit(Resolved(str(reference), meta.manifest_digest,
-                  tuple((layer.diff_id, layer.size_bytes) for layer in meta.layers), cached=True))
+                  tuple((layer.diff_id, layer.size_bytes) for layer in meta.layers), cached=True,
+                  blobs=tuple(layer.digest for layer in meta.layers)))
     fsmeta, vmdk = await _stitch(cache, meta.manifest, meta.diff_ids)
     cache.record_reference(reference, typed, meta.manifest, source)
     await trio.to_thread.run_sync(drop_leftovers, cache, _blobs(meta.layers))
@@ -278,7 +279,8 @@ async def materialize_plan(
     layer that has to be (re)built, or None if it turned valid while waiting for a lock.
     """
     emit(Resolved(str(plan.reference), str(plan.manifest_digest),
-                  tuple((layer.diff_id, layer.size_bytes) for layer in plan.layers)))
+                  tuple((layer.diff_id, layer.size_bytes) for layer in plan.layers),
+                  blobs=tuple(layer.digest for layer in plan.layers)))
     entries = _entries(cache, plan)
     in_flight = trio.CapacityLimiter(layers_in_flight())
     ensure_open_files(files_needed(len(entries), in_flight.total_tokens),
@@ -440,16 +442,16 @@ async def pull(
                             try:
                                 done = 0
 
-                                def on_bytes(n: int) -> None:
+                                def on_disk(n: int) -> None:
+                                    """Bytes on disk: a resumed download starts at its kept
+                                    prefix; a restarted one goes back to 0."""
                                     nonlocal done
-                                    done += n
-                                    emit_(LayerProgress(i, layer.diff_id, "download", done,
-                                                        total))
+                                    done = n
+                                    growing.written(n)
+                                    emit_(LayerProgress(i, layer.diff_id, "download", n, total))
 
-                                emit_(LayerProgress(i, layer.diff_id, "download", 0, total))
                                 await registry.fetch_blob(
-                                    ref, descriptor, part, resume=True, progress=on_bytes,
-                                    written=growing.written,
+                                    ref, descriptor, part, resume=True, written=on_disk,
                                 )
                                 emit_(LayerProgress(i, layer.diff_id, "verify", done, total))
                                 os.rename(part, tar)
@@ -512,6 +514,21 @@ def _registries_conf() -> RegistriesConf:
     return load_registries_conf()
 
 
+def counting_opener(opener: BlobOpener, index: int, layer: LayerMetadata,
+                    emit: ProgressCallback) -> BlobOpener:
+    """``opener`` whose stream reports the bytes read (``materialize`` progress of a load,
+    where conversion reads the archive: no download to show)."""
+    from .progress import counting
+
+    def open_counting() -> BinaryIO:
+        def report(n: int) -> None:
+            emit(LayerProgress(index, layer.diff_id, "materialize", n, layer.size_bytes))
+
+        return counting(opener(), report)
+
+    return open_counting
+
+
 # archives --------------------------------------------------------------------------------
 
 
@@ -562,7 +579,8 @@ async def load(
             i: int, layer: LayerMetadata, emit_: ProgressCallback,
             openers: dict[str, BlobOpener] = openers,
         ) -> LayerBlob:
-            return LayerBlob(openers[layer.diff_id], None, transient=False)
+            return LayerBlob(counting_opener(openers[layer.diff_id], i, layer, emit_), None,
+                             transient=False)
 
         first_ref, first_typed = refs[0]
         async with flock_exclusive_async(cache.image_lock_path(first_ref)):
