@@ -226,7 +226,7 @@ def test_df_bytes_by_kind_and_shared_vs_unique(loaded: LoadedCache) -> None:
     assert doc["bytes_by_kind"]["manifests"] == sum(
         p.stat().st_size for p in loaded.cache.manifests_dir().glob("*.json"))
     assert doc["bytes_by_kind"]["tmp"] == 0
-    per = {i["image"]: i for i in doc["images"]}
+    per = {i["reference"]: i for i in doc["images"]}
     base = loaded.layer(loaded.metadata(REF_A).layers[0].diff_id).stat().st_size
     for ref in (REF_A, REF_B):
         own = loaded.layer(loaded.metadata(ref).layers[1].diff_id).stat().st_size
