@@ -266,3 +266,24 @@ def wait_for(cond: object, proc: subprocess.Popen[str], deadline_s: float = 120.
         time.sleep(0.02)
     return False
 
+
+
+def test_rm_refuses_an_image_a_sandbox_uses(served: Served, tmp_path: Path) -> None:
+    """msb's schema keeps a manifest a sandbox uses (ON DELETE RESTRICT): cachefs rm says
+    so and removes nothing, neither rows nor files."""
+    ours = fresh_msb(tmp_path / "ours")
+    ref = served.ref("db/other:v1")
+    ok(cachefs(ours, "pull", "--insecure", ref))
+    with sqlite3.connect(ours.db) as conn:
+        (manifest_id,) = conn.execute("SELECT id FROM manifest").fetchone()
+        conn.execute("INSERT INTO sandbox (name, config, status) VALUES ('sb', '{}', 'stopped')")
+        conn.execute("INSERT INTO sandbox_rootfs (sandbox_id, manifest_id, mode) "
+                     "VALUES (1, ?, 'oci')", (manifest_id,))
+    before = table_rows(ours.db)
+    files = sorted(p.name for p in (ours.cache / "layers").glob("*.erofs"))
+    proc = cachefs(ours, "rm", ref)
+    assert proc.returncode == 24, proc.stderr
+    assert "sandbox" in proc.stderr and ref in proc.stderr
+    assert table_rows(ours.db) == before
+    assert sorted(p.name for p in (ours.cache / "layers").glob("*.erofs")) == files
+    assert ref in ours("image", "ls").stdout
