@@ -565,7 +565,7 @@ async def load(
         if not names:
             bare = (f" (its OCI ref.name {image.layout_tag!r} is only a tag)"
                     if image.layout_tag else "")
-            raise ArchiveError(f"{archive}: image {image.manifest_digest} has no name{bare}",
+            raise ArchiveError(f"{archive}: image {image.manifest_digest} has no tag{bare}",
                                hint="pass --tag REPOSITORY[:TAG]")
         refs = [(Reference.parse(name), name) for name in names]
         # An uncompressed layer's blob digest is its diff_id: ingest verifies those same
