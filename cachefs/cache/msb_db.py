@@ -13,7 +13,10 @@ The database is msb's, so this module is careful with it:
   and a warning says so once per database and process;
 * every change is one ``BEGIN IMMEDIATE`` transaction (the write lock up front, so no
   read-to-write upgrade can deadlock against msb), waiting out a writer for msb's busy
-  timeout (sqlx's default, 5 s) and never changing the journal mode (msb's WAL stays);
+  timeout and never changing the journal mode (msb's WAL stays). msb 0.7.11's timeout is
+  5 s per statement (strace of a blocked ``msb load``: sqlite's busy handler sleeps 5.0 s,
+  then msb retries the operation, 8 times in all); one such wait is enough here, because
+  a record that misses its turn costs only the listing;
 * foreign keys are on, as in msb's connections: deleting a manifest cascades to its
   config and layer list, and a sandbox that uses it (ON DELETE RESTRICT) keeps it.
 
