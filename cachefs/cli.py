@@ -289,7 +289,7 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
     """
     import trio
 
-    from .oci.platform import format_platform, image_platform, parse_platform, platform_matches
+    from .oci.platform import format_platform, other_platform, parse_platform
     from .oci.registries_conf import load_registries_conf
     from .pull import PullPolicy
     from .reference import Reference
@@ -305,12 +305,12 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
             force=force, insecure=insecure, ca_certs=ca_certs, credentials=credentials,
             platform=platform, progress=progress, registries=load_registries_conf(),
             msb_db=not no_msb_db))
-    if wanted is not None and result.cached:
-        have = image_platform(result.metadata.raw_config_json)
-        if not platform_matches(have, wanted):
-            click.echo(f"cachefs: warning: {result.reference} is cached for "
-                       f"{format_platform(have)}, not {platform}; `--policy always` pulls "
-                       f"{platform}", err=True)
+    have = (other_platform(result.metadata.raw_config_json, wanted)
+            if wanted is not None and result.cached else None)
+    if have is not None:
+        click.echo(f"cachefs: warning: {result.reference} is cached for "
+                   f"{format_platform(have)}, not {platform}; `--policy always` pulls "
+                   f"{platform}", err=True)
     if as_json:
         _echo_json(_result_doc(result))
     else:

@@ -90,6 +90,13 @@ class CountingReader(io.RawIOBase):
         super().close()
 
 
-def counting(raw: BinaryIO, report: Callable[[int], None]) -> BinaryIO:
-    """``raw`` read through a :class:`CountingReader`, buffered (``peek`` for sniffing)."""
-    return io.BufferedReader(CountingReader(raw, report), buffer_size=1 << 20)  # type: ignore[return-value]
+def reporting(opener: Callable[[], BinaryIO],
+              report: Callable[[int], None]) -> Callable[[], BinaryIO]:
+    """``opener`` whose streams report the bytes read from them (a load's conversion
+    reads the archive: that is its progress). Buffered, so ``peek`` sniffs compression."""
+
+    def open_reporting() -> BinaryIO:
+        return io.BufferedReader(  # type: ignore[return-value]
+            CountingReader(opener(), report), buffer_size=1 << 20)
+
+    return open_reporting

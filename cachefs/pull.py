@@ -22,7 +22,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -46,6 +46,7 @@ from .progress import (
     Resolved,
     Stitching,
     ignore,
+    reporting,
 )
 from .reference import Reference
 
@@ -514,21 +515,6 @@ def _registries_conf() -> RegistriesConf:
     return load_registries_conf()
 
 
-def counting_opener(opener: BlobOpener, index: int, layer: LayerMetadata,
-                    emit: ProgressCallback) -> BlobOpener:
-    """``opener`` whose stream reports the bytes read (``materialize`` progress of a load,
-    where conversion reads the archive: no download to show)."""
-    from .progress import counting
-
-    def open_counting() -> BinaryIO:
-        def report(n: int) -> None:
-            emit(LayerProgress(index, layer.diff_id, "materialize", n, layer.size_bytes))
-
-        return counting(opener(), report)
-
-    return open_counting
-
-
 # archives --------------------------------------------------------------------------------
 
 
@@ -579,7 +565,10 @@ async def load(
             i: int, layer: LayerMetadata, emit_: ProgressCallback,
             openers: dict[str, BlobOpener] = openers,
         ) -> LayerBlob:
-            return LayerBlob(counting_opener(openers[layer.diff_id], i, layer, emit_), None,
+            def converted(read: int) -> None:  # bytes read from the archive so far
+                emit_(LayerProgress(i, layer.diff_id, "materialize", read, layer.size_bytes))
+
+            return LayerBlob(reporting(openers[layer.diff_id], converted), None,
                              transient=False)
 
         first_ref, first_typed = refs[0]

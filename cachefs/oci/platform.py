@@ -52,6 +52,12 @@ def image_platform(raw_config_json: str) -> Platform:
     return Platform(os=config.os, architecture=config.architecture, variant=config.variant)
 
 
+def other_platform(raw_config_json: str, wanted: Platform) -> Platform | None:
+    """The platform of a cached image when it is not ``wanted`` (None when it is)."""
+    have = image_platform(raw_config_json)
+    return None if platform_matches(have, wanted) else have
+
+
 def format_platform(p: Platform | None) -> str:
     if p is None:
         return "(no platform)"
