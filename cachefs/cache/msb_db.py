@@ -83,6 +83,10 @@ MSB_0711_MIGRATIONS: frozenset[str] = frozenset({
 _warned: set[tuple[Path, str]] = set()
 
 
+class _OtherSchema(MsbDatabaseError):
+    """Not msb 0.7.11's database: left alone, whatever the command."""
+
+
 @dataclass(frozen=True, slots=True)
 class ImageRows:
     """The values msb stores for one image (FORMATS.md §6), derived from its metadata."""
@@ -180,7 +184,7 @@ def _transaction(path: Path, timeout: float) -> Iterator[sqlite3.Connection]:
         try:
             problem = schema_problem(conn, path)
             if problem is not None:
-                raise MsbDatabaseError(problem)
+                raise _OtherSchema(problem)
             yield conn
         except BaseException:
             conn.execute("ROLLBACK")
@@ -245,8 +249,12 @@ def record_image(db: Path, reference: str, meta: CachedImageMetadata, *,
     try:
         with _transaction(db, timeout) as conn:
             _upsert_image(conn, reference, rows)
+    except _OtherSchema as err:
+        _warn_once(db, "schema", str(err))
+        return False
     except MsbDatabaseError as err:
-        _warn_once(db, "record", f"{err}; msb will list {reference} after `msb pull`")
+        _warn_once(db, "record", f"{err}; `msb image ls` lists {reference} once "
+                                 f"`msb pull {reference}` finds it in the cache")
         return False
     return True
 

@@ -287,3 +287,27 @@ def test_rm_refuses_an_image_a_sandbox_uses(served: Served, tmp_path: Path) -> N
     assert table_rows(ours.db) == before
     assert sorted(p.name for p in (ours.cache / "layers").glob("*.erofs")) == files
     assert ref in ours("image", "ls").stdout
+
+
+def test_a_database_locked_past_msbs_busy_timeout_costs_only_the_listing(
+    served: Served, tmp_path: Path
+) -> None:
+    """A writer that never lets go: cachefs waits msb's busy timeout, then says so once
+    and succeeds; the image is cached, and msb's own pull (a cache hit) lists it."""
+    ours = fresh_msb(tmp_path / "ours")
+    ref = served.ref("db/bare:v1")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(ours.db)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdin is not None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = ok(cachefs(ours, "pull", "--insecure", ref))
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    said = [line for line in proc.stderr.splitlines() if "locked" in line]
+    assert len(said) == 1 and f"msb pull {ref}" in said[0], proc.stderr
+    assert table_rows(ours.db)["image_ref"] == []
+    again = ours("pull", "--insecure", ref)
+    assert "already cached" in again.stdout + again.stderr
+    assert ref in ours("image", "ls").stdout
