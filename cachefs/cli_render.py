@@ -89,6 +89,8 @@ def _columns() -> tuple[Any, ...]:
 
     class Bytes(ProgressColumn):
         def render(self, task: Any) -> Text:
+            if not task.fields.get("bytes", True):
+                return Text("")
             done = human_bytes(int(task.completed))
             total = human_bytes(int(task.total)) if task.total else "?"
             return Text(f"{done:>10} / {total:<10}")
@@ -96,7 +98,9 @@ def _columns() -> tuple[Any, ...]:
     class Speed(ProgressColumn):
         def render(self, task: Any) -> Text:
             speed = task.finished_speed or task.speed
-            return Text(f"{human_bytes(int(speed))}/s" if speed else "", justify="right")
+            if not speed or not task.fields.get("bytes", True):
+                return Text("")
+            return Text(f"{human_bytes(int(speed))}/s", justify="right")
 
     return (TextColumn("{task.description:<26}"), BarColumn(), Bytes(), Speed(),
             TimeRemainingColumn())
@@ -160,8 +164,14 @@ class PullProgress:
             blob = event.blobs[i] if i < len(event.blobs) else diff_id
             self._labels[i] = short_digest(blob)
             self._sizes[i] = size or 0
-            self._layers[i] = bar.add_task(f"{self._labels[i]} waiting", total=size or None)
-        self._overall = bar.add_task("total", total=sum(self._sizes.values()) or None)
+            if event.cached:  # a cache hit: nothing to fetch or convert
+                self._layers[i] = bar.add_task(f"{self._labels[i]} cached", total=size or 1,
+                                               completed=size or 1)
+            else:
+                self._layers[i] = bar.add_task(f"{self._labels[i]} waiting", total=size or None)
+        total = sum(self._sizes.values()) or None
+        self._overall = bar.add_task("total", total=total,
+                                     completed=(total or 0) if event.cached else 0)
 
     def _layer(self, event: Any) -> None:
         bar = self._progress
@@ -196,7 +206,7 @@ class PullProgress:
             self._layer(event)
         elif isinstance(event, Stitching):
             if self._stitch is None:
-                self._stitch = bar.add_task("stitch fsmeta + vmdk", total=None)
+                self._stitch = bar.add_task("stitch fsmeta + vmdk", total=None, bytes=False)
         elif isinstance(event, Finished):
             if self._stitch is not None:
                 bar.update(self._stitch, total=1, completed=1)
