@@ -287,6 +287,10 @@ def test_pull_progress_on_a_terminal(served: Served, tmp_path: Path) -> None:
     size_mib = f"{len(served.big_blobs[0]) / (1 << 20):.1f} MiB"
     assert size_mib in out and re.search(r"\d MiB/s|\d KiB/s", out), out
     assert "total" in out and "stitch fsmeta + vmdk" in out
+    code, out = on_tty([CACHEFS, "--cache", str(tmp_path / "c"), "pull", "--insecure", ref])
+    assert code == 0, out
+    assert re.search(rf"pulling {re.escape(ref)} [0-9a-f]{{12}}: 1 layer \(cached\)", out)
+    assert f"{blob[:12]} cached" in out and f"{blob[:12]} waiting" not in out
 
 
 def test_load_progress_on_a_terminal(tmp_path: Path) -> None:
