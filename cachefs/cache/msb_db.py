@@ -110,7 +110,10 @@ class ImageRows:
         """msb's mapping: empty env/labels are NULL, ``media_type``/``variant`` stay NULL,
         ``stop_signal`` is NULL even when the image sets one, sizes are compressed sizes.
         Labels keep the image's order; msb's own order is its HashMap's, random per run."""
-        config = ImageConfigFile.model_validate_json(meta.raw_config_json)
+        try:
+            config = ImageConfigFile.model_validate_json(meta.raw_config_json)
+        except ValueError:  # msb accepted the file; its platform columns stay NULL
+            config = ImageConfigFile()
         c = meta.config
         return cls(
             manifest_digest=meta.manifest_digest,
@@ -274,16 +277,21 @@ def forget_images(db: Path, keys: Iterable[str], *,
         doomed = [(rid, ref, mid) for rid, ref, mid in rows if _key(ref) in wanted]
         for rid, _, _ in doomed:
             conn.execute("DELETE FROM image_ref WHERE id = ?", (rid,))
+        layers: set[int] = set()
         for mid in {mid for _, _, mid in doomed}:
             if conn.execute("SELECT 1 FROM image_ref WHERE manifest_id = ?", (mid,)).fetchone():
                 continue
+            layers.update(row[0] for row in conn.execute(
+                "SELECT layer_id FROM manifest_layer WHERE manifest_id = ?", (mid,)))
             try:
                 conn.execute("DELETE FROM manifest WHERE id = ?", (mid,))
             except sqlite3.IntegrityError:
                 raise MsbDatabaseError(
                     f"msb database {db}: a sandbox still uses {_ref_of(doomed, mid)}",
                     hint="remove the sandbox with msb first") from None
-        conn.execute("DELETE FROM layer WHERE id NOT IN (SELECT layer_id FROM manifest_layer)")
+        conn.executemany(
+            "DELETE FROM layer WHERE id = ? AND id NOT IN (SELECT layer_id FROM manifest_layer)",
+            [(layer_id,) for layer_id in sorted(layers)])
         return [ref for _, ref, _ in doomed]
 
 
