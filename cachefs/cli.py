@@ -448,8 +448,9 @@ def _print_removals(c: Context, report: Any, verb: str) -> None:
 @main.command()
 @click.argument("references", nargs=-1, required=True)
 @click.option("-f", "--force", is_flag=True,
-              help="Also remove images msb's database lists; ignore unknown references. "
-                   "Never overrides leases or running pulls.")
+              help="Ignore unknown references; and where cachefs does not write msb's "
+                   "database (--no-msb-db, another msb version) remove images it lists, "
+                   "leaving their rows. Never overrides leases, running pulls or sandboxes.")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
 @click.option("--json", "as_json", is_flag=True,
               help="A JSON report: references removed, files with kind and size, skips.")
@@ -458,7 +459,10 @@ def _print_removals(c: Context, report: Any, verb: str) -> None:
 @click.pass_context
 def rm(ctx: click.Context, references: tuple[str, ...], force: bool, dry_run: bool,
        as_json: bool, msb_db: Path | None, no_msb_db: bool) -> None:
-    """Remove images, and the layers no other image uses."""
+    """Remove images, and the layers no other image uses.
+
+    In msb 0.7.11's database the images' rows go too, as `msb image rm` removes them.
+    """
     from .ops.remove import remove_images
 
     c = _ctx(ctx)
