@@ -557,7 +557,9 @@ def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: boo
             fix = "repairable: cachefs verify --repair" if p.repairable else "pull/load again"
             click.echo(f"  {p.artifact}: {p.message} [{fix}]")
 
-    cache = c.writable_cache() if repair else c.cache()
+    cache = c.cache()  # a cache that does not exist has nothing to verify or repair
+    if repair:
+        cache = c.writable_cache()
     report = run_verify(cache, reference, repair=repair, msb_db=msb_db, on_image=show)
     if as_json:
         _echo_json(report.to_json())

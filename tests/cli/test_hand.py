@@ -360,8 +360,8 @@ def test_username_alone_on_a_terminal_asks_for_the_password(
 
 def test_a_missing_cache_directory_is_said_and_not_created(tmp_path: Path) -> None:
     nowhere = tmp_path / "typo"
-    for args in (["images"], ["inspect", "x"], ["df"], ["verify"], ["gc", "--dry-run"],
-                 ["status"]):
+    for args in (["images"], ["inspect", "x"], ["df"], ["verify"], ["verify", "--repair"],
+                 ["gc", "--dry-run"], ["rm", "x"], ["status"]):
         proc = cachefs("--cache", str(nowhere), *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert f"cache directory {nowhere} does not exist" in proc.stderr, args
