@@ -342,6 +342,9 @@ def load(ctx: click.Context, source: Path, tag: str | None, platform: str | None
     from .pull import load as do_load
 
     c = _ctx(ctx)
+    if str(source) == "-" and sys.stdin.isatty():
+        raise UsageError("load -: standard input is a terminal, not an archive",
+                         hint="pipe one in: docker save IMAGE | cachefs load -")
     if platform is not None:
         parse_platform(platform)  # before reading anything
     if tag is not None:

@@ -169,6 +169,9 @@ def test_load_reads_an_archive_from_a_pipe(tmp_path: Path) -> None:
         assert [d["reference"] for d in docs] == ["example.com/hand/piped:1"]
     assert ok(cachefs("--cache", str(cache), "verify", "example.com/hand/piped:1"))
     assert not [p for p in (cache / "tmp").iterdir() if p.name.endswith(".blob")]
+    # a forgotten pipe: a terminal on stdin is refused rather than waited on
+    code, out = on_tty([CACHEFS, "--cache", str(cache), "load", "-"], deadline_s=30)
+    assert code == 2 and "standard input is a terminal" in out
 
 
 def test_an_oci_ref_name_that_is_a_tag_is_not_an_image_name(tmp_path: Path) -> None:
