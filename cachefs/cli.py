@@ -22,10 +22,18 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from .cache.store import GlobalCache, default_cache_dir
-from .cli_render import PullProgress, human_bytes, render_status, short_digest, table
+from .cli_render import (
+    PullProgress,
+    human_bytes,
+    render_layers,
+    render_status,
+    short_digest,
+    table,
+)
 from .errors import EXIT_CODES, CacheCorrupt, CachefsError, MountError, UsageError
 
 if TYPE_CHECKING:
+    from .oci.auth import Credentials
     from .pull import PullResult
 
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: a bug, not a refusal
@@ -46,7 +54,9 @@ def _exit_code_epilog() -> str:
     lines += [f"  {INTERNAL_ERROR_EXIT:<4} internal error (a bug: rerun with -v, report it)",
               f"  {INTERRUPTED_EXIT:<4} interrupted"]
     lines += ["", "Cache: --cache, else $CACHEFS_CACHE_DIR, else $MSB_HOME/cache, "
-              "else ~/.microsandbox/cache (shared with msb)."]
+              "else ~/.microsandbox/cache (shared with msb).",
+              "", "--cache, -q and -v also work after the command (cachefs pull -q REF); "
+              "on `images`, -q means references only (docker's meaning)."]
     return "\n".join(lines)
 
 
@@ -57,9 +67,14 @@ class Context:
     verbose: int
 
     def cache(self) -> GlobalCache:
-        """The cache for reading: no directories are created."""
+        """The cache for reading: no directories are created, and a missing one is said
+        (a mistyped --cache must not look like an empty cache)."""
         if self.cache_dir.exists() and not self.cache_dir.is_dir():
             raise UsageError(f"cache path {self.cache_dir} is not a directory")
+        if not self.cache_dir.exists():
+            raise UsageError(f"cache directory {self.cache_dir} does not exist",
+                             hint="check --cache or $CACHEFS_CACHE_DIR; pull or load "
+                                  "creates it")
         return GlobalCache(self.cache_dir)
 
     def writable_cache(self) -> GlobalCache:
@@ -70,12 +85,62 @@ class Context:
         if not self.quiet:
             click.echo(text)
 
-    def progress(self) -> PullProgress:
-        return PullProgress(enabled=not self.quiet and sys.stderr.isatty())
+    def progress(self, verb: str = "pulling") -> PullProgress:
+        return PullProgress(enabled=not self.quiet and sys.stderr.isatty(), verb=verb)
+
+
+def _set_cache(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        _ctx(ctx).cache_dir = Path(os.path.abspath(value))  # as main() does
+
+
+def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        _ctx(ctx).quiet = True
+
+
+def _set_verbose(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    if value:
+        c = _ctx(ctx)
+        c.verbose += value
+        _log_level(c.verbose)
+
+
+def _global_params() -> list[click.Option]:
+    """``--cache``, ``-q``, ``-v`` as options of every command too (``cachefs pull -q REF``).
+
+    A command's own option of the same name wins: ``images -q`` keeps docker's meaning,
+    references only.
+    """
+    return [
+        click.Option(["--cache", "global_cache"], type=click.Path(path_type=Path),
+                     expose_value=False, callback=_set_cache,
+                     help="The cache directory (as before the command)."),
+        click.Option(["-q", "--quiet", "global_quiet"], is_flag=True, expose_value=False,
+                     callback=_set_quiet, help="Print only results; no progress."),
+        click.Option(["-v", "--verbose", "global_verbose"], count=True, expose_value=False,
+                     callback=_set_verbose, help="More logging; tracebacks on errors."),
+    ]
+
+
+def _log_level(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.getLogger().setLevel(level)
 
 
 class CachefsGroup(click.Group):
-    """A group that renders ``CachefsError`` as one line and its exit code."""
+    """A group that renders ``CachefsError`` as one line and its exit code, and accepts
+    the global options after the command as well as before it."""
+
+    group_class = type  # nested groups (``erofs``) are CachefsGroups too
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None and not getattr(cmd, "_cachefs_globals", False):
+            taken = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
+            cmd.params.extend(p for p in _global_params() if not taken & set(p.opts))
+            cmd._cachefs_globals = True  # type: ignore[attr-defined]
+        return cmd
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -129,9 +194,8 @@ def main(ctx: click.Context, cache_dir: Path | None, quiet: bool, verbose: int) 
     # status.json and disk files then mean the same whatever the working directory.
     chosen = cache_dir if cache_dir is not None else default_cache_dir()
     ctx.obj = Context(Path(os.path.abspath(chosen)), quiet, verbose)
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _log_level(verbose)
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,9 +203,54 @@ def main(ctx: click.Context, cache_dir: Path | None, quiet: bool, verbose: int) 
 # ---------------------------------------------------------------------------------------
 
 
+_no_msb_db_option = click.option(
+    "--no-msb-db", is_flag=True,
+    help="Do not record (rm: remove) the image in msb's database <cache>/../db/msb.db. "
+         "By default a database of msb 0.7.11's schema gets the rows msb itself writes, "
+         "so `msb image ls` lists the image.")
+
+
+_json_result_option = click.option(
+    "--json", "as_json", is_flag=True,
+    help="Print the result as JSON on stdout (pull: one object, load: a list; shapes in "
+         "README.md, JSON output). Progress still goes to a terminal's stderr.")
+
+
 def _describe_result(result: PullResult) -> str:
     cached = " (already cached)" if result.cached else ""
     return f"{result.reference} {result.manifest_digest}{cached}"
+
+
+def _result_doc(result: PullResult) -> dict[str, object]:
+    return {
+        "reference": str(result.reference),
+        "manifest_digest": str(result.manifest_digest),
+        "config_digest": result.metadata.config_digest,
+        "cached": result.cached,
+        "layers": len(result.metadata.layers),
+        "fsmeta": str(result.fsmeta),
+        "vmdk": str(result.vmdk),
+    }
+
+
+def _password(username: str | None, password_stdin: bool) -> Credentials | None:
+    """--username's password: stdin, $CACHEFS_REGISTRY_PASSWORD, or asked on a terminal."""
+    from .oci.auth import Credentials
+
+    if username is None:
+        if password_stdin:
+            raise UsageError("--password-stdin needs --username")
+        return None
+    if password_stdin:
+        password: str | None = sys.stdin.readline().rstrip("\n")
+    else:
+        password = os.environ.get("CACHEFS_REGISTRY_PASSWORD")
+    if password is None and sys.stdin.isatty():
+        password = click.prompt(f"Password for {username}", hide_input=True, err=True)
+    if password is None:
+        raise UsageError("--username needs a password: --password-stdin, "
+                         "$CACHEFS_REGISTRY_PASSWORD, or run on a terminal to be asked")
+    return Credentials(username, password)
 
 
 @main.command()
@@ -157,16 +266,20 @@ def _describe_result(result: PullResult) -> str:
 @click.option("--ca-certs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Extra CA certificates (PEM) to trust for the registry.")
 @click.option("--username", default=None,
-              help="Registry user; the password is read from stdin (--password-stdin) or "
-                   "$CACHEFS_REGISTRY_PASSWORD. Default: the logins of cachefs/podman/"
-                   "docker login ($REGISTRY_AUTH_FILE, containers auth.json, "
-                   "~/.docker/config.json, helpers).")
+              help="Registry user; the password is read from stdin (--password-stdin), "
+                   "$CACHEFS_REGISTRY_PASSWORD, or asked on a terminal. Default: the logins "
+                   "of cachefs/podman/docker login ($REGISTRY_AUTH_FILE, containers "
+                   "auth.json, ~/.docker/config.json, helpers).")
 @click.option("--password-stdin", is_flag=True, help="Read the registry password from stdin.")
-@click.option("--platform", default=None, help="os/arch[/variant]; default: linux/<host arch>.")
+@click.option("--platform", default=None,
+              help="os/arch[/variant]; default: linux/<host arch>. A cached image of another "
+                   "platform is used with a warning (--policy always fetches this one).")
+@_no_msb_db_option
+@_json_result_option
 @click.pass_context
 def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure: bool,
          ca_certs: Path | None, username: str | None, password_stdin: bool,
-         platform: str | None) -> None:
+         platform: str | None, no_msb_db: bool, as_json: bool) -> None:
     """Pull REFERENCE from its registry into the cache.
 
     Layers download in parallel, resume after an interruption, and are verified against
@@ -176,53 +289,76 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
     """
     import trio
 
-    from .oci.auth import Credentials
+    from .oci.platform import format_platform, other_platform, parse_platform
     from .oci.registries_conf import load_registries_conf
     from .pull import PullPolicy
+    from .reference import Reference
     from .short_names import pull_short_name
 
     c = _ctx(ctx)
-    credentials = None
-    if username is not None:
-        password = (sys.stdin.readline().rstrip("\n") if password_stdin
-                    else os.environ.get("CACHEFS_REGISTRY_PASSWORD"))
-        if password is None:
-            raise UsageError("--username needs a password: --password-stdin or "
-                             "$CACHEFS_REGISTRY_PASSWORD")
-        credentials = Credentials(username, password)
-    elif password_stdin:
-        raise UsageError("--password-stdin needs --username")
+    wanted = parse_platform(platform) if platform is not None else None  # before anything
+    Reference.parse(reference)  # a bad name never reaches the network or the cache
+    credentials = _password(username, password_stdin)
     with c.progress() as progress:
         result = trio.run(functools.partial(
             pull_short_name, c.writable_cache(), reference, policy=PullPolicy(policy),
             force=force, insecure=insecure, ca_certs=ca_certs, credentials=credentials,
-            platform=platform, progress=progress, registries=load_registries_conf()))
-    click.echo(_describe_result(result))
+            platform=platform, progress=progress, registries=load_registries_conf(),
+            msb_db=not no_msb_db))
+    have = (other_platform(result.metadata.raw_config_json, wanted)
+            if wanted is not None and result.cached else None)
+    if have is not None:
+        click.echo(f"cachefs: warning: {result.reference} is cached for "
+                   f"{format_platform(have)}, not {platform}; `--policy always` pulls "
+                   f"{platform}", err=True)
+    if as_json:
+        _echo_json(_result_doc(result))
+    else:
+        click.echo(_describe_result(result))
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", type=click.Path(exists=True, allow_dash=True, path_type=Path))
 @click.option("-t", "--tag", default=None,
               help="One more reference for the (first) image; needed when it has no tag.")
 @click.option("--platform", default=None, help="os/arch[/variant] to pick from a multi-"
               "platform OCI layout; default: linux/<host arch>.")
 @click.option("--force", is_flag=True, help="Rebuild artifacts even when cached.")
+@_no_msb_db_option
+@_json_result_option
 @click.pass_context
 def load(ctx: click.Context, source: Path, tag: str | None, platform: str | None,
-         force: bool) -> None:
+         force: bool, no_msb_db: bool, as_json: bool) -> None:
     """Load a docker-archive tar or an OCI layout (directory or tar) into the cache.
 
     Every tag in the archive becomes a reference; layers stream straight from the archive.
+    SOURCE `-` (or a pipe such as /dev/stdin) reads the archive from standard input:
+    `docker save IMAGE | cachefs load -`.
     """
     import trio
 
+    from .oci.archive import spooled_archive
+    from .oci.platform import parse_platform
     from .pull import load as do_load
 
     c = _ctx(ctx)
-    with c.progress() as progress:
+    if str(source) == "-" and sys.stdin.isatty():
+        raise UsageError("load -: standard input is a terminal, not an archive",
+                         hint="pipe one in: docker save IMAGE | cachefs load -")
+    if platform is not None:
+        parse_platform(platform)  # before reading anything
+    if tag is not None:
+        from .reference import Reference
+
+        Reference.parse(tag)
+    cache = c.writable_cache()
+    with spooled_archive(source, cache.tmp_dir()) as archive, c.progress("loading") as progress:
         results = trio.run(functools.partial(
-            do_load, c.writable_cache(), source, tag=tag, platform=platform, force=force,
-            progress=progress))
+            do_load, cache, archive, tag=tag, platform=platform, force=force,
+            progress=progress, msb_db=not no_msb_db))
+    if as_json:
+        _echo_json([_result_doc(r) for r in results])
+        return
     for r in results:
         click.echo(_describe_result(r))
 
@@ -237,8 +373,10 @@ _msb_db_option = click.option(
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("-q", "--quiet", "only_refs", is_flag=True, help="Only references, one a line.")
+@click.option("--json", "as_json", is_flag=True,
+              help="A JSON list, one object per image (README.md, JSON output).")
+@click.option("-q", "--quiet", "only_refs", is_flag=True,
+              help="Only references, one a line (docker's images -q).")
 @_msb_db_option
 @click.pass_context
 def images(ctx: click.Context, as_json: bool, only_refs: bool, msb_db: Path | None) -> None:
@@ -265,7 +403,9 @@ def images(ctx: click.Context, as_json: bool, only_refs: bool, msb_db: Path | No
 
 @main.command(name="inspect")
 @click.argument("reference")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: the `images --json` fields plus config, platform, "
+                   "layers and artifact paths.")
 @_msb_db_option
 @click.pass_context
 def inspect_cmd(ctx: click.Context, reference: str, as_json: bool, msb_db: Path | None) -> None:
@@ -277,9 +417,9 @@ def inspect_cmd(ctx: click.Context, reference: str, as_json: bool, msb_db: Path 
     if as_json:
         _echo_json(doc)
         return
-    for key in ("reference", "typed", "manifest_digest", "config_digest", "state",
-                "metadata_path"):
-        click.echo(f"{key + ':':17} {doc.get(key)}")
+    for key in ("reference", "typed", "manifest_digest", "config_digest", "architecture",
+                "os", "variant", "created", "state", "metadata_path"):
+        click.echo(f"{key + ':':17} {'-' if doc.get(key) is None else doc.get(key)}")
     click.echo(f"{'sources:':17} {', '.join(doc['sources'])}")  # type: ignore[arg-type]
     if doc.get("missing"):
         click.echo(f"{'missing:':17} {', '.join(doc['missing'])}")  # type: ignore[arg-type]
@@ -287,9 +427,7 @@ def inspect_cmd(ctx: click.Context, reference: str, as_json: bool, msb_db: Path 
         if name in doc:
             click.echo(f"{name + ':':17} {doc[name]['path']}")  # type: ignore[index]
     click.echo("layers (bottom first):")
-    for i, layer in enumerate(doc["layer_details"]):  # type: ignore[arg-type]
-        click.echo(f"  {i:2} {layer['diff_id']}  {human_bytes(layer['erofs_size'])}"
-                   f"{'' if layer['valid'] else '  (missing or invalid)'}")
+    click.echo(render_layers(doc["layer_details"]))  # type: ignore[arg-type]
     config = {k: v for k, v in (doc.get("config") or {}).items()  # type: ignore[attr-defined]
               if v not in (None, [], {})}
     if config:
@@ -313,20 +451,26 @@ def _print_removals(c: Context, report: Any, verb: str) -> None:
 @main.command()
 @click.argument("references", nargs=-1, required=True)
 @click.option("-f", "--force", is_flag=True,
-              help="Also remove images msb's database lists; ignore unknown references. "
-                   "Never overrides leases or running pulls.")
+              help="Ignore unknown references; and where cachefs does not write msb's "
+                   "database (--no-msb-db, another msb version) remove images it lists, "
+                   "leaving their rows. Never overrides leases, running pulls or sandboxes.")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="A JSON report: references removed, files with kind and size, skips.")
 @_msb_db_option
+@_no_msb_db_option
 @click.pass_context
 def rm(ctx: click.Context, references: tuple[str, ...], force: bool, dry_run: bool,
-       as_json: bool, msb_db: Path | None) -> None:
-    """Remove images, and the layers no other image uses."""
+       as_json: bool, msb_db: Path | None, no_msb_db: bool) -> None:
+    """Remove images, and the layers no other image uses.
+
+    In msb 0.7.11's database the images' rows go too, as `msb image rm` removes them.
+    """
     from .ops.remove import remove_images
 
     c = _ctx(ctx)
     report = remove_images(c.cache(), list(references), force=force, msb_db=msb_db,
-                           dry_run=dry_run)
+                           dry_run=dry_run, write_msb_db=not no_msb_db)
     if as_json:
         _echo_json(report.to_json())
         return
@@ -338,7 +482,8 @@ def rm(ctx: click.Context, references: tuple[str, ...], force: bool, dry_run: bo
 
 @main.command()
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="A JSON report: files removed with kind and size, and what was skipped.")
 @_msb_db_option
 @click.pass_context
 def gc(ctx: click.Context, dry_run: bool, as_json: bool, msb_db: Path | None) -> None:
@@ -362,7 +507,8 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool, msb_db: Path | None) ->
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Bytes and files by kind, and per-image usage, as one JSON object.")
 @_msb_db_option
 @click.pass_context
 def df(ctx: click.Context, as_json: bool, msb_db: Path | None) -> None:
@@ -393,7 +539,8 @@ def df(ctx: click.Context, as_json: bool, msb_db: Path | None) -> None:
 @main.command()
 @click.argument("reference", required=False)
 @click.option("--repair", is_flag=True, help="Rebuild fsmeta and VMDK from the layers.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: ok, and each image's problems.")
 @_msb_db_option
 @click.pass_context
 def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: bool,
@@ -413,7 +560,9 @@ def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: boo
             fix = "repairable: cachefs verify --repair" if p.repairable else "pull/load again"
             click.echo(f"  {p.artifact}: {p.message} [{fix}]")
 
-    cache = c.writable_cache() if repair else c.cache()
+    cache = c.cache()  # a cache that does not exist has nothing to verify or repair
+    if repair:
+        cache = c.writable_cache()
     report = run_verify(cache, reference, repair=repair, msb_db=msb_db, on_image=show)
     if as_json:
         _echo_json(report.to_json())
@@ -444,9 +593,12 @@ def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: boo
               help="Serve fsmeta.erofs and layers/* as symlinks into the cache: faster warm "
                    "reads for a VMM running as the cache's owner, but no leases protect "
                    "their readers and other users cannot follow them.")
+@click.option("--create", is_flag=True,
+              help="Create the cache directory if it does not exist (else: refuse, so a "
+                   "mistyped --cache is not served as an empty cache).")
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path | None,
-          foreground: bool, notify: bool, symlinks: bool) -> None:
+          foreground: bool, notify: bool, symlinks: bool, create: bool) -> None:
     """Mount the view of the cache at MOUNTPOINT.
 
     Without --foreground a daemon is started and this returns once the mount is live; if
@@ -463,6 +615,10 @@ def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path 
         raise UsageError("--notify needs --foreground: systemd must supervise the process "
                          "that serves the mount")
     c = _ctx(ctx)
+    if not create and not c.cache_dir.is_dir():
+        raise UsageError(f"cache directory {c.cache_dir} does not exist",
+                         hint="pass --create to create it, or check --cache / "
+                              "$CACHEFS_CACHE_DIR")
     cache = c.writable_cache()
 
     def ready() -> None:
@@ -496,7 +652,8 @@ def umount(ctx: click.Context, mountpoint: Path, lazy: bool) -> None:
 @click.option("--mountpoint", type=click.Path(path_type=Path), envvar="CACHEFS_MOUNTPOINT",
               default=None, help="Read the live view's status.json here. "
                                  "Env: CACHEFS_MOUNTPOINT.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="The view's status.json document.")
 @_msb_db_option
 @click.pass_context
 def status(ctx: click.Context, mountpoint: Path | None, as_json: bool,
@@ -561,7 +718,7 @@ _device_option = click.option(
 @erofs.command(name="ls")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_device_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list, one object per entry.")
 def erofs_ls(image: Path, devices: tuple[Path, ...], as_json: bool) -> None:
     """List every entry of an EROFS image (type, mode, owner, size, mtime, links, xattrs)."""
     from .erofs.listing import format_ls_line, list_entries

@@ -46,6 +46,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     return "\n".join(lines)
 
 
+def render_layers(layers: Sequence[dict[str, Any]]) -> str:
+    """``inspect``'s layer table: the compressed blob (digest and size, as registries,
+    skopeo and msb show it) beside the diff_id and the layer EROFS."""
+    rows = [[i, layer.get("digest") or "-", human_bytes(layer.get("size_bytes")),
+             layer["diff_id"], human_bytes(layer.get("erofs_size")),
+             "ok" if layer.get("valid") else "MISSING"]
+            for i, layer in enumerate(layers)]
+    text = table(["#", "BLOB DIGEST", "COMPRESSED", "DIFF_ID", "EROFS", "STATE"], rows,
+                 right=(0, 2, 4))
+    return "\n".join("  " + line for line in text.splitlines())
+
+
 def render_status(doc: dict[str, Any], source: str) -> str:
     """The view's ``status.json`` (or the same document computed) for people."""
     images = doc.get("images") or {}
@@ -70,39 +82,59 @@ def render_status(doc: dict[str, Any], source: str) -> str:
     return "\n".join(lines)
 
 
+def _columns() -> tuple[Any, ...]:
+    """Progress columns in the CLI's own units: MiB (binary, one decimal), MiB/s."""
+    from rich.progress import BarColumn, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Bytes(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            if not task.fields.get("bytes", True):
+                return Text("")
+            done = human_bytes(int(task.completed))
+            total = human_bytes(int(task.total)) if task.total else "?"
+            return Text(f"{done:>10} / {total:<10}")
+
+    class Speed(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            if not speed or not task.fields.get("bytes", True):
+                return Text("")
+            return Text(f"{human_bytes(int(speed))}/s", justify="right")
+
+    return (TextColumn("{task.description:<26}"), BarColumn(), Bytes(), Speed(),
+            TimeRemainingColumn())
+
+
 class PullProgress:
     """Rich progress bars fed by the pipeline's events (``cachefs.progress``).
 
-    One bar per layer, relabelled as the layer moves through download → verify →
-    materialize (or straight to ``cached``), then one bar for stitching fsmeta + VMDK.
+    A header names the image, its digest and layer count; then one bar per layer,
+    labelled by its compressed digest (what registries, docker and msb show), counting
+    bytes in MiB with the speed: downloaded bytes for a pull (a resumed download starts
+    at what is on disk), bytes read from the archive while a load converts; then an
+    overall bar over all layers, and a line for stitching fsmeta + VMDK.
     Disabled (every call a no-op) unless ``enabled``: not a terminal, or ``-q``.
     """
 
-    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+    def __init__(self, enabled: bool, stream: TextIO | None = None,
+                 verb: str = "pulling") -> None:
         self.enabled = enabled
+        self._verb = verb
         self._progress: Any = None
         self._layers: dict[int, Any] = {}
+        self._labels: dict[int, str] = {}
+        self._sizes: dict[int, int] = {}
+        self._overall: Any = None
         self._stitch: Any = None
         self._stream = stream or sys.stderr
 
     def __enter__(self) -> PullProgress:
         if self.enabled:
             from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import Progress
 
-            self._progress = Progress(
-                TextColumn("{task.description:<28}"),
-                BarColumn(),
-                DownloadColumn(),
-                TimeRemainingColumn(),
-                console=Console(file=self._stream),
-            )
+            self._progress = Progress(*_columns(), console=Console(file=self._stream))
             self._progress.__enter__()
         return self
 
@@ -112,12 +144,55 @@ class PullProgress:
             self._progress.__exit__(exc_type, exc, tb)
             self._progress = None
 
-    def _layer_task(self, index: int, diff_id: str, total: int | None) -> Any:
-        task = self._layers.get(index)
+    def _resolved(self, event: Any) -> None:
+        bar = self._progress
+        layers = len(event.layers)
+        state = " (cached)" if event.cached else ""
+        bar.console.print(f"{self._verb} {event.reference} {short_digest(event.manifest_digest)}: "
+                          f"{layers} layer{'s' if layers != 1 else ''}{state}")
+        # bars for a new image of a load start afresh
+        for task in [*self._layers.values(), self._overall, self._stitch]:
+            if task is not None:
+                bar.update(task, visible=False)
+        self._layers, self._labels, self._sizes = {}, {}, {}
+        self._stitch = None
+        seen: set[str] = set()
+        for i, (diff_id, size) in enumerate(event.layers):
+            if diff_id in seen:  # a repeated layer is built once
+                continue
+            seen.add(diff_id)
+            blob = event.blobs[i] if i < len(event.blobs) else diff_id
+            self._labels[i] = short_digest(blob)
+            self._sizes[i] = size or 0
+            if event.cached:  # a cache hit: nothing to fetch or convert
+                self._layers[i] = bar.add_task(f"{self._labels[i]} cached", total=size or 1,
+                                               completed=size or 1)
+            else:
+                self._layers[i] = bar.add_task(f"{self._labels[i]} waiting", total=size or None)
+        total = sum(self._sizes.values()) or None
+        self._overall = bar.add_task("total", total=total,
+                                     completed=(total or 0) if event.cached else 0)
+
+    def _layer(self, event: Any) -> None:
+        bar = self._progress
+        task = self._layers.get(event.index)
         if task is None:
-            task = self._progress.add_task(f"{short_digest(diff_id)} waiting", total=total)
-            self._layers[index] = task
-        return task
+            return
+        label = f"{self._labels[event.index]} {event.phase}"
+        if event.total and not self._sizes[event.index]:
+            self._sizes[event.index] = event.total
+            bar.update(task, total=event.total)
+            bar.update(self._overall, total=sum(self._sizes.values()))
+        if event.phase in ("cached", "done"):
+            total = bar.tasks[task].total or self._sizes[event.index] or 1
+            bar.update(task, description=label, total=total, completed=total)
+        elif event.phase == "download" or event.done:
+            bar.update(task, description=label, completed=event.done)
+        else:  # a phase change without bytes (verify; materialize of a pull)
+            bar.update(task, description=label)
+        done = sum(min(t.completed, t.total or t.completed) for t in bar.tasks
+                   if t.id in self._layers.values())
+        bar.update(self._overall, completed=done)
 
     def __call__(self, event: Any) -> None:
         if self._progress is None:
@@ -126,22 +201,20 @@ class PullProgress:
 
         bar = self._progress
         if isinstance(event, Resolved):
-            for i, (diff_id, size) in enumerate(event.layers):
-                self._layer_task(i, diff_id, size)
+            self._resolved(event)
         elif isinstance(event, LayerProgress):
-            task = self._layer_task(event.index, event.diff_id, event.total)
-            label = f"{short_digest(event.diff_id)} {event.phase}"
-            if event.phase in ("cached", "done"):
-                total = bar.tasks[task].total or event.total or 1
-                bar.update(task, description=label, total=total, completed=total)
-            else:
-                bar.update(task, description=label, completed=event.done,
-                           **({"total": event.total} if event.total else {}))
+            self._layer(event)
         elif isinstance(event, Stitching):
             if self._stitch is None:
-                self._stitch = bar.add_task("stitch fsmeta + vmdk", total=None)
-        elif isinstance(event, Finished) and self._stitch is not None:
-            bar.update(self._stitch, total=1, completed=1)
+                self._stitch = bar.add_task("stitch fsmeta + vmdk", total=None, bytes=False)
+        elif isinstance(event, Finished):
+            if self._stitch is not None:
+                bar.update(self._stitch, total=1, completed=1)
+            if self._overall is not None:
+                total = bar.tasks[self._overall].total
+                if total:
+                    bar.update(self._overall, completed=total)
 
 
-__all__ = ["PullProgress", "human_bytes", "render_status", "short_digest", "table"]
+__all__ = ["PullProgress", "human_bytes", "render_layers", "render_status", "short_digest",
+           "table"]

@@ -191,3 +191,13 @@ class CacheUnreadable(CacheCorrupt):
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         super().__init__(f"cannot read {path}: {' '.join(reason.split()[:30])}")
         self.path = str(path)
+
+
+class MsbDatabaseError(CachefsError):
+    """msb's database could not be changed (another schema, busy, or a sandbox uses the
+    image); nothing in it or in the cache was changed."""
+
+    exit_code = 24
+
+
+EXIT_CODES.update({MsbDatabaseError.__name__: MsbDatabaseError.exit_code})

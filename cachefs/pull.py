@@ -46,6 +46,7 @@ from .progress import (
     Resolved,
     Stitching,
     ignore,
+    reporting,
 )
 from .reference import Reference
 
@@ -189,11 +190,13 @@ def cached_metadata(cache: GlobalCache, reference: Reference) -> CachedImageMeta
     return meta
 
 
-def _publish(cache: GlobalCache, plan: ImagePlan, source: str) -> CachedImageMetadata:
+def _publish(cache: GlobalCache, plan: ImagePlan, source: str,
+             msb_db: bool = True) -> CachedImageMetadata:
     """cachefs's record, then the metadata json last: msb's file is the commit point.
 
     A failure before the json (ENOSPC, say) then fails an image that is not published,
-    never a published image; a record this call created is taken back.
+    never a published image; a record this call created is taken back. msb's database
+    hears of the image only once it is published.
     """
     meta = plan.metadata()
     had_record = cache.ref_record_path(plan.reference).exists()
@@ -206,7 +209,18 @@ def _publish(cache: GlobalCache, plan: ImagePlan, source: str) -> CachedImageMet
         if not had_record:
             cache.forget_reference(plan.reference)
         raise
+    _record_in_msb_db(cache, plan.typed, meta, msb_db)
     return meta
+
+
+def _record_in_msb_db(cache: GlobalCache, typed: str, meta: CachedImageMetadata,
+                      enabled: bool) -> None:
+    """So ``msb image ls`` lists it (blocking: it may wait out msb's write lock)."""
+    if enabled:
+        from .cache.index import default_msb_db
+        from .cache.msb_db import record_image
+
+        record_image(default_msb_db(cache), typed, meta)
 
 
 async def _stitch(cache: GlobalCache, manifest: Digest, diff_ids: Sequence[Digest],
@@ -220,17 +234,20 @@ async def _stitch(cache: GlobalCache, manifest: Digest, diff_ids: Sequence[Diges
 
 
 async def complete_from_cache(
-    cache: GlobalCache, reference: Reference, typed: str, emit: ProgressCallback, source: str
+    cache: GlobalCache, reference: Reference, typed: str, emit: ProgressCallback, source: str,
+    msb_db: bool = True,
 ) -> PullResult | None:
     """A cache hit: every layer valid; fsmeta/VMDK rebuilt from layers if they are not."""
     meta = await trio.to_thread.run_sync(cached_metadata, cache, reference)
     if meta is None:
         return None
     emit(Resolved(str(reference), meta.manifest_digest,
-                  tuple((layer.diff_id, layer.size_bytes) for layer in meta.layers), cached=True))
+                  tuple((layer.diff_id, layer.size_bytes) for layer in meta.layers), cached=True,
+                  blobs=tuple(layer.digest for layer in meta.layers)))
     fsmeta, vmdk = await _stitch(cache, meta.manifest, meta.diff_ids)
     cache.record_reference(reference, typed, meta.manifest, source)
     await trio.to_thread.run_sync(drop_leftovers, cache, _blobs(meta.layers))
+    await trio.to_thread.run_sync(_record_in_msb_db, cache, typed, meta, msb_db)
     emit(Finished(str(reference), meta.manifest_digest, cached=True))
     return PullResult(reference, meta.manifest, True, meta, fsmeta, vmdk)
 
@@ -255,6 +272,7 @@ async def materialize_plan(
     emit: ProgressCallback,
     force: bool,
     source: str,
+    msb_db: bool = True,
 ) -> PullResult:
     """Run the per-layer stages in parallel, then stitch and publish.
 
@@ -262,7 +280,8 @@ async def materialize_plan(
     layer that has to be (re)built, or None if it turned valid while waiting for a lock.
     """
     emit(Resolved(str(plan.reference), str(plan.manifest_digest),
-                  tuple((layer.diff_id, layer.size_bytes) for layer in plan.layers)))
+                  tuple((layer.diff_id, layer.size_bytes) for layer in plan.layers),
+                  blobs=tuple(layer.digest for layer in plan.layers)))
     entries = _entries(cache, plan)
     in_flight = trio.CapacityLimiter(layers_in_flight())
     ensure_open_files(files_needed(len(entries), in_flight.total_tokens),
@@ -323,7 +342,7 @@ async def materialize_plan(
                                      [layer.diff_digest for layer in plan.layers], trees,
                                      force=force)
         trees.clear()
-        meta = await trio.to_thread.run_sync(_publish, cache, plan, source)
+        meta = await trio.to_thread.run_sync(_publish, cache, plan, source, msb_db)
     finally:
         leases.release()
     for path in transient:
@@ -349,6 +368,7 @@ async def pull(
     progress: ProgressCallback = ignore,
     client: RegistryClient | None = None,
     registries: RegistriesConf | None = None,
+    msb_db: bool = True,
 ) -> PullResult:
     """Pull ``reference`` into ``cache``; see the module docstring for the stages.
 
@@ -363,7 +383,7 @@ async def pull(
     emit = _Emitter(progress)
     async with flock_exclusive_async(cache.image_lock_path(ref)):
         if policy is not PullPolicy.ALWAYS and not force:
-            hit = await complete_from_cache(cache, ref, typed, emit, "pull")
+            hit = await complete_from_cache(cache, ref, typed, emit, "pull", msb_db)
             if hit is not None:
                 return hit
         if policy is PullPolicy.NEVER:
@@ -423,16 +443,16 @@ async def pull(
                             try:
                                 done = 0
 
-                                def on_bytes(n: int) -> None:
+                                def on_disk(n: int) -> None:
+                                    """Bytes on disk: a resumed download starts at its kept
+                                    prefix; a restarted one goes back to 0."""
                                     nonlocal done
-                                    done += n
-                                    emit_(LayerProgress(i, layer.diff_id, "download", done,
-                                                        total))
+                                    done = n
+                                    growing.written(n)
+                                    emit_(LayerProgress(i, layer.diff_id, "download", n, total))
 
-                                emit_(LayerProgress(i, layer.diff_id, "download", 0, total))
                                 await registry.fetch_blob(
-                                    ref, descriptor, part, resume=True, progress=on_bytes,
-                                    written=growing.written,
+                                    ref, descriptor, part, resume=True, written=on_disk,
                                 )
                                 emit_(LayerProgress(i, layer.diff_id, "verify", done, total))
                                 os.rename(part, tar)
@@ -448,7 +468,7 @@ async def pull(
                     await held.aclose()
 
             return await materialize_plan(cache, plan, provide, emit=emit, force=force,
-                                          source="pull")
+                                          source="pull", msb_db=msb_db)
         finally:
             if own_client:
                 await registry.aclose()
@@ -506,6 +526,7 @@ async def load(
     platform: str | None = None,
     force: bool = False,
     progress: ProgressCallback = ignore,
+    msb_db: bool = True,
 ) -> list[PullResult]:
     """Load a docker archive or OCI layout (tar or directory) like ``msb load``.
 
@@ -528,9 +549,10 @@ async def load(
         if n == 0 and tag is not None:
             names.append(tag)
         if not names:
-            raise ArchiveError(
-                f"{archive}: image {image.manifest_digest} has no tag", hint="pass --tag REF"
-            )
+            bare = (f" (its OCI ref.name {image.layout_tag!r} is only a tag)"
+                    if image.layout_tag else "")
+            raise ArchiveError(f"{archive}: image {image.manifest_digest} has no tag{bare}",
+                               hint="pass --tag REPOSITORY[:TAG]")
         refs = [(Reference.parse(name), name) for name in names]
         # An uncompressed layer's blob digest is its diff_id: ingest verifies those same
         # bytes against the diff_id, so the archive stream need not hash them a second time.
@@ -543,7 +565,11 @@ async def load(
             i: int, layer: LayerMetadata, emit_: ProgressCallback,
             openers: dict[str, BlobOpener] = openers,
         ) -> LayerBlob:
-            return LayerBlob(openers[layer.diff_id], None, transient=False)
+            def converted(read: int) -> None:  # bytes read from the archive so far
+                emit_(LayerProgress(i, layer.diff_id, "materialize", read, layer.size_bytes))
+
+            return LayerBlob(reporting(openers[layer.diff_id], converted), None,
+                             transient=False)
 
         first_ref, first_typed = refs[0]
         async with flock_exclusive_async(cache.image_lock_path(first_ref)):
@@ -554,12 +580,12 @@ async def load(
                  for layer in image.layers],
             )
             result = await materialize_plan(cache, plan, provide, emit=emit, force=force,
-                                            source="load")
+                                            source="load", msb_db=msb_db)
         results.append(result)
         for ref, typed in refs[1:]:  # further tags: same artifacts, one more json each
             alias = ImagePlan(ref, typed, plan.manifest_digest, plan.raw_manifest_json,
                               plan.raw_config_json, plan.config, plan.layers)
-            meta = await trio.to_thread.run_sync(_publish, cache, alias, "load")
+            meta = await trio.to_thread.run_sync(_publish, cache, alias, "load", msb_db)
             results.append(PullResult(ref, plan.manifest_digest, False, meta,
                                       result.fsmeta, result.vmdk))
     return results

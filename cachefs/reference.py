@@ -3,6 +3,11 @@
 The normalised string is what msb hashes into ``manifests/<key>.json``, so every byte
 of ``str(Reference)`` matters: case is preserved, ports are kept, ``index.docker.io``
 becomes ``docker.io`` and single-component Docker Hub names gain ``library/``.
+
+One deliberate difference from oci-client: a repository with upper-case letters is
+rejected here, as docker's reference grammar and skopeo do (``repository name must be
+lowercase``), because no registry serves one; oci-client accepts it and then fails at
+the registry after a round trip. Registry host and tag keep their case.
 """
 
 from __future__ import annotations
@@ -86,6 +91,10 @@ class Reference:
                 raise ReferenceError(
                     f"invalid reference {original!r}: bad path component {component!r}"
                 )
+        if repository != repository.lower():
+            raise ReferenceError(
+                f"invalid reference {original!r}: repository name must be lowercase"
+            )
         if len(repository) > _MAX_REPOSITORY:
             raise ReferenceError(
                 f"invalid reference {original!r}: repository name longer than "

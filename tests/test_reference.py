@@ -20,7 +20,7 @@ TABLE = [
     ("example.com:8443/ns/sub/img", "example.com:8443/ns/sub/img:latest"),
     ("alpine@sha256:" + "0" * 64, "docker.io/library/alpine@sha256:" + "0" * 64),
     ("alpine:3@sha256:" + "1" * 64, "docker.io/library/alpine:3@sha256:" + "1" * 64),
-    ("Upper/case", "docker.io/Upper/case:latest"),
+    ("alpine:V1-Upper", "docker.io/library/alpine:V1-Upper"),
     ("127.0.0.1:5055/fmt/img", "127.0.0.1:5055/fmt/img:latest"),
     ("example.COM/x", "example.COM/x:latest"),
 ]
@@ -66,6 +66,9 @@ def test_parts() -> None:
         ("alpine:", "bad tag"),
         ("Alp ine", "bad path component"),
         ("-lead/x", "bad path component"),
+        # msb (oci-client) keeps these and fails at the registry; skopeo refuses locally
+        ("Upper/case", "repository name must be lowercase"),
+        ("127.0.0.1:5000/Team/app:v1", "repository name must be lowercase"),
     ],
 )
 def test_rejected(bad: str, why: str) -> None:
@@ -80,3 +83,8 @@ def test_with_digest_keeps_tag() -> None:
 
     ref = Reference.parse("alpine:3.20").with_digest(Digest("sha256", "b" * 64))
     assert str(ref) == "docker.io/library/alpine:3.20@sha256:" + "b" * 64
+
+
+def test_upper_case_host_and_tag_are_kept() -> None:
+    ref = Reference.parse("Example.COM:5000/team/app:V1")
+    assert (ref.registry, ref.repository, ref.tag) == ("Example.COM:5000", "team/app", "V1")

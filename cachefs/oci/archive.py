@@ -11,10 +11,16 @@ What msb 0.7.11 ``load`` does, observed (tests/oci/test_archive.py checks each p
 * A tar with only ``index.json`` is an **OCI layout**. msb keeps the manifest blob's exact
   bytes as ``raw_manifest_json`` and its digest as ``manifest_digest``. Each top-level entry
   of ``index.json`` is one image, named by its ``org.opencontainers.image.ref.name``
-  annotation taken *as a whole reference* (a bare ``v1`` becomes the reference ``v1``); a
-  nested index is narrowed to linux/<host arch>; top-level manifests of another platform are
-  skipped.
-* msb only reads tar files; cachefs also accepts the same layouts as directories.
+  annotation; a nested index is narrowed to linux/<host arch>; top-level manifests of
+  another platform are skipped.
+* msb only reads tar files; cachefs also accepts the same layouts as directories, and a
+  pipe (``docker save … | cachefs load -``), spooled to the cache's ``tmp/`` first.
+
+Where cachefs deliberately differs: msb takes ``ref.name`` as a whole reference, so a
+layout written by ``skopeo copy … oci:dir:bookworm`` (``ref.name`` = ``bookworm``, a tag,
+as the OCI image-layout spec and skopeo mean it) became ``docker.io/library/bookworm:latest``.
+cachefs takes a ``ref.name`` without ``/`` and ``:`` as a tag only: it names no image, and
+the image needs ``--tag`` (which then is its only name).
 
 Everything is validated when the archive is opened — missing members, unparsable JSON,
 digests that do not match their names — and layer streams verify their digest at EOF, so a
@@ -23,11 +29,16 @@ bad archive fails with ArchiveError / DigestMismatch naming the member.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import posixpath
+import shutil
+import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +273,7 @@ class ArchiveImage:
     config_digest: Digest
     layers: list[ArchiveLayer]
     platform: Platform | None = None
+    layout_tag: str | None = None  # an OCI ref.name that is only a tag (names no image)
 
     @property
     def raw_manifest_json(self) -> str:
@@ -273,6 +285,36 @@ class ArchiveSource:
     path: Path
     kind: ArchiveKind
     images: list[ArchiveImage]
+
+
+def is_bare_tag(ref_name: str) -> bool:
+    """``bookworm``, ``v1``: a ref.name with no repository part (see the module docstring)."""
+    return "/" not in ref_name and ":" not in ref_name and "@" not in ref_name
+
+
+@contextlib.contextmanager
+def spooled_archive(source: Path, tmp_dir: Path) -> Iterator[Path]:
+    """``source`` as a path :func:`open_archive` can read: itself when it is a file or a
+    directory; ``-`` (stdin) or a pipe (``/dev/stdin``) copied to ``tmp_dir`` first,
+    because tar members are read out of order and a pipe cannot seek.
+
+    The copy is named like an abandoned load (``load-<ns>-<pid>-0.blob``), which
+    ``cachefs gc`` removes once this process is gone, and is removed on the way out.
+    """
+    if str(source) != "-" and (source.is_file() or source.is_dir()):
+        yield source
+        return
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    spool = tmp_dir / f"load-{time.time_ns()}-{os.getpid()}-0.blob"
+    try:
+        with contextlib.ExitStack() as stack:
+            stream: BinaryIO = (sys.stdin.buffer if str(source) == "-"
+                                else stack.enter_context(source.open("rb")))
+            with spool.open("xb") as out:
+                shutil.copyfileobj(stream, out, _CHUNK)
+        yield spool
+    finally:
+        spool.unlink(missing_ok=True)
 
 
 def open_archive(path: Path, platform: Platform | None = None) -> ArchiveSource:
@@ -525,7 +567,7 @@ def _oci_image(members: _Members, desc: Descriptor, data: bytes, ref_name: str |
         layers.append(ArchiveLayer(d.parsed_digest, d.media_type, size, diff_id, name, members))
     return ArchiveImage(
         kind="oci-layout",
-        repo_tags=[ref_name] if ref_name else [],
+        repo_tags=[ref_name] if ref_name and not is_bare_tag(ref_name) else [],
         manifest_digest=desc.parsed_digest,
         manifest_bytes=data,
         manifest=manifest,
@@ -534,6 +576,7 @@ def _oci_image(members: _Members, desc: Descriptor, data: bytes, ref_name: str |
         config_digest=manifest.config.parsed_digest,
         layers=layers,
         platform=chosen,
+        layout_tag=ref_name if ref_name and is_bare_tag(ref_name) else None,
     )
 
 

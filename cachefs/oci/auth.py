@@ -10,8 +10,9 @@ time. A ``401`` carries ``WWW-Authenticate``:
   otherwise. Tokens are cached per (registry, scope) until they expire.
 
 Credentials are looked up lazily (only when a registry asks), in this order: explicit
-``username/password`` (``--username/--password``), only ever sent to the registry the user
-named (never to a registries.conf mirror on another host, as podman), then the files
+``username/password`` (``--username``, the password on stdin or asked), only ever sent to
+the registry the user named (never to a registries.conf mirror on another host, as
+podman), then the files
 podman reads (:mod:`cachefs.oci.auth_files`: ``$REGISTRY_AUTH_FILE``, the containers
 ``auth.json`` files), then ``~/.docker/config.json``: ``credHelpers[<host>]``,
 ``credsStore``, and finally ``auths[<host>]`` (``auth`` = base64 ``user:pass``, or
@@ -295,8 +296,9 @@ class Authenticator:
             if creds is None:
                 raise AuthError(
                     f"{what}: registry {registry} requires credentials",
-                    hint="pass --username with --password-stdin, or log in first: "
-                         "cachefs login (or podman/skopeo/docker login)",
+                    hint="pass --username (the password via --password-stdin, or asked on "
+                         "a terminal), or log in first: cachefs login (or podman/skopeo/"
+                         "docker login)",
                 )
             self._basic.add(registry)
             return creds.basic_header()

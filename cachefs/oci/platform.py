@@ -11,7 +11,7 @@ import platform as _pyplatform
 from collections.abc import Sequence
 
 from ..errors import CachefsError, UsageError
-from ..models import Descriptor, Platform
+from ..models import Descriptor, ImageConfigFile, Platform
 
 _MACHINE_TO_ARCH = {
     "x86_64": "amd64",
@@ -44,6 +44,18 @@ def parse_platform(text: str) -> Platform:
         raise UsageError(f"invalid platform {text!r}: expected os/arch[/variant]")
     variant = parts[2] if len(parts) == 3 else None
     return Platform(os=parts[0], architecture=parts[1], variant=variant)
+
+
+def image_platform(raw_config_json: str) -> Platform:
+    """The platform an image config declares (its ``os``/``architecture``/``variant``)."""
+    config = ImageConfigFile.model_validate_json(raw_config_json)
+    return Platform(os=config.os, architecture=config.architecture, variant=config.variant)
+
+
+def other_platform(raw_config_json: str, wanted: Platform) -> Platform | None:
+    """The platform of a cached image when it is not ``wanted`` (None when it is)."""
+    have = image_platform(raw_config_json)
+    return None if platform_matches(have, wanted) else have
 
 
 def format_platform(p: Platform | None) -> str:

@@ -17,6 +17,7 @@ would be guessing.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -122,24 +123,37 @@ def _manifest_jsons(cache: GlobalCache, *, strict: bool = False) -> list[Path]:
 
 
 def find_image(images: Iterable[ImageInfo], text: str) -> ImageInfo:
-    """The image a user named: a reference (normalised like msb), a manifest digest
-    (``sha256:…``, unique prefix allowed) or a cache key."""
+    """The image a user named: a reference (normalised like msb), ``REPO@sha256:…`` of
+    an image cached under a tag of that repository, a manifest digest (``sha256:…``,
+    unique prefix allowed) or a cache key."""
     images = list(images)
     try:
-        key = Reference.parse(text).cache_key
+        ref: Reference | None = Reference.parse(text)
     except ReferenceError:
         if not (text.startswith("sha256:") or re.fullmatch(r"[0-9a-f]{64}", text)):
             raise
-        key = None
+        ref = None
+    key = ref.cache_key if ref is not None else None
     for info in images:
         if info.key in (key, text):
             return info
+    if ref is not None and ref.digest is not None:  # as docker/skopeo print it: REPO@digest
+        for info in images:
+            if info.digest == str(ref.digest) and _repository(info.reference) == ref.name:
+                return info
     if text.startswith("sha256:"):
         hits = [i for i in images if i.digest and i.digest.startswith(text)]
         if len({i.digest for i in hits}) == 1:
             return hits[0]
     raise NotCachedError(f"image {text!r} is not in the cache",
                          hint="see `cachefs images`")
+
+
+def _repository(reference: str | None) -> str | None:
+    try:
+        return Reference.parse(reference).name if reference else None
+    except ReferenceError:
+        return None
 
 
 @dataclass(slots=True)
@@ -221,12 +235,25 @@ def image_summary(cache: GlobalCache, info: ImageInfo) -> dict[str, object]:
     }
 
 
+def _platform_and_created(raw_config_json: str) -> dict[str, object]:
+    """What skopeo and msb show from the image config beside the runtime settings."""
+    try:
+        doc = json.loads(raw_config_json)
+    except ValueError:
+        doc = {}
+    doc = doc if isinstance(doc, dict) else {}
+    return {k: doc.get(k) if isinstance(doc.get(k), str) else None
+            for k in ("architecture", "os", "variant", "created")}
+
+
 def inspect_image(cache: GlobalCache, info: ImageInfo) -> dict[str, object]:
     """Everything cachefs knows about one image, with the paths of its artifacts."""
     md = info.metadata
     doc = image_summary(cache, info)
     doc["metadata_path"] = str(cache.manifests_dir() / f"{info.key}.json")
     doc["config_digest"] = md.config_digest if md else None
+    doc.update(_platform_and_created(md.raw_config_json) if md else
+               dict.fromkeys(("architecture", "os", "variant", "created")))
     doc["config"] = md.config.model_dump() if md else None
     layers = []
     by_diff = {layer.diff_id: layer for layer in md.layers} if md else {}

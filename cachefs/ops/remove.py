@@ -38,6 +38,7 @@ from ..cache.locks import (
     publication_gate_path,
     try_flock,
 )
+from ..cache.msb_db import forget_images, writable_schema
 from ..cache.publish import fsync_dir
 from ..cache.store import GlobalCache
 from ..digest import Digest
@@ -165,20 +166,23 @@ def remove_images(
     force: bool = False,
     msb_db: Path | None = None,
     dry_run: bool = False,
+    write_msb_db: bool = True,
 ) -> RemoveReport:
     """Remove images and whatever of theirs no remaining image uses.
 
     Refuses (``LockBusy``) when a pull of one of them is running or any entry to be
-    removed is leased; nothing is removed then. An image registered in msb's database
-    needs ``force``: its rows stay (the database is msb's) and msb will treat the image
-    as a cache miss. ``force`` also makes unknown names a no-op instead of an error.
+    removed is leased; nothing is removed then. In a database of msb 0.7.11's schema
+    (and ``write_msb_db``) the images' rows go first, as ``msb image rm`` removes them;
+    otherwise an image registered there needs ``force`` and its rows stay (msb will
+    treat it as a cache miss). ``force`` also makes unknown names a no-op.
     """
     db = msb_db if msb_db is not None else default_msb_db(cache)
+    db_writable = write_msb_db and writable_schema(db)
     report = RemoveReport(dry_run=dry_run)
     held: dict[Path, FileLock] = {}
     with coordination(cache), _stop_if_unread():
         try:
-            targets = _targets(cache, names, force=force, db=db)
+            targets = _targets(cache, names, force=force, db=db, db_rows_go=db_writable)
             keys = {t.key for t in targets}
             for info in targets:
                 pull_lock = cache.manifests_dir() / f"{info.key}.lock"
@@ -204,6 +208,8 @@ def remove_images(
                 plan = [r for r in _rm_plan(cache, targets, keys, db)
                         if any(r.path == p.path for p in plan)]
                 report.images = [t.name for t in targets]
+                if db_writable and not dry_run:  # rows first: msb never lists a lost image
+                    forget_images(db, keys)
                 for removal in plan:
                     report.removed.append(removal)
                     if not dry_run:
@@ -218,7 +224,8 @@ def remove_images(
     return report
 
 
-def _targets(cache: GlobalCache, names: list[str], *, force: bool, db: Path) -> list[ImageInfo]:
+def _targets(cache: GlobalCache, names: list[str], *, force: bool, db: Path,
+             db_rows_go: bool = False) -> list[ImageInfo]:
     if not names:
         raise UsageError("rm needs at least one image reference")
     images = list_images(cache, db, strict=True)
@@ -230,7 +237,7 @@ def _targets(cache: GlobalCache, names: list[str], *, force: bool, db: Path) -> 
             if force:
                 continue
             raise
-        if SOURCE_MSB_DB in info.sources and not force:
+        if SOURCE_MSB_DB in info.sources and not (force or db_rows_go):
             raise UsageError(
                 f"{info.name} is registered in msb's database; removing its files leaves msb "
                 "a dangling entry",

@@ -32,7 +32,7 @@ class ImageUsage:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "image": self.name,
+            "reference": self.name,
             "manifest_digest": self.manifest_digest,
             "layers": self.layers,
             "unique_bytes": self.unique_bytes,

@@ -63,7 +63,7 @@ class ImageCheck:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "image": self.name,
+            "reference": self.name,
             "manifest_digest": self.manifest_digest,
             "ok": self.ok,
             "repaired": self.repaired,

@@ -640,6 +640,9 @@ def build_tree(snap: CacheSnapshot, *, links: bool = False) -> DirNode:
             _insert(images, parts, node)
         if img.manifest_digest:
             by_digest.setdefault(_safe(img.manifest_digest), node)
+            # the digest as every tool prints it (sha256:<hex>): a link to the safe name
+            by_digest.setdefault(img.manifest_digest,
+                                 SymlinkNode(_safe(img.manifest_digest), now))
 
     layer_files: dict[str, Node] = {
         f"{_safe(diff)}.erofs": _disk_file(art, links)

@@ -140,11 +140,24 @@ def test_rm_removes_the_image_and_its_unique_layers_only(loaded: LoadedCache) ->
     assert lease_path(loaded.layer(only_a)).exists()
 
 
-def test_rm_of_an_image_msb_registered_needs_force(loaded: LoadedCache) -> None:
-    proc = run(loaded.root, "rm", REF_A)
+def test_rm_of_an_image_msb_registered_needs_force_without_the_database(
+    loaded: LoadedCache,
+) -> None:
+    proc = run(loaded.root, "rm", "--no-msb-db", REF_A)
     assert proc.returncode == 2
     assert "msb" in proc.stderr and "--force" in proc.stderr
     assert loaded.json(REF_A).exists()
+
+
+def test_rm_of_an_image_msb_registered_removes_its_rows(loaded: LoadedCache) -> None:
+    """msb's database is of msb 0.7.11's schema: rm removes the rows as msb image rm does."""
+    assert REF_A in loaded.msb("image", "ls").stdout
+    proc = run(loaded.root, "rm", REF_A)
+    assert proc.returncode == 0, proc.stderr
+    listing = loaded.msb("image", "ls").stdout
+    assert REF_A not in listing and REF_B in listing
+    assert not loaded.json(REF_A).exists()
+    assert "image not found" in loaded.msb("image", "inspect", REF_A, check=False).stderr.lower()
 
 
 def test_rm_refuses_while_a_shared_lease_is_held(loaded: LoadedCache) -> None:
@@ -213,7 +226,7 @@ def test_df_bytes_by_kind_and_shared_vs_unique(loaded: LoadedCache) -> None:
     assert doc["bytes_by_kind"]["manifests"] == sum(
         p.stat().st_size for p in loaded.cache.manifests_dir().glob("*.json"))
     assert doc["bytes_by_kind"]["tmp"] == 0
-    per = {i["image"]: i for i in doc["images"]}
+    per = {i["reference"]: i for i in doc["images"]}
     base = loaded.layer(loaded.metadata(REF_A).layers[0].diff_id).stat().st_size
     for ref in (REF_A, REF_B):
         own = loaded.layer(loaded.metadata(ref).layers[1].diff_id).stat().st_size

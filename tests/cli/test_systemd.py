@@ -51,7 +51,7 @@ def test_units_are_notify_services_without_a_private_mount_namespace(name: str) 
     assert d["Type"] == ["notify"]
     assert d["Restart"] == ["on-failure"]
     [exec_start] = d["ExecStart"]
-    assert " mount --foreground --notify " in exec_start
+    assert " mount --create --foreground --notify " in exec_start
     assert "${CACHEFS_MOUNTPOINT}" in exec_start and "$CACHEFS_OPTIONS" in exec_start
     assert not [k for k in d if k in NAMESPACING]
     if name == "cachefs.service":

@@ -127,7 +127,8 @@ def test_ready_image_layout() -> None:
     assert doc["config"]["config"]["Cmd"] == ["sh"]
     assert [la["state"] for la in doc["layers"]] == ["ok"] * 3
     assert set(_dir(root, "layers").children) == {f"sha256_{c * 64}.erofs" for c in "abc"}
-    assert set(_dir(root, "by-digest").children) == {f"sha256_{'1' * 64}"}
+    assert set(_dir(root, "by-digest").children) == {f"sha256_{'1' * 64}", f"sha256:{'1' * 64}"}
+    assert _dir(root, "by-digest").children[f"sha256:{'1' * 64}"].target == f"sha256_{'1' * 64}"
 
 
 def test_reference_paths() -> None:
@@ -139,7 +140,7 @@ def test_reference_paths() -> None:
     assert set(_dir(root, "images").children) == {"docker.io", "127.0.0.1:5000",
                                                   "localhost:5000"}
     # Three references, one manifest: by-digest holds it once, image.json names all three.
-    assert len(_dir(root, "by-digest").children) == 1
+    assert len(_dir(root, "by-digest").children) == 2  # sha256_<hex> and its sha256:<hex> link
     doc = json.loads(_text(root, "images/localhost:5000/a/b/c:1/image.json"))
     assert len(doc["references"]) == 3
     # Documents are rendered on read; their size is known without rendering, exactly.
