@@ -1,0 +1,57 @@
+"""Structural checks of EROFS images that arrived from outside (a registry artifact).
+
+A downloaded layer image is published only if the kernel and msb will accept it and our
+reader can walk all of it: the superblock parses with a matching checksum, the image has
+no device table (a layer stands alone), the superblock's block count fits the file, every
+inode and directory block parses (:meth:`ErofsImage.walk` reads each one through
+bounds-checked preads), and every regular file's data lies inside the file. Regular files
+must be FLAT_PLAIN, as msb writes them, or no fsmeta could point at them.
+
+The walk also yields the layer's tree: the fsmeta is then merged from the trees exactly
+as a pull that converted the layers would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..erofs import format as fmt
+from ..erofs.reader import ErofsImage, is_valid_erofs
+from ..erofs.tree import FileType, Node
+from ..errors import CachefsError, ErofsFormatError
+
+BLOCK = fmt.BLOCK_SIZE
+
+
+def check_layer_image(path: Path) -> tuple[Node, int]:
+    """(tree, total blocks) of a layer EROFS that passes every check; else ErofsFormatError."""
+    if not is_valid_erofs(path):
+        raise ErofsFormatError(f"{path.name}: not a valid EROFS image (msb's rule)")
+    try:
+        with ErofsImage.open(path) as image:
+            image.check_crc()
+            if image.devices:
+                raise ErofsFormatError(
+                    f"{path.name}: a layer image has a device table ({len(image.devices)} "
+                    "slots)")
+            if image.superblock.blocks * BLOCK > image.file_size:
+                raise ErofsFormatError(
+                    f"{path.name}: superblock claims {image.superblock.blocks} blocks, the "
+                    f"file has {image.file_size // BLOCK}")
+            for sub, nid, ino in image.walk():
+                if ino.type is not FileType.REG or ino.size == 0:
+                    continue
+                if ino.layout != fmt.LAYOUT_FLAT_PLAIN:
+                    raise ErofsFormatError(
+                        f"{path.name}: file {sub!r} (nid {nid}) has layout {ino.layout}, "
+                        "not FLAT_PLAIN (an fsmeta can only point at plain layer blocks)")
+                end = ino.raw_u * BLOCK + ino.size
+                if end > image.file_size:
+                    raise ErofsFormatError(
+                        f"{path.name}: file {sub!r} (nid {nid}) data ends at byte {end}, "
+                        f"beyond the {image.file_size}-byte image")
+            return image.to_tree(), image.total_blocks
+    except ErofsFormatError:
+        raise
+    except (CachefsError, OSError, ValueError) as err:
+        raise ErofsFormatError(f"{path.name}: unreadable: {err}") from None
