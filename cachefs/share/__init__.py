@@ -31,5 +31,11 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["ArtifactPolicy", "FetchOutcome", "fetch_erofs", "layer_origin", "PushReport",
-           "push_erofs"]
+__all__ = [
+    "ArtifactPolicy",
+    "FetchOutcome",
+    "PushReport",
+    "fetch_erofs",
+    "layer_origin",
+    "push_erofs",
+]
