@@ -23,35 +23,39 @@ from ..errors import CachefsError, ErofsFormatError
 BLOCK = fmt.BLOCK_SIZE
 
 
-def check_layer_image(path: Path) -> tuple[Node, int]:
-    """(tree, total blocks) of a layer EROFS that passes every check; else ErofsFormatError."""
+def check_layer_image(path: Path, label: str | None = None) -> tuple[Node, int]:
+    """(tree, total blocks) of a layer EROFS that passes every check; else ErofsFormatError.
+
+    ``label`` names the image in messages (default: its file name).
+    """
+    name = label or path.name
     if not is_valid_erofs(path):
-        raise ErofsFormatError(f"{path.name}: not a valid EROFS image (msb's rule)")
+        raise ErofsFormatError(f"{name}: not a valid EROFS image (msb's rule)")
     try:
         with ErofsImage.open(path) as image:
             image.check_crc()
             if image.devices:
                 raise ErofsFormatError(
-                    f"{path.name}: a layer image has a device table ({len(image.devices)} "
+                    f"{name}: a layer image has a device table ({len(image.devices)} "
                     "slots)")
             if image.superblock.blocks * BLOCK > image.file_size:
                 raise ErofsFormatError(
-                    f"{path.name}: superblock claims {image.superblock.blocks} blocks, the "
+                    f"{name}: superblock claims {image.superblock.blocks} blocks, the "
                     f"file has {image.file_size // BLOCK}")
             for sub, nid, ino in image.walk():
                 if ino.type is not FileType.REG or ino.size == 0:
                     continue
                 if ino.layout != fmt.LAYOUT_FLAT_PLAIN:
                     raise ErofsFormatError(
-                        f"{path.name}: file {sub!r} (nid {nid}) has layout {ino.layout}, "
+                        f"{name}: file {sub!r} (nid {nid}) has layout {ino.layout}, "
                         "not FLAT_PLAIN (an fsmeta can only point at plain layer blocks)")
                 end = ino.raw_u * BLOCK + ino.size
                 if end > image.file_size:
                     raise ErofsFormatError(
-                        f"{path.name}: file {sub!r} (nid {nid}) data ends at byte {end}, "
+                        f"{name}: file {sub!r} (nid {nid}) data ends at byte {end}, "
                         f"beyond the {image.file_size}-byte image")
             return image.to_tree(), image.total_blocks
     except ErofsFormatError:
         raise
     except (CachefsError, OSError, ValueError) as err:
-        raise ErofsFormatError(f"{path.name}: unreadable: {err}") from None
+        raise ErofsFormatError(f"{name}: unreadable: {err}") from None

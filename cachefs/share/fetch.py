@@ -226,7 +226,7 @@ async def _fetch_one(cache: GlobalCache, client: RegistryClient, ref: Reference,
                     what=f"EROFS of layer {label}"))
             finally:
                 remove_quietly(part)
-        cand.tree = await trio.to_thread.run_sync(check_layer_image, out)
+        cand.tree = await trio.to_thread.run_sync(check_layer_image, out, "the EROFS")
         cand.path = out
     except CachefsError as err:
         remove_quietly(out)
