@@ -1,0 +1,210 @@
+"""push-erofs against the real docker-registry: idempotence, other referrers, auth, uploads."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cachefs.cache import GlobalCache
+from cachefs.errors import NotCachedError, RegistryError
+from cachefs.oci import Authenticator
+from cachefs.oci.auth import Credentials
+from cachefs.oci.referrers import ARTIFACT_TYPE, OCI_INDEX, OCI_MANIFEST, referrers_tag
+from cachefs.pull import pull
+from cachefs.share.provenance import layer_origin
+from cachefs.share.push import push_erofs
+from tests.fixtures.images import TestImage, layer_tar, reg
+from tests.fixtures.registry import (  # noqa: F401  (fixtures)
+    LocalRegistry,
+    oci_layout,
+    registry_factory,
+)
+from tests.fixtures.registry import test_client as client
+from tests.fixtures.system import python
+from tests.test_pull import IMAGE, artifacts
+
+BIG = TestImage([layer_tar([reg("big.bin", os.urandom(3 << 20))]),
+                 layer_tar([reg("small", b"x\n")])])
+_WRITES = re.compile(r'"(PUT|POST|PATCH|DELETE) (/v2/[^ ]+) HTTP')
+
+
+def writes(registry: LocalRegistry) -> list[tuple[str, str]]:
+    """Every write request the registry logged so far (its access log)."""
+    return [(m.group(1), m.group(2)) for m in _WRITES.finditer(
+        registry.log_path.read_text(errors="replace"))]
+
+
+def get(registry: LocalRegistry, repo: str, path: str, accept: str = OCI_MANIFEST) -> bytes:
+    req = urllib.request.Request(f"http://{registry.host}/v2/{repo}/{path}",
+                                 headers={"Accept": accept})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.read()  # type: ignore[no-any-return]
+
+
+async def setup(tmp_path: Path, registry: LocalRegistry, image: TestImage = IMAGE,
+                repos: tuple[str, ...] = ("app/img",)) -> GlobalCache:
+    layout = oci_layout(image, tmp_path / "layout")
+    cache = GlobalCache.new(tmp_path / "a")
+    for repo in repos:
+        registry.push_oci_layout(layout.path, repo, "v1")
+        async with client() as c:
+            await pull(cache, f"{registry.host}/{repo}:v1", client=c, erofs_artifacts="never")
+    return cache
+
+
+async def test_second_push_changes_nothing(tmp_path: Path, registry_factory: Any) -> None:  # noqa: F811
+    registry = registry_factory()
+    cache = await setup(tmp_path, registry)
+    ref = f"{registry.host}/app/img:v1"
+    async with client() as c:
+        first = await push_erofs(cache, ref, c)
+    assert not first.unchanged and first.mechanism == "tag-schema"
+    assert len(first.stats.uploaded) == 5  # empty config, 3 layers, fsmeta
+    meta = cache.read_image_metadata(ref)
+    assert meta is not None
+    tag = referrers_tag(meta.manifest)
+    index_before = get(registry, "app/img", f"manifests/{tag}", OCI_INDEX)
+    before = writes(registry)
+    async with client() as c:
+        second = await push_erofs(cache, ref, c)
+    assert second.unchanged and second.artifact == first.artifact
+    assert writes(registry) == before  # not one PUT, POST or PATCH
+    assert get(registry, "app/img", f"manifests/{tag}", OCI_INDEX) == index_before
+    manifest = json.loads(get(registry, "app/img", f"manifests/{first.artifact}"))
+    assert manifest["artifactType"] == ARTIFACT_TYPE
+    assert manifest["subject"]["digest"] == str(meta.manifest)
+    assert [a["annotations"].get("io.cachefs.erofs.diff_id") for a in manifest["layers"]] == \
+        [*(layer.diff_id for layer in meta.layers), None]
+
+
+async def test_other_tools_referrers_survive(tmp_path: Path, registry_factory: Any) -> None:  # noqa: F811
+    registry = registry_factory()
+    cache = await setup(tmp_path, registry)
+    ref = f"{registry.host}/app/img:v1"
+    meta = cache.read_image_metadata(ref)
+    assert meta is not None
+    subject_body = get(registry, "app/img", f"manifests/{meta.manifest}")
+    # another tool (an SBOM attacher) pushed its referrer and the tag-schema index first
+    config = registry.push_blob("app/img", b"{}")
+    sbom = registry.push_blob("app/img", b'{"sbom": true}')
+    other = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/spdx+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config,
+                   "size": 2},
+        "layers": [{"mediaType": "application/spdx+json", "digest": sbom, "size": 14}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": str(meta.manifest),
+                    "size": len(subject_body)},
+    }).encode()
+    other_digest = registry.push_manifest("app/img", "sbom", other, OCI_MANIFEST)
+    tag = referrers_tag(meta.manifest)
+    registry.push_manifest("app/img", tag, json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": other_digest, "size": len(other),
+                       "artifactType": "application/spdx+json",
+                       "annotations": {"org.example.tool": "sbomer"}}]}).encode(), OCI_INDEX)
+    async with client() as c:
+        report = await push_erofs(cache, ref, c)
+    entries = json.loads(get(registry, "app/img", f"manifests/{tag}", OCI_INDEX))["manifests"]
+    assert [e["digest"] for e in entries] == [other_digest, report.artifact]
+    assert entries[0]["annotations"] == {"org.example.tool": "sbomer"}
+    assert entries[1]["artifactType"] == ARTIFACT_TYPE
+    async with client() as c:  # a second push keeps both as well
+        assert (await push_erofs(cache, ref, c)).unchanged
+    again = json.loads(get(registry, "app/img", f"manifests/{tag}", OCI_INDEX))["manifests"]
+    assert again == entries
+    # and a host pulling with artifacts still finds ours among them
+    b = GlobalCache.new(tmp_path / "b")
+    async with client() as c:
+        await pull(b, ref, client=c, erofs_artifacts="only")
+    assert artifacts(b.root) == artifacts(cache.root)
+
+
+async def test_read_only_credentials_one_line_error(
+    tmp_path: Path, registry_factory: Any, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    registry = registry_factory(auth="token")
+    token = registry.token_server
+    assert token is not None
+    token.users["reader"] = "read-only-pw"
+    grant = token._grant
+
+    def read_only(user: str | None, scopes: list[str]) -> list[dict[str, Any]]:
+        access = grant(user, scopes)
+        if user == "reader":
+            for a in access:
+                a["actions"] = [x for x in a["actions"] if x == "pull"]
+        return access
+
+    monkeypatch.setattr(token, "_grant", read_only)
+    cache = await setup(tmp_path, registry)
+    ref = f"{registry.host}/app/img:v1"
+    before = writes(registry)
+    proc = subprocess.run(
+        [python(), "-m", "cachefs.cli", "--cache", str(cache.root), "push-erofs", "--insecure",
+         "--username", "reader", "--password-stdin", ref],
+        input="read-only-pw\n", capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HOME": str(tmp_path)})
+    assert proc.returncode == 6, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no push access" in lines[0] and "app/img" in lines[0], lines
+    assert "read-only-pw" not in proc.stderr
+    assert [w for w in writes(registry) if w not in before and w[0] != "POST"] == []
+    # the same push with alice's credentials works
+    auth = Authenticator(Credentials(registry.username, registry.password), lookup=None)
+    async with client(authenticator=auth) as c:
+        report = await push_erofs(cache, ref, c)
+    assert not report.unchanged
+
+
+async def test_chunked_upload_and_cross_repository_mount(
+    tmp_path: Path, registry_factory: Any  # noqa: F811
+) -> None:
+    registry = registry_factory()
+    cache = await setup(tmp_path, registry, BIG, repos=("team/one", "team/two"))
+    async with client() as c:
+        one = await push_erofs(cache, f"{registry.host}/team/one:v1", c, chunk_size=1 << 20)
+    patches = [p for m, p in writes(registry) if m == "PATCH"]
+    assert len(patches) >= 2, patches  # the 3 MiB layer's EROFS went in 1 MiB chunks
+    assert len(one.stats.uploaded) == 4
+    async with client() as c:
+        two = await push_erofs(cache, f"{registry.host}/team/two:v1", c)
+    # the two repositories hold the same image: its EROFS blobs are mounted, not re-sent
+    assert len(two.stats.mounted) == 3 and len(two.stats.uploaded) == 1  # + empty config
+    assert any("mount=" in p and ("from=team%2Fone" in p or "from=team/one" in p)
+               for m, p in writes(registry) if m == "POST")
+    b = GlobalCache.new(tmp_path / "b")
+    ref_two = f"{registry.host}/team/two:v1"
+    async with client() as c:
+        await pull(b, ref_two, client=c, erofs_artifacts="only")
+    meta = b.read_image_metadata(ref_two)
+    assert meta is not None
+    assert [layer_origin(b, d)["origin"] for d in meta.diff_ids] == ["fetched-erofs"] * 2
+    for d in meta.diff_ids:
+        assert b.layer_erofs_path(d).read_bytes() == cache.layer_erofs_path(d).read_bytes()
+
+
+async def test_push_needs_the_image_cached_and_in_the_registry(
+    tmp_path: Path, registry_factory: Any  # noqa: F811
+) -> None:
+    registry = registry_factory()
+    cache = await setup(tmp_path, registry)
+    async with client() as c:
+        with pytest.raises(NotCachedError, match="not in the cache"):
+            await push_erofs(cache, f"{registry.host}/app/absent:v1", c)
+    other = registry_factory()  # same image cached, but this registry never had it
+    meta = cache.read_image_metadata(f"{registry.host}/app/img:v1")
+    assert meta is not None
+    moved = f"{other.host}/app/img:v1"
+    cache.write_image_metadata(moved, meta)
+    async with client() as c:
+        with pytest.raises(RegistryError) as err:
+            await push_erofs(cache, moved, c)
+    assert "is not in" in err.value.one_line()
+    assert "push the image itself first" in err.value.one_line()
