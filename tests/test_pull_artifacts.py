@@ -41,6 +41,7 @@ from tests.fixtures.registry import (  # noqa: F401  (fixtures)
 from tests.fixtures.registry import test_client as client
 from tests.fixtures.system import Msb, python
 from tests.test_pull import IMAGE, artifacts
+from tests.view.conftest import view_mount
 
 SHARED = "cachefs.share.fetch"
 
@@ -105,6 +106,20 @@ async def test_host_b_pulls_erofs_byte_identical_to_msb(
     for key in ours:
         assert ours[key] == theirs[key], key
     assert result.vmdk.exists() and result.fsmeta.exists()
+    # where each layer came from: inspect (CLI) and the view's image.json (real FUSE mount)
+    proc = subprocess.run(
+        [python(), "-m", "cachefs.cli", "--cache", str(b.root), "inspect", "--json", world.ref],
+        capture_output=True, text=True, timeout=120, check=True)
+    details = json.loads(proc.stdout)["layer_details"]
+    assert [d["origin"] for d in details] == ["fetched-erofs"] * 3
+    assert {d["origin_source"] for d in details} == {world.ref}
+    text = subprocess.run(
+        [python(), "-m", "cachefs.cli", "--cache", str(world.a.root), "inspect", world.ref],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    assert text.count("converted here") == 3
+    with view_mount(b.root, tmp_path / "mnt") as vm:
+        doc = json.loads((vm.image_dir(world.ref) / "image.json").read_text())
+    assert [layer["origin"] for layer in doc["layers"]] == ["fetched-erofs"] * 3
     # no layer tar was downloaded by B: nothing but locks in tmp/, no blob left anywhere
     assert [p.name for p in b.tmp_dir().iterdir() if not p.name.endswith(".lock")] == []
     assert list((b.root / "cachefs" / "tmp").iterdir()) == []

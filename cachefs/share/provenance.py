@@ -17,6 +17,7 @@ from pathlib import Path
 from ..cache.publish import publish_file, remove_quietly
 from ..cache.store import CACHEFS_DIR, GlobalCache
 from ..digest import Digest
+from ..errors import DigestError
 
 FETCHED = "fetched-erofs"
 CONVERTED = "converted"
@@ -68,3 +69,27 @@ def layer_origin(cache: GlobalCache, diff_id: Digest | str) -> dict[str, str]:
         return {"origin": CONVERTED}
     return {"origin": FETCHED, "source": str(doc.get("source", "")),
             "artifact": str(doc.get("artifact", ""))}
+
+
+def fetched_layers(cache: GlobalCache) -> dict[str, dict[str, str]]:
+    """Every layer whose current file was fetched as EROFS: diff_id → its record's facts.
+
+    One directory listing for a whole cache (the view's snapshot); layers without a current
+    record are "converted".
+    """
+    out: dict[str, dict[str, str]] = {}
+    try:
+        names = os.listdir(cache.root / CACHEFS_DIR / "provenance")
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            diff = Digest.parse(name[: -len(".json")].replace("_", ":", 1))
+        except DigestError:
+            continue
+        found = layer_origin(cache, diff)
+        if found["origin"] == FETCHED:
+            out[str(diff)] = found
+    return out
