@@ -309,3 +309,36 @@ async def test_policy_from_environment(tmp_path: Path, registry_factory: Any,  #
     await pull_with(d, world.ref)
     assert origins(d, world.ref) == ["converted"] * 3
 
+
+
+def deep_verify(cache: GlobalCache, ref: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [python(), "-m", "cachefs.cli", "--cache", str(cache.root), "verify", "--deep",
+         "--insecure", "--json", ref], capture_output=True, text=True, timeout=300)
+
+
+async def test_verify_deep_proves_fetched_layers_and_catches_altered_data(
+    tmp_path: Path, registry_factory: Any  # noqa: F811
+) -> None:
+    world = await make_world(tmp_path, registry_factory)
+    b = world.fresh()
+    await pull_with(b, world.ref, erofs_artifacts="only")
+    proc = deep_verify(b, world.ref)  # the layer blobs are downloaded again: none is cached
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] and doc["fsmeta_identical"]
+    assert [(p["origin"], p["identical"]) for p in doc["layers"]] == \
+        [("fetched-erofs", True)] * 3
+    # a structurally sound layer whose file data says something else (what a malicious
+    # pusher could hand out) passes every check a pull makes, but not --deep
+    meta = b.read_image_metadata(world.ref)
+    assert meta is not None
+    layer = b.layer_erofs_path(meta.diff_ids[0])
+    data = layer.read_bytes()
+    assert data.count(b"ID=test\n") == 1
+    layer.write_bytes(data.replace(b"ID=test\n", b"ID=evil\n"))
+    proc = deep_verify(b, world.ref)
+    assert proc.returncode == 10, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert [p["identical"] for p in doc["layers"]] == [False, True, True]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "differ" in proc.stderr
