@@ -342,3 +342,23 @@ async def test_verify_deep_proves_fetched_layers_and_catches_altered_data(
     doc = json.loads(proc.stdout)
     assert [p["identical"] for p in doc["layers"]] == [False, True, True]
     assert len(proc.stderr.strip().splitlines()) == 1 and "differ" in proc.stderr
+
+
+async def test_artifact_download_resumes_a_partial_blob(
+    tmp_path: Path, registry_factory: Any, flaky_proxy_factory: Any  # noqa: F811
+) -> None:
+    world = await make_world(tmp_path, registry_factory)
+    _, doc = artifact_of(world)
+    blob = doc["layers"][1]
+    data = world.registry.blob_path(blob["digest"]).read_bytes()
+    b = world.fresh()
+    half = len(data) // 2
+    b.tmp_dir().mkdir(parents=True, exist_ok=True)
+    b.part_path(blob["digest"]).write_bytes(data[:half])  # an interrupted earlier download
+    proxy = flaky_proxy_factory(world.registry)
+    ref = f"{proxy.host}/app/img:v1"
+    await pull_with(b, ref, erofs_artifacts="only")
+    gets = [(p, rng) for m, p, rng, _ in proxy.log if m == "GET" and blob["digest"] in p]
+    assert gets == [(f"/v2/app/img/blobs/{blob['digest']}", f"bytes={half}-")]
+    assert origins(b, ref) == ["fetched-erofs"] * 3
+    assert not b.part_path(blob["digest"]).exists()

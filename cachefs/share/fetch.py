@@ -43,6 +43,7 @@ from ..erofs.merge import merge_layers
 from ..erofs.reader import ErofsImage
 from ..erofs.tree import Node
 from ..errors import CachefsError, RegistryError, UsageError
+from ..growing import DownloadFailed, GrowingBlob
 from ..models import Descriptor
 from ..oci.push import RepoWriter
 from ..oci.referrers import LAYER_MEDIA_TYPE, ErofsArtifact, ErofsBlob
@@ -205,33 +206,71 @@ async def _fetch_one(cache: GlobalCache, client: RegistryClient, ref: Reference,
     blob = cand.blob
     label = str(cand.diff_id)
     out = tmp / f"{cand.diff_id.path_safe()}.{os.getpid()}.erofs"
-    part = cache.part_path(blob.digest)
     try:
         async with limiter, flock_exclusive_async(cache.download_lock_path(blob.digest)):
-            done = 0
-
-            def on_bytes(n: int) -> None:
-                nonlocal done
-                done += n
-                emit(LayerProgress(cand.index, label, "download", done, blob.size))
-
-            emit(LayerProgress(cand.index, label, "download", 0, blob.size))
-            descriptor = Descriptor(mediaType=LAYER_MEDIA_TYPE, digest=str(blob.digest),
-                                    size=blob.size)
-            await client.fetch_blob(ref, descriptor, part, resume=True, progress=on_bytes)
-            emit(LayerProgress(cand.index, label, "verify", done, blob.size))
-            try:
-                await trio.to_thread.run_sync(functools.partial(
-                    decompress, part, out, digest=blob.erofs_digest, size=blob.erofs_size,
-                    what=f"EROFS of layer {label}"))
-            finally:
-                remove_quietly(part)
+            await _download_and_inflate(client, ref, cand, cache.part_path(blob.digest), out,
+                                        emit)
         cand.tree = await trio.to_thread.run_sync(check_layer_image, out, "the EROFS")
         cand.path = out
     except CachefsError as err:
         remove_quietly(out)
         warning(f"{ref}: EROFS artifact blob {blob.digest} for layer {label} refused "
                 f"({err.one_line()}); converting the layer from its tar")
+
+
+async def _download_and_inflate(client: RegistryClient, ref: Reference, cand: _Candidate,
+                                part: Path, out: Path, emit: ProgressCallback) -> None:
+    """The blob downloads into ``tmp/<blob>.part`` (resumable, verified by the client)
+    while a worker thread decompresses what has arrived into ``out``. ``out`` counts only
+    once both finished: the download verified the blob, the decompression the EROFS digest.
+    The ``.part`` is removed afterwards, unless the download broke off (kept to resume)."""
+    blob = cand.blob
+    label = str(cand.diff_id)
+    growing = GrowingBlob(part, part)
+    failed: dict[str, BaseException] = {}
+    done = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        emit(LayerProgress(cand.index, label, "download", done, blob.size))
+
+    async def download() -> None:
+        ok = False
+        try:
+            emit(LayerProgress(cand.index, label, "download", 0, blob.size))
+            descriptor = Descriptor(mediaType=LAYER_MEDIA_TYPE, digest=str(blob.digest),
+                                    size=blob.size)
+            await client.fetch_blob(ref, descriptor, part, resume=True, progress=on_bytes,
+                                    written=growing.written)
+            ok = True
+        except CachefsError as err:
+            failed["download"] = err
+        finally:
+            growing.finish(ok)
+
+    async def inflate() -> None:
+        try:
+            await trio.to_thread.run_sync(functools.partial(
+                decompress, growing.open, out, digest=blob.erofs_digest, size=blob.erofs_size,
+                what=f"EROFS of layer {label}"))
+        except DownloadFailed:
+            pass  # the download's own error is the one to report
+        except CachefsError as err:
+            failed["inflate"] = err
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(download)
+        nursery.start_soon(inflate)
+    if "download" in failed or "inflate" in failed:
+        if not isinstance(failed.get("download"), RegistryError) or "inflate" in failed:
+            remove_quietly(part)
+        raise failed.get("download") or failed["inflate"]
+    if nursery.cancel_scope.cancelled_caught:
+        raise RegistryError(f"download of {blob.digest} was cancelled")
+    emit(LayerProgress(cand.index, label, "verify", done, blob.size))
+    remove_quietly(part)
 
 
 def _cross_check(cache: GlobalCache, diff_ids: Sequence[Digest],

@@ -9,8 +9,10 @@ before it can fill the disk.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
@@ -56,13 +58,16 @@ def compress(src: Path, dst: Path, *, level: int = LEVEL, threads: int = -1) -> 
     return Compressed(Digest.from_hash(raw), size, Digest.from_hash(out.h), out.n)
 
 
-def decompress(src: Path, dst: Path, *, digest: Digest, size: int, what: str) -> None:
-    """``src`` (zstd) → ``dst``, which must be exactly ``size`` bytes hashing to ``digest``."""
+def decompress(src: Path | Callable[[], BinaryIO], dst: Path, *, digest: Digest, size: int,
+               what: str) -> None:
+    """``src`` (zstd; a file, or an opener of a stream still downloading) → ``dst``, which
+    must be exactly ``size`` bytes hashing to ``digest``."""
     h = digest.hasher()
     n = 0
     dctx = zstandard.ZstdDecompressor()
     try:
-        with src.open("rb") as fin, dst.open("wb") as fout:
+        with (src.open("rb") if isinstance(src, Path) else src()) as fin, \
+                dst.open("wb") as fout:
             reader = dctx.stream_reader(fin, read_size=READ)
             while data := reader.read(READ):
                 n += len(data)
