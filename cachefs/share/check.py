@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..erofs import format as fmt
 from ..erofs.reader import ErofsImage, is_valid_erofs
-from ..erofs.tree import FileType, Node
+from ..erofs.tree import FileType, Node, walk
 from ..errors import CachefsError, ErofsFormatError
 
 BLOCK = fmt.BLOCK_SIZE
@@ -42,19 +42,20 @@ def check_layer_image(path: Path, label: str | None = None) -> tuple[Node, int]:
                 raise ErofsFormatError(
                     f"{name}: superblock claims {image.superblock.blocks} blocks, the "
                     f"file has {image.file_size // BLOCK}")
-            for sub, nid, ino in image.walk():
-                if ino.type is not FileType.REG or ino.size == 0:
+            root = image.to_tree()  # reads every inode and directory block, bounds-checked
+            size = image.file_size
+            for sub, node in walk(root):
+                if node.type is not FileType.REG:
                     continue
-                if ino.layout != fmt.LAYOUT_FLAT_PLAIN:
+                if node.block is None:
                     raise ErofsFormatError(
-                        f"{name}: file {sub!r} (nid {nid}) has layout {ino.layout}, "
-                        "not FLAT_PLAIN (an fsmeta can only point at plain layer blocks)")
-                end = ino.raw_u * BLOCK + ino.size
-                if end > image.file_size:
+                        f"{name}: file {sub!r} is not FLAT_PLAIN (an fsmeta can only point "
+                        "at plain layer blocks)")
+                if node.size and node.block * BLOCK + node.size > size:
                     raise ErofsFormatError(
-                        f"{name}: file {sub!r} (nid {nid}) data ends at byte {end}, "
-                        f"beyond the {image.file_size}-byte image")
-            return image.to_tree(), image.total_blocks
+                        f"{name}: file {sub!r} data ends at byte "
+                        f"{node.block * BLOCK + node.size}, beyond the {size}-byte image")
+            return root, image.total_blocks
     except ErofsFormatError:
         raise
     except (CachefsError, OSError, ValueError) as err:
