@@ -21,6 +21,7 @@ from ..errors import DigestMismatch
 
 LEVEL = 10  # compressed once (in CI), downloaded by every host: smaller beats faster here
 READ = 4 << 20
+INFLATE_READ = 1 << 20  # per concurrent download: small buffers keep peak RSS at msb's
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +69,8 @@ def decompress(src: Path | Callable[[], BinaryIO], dst: Path, *, digest: Digest,
     try:
         with (src.open("rb") if isinstance(src, Path) else src()) as fin, \
                 dst.open("wb") as fout:
-            reader = dctx.stream_reader(fin, read_size=READ)
-            while data := reader.read(READ):
+            reader = dctx.stream_reader(fin, read_size=INFLATE_READ)
+            while data := reader.read(INFLATE_READ):
                 n += len(data)
                 if n > size:
                     raise DigestMismatch(what, f"{size} bytes", f"more than {size} bytes")
