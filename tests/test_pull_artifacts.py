@@ -362,3 +362,93 @@ async def test_artifact_download_resumes_a_partial_blob(
     assert gets == [(f"/v2/app/img/blobs/{blob['digest']}", f"bytes={half}-")]
     assert origins(b, ref) == ["fetched-erofs"] * 3
     assert not b.part_path(blob["digest"]).exists()
+
+
+class EndlessLookups:
+    """A proxy in front of the registry that answers both referrer lookups with a 200 and a
+    body that never ends (a hostile or broken registry); everything else is forwarded."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import http.client
+        import http.server
+        import threading
+
+        self.sent = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if "/referrers/" in self.path or "/manifests/sha256-" in self.path:
+                    self.send_response(200)
+                    self.send_header("Content-Type", OCI_INDEX)
+                    self.end_headers()  # no length: the body runs until we stop
+                    chunk = b'{"manifests":[' + b" " * 65536
+                    try:
+                        while outer.sent < 1 << 30:  # bounded here too: 1 GiB at most
+                            self.wfile.write(chunk)
+                            outer.sent += len(chunk)
+                    except OSError:
+                        pass  # the client hung up, as it should
+                    self.close_connection = True
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection")}
+                up = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                up.request("GET", self.path, headers=headers)
+                resp = up.getresponse()
+                data = resp.read()
+                up.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_endless_referrer_answers_are_cut_off(tmp_path: Path, registry_factory: Any) -> None:  # noqa: F811
+    import time
+
+    import trio
+
+    world = trio.run(make_world, tmp_path, registry_factory)
+    proxy = EndlessLookups(world.registry.port)
+    try:
+        ref = f"{proxy.host}/app/img:v1"
+        b = world.fresh()
+        script = ("import sys, trio, resource\n"
+                  "from cachefs.cache import GlobalCache\n"
+                  "from cachefs.pull import pull\n"
+                  "trio.run(lambda: pull(GlobalCache.new(sys.argv[1]), sys.argv[2], "
+                  "insecure=True))\n"
+                  "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+        start = time.monotonic()
+        proc = subprocess.run([python(), "-c", script, str(b.root), ref], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+        elapsed = time.monotonic() - start
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, proc.stderr
+    assert "larger than" in proc.stderr  # the warning says why the lookup was dropped
+    assert origins(b, ref) == ["converted"] * 3
+    assert proxy.sent < 64 << 20  # the client stopped reading early
+    assert int(proc.stdout.split()[-1]) < 300 * 1024  # peak RSS (KiB): nothing buffered
+    assert elapsed < 60

@@ -34,6 +34,7 @@ from .registry import ACCEPT_MANIFESTS, RETRY_STATUSES, RegistryClient
 CHUNK_SIZE = 64 << 20
 READ_SIZE = 1 << 20
 MAX_DOCUMENT_BYTES = 4 << 20
+MAX_ERROR_BYTES = 64 << 10  # any other answer (errors, upload sessions) is small
 
 
 def push_scope(repository: str) -> str:
@@ -68,8 +69,9 @@ class RepoWriter:
 
     async def _send(self, method: str, url: str, headers: dict[str, str] | None = None,
                     content: bytes | AsyncIterator[bytes] | None = None,
-                    replay: bool = True) -> httpx.Response:
-        """One request with our scope, answering one auth challenge; body read fully.
+                    replay: bool = True, limit: int = MAX_ERROR_BYTES) -> httpx.Response:
+        """One request with our scope, answering one auth challenge; its body read, up to
+        ``limit`` bytes (a registry sending more is refused, never buffered).
 
         ``replay=False`` (a streamed body): a 401 is answered by an error, not a resend, so
         the caller authenticates with a body-less request first.
@@ -83,7 +85,7 @@ class RepoWriter:
             if known:
                 hdrs["Authorization"] = known
             try:
-                resp = await http.request(method, url, headers=hdrs, content=content)
+                resp = await self._bounded(method, url, hdrs, content, limit)
             except httpx.TransportError as err:
                 if attempt + 1 >= self.client.max_attempts or not replay:
                     raise RegistryError(f"{self.ref.name}: {method} {_path(url)} failed: "
@@ -94,13 +96,31 @@ class RepoWriter:
                 hdrs["Authorization"] = await auth.respond(
                     http, registry, self.scope, resp.headers.get("WWW-Authenticate", ""),
                     f"{self.ref.name}: {method} {_path(url)}", sent=known)
-                resp = await http.request(method, url, headers=hdrs, content=content)
+                resp = await self._bounded(method, url, hdrs, content, limit)
             if resp.status_code in RETRY_STATUSES and replay and \
                     attempt + 1 < self.client.max_attempts:
                 await trio.sleep(min(self.client.backoff_s * 2**attempt, 8.0))
                 continue
             return resp
         raise AssertionError("unreachable")
+
+    async def _bounded(self, method: str, url: str, headers: dict[str, str],
+                       content: bytes | AsyncIterator[bytes] | None,
+                       limit: int) -> httpx.Response:
+        http = self.client._http
+        resp = await http.send(http.build_request(method, url, headers=headers,
+                                                  content=content), stream=True)
+        try:
+            body = bytearray()
+            async for chunk in resp.aiter_raw():
+                body += chunk
+                if len(body) > limit:
+                    raise RegistryError(f"{self.ref.name}: {method} {_path(url)}: answer is "
+                                        f"larger than {limit} bytes; refusing it")
+        finally:
+            await resp.aclose()
+        return httpx.Response(resp.status_code, headers=resp.headers, content=bytes(body),
+                              request=resp.request)
 
     def _fail(self, resp: httpx.Response, what: str) -> RegistryError:
         detail = ""
@@ -120,14 +140,12 @@ class RepoWriter:
 
     async def get_document(self, path: str, accept: str = ACCEPT_MANIFESTS) -> bytes | None:
         """A small document (manifest, index); None on 404 (and on 400/405: no such API)."""
-        resp = await self._send("GET", self.url(path), {"Accept": accept})
+        resp = await self._send("GET", self.url(path), {"Accept": accept},
+                                limit=MAX_DOCUMENT_BYTES)
         if resp.status_code in (404, 400, 405):
             return None
         if resp.status_code != 200:
             raise self._fail(resp, f"GET {path}")
-        if len(resp.content) > MAX_DOCUMENT_BYTES:
-            raise RegistryError(f"{self.ref.name}: {path} is larger than "
-                                f"{MAX_DOCUMENT_BYTES} bytes; refusing it")
         return resp.content
 
     async def blob_exists(self, digest: Digest) -> bool:

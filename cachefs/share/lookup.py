@@ -37,12 +37,22 @@ class Found:
     problems: list[str] = field(default_factory=list)
 
 
-async def referrer_digests(session: RepoWriter, subject: Digest) -> tuple[str, list[Digest]]:
-    """(mechanism, digests of our artifacts) from whichever mechanism the registry has."""
+async def referrer_digests(session: RepoWriter, subject: Digest,
+                           problems: list[str] | None = None) -> tuple[str, list[Digest]]:
+    """(mechanism, digests of our artifacts) from whichever mechanism the registry has.
+
+    A mechanism whose request fails (refused, oversized, unreachable) counts as absent;
+    why is appended to ``problems``.
+    """
     answers: dict[str, bytes | None] = {}
 
     async def ask(name: str, path: str) -> None:
-        answers[name] = await session.get_document(path, OCI_INDEX)
+        try:
+            answers[name] = await session.get_document(path, OCI_INDEX)
+        except CachefsError as err:
+            answers[name] = None
+            if problems is not None:
+                problems.append(f"{name} lookup failed: {err.one_line()}")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ask, "referrers-api",
@@ -60,8 +70,9 @@ async def referrer_digests(session: RepoWriter, subject: Digest) -> tuple[str, l
 
 
 async def find_artifacts(session: RepoWriter, subject: Digest) -> Found:
-    mechanism, digests = await referrer_digests(session, subject)
-    found = Found(mechanism)
+    problems: list[str] = []
+    mechanism, digests = await referrer_digests(session, subject, problems)
+    found = Found(mechanism, problems=problems)
     for digest in digests[:MAX_CANDIDATES]:
         body = await session.get_document(f"manifests/{digest}")
         if body is None:
