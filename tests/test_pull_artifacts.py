@@ -308,6 +308,15 @@ async def test_policy_from_environment(tmp_path: Path, registry_factory: Any,  #
     d = world.fresh("d")
     await pull_with(d, world.ref)
     assert origins(d, world.ref) == ["converted"] * 3
+    # the command-line option wins over the environment and the config file
+    e = tmp_path / "e"
+    proc = subprocess.run(
+        [python(), "-m", "cachefs.cli", "--cache", str(e), "-q", "pull", "--insecure",
+         "--erofs-artifacts", "only", world.ref], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HOME": str(tmp_path), "CACHEFS_EROFS_ARTIFACTS": "never",
+             "CACHEFS_CONFIG": str(config)})
+    assert proc.returncode == 0, proc.stderr
+    assert origins(GlobalCache(e), world.ref) == ["fetched-erofs"] * 3
 
 
 

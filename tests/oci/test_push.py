@@ -14,8 +14,6 @@ import pytest
 
 from cachefs.cache import GlobalCache
 from cachefs.errors import NotCachedError, RegistryError
-from cachefs.oci import Authenticator
-from cachefs.oci.auth import Credentials
 from cachefs.oci.referrers import ARTIFACT_TYPE, OCI_INDEX, OCI_MANIFEST, referrers_tag
 from cachefs.pull import pull
 from cachefs.share.provenance import layer_origin
@@ -156,11 +154,22 @@ async def test_read_only_credentials_one_line_error(
     assert len(lines) == 1 and "no push access" in lines[0] and "app/img" in lines[0], lines
     assert "read-only-pw" not in proc.stderr
     assert [w for w in writes(registry) if w not in before and w[0] != "POST"] == []
-    # the same push with alice's credentials works
-    auth = Authenticator(Credentials(registry.username, registry.password), lookup=None)
-    async with client(authenticator=auth) as c:
-        report = await push_erofs(cache, ref, c)
-    assert not report.unchanged
+    # the same push with alice's credentials works, and a second one sends nothing
+    for unchanged in (False, True):
+        proc = subprocess.run(
+            [python(), "-m", "cachefs.cli", "--cache", str(cache.root), "push-erofs",
+             "--insecure", "--username", registry.username, "--password-stdin", "--json", ref],
+            input=registry.password + "\n", capture_output=True, text=True, timeout=120,
+            env={**os.environ, "HOME": str(tmp_path)})
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert doc["unchanged"] is unchanged and doc["mechanism"] == "tag-schema"
+        assert doc["blobs_uploaded"] == (0 if unchanged else 5)
+    # a host with anonymous (pull-only) access finds and uses it
+    b = GlobalCache.new(tmp_path / "b")
+    async with client() as c:
+        await pull(b, ref, client=c, erofs_artifacts="only")
+    assert artifacts(b.root) == artifacts(cache.root)
 
 
 async def test_chunked_upload_and_cross_repository_mount(
