@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,106 @@ async def test_push_needs_the_image_cached_and_in_the_registry(
             await push_erofs(cache, moved, c)
     assert "is not in" in err.value.one_line()
     assert "push the image itself first" in err.value.one_line()
+
+
+class ReferrersApiProxy:
+    """The OCI 1.1 referrers API in front of a registry that lacks it (distribution 2.8):
+    a manifest PUT with a ``subject`` is recorded and answered with ``OCI-Subject``, as an
+    API registry does, and ``GET …/referrers/<digest>`` lists what was recorded. Everything
+    else is forwarded unchanged."""
+
+    def __init__(self, upstream_port: int) -> None:
+        import hashlib
+        import http.client
+        import http.server
+        import threading
+
+        self.referrers: dict[str, list[dict[str, Any]]] = {}
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _forward(self) -> None:
+                if "/referrers/" in self.path:
+                    subject = self.path.split("/referrers/", 1)[1].split("?", 1)[0]
+                    index = {"schemaVersion": 2, "mediaType": OCI_INDEX,
+                             "manifests": outer.referrers.get(subject, [])}
+                    self._reply(200, [("Content-Type", OCI_INDEX)], json.dumps(index).encode())
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection")}
+                up = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                up.request(self.command, self.path, body=body, headers=headers)
+                resp = up.getresponse()
+                data = resp.read()
+                up.close()
+                extra = []
+                if self.command == "PUT" and "/manifests/" in self.path and body and \
+                        resp.status == 201:
+                    doc = json.loads(body)
+                    if isinstance(doc.get("subject"), dict):
+                        subject = doc["subject"]["digest"]
+                        outer.referrers.setdefault(subject, []).append({
+                            "mediaType": doc.get("mediaType"), "size": len(body),
+                            "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+                            "artifactType": doc.get("artifactType"),
+                            "annotations": doc.get("annotations") or {}})
+                        extra.append(("OCI-Subject", subject))
+                self._reply(resp.status, [*resp.getheaders(), *extra], data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_registry_with_the_referrers_api(tmp_path: Path, registry_factory: Any) -> None:  # noqa: F811
+    registry = registry_factory()
+    api = ReferrersApiProxy(registry.port)
+    try:
+        layout = oci_layout(IMAGE, tmp_path / "layout")
+        registry.push_oci_layout(layout.path, "app/img", "v1")
+        ref = f"{api.host}/app/img:v1"
+        cache = GlobalCache.new(tmp_path / "a")
+        async with client() as c:
+            await pull(cache, ref, client=c, erofs_artifacts="never")
+            report = await push_erofs(cache, ref, c)
+            assert report.mechanism == "referrers-api" and not report.unchanged
+            assert report.stats.manifests == [report.artifact]  # no tag-schema index written
+            again = await push_erofs(cache, ref, c)
+            assert again.unchanged and again.mechanism == "referrers-api"
+        meta = cache.read_image_metadata(ref)
+        assert meta is not None
+        with pytest.raises(urllib.error.HTTPError):  # the registry holds no referrers tag
+            get(registry, "app/img", f"manifests/{referrers_tag(meta.manifest)}", OCI_INDEX)
+        b = GlobalCache.new(tmp_path / "b")
+        async with client() as c:
+            await pull(b, ref, client=c, erofs_artifacts="only")
+        assert artifacts(b.root) == artifacts(cache.root)
+    finally:
+        api.close()
