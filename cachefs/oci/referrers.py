@@ -74,7 +74,7 @@ class ErofsArtifact:
     """A parsed cachefs artifact: layer blobs bottom first, and the fsmeta's (if any)."""
 
     layers: tuple[ErofsBlob, ...]
-    fsmeta: ErofsBlob | None
+    fsmeta: ErofsBlob
 
     def for_diff_id(self, diff_id: Digest) -> ErofsBlob | None:
         for blob in self.layers:
@@ -89,14 +89,14 @@ def empty_descriptor() -> dict[str, Any]:
 
 
 def artifact_manifest(subject: dict[str, Any], layers: list[ErofsBlob],
-                      fsmeta: ErofsBlob | None) -> bytes:
+                      fsmeta: ErofsBlob) -> bytes:
     """The artifact manifest's exact bytes: deterministic, so equal inputs push nothing new."""
     doc = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "artifactType": ARTIFACT_TYPE,
         "config": empty_descriptor(),
-        "layers": [b.descriptor() for b in [*layers, *([fsmeta] if fsmeta else [])]],
+        "layers": [b.descriptor() for b in [*layers, fsmeta]],
         "subject": subject,
         "annotations": {ANN_FORMAT: FORMAT},
     }
@@ -162,6 +162,9 @@ def parse_artifact(body: bytes, subject: Digest) -> ErofsArtifact:
             fsmeta = blob
         else:
             layers.append(blob)
+    if fsmeta is None:
+        raise RegistryError("EROFS artifact carries no fsmeta (nothing to cross-check its "
+                            "layers against)")
     return ErofsArtifact(tuple(layers), fsmeta)
 
 

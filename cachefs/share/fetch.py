@@ -17,9 +17,11 @@ cached and convert only the rest, exactly as today:
 4. publish each layer under its layer lock (renamed into place), record its provenance in
    cachefs's own records, and publish the fsmeta under its lock.
 
-Any failure of one blob: a warning, that blob is dropped, its layer is converted from its
-tar. ``--erofs-artifacts only`` turns "not everything came from the artifact" into an
-error instead; ``never`` skips the stage (no request at all).
+Any failure of one blob: a warning, and the artifact is not used at all (every layer is
+converted from its tar as today): once one blob is dropped the others can no longer be
+cross-checked, and an artifact that could bypass the cross-check by breaking one blob on
+purpose would make it worthless. ``--erofs-artifacts only`` turns "not everything came
+from the artifact" into an error instead; ``never`` skips the stage (no request at all).
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ async def fetch_erofs(
                   if (blob := artifact.for_diff_id(d)) is not None]
     tmp = fetch_tmp_dir(cache)
     await trio.to_thread.run_sync(functools.partial(tmp.mkdir, parents=True, exist_ok=True))
+    fsmeta_tmp = tmp / f"{manifest_digest.path_safe()}.{os.getpid()}.fsmeta"
     try:
         limiter = trio.CapacityLimiter(FETCH_PARALLELISM)
         async with trio.open_nursery() as nursery:
@@ -151,18 +154,18 @@ async def fetch_erofs(
                 nursery.start_soon(_fetch_one, cache, client, ref, cand, tmp, limiter, emit,
                                    warning)
         good = [c for c in candidates if c.tree is not None]
-        fsmeta_tmp: Path | None = None
-        if len(good) == len(needed) and artifact.fsmeta is not None:
-            fsmeta_tmp = tmp / f"{manifest_digest.path_safe()}.{os.getpid()}.fsmeta"
+        if len(good) < len(needed):
+            problem: str | None = (
+                f"{len(needed) - len(good)} of its blobs were refused, and without them the "
+                "others cannot be cross-checked against its fsmeta")
+        else:
             problem = await trio.to_thread.run_sync(
                 _cross_check, cache, diff_ids, {c.diff_id: c.tree for c in good}, artifact,
                 fsmeta_tmp)
-            if problem is not None:
-                warning(f"{ref}: EROFS artifact {artifact_digest}: {problem}; converting "
-                        "every layer from its tar")
-                good = []
-                remove_quietly(fsmeta_tmp)
-                fsmeta_tmp = None
+        if problem is not None:
+            warning(f"{ref}: EROFS artifact {artifact_digest} not used: {problem}; "
+                    "converting every layer from its tar")
+            good = []
         for cand in good:
             assert cand.path is not None
             if await _publish_layer(cache, cand.diff_id, cand.path):
@@ -171,9 +174,10 @@ async def fetch_erofs(
                     artifact=str(artifact_digest), blob=str(cand.blob.digest)))
             outcome.fetched.append(str(cand.diff_id))
             emit(LayerProgress(cand.index, str(cand.diff_id), "done"))
-        if fsmeta_tmp is not None:
+        if good:
             await trio.to_thread.run_sync(_publish_fsmeta, cache, manifest_digest, fsmeta_tmp)
     finally:
+        remove_quietly(fsmeta_tmp)
         for cand in candidates:
             if cand.path is not None:
                 remove_quietly(cand.path)
@@ -215,7 +219,7 @@ async def _fetch_one(cache: GlobalCache, client: RegistryClient, ref: Reference,
     except CachefsError as err:
         remove_quietly(out)
         warning(f"{ref}: EROFS artifact blob {blob.digest} for layer {label} refused "
-                f"({err.one_line()}); converting the layer from its tar")
+                f"({err.one_line()})")
 
 
 async def _download_and_inflate(client: RegistryClient, ref: Reference, cand: _Candidate,
@@ -277,7 +281,6 @@ def _cross_check(cache: GlobalCache, diff_ids: Sequence[Digest],
                  fetched: dict[Digest, tuple[Node, int] | None], artifact: ErofsArtifact,
                  out: Path) -> str | None:
     """Merge the fsmeta from every layer's tree; None if it is the artifact's, else why not."""
-    assert artifact.fsmeta is not None
     roots: list[Node] = []
     blocks: list[int] = []
     for diff in diff_ids:

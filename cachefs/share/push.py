@@ -95,8 +95,8 @@ def _file_digest(path: Path) -> tuple[Digest, int]:
 def _matches(artifact: ErofsArtifact, diff_ids: list[Digest],
              local: list[tuple[Digest, int]]) -> bool:
     """Whether ``artifact`` carries exactly the cache's EROFS files (layers, then fsmeta)."""
-    blobs = [*artifact.layers, *([artifact.fsmeta] if artifact.fsmeta else [])]
-    if len(blobs) != len(local) or artifact.fsmeta is None:
+    blobs = [*artifact.layers, artifact.fsmeta]
+    if len(blobs) != len(local):
         return False
     wanted = [*diff_ids, None]
     return all(b.diff_id == d and (b.erofs_digest, b.erofs_size) == got

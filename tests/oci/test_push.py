@@ -321,3 +321,34 @@ async def test_registry_with_the_referrers_api(tmp_path: Path, registry_factory:
         assert artifacts(b.root) == artifacts(cache.root)
     finally:
         api.close()
+
+
+def test_artifact_manifests_that_are_not_believed() -> None:
+    from cachefs.digest import Digest
+    from cachefs.oci.referrers import ErofsBlob, artifact_manifest, parse_artifact
+
+    subject = Digest.sha256_of(b"manifest")
+    d = Digest.sha256_of
+    layer = ErofsBlob(d(b"z1"), 10, d(b"e1"), 4096, d(b"tar1"))
+    fsmeta = ErofsBlob(d(b"z2"), 10, d(b"e2"), 4096, None)
+    subj = {"mediaType": OCI_MANIFEST, "digest": str(subject), "size": 8}
+    good = json.loads(artifact_manifest(subj, [layer], fsmeta))
+    parsed = parse_artifact(json.dumps(good).encode(), subject)
+    assert parsed.layers == (layer,) and parsed.fsmeta == fsmeta
+
+    def refused(doc: dict[str, Any], match: str, subject: Digest = subject) -> None:
+        with pytest.raises(RegistryError, match=match):
+            parse_artifact(json.dumps(doc).encode(), subject)
+
+    refused(good, "does not refer to", Digest.sha256_of(b"another image"))
+    refused({**good, "layers": good["layers"][:1]}, "no fsmeta")
+    refused({**good, "artifactType": "application/spdx+json"}, "not a cachefs")
+    huge = json.loads(json.dumps(good))
+    huge["layers"][0]["annotations"]["io.cachefs.erofs.size"] = str(1 << 50)
+    refused(huge, "out of range")
+    bad = json.loads(json.dumps(good))
+    bad["layers"][0]["annotations"]["io.cachefs.erofs.diff_id"] = "sha256:nothex"
+    refused(bad, "diff_id")
+    two = json.loads(json.dumps(good))
+    two["layers"].append(two["layers"][1])
+    refused(two, "unexpected media type")
