@@ -6,6 +6,7 @@ converts from tars and pushes the artifact, then pulls on a fresh cache "B".
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -462,3 +463,27 @@ def test_endless_referrer_answers_are_cut_off(tmp_path: Path, registry_factory: 
     assert proxy.sent < 64 << 20  # the client stopped reading early
     assert int(proc.stdout.split()[-1]) < 300 * 1024  # peak RSS (KiB): nothing buffered
     assert elapsed < 60
+
+
+async def test_two_references_to_one_image_pulled_at_once(
+    tmp_path: Path, registry_factory: Any  # noqa: F811
+) -> None:
+    import trio
+
+    world = await make_world(tmp_path, registry_factory)
+    layout = tmp_path / "layout"
+    world.registry.push_oci_layout(layout, "app/twin", "v1")  # same image, second repository
+    twin = f"{world.registry.host}/app/twin:v1"
+    await pull_with(world.a, twin, erofs_artifacts="never")  # a cache hit: same layers
+    async with client() as c:
+        report = await push_erofs(world.a, twin, c)
+    assert len(report.stats.mounted) == 4  # our blobs, mounted from app/img
+    b = world.fresh()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(pull_with, b, world.ref, erofs_artifacts="only"))
+        nursery.start_soon(functools.partial(pull_with, b, twin, erofs_artifacts="only"))
+    assert origins(b, world.ref) == ["fetched-erofs"] * 3 == origins(b, twin)
+    ours = {k: v for k, v in artifacts(b.root).items() if not k.startswith("manifests")}
+    theirs = {k: v for k, v in artifacts(world.a.root).items() if not k.startswith("manifests")}
+    assert ours == theirs
+    assert [p.name for p in b.tmp_dir().iterdir() if not p.name.endswith(".lock")] == []

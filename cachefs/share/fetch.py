@@ -30,6 +30,7 @@ import enum
 import functools
 import logging
 import os
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,11 @@ def fetch_tmp_dir(cache: GlobalCache) -> Path:
     return cache.root / CACHEFS_DIR / "tmp"
 
 
+def _unique() -> str:
+    """Scratch names: pulls of two references (one process or several) share layers."""
+    return f"{os.getpid()}.{secrets.token_hex(4)}"
+
+
 async def fetch_erofs(
     cache: GlobalCache,
     client: RegistryClient,
@@ -146,7 +152,7 @@ async def fetch_erofs(
                   if (blob := artifact.for_diff_id(d)) is not None]
     tmp = fetch_tmp_dir(cache)
     await trio.to_thread.run_sync(functools.partial(tmp.mkdir, parents=True, exist_ok=True))
-    fsmeta_tmp = tmp / f"{manifest_digest.path_safe()}.{os.getpid()}.fsmeta"
+    fsmeta_tmp = tmp / f"{manifest_digest.path_safe()}.{_unique()}.fsmeta"
     try:
         limiter = trio.CapacityLimiter(FETCH_PARALLELISM)
         async with trio.open_nursery() as nursery:
@@ -167,8 +173,7 @@ async def fetch_erofs(
                     "converting every layer from its tar")
             good = []
         for cand in good:
-            assert cand.path is not None
-            if await _publish_layer(cache, cand.diff_id, cand.path):
+            if cand.path is not None and await _publish_layer(cache, cand.diff_id, cand.path):
                 await trio.to_thread.run_sync(functools.partial(
                     record_fetched, cache, cand.diff_id, source=str(ref),
                     artifact=str(artifact_digest), blob=str(cand.blob.digest)))
@@ -209,9 +214,13 @@ async def _fetch_one(cache: GlobalCache, client: RegistryClient, ref: Reference,
     """Download, decompress, check one blob; on any failure warn and leave ``cand.tree``."""
     blob = cand.blob
     label = str(cand.diff_id)
-    out = tmp / f"{cand.diff_id.path_safe()}.{os.getpid()}.erofs"
+    out = tmp / f"{cand.diff_id.path_safe()}.{_unique()}.erofs"
     try:
         async with limiter, flock_exclusive_async(cache.download_lock_path(blob.digest)):
+            if await trio.to_thread.run_sync(cache.is_layer_materialized, cand.diff_id):
+                # another pull made it while we waited: nothing to fetch or publish
+                cand.tree = await trio.to_thread.run_sync(_cached_tree, cache, cand.diff_id)
+                return
             await _download_and_inflate(client, ref, cand, cache.part_path(blob.digest), out,
                                         emit)
         cand.tree = await trio.to_thread.run_sync(check_layer_image, out, "the EROFS")
@@ -277,6 +286,11 @@ async def _download_and_inflate(client: RegistryClient, ref: Reference, cand: _C
     remove_quietly(part)
 
 
+def _cached_tree(cache: GlobalCache, diff_id: Digest) -> tuple[Node, int]:
+    with ErofsImage.open(cache.layer_erofs_path(diff_id)) as image:
+        return image.to_tree(), image.total_blocks
+
+
 def _cross_check(cache: GlobalCache, diff_ids: Sequence[Digest],
                  fetched: dict[Digest, tuple[Node, int] | None], artifact: ErofsArtifact,
                  out: Path) -> str | None:
@@ -286,8 +300,7 @@ def _cross_check(cache: GlobalCache, diff_ids: Sequence[Digest],
     for diff in diff_ids:
         tree = fetched.get(diff)
         if tree is None:  # a layer that was cached already: read it back
-            with ErofsImage.open(cache.layer_erofs_path(diff)) as image:
-                tree = (image.to_tree(), image.total_blocks)
+            tree = _cached_tree(cache, diff)
         roots.append(tree[0])
         blocks.append(tree[1])
     try:

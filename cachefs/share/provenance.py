@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def record_fetched(cache: GlobalCache, diff_id: Digest, *, source: str, artifact
         return
     path = _record_path(cache, diff_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     doc = {"diff_id": str(diff_id), "origin": FETCHED, "source": source,
            "artifact": artifact, "blob": blob, "file": ident, "recorded_at": time.time()}
     try:

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ async def push_erofs(
             return PushReport(str(ref), str(manifest_digest), str(digest), True,
                               found.mechanism, writer.stats)
 
-    tmp = push_tmp_dir(cache) / f"push-{os.getpid()}-{manifest_digest.encoded[:16]}"
+    tmp = push_tmp_dir(cache) / f"push-{os.getpid()}-{secrets.token_hex(4)}"
     await trio.to_thread.run_sync(functools.partial(tmp.mkdir, parents=True, exist_ok=True))
     try:
         say(f"compressing {len(layers) + 1} EROFS files")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,7 @@ async def verify_deep(cache: GlobalCache, reference: str,
     if meta is None:
         raise NotCachedError(f"{ref} is not in the cache", hint=f"run: cachefs pull {reference}")
     report = DeepReport(str(ref), meta.manifest_digest)
-    work = cache.root / CACHEFS_DIR / "tmp" / f"deep-{os.getpid()}-{meta.manifest.encoded[:16]}"
+    work = cache.root / CACHEFS_DIR / "tmp" / f"deep-{os.getpid()}-{secrets.token_hex(4)}"
     await trio.to_thread.run_sync(functools.partial(work.mkdir, parents=True, exist_ok=True))
     trees: dict[Digest, tuple[Node, int]] = {}
     try:
