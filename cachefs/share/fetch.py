@@ -59,7 +59,10 @@ from .provenance import record_fetched
 from .transfer import decompress
 
 log = logging.getLogger(__name__)
-FETCH_PARALLELISM = 4
+# Downloads at once. Few, so that on a slow link the first blobs finish early and their
+# decompression and checks overlap the later downloads instead of all piling up at the
+# end; decompression itself is not limited (each follows its own download).
+FETCH_PARALLELISM = 2
 ENV = "CACHEFS_EROFS_ARTIFACTS"
 
 
@@ -81,7 +84,7 @@ class ArtifactPolicy(enum.StrEnum):
 class FetchOutcome:
     mechanism: str = "none"
     artifact: str | None = None
-    fetched: list[str] = field(default_factory=list)  # diff_ids published from the artifact
+    fetched: list[str] = field(default_factory=list)  # diff_ids now cached from the artifact
     warnings: list[str] = field(default_factory=list)
 
 
@@ -148,46 +151,78 @@ async def fetch_erofs(
         _require_all(policy, ref, needed, outcome)
         return outcome
     outcome.artifact = str(artifact_digest)
-    candidates = [_Candidate(i, d, blob) for d, i in needed.items()
-                  if (blob := artifact.for_diff_id(d)) is not None]
-    tmp = fetch_tmp_dir(cache)
-    await trio.to_thread.run_sync(functools.partial(tmp.mkdir, parents=True, exist_ok=True))
-    fsmeta_tmp = tmp / f"{manifest_digest.path_safe()}.{_unique()}.fsmeta"
-    try:
-        limiter = trio.CapacityLimiter(FETCH_PARALLELISM)
-        async with trio.open_nursery() as nursery:
-            for cand in candidates:
-                nursery.start_soon(_fetch_one, cache, client, ref, cand, tmp, limiter, emit,
-                                   warning)
-        good = [c for c in candidates if c.tree is not None]
-        if len(good) < len(needed):
-            problem: str | None = (
-                f"{len(needed) - len(good)} of its blobs were refused, and without them the "
-                "others cannot be cross-checked against its fsmeta")
-        else:
-            problem = await trio.to_thread.run_sync(
-                _cross_check, cache, diff_ids, {c.diff_id: c.tree for c in good}, artifact,
-                fsmeta_tmp)
-        if problem is not None:
-            warning(f"{ref}: EROFS artifact {artifact_digest} not used: {problem}; "
-                    "converting every layer from its tar")
-            good = []
-        for cand in good:
-            if cand.path is not None and await _publish_layer(cache, cand.diff_id, cand.path):
-                await trio.to_thread.run_sync(functools.partial(
-                    record_fetched, cache, cand.diff_id, source=str(ref),
-                    artifact=str(artifact_digest), blob=str(cand.blob.digest)))
-            outcome.fetched.append(str(cand.diff_id))
-            emit(LayerProgress(cand.index, str(cand.diff_id), "done"))
-        if good:
-            await trio.to_thread.run_sync(_publish_fsmeta, cache, manifest_digest, fsmeta_tmp)
-    finally:
-        remove_quietly(fsmeta_tmp)
-        for cand in candidates:
-            if cand.path is not None:
-                remove_quietly(cand.path)
+    assert artifact_digest is not None
+    job = _ArtifactJob(cache, client, ref, manifest_digest, list(diff_ids), artifact,
+                       artifact_digest, emit, warning)
+    outcome.fetched = await job.run(needed)
     _require_all(policy, ref, needed, outcome)
     return outcome
+
+
+@dataclass
+class _ArtifactJob:
+    """Fetch, check, cross-check and publish the needed layers of one chosen artifact."""
+
+    cache: GlobalCache
+    client: RegistryClient
+    ref: Reference
+    manifest_digest: Digest
+    diff_ids: list[Digest]
+    artifact: ErofsArtifact
+    artifact_digest: Digest
+    emit: ProgressCallback
+    warning: Callable[[str], None]
+
+    async def run(self, needed: dict[Digest, int]) -> list[str]:
+        """diff_ids now cached from the artifact; [] when it was set aside (and why warned)."""
+        candidates = [_Candidate(i, d, blob) for d, i in needed.items()
+                      if (blob := self.artifact.for_diff_id(d)) is not None]
+        tmp = fetch_tmp_dir(self.cache)
+        await trio.to_thread.run_sync(functools.partial(tmp.mkdir, parents=True, exist_ok=True))
+        fsmeta_tmp = tmp / f"{self.manifest_digest.path_safe()}.{_unique()}.fsmeta"
+        try:
+            limiter = trio.CapacityLimiter(FETCH_PARALLELISM)
+            async with trio.open_nursery() as nursery:
+                for cand in candidates:
+                    nursery.start_soon(_fetch_one, self.cache, self.client, self.ref, cand, tmp,
+                                       limiter, self.emit, self.warning)
+            good = [c for c in candidates if c.tree is not None]
+            problem = await self._problem(good, len(needed), fsmeta_tmp)
+            if problem is not None:
+                self.warning(f"{self.ref}: EROFS artifact {self.artifact_digest} not used: "
+                             f"{problem}; converting every layer from its tar")
+                return []
+            return await self._publish(good, fsmeta_tmp)
+        finally:
+            remove_quietly(fsmeta_tmp)
+            for cand in candidates:
+                if cand.path is not None:
+                    remove_quietly(cand.path)
+
+    async def _problem(self, good: list[_Candidate], needed: int,
+                       fsmeta_tmp: Path) -> str | None:
+        """Why the fetched layers cannot be used together, or None (fsmeta in ``fsmeta_tmp``)."""
+        if len(good) < needed:
+            return (f"{needed - len(good)} of its blobs were refused, and without them the "
+                    "others cannot be cross-checked against its fsmeta")
+        return await trio.to_thread.run_sync(
+            _cross_check, self.cache, self.diff_ids, {c.diff_id: c.tree for c in good},
+            self.artifact, fsmeta_tmp)
+
+    async def _publish(self, good: list[_Candidate], fsmeta_tmp: Path) -> list[str]:
+        done = []
+        for cand in good:
+            if cand.path is not None and await _publish_layer(self.cache, cand.diff_id,
+                                                              cand.path):
+                await trio.to_thread.run_sync(functools.partial(
+                    record_fetched, self.cache, cand.diff_id, source=str(self.ref),
+                    artifact=str(self.artifact_digest), blob=str(cand.blob.digest)))
+            done.append(str(cand.diff_id))
+            self.emit(LayerProgress(cand.index, str(cand.diff_id), "done"))
+        if good:
+            await trio.to_thread.run_sync(_publish_fsmeta, self.cache, self.manifest_digest,
+                                          fsmeta_tmp)
+        return done
 
 
 def _matching(artifacts: list[tuple[Digest, ErofsArtifact]],
@@ -216,13 +251,13 @@ async def _fetch_one(cache: GlobalCache, client: RegistryClient, ref: Reference,
     label = str(cand.diff_id)
     out = tmp / f"{cand.diff_id.path_safe()}.{_unique()}.erofs"
     try:
-        async with limiter, flock_exclusive_async(cache.download_lock_path(blob.digest)):
+        async with flock_exclusive_async(cache.download_lock_path(blob.digest)):
             if await trio.to_thread.run_sync(cache.is_layer_materialized, cand.diff_id):
                 # another pull made it while we waited: nothing to fetch or publish
                 cand.tree = await trio.to_thread.run_sync(_cached_tree, cache, cand.diff_id)
                 return
             await _download_and_inflate(client, ref, cand, cache.part_path(blob.digest), out,
-                                        emit)
+                                        emit, limiter)
         cand.tree = await trio.to_thread.run_sync(check_layer_image, out, "the EROFS")
         cand.path = out
     except CachefsError as err:
@@ -232,14 +267,17 @@ async def _fetch_one(cache: GlobalCache, client: RegistryClient, ref: Reference,
 
 
 async def _download_and_inflate(client: RegistryClient, ref: Reference, cand: _Candidate,
-                                part: Path, out: Path, emit: ProgressCallback) -> None:
-    """The blob downloads into ``tmp/<blob>.part`` (resumable, verified by the client)
-    while a worker thread decompresses what has arrived into ``out``. ``out`` counts only
+                                part: Path, out: Path, emit: ProgressCallback,
+                                downloads: trio.CapacityLimiter) -> None:
+    """The blob downloads into ``tmp/<blob>.part`` (resumable, verified by the client;
+    holding a ``downloads`` slot) while a worker thread decompresses what has arrived into
+    ``out``. ``out`` counts only
     once both finished: the download verified the blob, the decompression the EROFS digest.
     The ``.part`` is removed afterwards, unless the download broke off (kept to resume)."""
     blob = cand.blob
     label = str(cand.diff_id)
     growing = GrowingBlob(part, part)
+    started = trio.Event()
     failed: dict[str, BaseException] = {}
     done = 0
 
@@ -251,18 +289,24 @@ async def _download_and_inflate(client: RegistryClient, ref: Reference, cand: _C
     async def download() -> None:
         ok = False
         try:
-            emit(LayerProgress(cand.index, label, "download", 0, blob.size))
             descriptor = Descriptor(mediaType=LAYER_MEDIA_TYPE, digest=str(blob.digest),
                                     size=blob.size)
-            await client.fetch_blob(ref, descriptor, part, resume=True, progress=on_bytes,
-                                    written=growing.written)
+            async with downloads:
+                started.set()
+                emit(LayerProgress(cand.index, label, "download", 0, blob.size))
+                await client.fetch_blob(ref, descriptor, part, resume=True,
+                                        progress=on_bytes, written=growing.written)
             ok = True
         except CachefsError as err:
             failed["download"] = err
         finally:
             growing.finish(ok)
+            started.set()
 
     async def inflate() -> None:
+        # A worker thread only once the download runs: threads parked on downloads that
+        # wait for a slot could take every thread the downloads themselves need.
+        await started.wait()
         try:
             await trio.to_thread.run_sync(functools.partial(
                 decompress, growing.open, out, digest=blob.erofs_digest, size=blob.erofs_size,
