@@ -879,7 +879,10 @@ def _artifact_client(insecure: bool, ca_certs: Path | None, username: str | None
         credentials = Credentials(username, password)
     elif password_stdin:
         raise UsageError("--password-stdin needs --username")
-    return RegistryClient(insecure=insecure, ca_certs=ca_certs, credentials=credentials)
+    from .oci.registries_conf import load_registries_conf
+
+    return RegistryClient(insecure=insecure, ca_certs=ca_certs, credentials=credentials,
+                          registries=load_registries_conf())
 
 
 @main.command(name="push-erofs")
@@ -889,7 +892,8 @@ def _artifact_client(insecure: bool, ca_certs: Path | None, username: str | None
               default=None, help="Extra CA certificates (PEM) to trust for the registry.")
 @click.option("--username", default=None,
               help="Registry user with push access; password from --password-stdin or "
-                   "$CACHEFS_REGISTRY_PASSWORD. Default: ~/.docker/config.json, helpers.")
+                   "$CACHEFS_REGISTRY_PASSWORD. Default: the logins of cachefs/podman/docker "
+                   "login, as for pull.")
 @click.option("--password-stdin", is_flag=True, help="Read the registry password from stdin.")
 @click.option("--chunk-size", type=click.IntRange(min=1 << 20), default=None,
               help="Upload blobs larger than this in PATCH chunks of this size (bytes; "

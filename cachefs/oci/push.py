@@ -30,6 +30,7 @@ from ..errors import AuthError, RegistryError
 from ..reference import Reference
 from ._httpx import httpx
 from .registry import ACCEPT_MANIFESTS, RETRY_STATUSES, RegistryClient
+from .transfer import origin
 
 CHUNK_SIZE = 64 << 20
 READ_SIZE = 1 << 20
@@ -58,25 +59,51 @@ class RepoWriter:
                  chunk_size: int = CHUNK_SIZE) -> None:
         self.client = client
         self.ref = ref
+        self.push = push
         self.scope = push_scope(ref.repository) if push else f"repository:{ref.repository}:pull"
         self.chunk_size = chunk_size
         self.stats = PushStats()
+        self._target: Reference | None = None
 
     # plumbing -----------------------------------------------------------------------------
 
-    def url(self, path: str) -> str:
-        return self.client._url(self.ref, path)
+    async def _destination(self) -> Reference:
+        """Where requests go. A push goes to the registry the reference names (never a
+        registries.conf mirror), its scheme settled as the client settles any; a read goes
+        where the client resolved the image (a mirror, if it served the manifest)."""
+        if self._target is None:
+            client = self.client
+            if self.push:
+                host = client.mirrors.get(self.ref.registry, self.ref.registry)
+                await client._settle_scheme(host, client.registries.insecure_for(
+                    self.ref.registry))
+                if client.auth.explicit_hosts is not None:  # --username is for this host
+                    client.auth.explicit_hosts.add(self.ref.registry)
+                self._target = self.ref
+            else:
+                self._target = await client._physical(self.ref)
+        return self._target
 
-    async def _send(self, method: str, url: str, headers: dict[str, str] | None = None,
+    async def _send(self, method: str, path: str, headers: dict[str, str] | None = None,
                     content: bytes | AsyncIterator[bytes] | None = None,
                     replay: bool = True, limit: int = MAX_ERROR_BYTES) -> httpx.Response:
         """One request with our scope, answering one auth challenge; its body read, up to
         ``limit`` bytes (a registry sending more is refused, never buffered).
 
-        ``replay=False`` (a streamed body): a 401 is answered by an error, not a resend, so
-        the caller authenticates with a body-less request first.
+        ``path`` is relative to the repository (``blobs/…``), or an absolute upload
+        location the registry handed out, which must be on the registry's own origin: the
+        Authorization header never goes anywhere else. ``replay=False`` (a streamed body):
+        a 401 is answered by an error, not a resend, so the caller authenticates with a
+        body-less request first.
         """
-        registry = self.ref.registry
+        target = await self._destination()
+        registry = target.registry
+        home = self.client._url(target, "")
+        url = path if path.startswith(("http://", "https://")) else self.client._url(target,
+                                                                                      path)
+        if origin(httpx.URL(url)) != origin(httpx.URL(home)):
+            raise RegistryError(f"{self.ref.name}: the registry sent an upload location on "
+                                f"another host ({httpx.URL(url).host}); refusing it")
         auth = self.client.auth
         http = self.client._http
         hdrs = dict(headers or {})
@@ -90,16 +117,17 @@ class RepoWriter:
                 if attempt + 1 >= self.client.max_attempts or not replay:
                     raise RegistryError(f"{self.ref.name}: {method} {_path(url)} failed: "
                                         f"{err.__class__.__name__}") from None
-                await trio.sleep(min(self.client.backoff_s * 2**attempt, 8.0))
+                await trio.sleep(self.client._delay(attempt))
                 continue
             if resp.status_code == 401 and replay:
                 hdrs["Authorization"] = await auth.respond(
                     http, registry, self.scope, resp.headers.get("WWW-Authenticate", ""),
-                    f"{self.ref.name}: {method} {_path(url)}", sent=known)
+                    f"{self.ref.name}: {method} {_path(url)}", sent=known,
+                    limits=self.client.limits, challenger=resp.url)
                 resp = await self._bounded(method, url, hdrs, content, limit)
             if resp.status_code in RETRY_STATUSES and replay and \
                     attempt + 1 < self.client.max_attempts:
-                await trio.sleep(min(self.client.backoff_s * 2**attempt, 8.0))
+                await trio.sleep(self.client._delay(attempt, resp))
                 continue
             return resp
         raise AssertionError("unreachable")
@@ -140,7 +168,7 @@ class RepoWriter:
 
     async def get_document(self, path: str, accept: str = ACCEPT_MANIFESTS) -> bytes | None:
         """A small document (manifest, index); None on 404 (and on 400/405: no such API)."""
-        resp = await self._send("GET", self.url(path), {"Accept": accept},
+        resp = await self._send("GET", path, {"Accept": accept},
                                 limit=MAX_DOCUMENT_BYTES)
         if resp.status_code in (404, 400, 405):
             return None
@@ -149,9 +177,9 @@ class RepoWriter:
         return resp.content
 
     async def blob_exists(self, digest: Digest) -> bool:
-        resp = await self._send("HEAD", self.url(f"blobs/{digest}"))
-        if resp.status_code == 200:
-            return True
+        resp = await self._send("HEAD", f"blobs/{digest}")
+        if resp.status_code == 200 or resp.status_code in (301, 302, 303, 307, 308):
+            return True  # a redirect: the registry serves it from its storage
         if resp.status_code == 404:
             return False
         raise self._fail(resp, f"HEAD blobs/{digest}")
@@ -170,7 +198,7 @@ class RepoWriter:
             if source == self.ref.repository:
                 continue
             resp = await self._send(
-                "POST", self.url(f"blobs/uploads/?mount={digest}&from={source}"))
+                "POST", f"blobs/uploads/?mount={digest}&from={source}")
             if resp.status_code == 201:
                 self.stats.mounted.append(name)
                 return "mounted"
@@ -180,7 +208,7 @@ class RepoWriter:
             if resp.status_code not in (401, 403, 404):
                 raise self._fail(resp, "POST blobs/uploads/ (mount)")
         if location is None:
-            resp = await self._send("POST", self.url("blobs/uploads/"))
+            resp = await self._send("POST", "blobs/uploads/")
             if resp.status_code != 202:
                 raise self._fail(resp, "POST blobs/uploads/")
             location = self._location(resp)
@@ -226,7 +254,7 @@ class RepoWriter:
         return urljoin(str(resp.request.url), loc)
 
     async def put_manifest(self, target: str, body: bytes, media_type: str) -> httpx.Response:
-        resp = await self._send("PUT", self.url(f"manifests/{target}"),
+        resp = await self._send("PUT", f"manifests/{target}",
                                 {"Content-Type": media_type}, content=body)
         if resp.status_code not in (200, 201):
             raise self._fail(resp, f"PUT manifests/{target}")

@@ -22,6 +22,7 @@ from cachefs.share.push import push_erofs
 from tests.fixtures.images import TestImage, layer_tar, reg
 from tests.fixtures.registry import (  # noqa: F401  (fixtures)
     LocalRegistry,
+    flaky_proxy_factory,
     oci_layout,
     registry_factory,
 )
@@ -260,10 +261,14 @@ class ReferrersApiProxy:
                     return
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("host", "connection")}
+                # Host kept: the registry then names the proxy in upload locations
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
                 up = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
-                up.request(self.command, self.path, body=body, headers=headers)
+                up.putrequest(self.command, self.path, skip_host=True,
+                              skip_accept_encoding=True)
+                for k, v in headers.items():
+                    up.putheader(k, v)
+                up.endheaders(body)
                 resp = up.getresponse()
                 data = resp.read()
                 up.close()
@@ -352,3 +357,24 @@ def test_artifact_manifests_that_are_not_believed() -> None:
     two = json.loads(json.dumps(good))
     two["layers"].append(two["layers"][1])
     refused(two, "unexpected media type")
+
+
+async def test_upload_location_on_another_host_is_refused(
+    tmp_path: Path, registry_factory: Any, flaky_proxy_factory: Any  # noqa: F811
+) -> None:
+    """Behind a proxy that hides its own name, distribution hands out upload locations on
+    its own port: another origin than the one pushed to, so no request (and no credential)
+    goes there."""
+    registry = registry_factory()
+    proxy = flaky_proxy_factory(registry)
+    layout = oci_layout(IMAGE, tmp_path / "layout")
+    registry.push_oci_layout(layout.path, "app/img", "v1")
+    ref = f"{proxy.host}/app/img:v1"
+    cache = GlobalCache.new(tmp_path / "a")
+    async with client() as c:
+        await pull(cache, ref, client=c, erofs_artifacts="never")
+        before = writes(registry)
+        with pytest.raises(RegistryError) as err:
+            await push_erofs(cache, ref, c)
+    assert "upload location on another host" in err.value.one_line()
+    assert [w[0] for w in writes(registry)[len(before):]] == ["POST"]  # only the session
