@@ -155,6 +155,9 @@ async def fetch_erofs(
     job = _ArtifactJob(cache, client, ref, manifest_digest, list(diff_ids), artifact,
                        artifact_digest, emit, warning)
     outcome.fetched = await job.run(needed)
+    if outcome.fetched:
+        log.info("%s: %d of %d missing layers fetched as EROFS (artifact %s, %s)", ref,
+                 len(outcome.fetched), len(needed), artifact_digest, found.mechanism)
     _require_all(policy, ref, needed, outcome)
     return outcome
 
