@@ -487,3 +487,35 @@ async def test_two_references_to_one_image_pulled_at_once(
     theirs = {k: v for k, v in artifacts(world.a.root).items() if not k.startswith("manifests")}
     assert ours == theirs
     assert [p.name for p in b.tmp_dir().iterdir() if not p.name.endswith(".lock")] == []
+
+
+async def test_gc_removes_dead_scratch_and_stale_provenance(
+    tmp_path: Path, registry_factory: Any  # noqa: F811
+) -> None:
+    world = await make_world(tmp_path, registry_factory)
+    b = world.fresh()
+    await pull_with(b, world.ref, erofs_artifacts="only")
+    meta = b.read_image_metadata(world.ref)
+    assert meta is not None
+    records = sorted((b.root / "cachefs" / "provenance").iterdir())
+    assert len(records) == 3
+    await pull_with(b, world.ref, force=True)  # converted again: the records are stale now
+    assert origins(b, world.ref) == ["converted"] * 3
+    dead = subprocess.Popen(["true"])  # a process id that no longer runs
+    dead.wait()
+    scratch = b.root / "cachefs" / "tmp"
+    abandoned = scratch / f"{meta.diff_ids[0].path_safe()}.{dead.pid}.0123abcd.erofs"
+    abandoned.write_bytes(b"half an EROFS")
+    crashed_push = scratch / f"push-{dead.pid}-89abcdef"
+    crashed_push.mkdir()
+    (crashed_push / "0.zst").write_bytes(b"zstd")
+    running = scratch / f"{meta.diff_ids[1].path_safe()}.{os.getpid()}.0123abcd.erofs"
+    running.write_bytes(b"being written")
+    proc = subprocess.run(
+        [python(), "-m", "cachefs.cli", "--cache", str(b.root), "gc", "--json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    removed = {r["path"] for r in json.loads(proc.stdout)["removed"]}
+    assert {str(abandoned), str(crashed_push), *map(str, records)} <= removed
+    assert running.exists() and not abandoned.exists() and not crashed_push.exists()
+    assert all(b.is_layer_materialized(d) for d in meta.diff_ids)  # the image is untouched
