@@ -11,7 +11,7 @@ import importlib
 import json
 from pathlib import Path
 
-SECTIONS = ["layers", "pull", "view"]
+SECTIONS = ["layers", "pull", "view", "artifacts"]
 
 
 def msb_binary() -> str:

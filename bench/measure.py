@@ -20,6 +20,7 @@ from dataclasses import dataclass
 class Sample:
     seconds: float
     peak_rss_mib: float
+    cpu_s: float = 0.0  # user + system seconds of the command and its children
 
 
 _REPORTER = r"""
@@ -27,7 +28,8 @@ import os, sys, time
 start = time.perf_counter()
 pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)
 _, status, usage = os.wait4(pid, 0)
-print(os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss)
+print(os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss,
+      usage.ru_utime + usage.ru_stime)
 """
 
 
@@ -36,11 +38,11 @@ def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> Sampl
         [sys.executable, "-I", "-S", "-c", _REPORTER, *cmd],
         env=env, capture_output=True, text=True,
     )
-    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "1 0 0"
-    code, seconds, maxrss_kib = last.split()
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "1 0 0 0"
+    code, seconds, maxrss_kib, cpu = last.split()
     if int(code) != 0 or proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({code}): {proc.stderr[-2000:]}")
-    return Sample(float(seconds), int(maxrss_kib) / 1024)
+    return Sample(float(seconds), int(maxrss_kib) / 1024, float(cpu))
 
 
 def median(values: Sequence[float]) -> float:

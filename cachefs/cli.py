@@ -274,12 +274,17 @@ def _password(username: str | None, password_stdin: bool) -> Credentials | None:
 @click.option("--platform", default=None,
               help="os/arch[/variant]; default: linux/<host arch>. A cached image of another "
                    "platform is used with a warning (--policy always fetches this one).")
+@click.option("--erofs-artifacts", type=click.Choice(["auto", "never", "only"]), default=None,
+              help="Use converted EROFS the registry holds for the image (see push-erofs): "
+                   "auto (default) when present and sound, never, or only (fail otherwise). "
+                   "Env: CACHEFS_EROFS_ARTIFACTS; config: [pull] erofs-artifacts.")
 @_no_msb_db_option
 @_json_result_option
 @click.pass_context
 def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure: bool,
          ca_certs: Path | None, username: str | None, password_stdin: bool,
-         platform: str | None, no_msb_db: bool, as_json: bool) -> None:
+         platform: str | None, erofs_artifacts: str | None, no_msb_db: bool,
+         as_json: bool) -> None:
     """Pull REFERENCE from its registry into the cache.
 
     Layers download in parallel, resume after an interruption, and are verified against
@@ -304,7 +309,7 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
             pull_short_name, c.writable_cache(), reference, policy=PullPolicy(policy),
             force=force, insecure=insecure, ca_certs=ca_certs, credentials=credentials,
             platform=platform, progress=progress, registries=load_registries_conf(),
-            msb_db=not no_msb_db))
+            msb_db=not no_msb_db, erofs_artifacts=erofs_artifacts))
     have = (other_platform(result.metadata.raw_config_json, wanted)
             if wanted is not None and result.cached else None)
     if have is not None:
@@ -542,14 +547,21 @@ def df(ctx: click.Context, as_json: bool, msb_db: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object: ok, and each image's problems.")
 @_msb_db_option
+@click.option("--deep", is_flag=True,
+              help="Re-convert REFERENCE's layers from their original blobs (downloaded "
+                   "when not cached) and prove its EROFS and fsmeta byte-identical.")
+@click.option("--insecure", is_flag=True, help="With --deep: plain HTTP to the registry.")
 @click.pass_context
 def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: bool,
-           msb_db: Path | None) -> None:
+           msb_db: Path | None, deep: bool, insecure: bool) -> None:
     """Check every artifact of one image (or all) without a kernel; exit non-zero on problems."""
     from .ops.verify import ImageCheck
     from .ops.verify import verify as run_verify
 
     c = _ctx(ctx)
+    if deep:
+        _verify_deep(c, reference, as_json=as_json, insecure=insecure)
+        return
 
     def show(check: ImageCheck) -> None:
         if as_json:
@@ -845,6 +857,109 @@ def logout(ctx: click.Context, registry: str | None, everything: bool,
         raise UsageError("logout needs a REGISTRY or --all (not both)")
     path = do_logout(None if everything else registry, authfile=authfile)
     _ctx(ctx).say(f"Removed login credentials for {registry or 'all registries'} ({path})")
+
+
+# ---------------------------------------------------------------------------------------
+# push-erofs / verify --deep (EROFS artifacts in the registry)
+# ---------------------------------------------------------------------------------------
+
+
+def _artifact_client(insecure: bool, ca_certs: Path | None, username: str | None,
+                     password_stdin: bool) -> Any:
+    from .oci.auth import Credentials
+    from .oci.registry import RegistryClient
+
+    credentials = None
+    if username is not None:
+        password = (sys.stdin.readline().rstrip("\n") if password_stdin
+                    else os.environ.get("CACHEFS_REGISTRY_PASSWORD"))
+        if password is None:
+            raise UsageError("--username needs a password: --password-stdin or "
+                             "$CACHEFS_REGISTRY_PASSWORD")
+        credentials = Credentials(username, password)
+    elif password_stdin:
+        raise UsageError("--password-stdin needs --username")
+    from .oci.registries_conf import load_registries_conf
+
+    return RegistryClient(insecure=insecure, ca_certs=ca_certs, credentials=credentials,
+                          registries=load_registries_conf())
+
+
+@main.command(name="push-erofs")
+@click.argument("reference")
+@click.option("--insecure", is_flag=True, help="Plain HTTP to the registry (local registries).")
+@click.option("--ca-certs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Extra CA certificates (PEM) to trust for the registry.")
+@click.option("--username", default=None,
+              help="Registry user with push access; password from --password-stdin or "
+                   "$CACHEFS_REGISTRY_PASSWORD. Default: the logins of cachefs/podman/docker "
+                   "login, as for pull.")
+@click.option("--password-stdin", is_flag=True, help="Read the registry password from stdin.")
+@click.option("--chunk-size", type=click.IntRange(min=1 << 20), default=None,
+              help="Upload blobs larger than this in PATCH chunks of this size (bytes; "
+                   "default 64 MiB); smaller ones go in one PUT.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.pass_context
+def push_erofs_cmd(ctx: click.Context, reference: str, insecure: bool, ca_certs: Path | None,
+                   username: str | None, password_stdin: bool, chunk_size: int | None,
+                   as_json: bool) -> None:
+    """Push REFERENCE's converted EROFS (layers + fsmeta) to its repository.
+
+    The image must be in the cache and its manifest in the registry. The EROFS travel
+    zstd-compressed as one OCI 1.1 artifact whose subject is the image's platform
+    manifest, found by `cachefs pull` through the referrers API or the referrers tag
+    schema (`sha256-<hex>`, for registries without the API). Pushing again changes
+    nothing. Whoever can push here decides what hosts pulling with artifacts get: see
+    `cachefs verify --deep`.
+    """
+    import trio
+
+    from .share.push import push_erofs
+
+    c = _ctx(ctx)
+
+    async def run() -> Any:
+        async with _artifact_client(insecure, ca_certs, username, password_stdin) as client:
+            return await push_erofs(c.cache(), reference, client, chunk_size=chunk_size,
+                                    say=lambda text: None if as_json else c.say(text))
+
+    report = trio.run(run)
+    if as_json:
+        _echo_json(report.to_json())
+    elif report.unchanged:
+        click.echo(f"{report.reference}: artifact {report.artifact} already in the registry "
+                   f"({report.mechanism}); nothing pushed")
+    else:
+        s = report.stats
+        click.echo(f"{report.reference}: pushed artifact {report.artifact} ({report.mechanism}; "
+                   f"{len(s.uploaded)} uploaded, {len(s.mounted)} mounted, {len(s.skipped)} "
+                   "already there)")
+
+
+def _verify_deep(c: Context, reference: str | None, *, as_json: bool, insecure: bool) -> None:
+    import trio
+
+    from .share.reconvert import verify_deep
+
+    if reference is None:
+        raise UsageError("--deep needs a REFERENCE")
+
+    async def run() -> Any:
+        async with _artifact_client(insecure, None, None, False) as client:
+            return await verify_deep(c.cache(), reference, client)
+
+    report = trio.run(run)
+    if as_json:
+        _echo_json(report.to_json())
+    else:
+        for p in report.layers:
+            state = "identical" if p.identical else "DIFFERENT"
+            click.echo(f"layer {p.diff_id} ({p.origin}): {state}")
+        click.echo(f"fsmeta: {'identical' if report.fsmeta_identical else 'DIFFERENT'}")
+    if not report.ok:
+        raise CacheCorrupt(f"{report.reference}: cached EROFS differ from a conversion of the "
+                           "image's layer blobs",
+                           hint=f"cachefs pull --force --erofs-artifacts never {reference}")
 
 
 if __name__ == "__main__":  # pragma: no cover

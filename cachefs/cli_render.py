@@ -51,11 +51,18 @@ def render_layers(layers: Sequence[dict[str, Any]]) -> str:
     skopeo and msb show it) beside the diff_id and the layer EROFS."""
     rows = [[i, layer.get("digest") or "-", human_bytes(layer.get("size_bytes")),
              layer["diff_id"], human_bytes(layer.get("erofs_size")),
-             "ok" if layer.get("valid") else "MISSING"]
+             "ok" if layer.get("valid") else "MISSING", _origin(layer)]
             for i, layer in enumerate(layers)]
-    text = table(["#", "BLOB DIGEST", "COMPRESSED", "DIFF_ID", "EROFS", "STATE"], rows,
-                 right=(0, 2, 4))
+    text = table(["#", "BLOB DIGEST", "COMPRESSED", "DIFF_ID", "EROFS", "STATE", "ORIGIN"],
+                 rows, right=(0, 2, 4))
     return "\n".join("  " + line for line in text.splitlines())
+
+
+def _origin(layer: dict[str, Any]) -> str:
+    """Where the layer EROFS came from (EROFS artifacts, ``push-erofs``)."""
+    if layer.get("origin") == "fetched-erofs":
+        return f"fetched as EROFS from {layer.get('origin_source')}"
+    return "converted from tar"
 
 
 def render_status(doc: dict[str, Any], source: str) -> str:

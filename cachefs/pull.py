@@ -369,11 +369,16 @@ async def pull(
     client: RegistryClient | None = None,
     registries: RegistriesConf | None = None,
     msb_db: bool = True,
+    erofs_artifacts: str | None = None,
 ) -> PullResult:
     """Pull ``reference`` into ``cache``; see the module docstring for the stages.
 
     ``registries`` (default: the machine's registries.conf files) says where the
     reference is really fetched from; the cache key stays ``reference``.
+
+    ``erofs_artifacts`` (auto|never|only; default from the environment or config file,
+    see :mod:`cachefs.share.settings`): whether converted layers may come from the
+    registry's EROFS artifact instead of being converted here.
     """
     from .oci.platform import parse_platform
     from .oci.registry import RegistryClient
@@ -412,6 +417,14 @@ async def pull(
                 [(d.digest, d.media_type, d.size, str(diff))
                  for d, diff in zip(resolved.layers, diff_ids, strict=True)],
             )
+
+            if not force:  # EROFS artifacts: layers fetched here count as cached below
+                from .share.fetch import fetch_erofs
+                from .share.settings import artifact_policy
+
+                await fetch_erofs(cache, registry, ref, plan.manifest_digest,
+                                  [layer.diff_digest for layer in plan.layers],
+                                  policy=artifact_policy(erofs_artifacts), emit=emit)
 
             async def provide(
                 i: int, layer: LayerMetadata, emit_: ProgressCallback

@@ -268,6 +268,7 @@ def inspect_image(cache: GlobalCache, info: ImageInfo) -> dict[str, object]:
             "erofs_path": str(path),
             "erofs_size": _file_size(path),
             "valid": cache.is_layer_materialized(diff_id),
+            **_layer_origin(cache, diff_id),
         })
     doc["layer_details"] = layers
     if info.digest:
@@ -276,6 +277,16 @@ def inspect_image(cache: GlobalCache, info: ImageInfo) -> dict[str, object]:
                          "valid": cache.is_fsmeta_materialized(info.digest)}
         doc["vmdk"] = {"path": str(vmdk), "exists": vmdk.exists()}
     return doc
+
+
+def _layer_origin(cache: GlobalCache, diff_id: str) -> dict[str, str]:
+    """``origin`` (converted / fetched-erofs) and, when fetched, from where."""
+    from ..share.provenance import layer_origin
+
+    found = layer_origin(cache, diff_id)
+    return {"origin": found["origin"], **({"origin_source": found["source"],
+                                            "origin_artifact": found["artifact"]}
+                                           if "source" in found else {})}
 
 
 __all__ = [

@@ -381,6 +381,9 @@ def _gc_candidates(cache: GlobalCache, refs_layers: set[str], refs_manifests: se
         else:
             continue
         out.append(_Candidate(path, "tmp", locks, False))
+    from ..share.leftovers import leftovers  # EROFS-artifact scratch, stale provenance
+
+    out.extend(_Candidate(path, "tmp", (), False) for path in leftovers(cache, _pid_alive))
     return out, skipped
 
 

@@ -30,6 +30,7 @@ from ..cache.locks import LEASE_DIR
 from ..cache.store import GlobalCache
 from ..digest import Digest
 from ..errors import CachefsError
+from ..share.provenance import CONVERTED, fetched_layers
 from ..vmdk import render_descriptor
 
 BLOCK = 4096
@@ -73,6 +74,7 @@ class CacheSnapshot:
     # Why the view cannot take msb leases on what it serves (read-only cache, another
     # user's lease files), or None. Disks are still served; deleters just cannot see it.
     lease_problem: str | None = None
+    fetched_layers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # as EROFS
 
 
 class _ValidityMemo:
@@ -222,6 +224,7 @@ def scan_cache(cache: GlobalCache, msb_db: Path | None = None,
         downloads=downloads,
         problems=problems,
         taken_at_ns=time.time_ns(),
+        fetched_layers=fetched_layers(cache),
     )
 
 
@@ -530,12 +533,18 @@ def _image_dir(
 
     key = (mtime, refs.key, state, disk_size,
            tuple(_state_word(snap.layers.get(d)) for d in img.layers),
+           tuple(_origin(snap, d) for d in img.layers),
            None if fm is None else (fm.size, _state_word(fm)))
     size = (len(_image_json(img, state, snap, disk_size).encode()) - _REFS_TOKEN_BYTES
             + refs.nbytes)
     children["image.json"] = DocNode(render_image_json, key, mtime, size)
     children["status"] = BytesNode(status_text(img, state, snap.lease_problem).encode(), mtime)
     return DirNode(children, mtime, image=True), state
+
+
+def _origin(snap: CacheSnapshot, diff: str) -> str:
+    """Where the layer came from: converted from its tar, or fetched as EROFS."""
+    return snap.fetched_layers.get(diff, {}).get("origin", CONVERTED)
 
 
 def _image_json(img: IndexedImage, state: ImageState, snap: CacheSnapshot,
@@ -556,6 +565,7 @@ def _image_json(img: IndexedImage, state: ImageState, snap: CacheSnapshot,
             "erofs_size": art.size if art is not None and art.exists else None,
             "path": f"layers/{layer_link_name(i, len(img.layers), diff)}",
             "state": _state_word(art),
+            "origin": _origin(snap, diff),
         })
     doc = {
         "reference": str(img.reference),

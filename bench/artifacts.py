@@ -1,0 +1,141 @@
+"""``cachefs pull`` with EROFS artifacts against ``msb pull`` (issue 14).
+
+The Debian images of :mod:`bench.pull` (1 and 3 gzip layers) are pushed to a
+``docker-registry`` on 127.0.0.1; a cache "A" pulls each (converting) and pushes its EROFS
+artifact (``push-erofs``), as a CI job would. Then, alternating, ``cachefs pull`` into a
+fresh cache (which finds the artifact and downloads EROFS) and ``msb pull`` into a fresh
+``HOME`` (which converts), on loopback and through :class:`bench.link.Link` (~40 MB/s,
+~20 ms round trips). Rows print wall time, CPU seconds and peak RSS of each, the ratio and
+its target (≤ 0.4× on loopback, ≤ 1.0× on the link; peak RSS ≤ msb's), and whether the
+fetched layers and fsmeta are byte-identical to msb's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from . import debian
+from .link import Link
+from .measure import Sample, median, run_measured
+from .pull import REPO, _artifact_hashes, _missing_tools, prepare_inputs
+
+TARGETS = {"loopback": 0.4, "link": 1.0}
+
+
+def _push(cache: Path, ref: str) -> None:
+    import trio
+
+    from cachefs.cache import GlobalCache
+    from cachefs.oci.registry import RegistryClient
+    from cachefs.pull import pull
+    from cachefs.share.push import push_erofs
+
+    async def main() -> None:
+        c = GlobalCache.new(cache)
+        async with RegistryClient(insecure=True) as client:
+            await pull(c, ref, client=client, erofs_artifacts="never")
+            await push_erofs(c, ref, client)
+
+    trio.run(main)
+
+
+def _row(name: str, rounds: int, work: Path, ours: Callable[[Path], list[str]],
+         theirs: list[str], target: float, extra: dict[str, object]) -> dict[str, object]:
+    cachefs_runs: list[Sample] = []
+    msb_runs: list[Sample] = []
+    identical = None
+    for r in range(rounds):
+        cache, home = work / "cachefs-cache", work / "msb-home"
+        for d in (cache, home):
+            shutil.rmtree(d, ignore_errors=True)
+        home.mkdir()
+        cachefs_runs.append(run_measured(ours(cache)))
+        msb_runs.append(run_measured(theirs, env={**os.environ, "HOME": str(home)}))
+        if r == rounds - 1:
+            a = _artifact_hashes(cache)
+            b = _artifact_hashes(home / ".microsandbox" / "cache")
+            fetched = any((cache / "cachefs" / "provenance").glob("*.json"))
+            identical = bool(a) and a == b and fetched
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+    t_ours = median([s.seconds for s in cachefs_runs])
+    t_msb = median([s.seconds for s in msb_runs])
+    rss_ours = max(s.peak_rss_mib for s in cachefs_runs)
+    rss_msb = max(s.peak_rss_mib for s in msb_runs)
+    ratio = t_ours / t_msb
+    return {
+        "benchmark": name,
+        **extra,
+        "rounds": rounds,
+        "cachefs_s": round(t_ours, 2),
+        "msb_s": round(t_msb, 2),
+        "time_ratio_cachefs_over_msb": round(ratio, 2),
+        "target_time_ratio": target,
+        "cachefs_cpu_s": round(median([s.cpu_s for s in cachefs_runs]), 2),
+        "msb_cpu_s": round(median([s.cpu_s for s in msb_runs]), 2),
+        "cachefs_peak_rss_mib": round(rss_ours, 1),
+        "msb_peak_rss_mib": round(rss_msb, 1),
+        "targets_met": ratio <= target and rss_ours <= rss_msb,
+        "identical_artifacts_fetched_as_erofs": identical,
+    }
+
+
+def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
+    """``--quick``: the 3-layer image on loopback only."""
+    missing = _missing_tools()
+    if missing:
+        print(f"# artifacts: skipped: {', '.join(missing)} not installed", flush=True)
+        return []
+    counts = (3,) if quick else (1, 3)
+    try:
+        inputs = prepare_inputs(counts)
+    except debian.Unavailable as err:
+        print(f"# artifacts: skipped: {err}", flush=True)
+        return []
+    from tests.fixtures.registry import LocalRegistry
+
+    py = sys.executable
+    results: list[dict[str, object]] = []
+    work = Path(tempfile.mkdtemp(prefix="cachefs-bench-artifacts-", dir="/var/tmp"))
+    try:
+        with LocalRegistry(work / "registry") as registry:
+            for n in counts:
+                registry.push_oci_layout(inputs.layouts[n], REPO, f"{n}layers")
+                _push(work / "ci-cache", f"{registry.host}/{REPO}:{n}layers")
+            shutil.rmtree(work / "ci-cache", ignore_errors=True)
+            networks: list[str] = ["loopback"] if quick else ["loopback", "link"]
+            for network in networks:
+                with _network(network, registry.port) as (host, describe):
+                    for n in counts:
+                        ref = f"{host}/{REPO}:{n}layers"
+                        results.append(_row(
+                            f"pull with EROFS artifacts vs msb pull, debian minbase, {n} "
+                            f"layer{'s' if n > 1 else ''}, {describe}",
+                            rounds, work,
+                            lambda cache, ref=ref: [py, "-m", "bench.worker", "pull",
+                                                    str(cache), ref],
+                            [msb, "pull", "--quiet", "--insecure", ref],
+                            TARGETS[network],
+                            {"network": network,
+                             "uncompressed_mb": round(inputs.uncompressed_mb, 1),
+                             "msb_download_mb": round(inputs.compressed_mb[n], 1)},
+                        ))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+@contextlib.contextmanager
+def _network(network: str, port: int) -> Iterator[tuple[str, str]]:
+    """``(host, description)``: the registry directly, or behind a modelled link."""
+    if network != "link":
+        yield f"127.0.0.1:{port}", "loopback"
+        return
+    with Link(port) as link:
+        yield link.host, f"link {link.describe()}"
