@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cachefs.cache.locks import publication_gate_path
 from tests.cli.conftest import CACHEFS, REF_A, LoadedCache, held_by_other_process, run
 from tests.fixtures.hostile import HostileServer, ServedImage, hostile  # noqa: F401
 from tests.fixtures.images import TestImage, docker_archive, layer_tar, reg
@@ -189,6 +190,7 @@ def test_msb_inside_its_publication_gate_makes_rm_refuse_and_gc_keep_off(
     try:
         wait_until(lambda: gate.exists() and flock_holders(gate).get(proc.pid) == "WRITE",
                    "msb holding its publication gate")
+        assert publication_gate_path(manifests, key) == gate  # our name is the one msb locks
         rm = run(loaded.root, "rm", "--force", REF_A)
         assert rm.returncode == 11, rm.stderr
         assert rm.stderr.strip().splitlines()[0].endswith(
