@@ -10,7 +10,6 @@ neither but still reaches for root, a Debian tool or msb fails (see
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.system)
 
 
-@pytest.fixture(autouse=True)
-def _system_guard(request: pytest.FixtureRequest) -> Iterator[None]:
-    marked = request.node.get_closest_marker("system") is not None
-    system.unmarked_test = None if marked else request.node.nodeid
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """Arms the guard of ``tests.fixtures.system`` for an unmarked test, from before its
+    first fixture (module-scoped ones included) until after its teardown."""
+    marked = item.get_closest_marker("system") is not None
+    system.unmarked_test = None if marked else item.nodeid
     try:
-        yield
+        return (yield)
     finally:
         system.unmarked_test = None
 
