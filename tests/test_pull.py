@@ -43,7 +43,7 @@ from tests.fixtures.registry import (  # noqa: F401  (fixtures)
 )
 from tests.fixtures.registry import test_client as client
 from tests.fixtures.stalling import StalledBlob
-from tests.fixtures.system import Msb
+from tests.fixtures.system import Msb, system_fixture
 
 BASE = layer_tar([dir_("etc"), reg("etc/os-release", b"ID=test\n"), reg("bin/sh", b"\x7fELF" * 100,
                  mode=0o755), symlink("bin/ash", "sh")])
@@ -70,6 +70,7 @@ class Pushed:
 
 
 @pytest.fixture(scope="module")
+@system_fixture
 def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
     d = tmp_path_factory.mktemp("pullreg")
     with LocalRegistry(d / "registry") as r:
