@@ -12,6 +12,12 @@ PYTEST_ARGS ?=
 test: deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The tests that need nothing from the system (no root, FUSE, loop devices, msb, Debian
+# tools): runnable by any user with the venv, no apt. See tests/conftest.py for the marking.
+.PHONY: test-fast
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not system" $(PYTEST_ARGS)
+
 lint: deps
 	$(VENV)/bin/ruff check cachefs tests bench
 

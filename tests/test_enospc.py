@@ -38,6 +38,7 @@ def _load(cache: Path, archive: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("size", ["3m", "7m"], ids=["spool-fills", "layer-image-fills"])
+@pytest.mark.system
 def test_enospc_names_the_file_and_publishes_nothing(tmp_path: Path, size: str) -> None:
     """4 MiB of incompressible file: the spool (3 MiB fs) or the layer image (7 MiB fs,
     after the 4 MiB spool) does not fit."""
@@ -71,6 +72,7 @@ def test_record_failure_comes_before_the_metadata_commit_point(tmp_path: Path) -
     assert [r.reference for r in cache.ref_records()] == [str(Reference.parse(REF))]
 
 
+@pytest.mark.system
 def test_enospc_while_downloading_names_the_part_file(tmp_path: Path) -> None:
     """A blob larger than the cache's filesystem: the download's own write fails, and the
     one-line error names the ``.part`` being written, not just errno."""

@@ -37,7 +37,7 @@ from cachefs.guest import (
 from cachefs.materialize import materialize_layer, stitch_image
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
 from tests.fixtures.system import Msb, missing, msb_binary, require_tool
-from tests.view.conftest import OtherUser, find_other_user, shared_tmpdir
+from tests.view.conftest import OtherUser, find_other_user, shared_tmpdir, view_mount
 
 pytestmark = pytest.mark.system
 
@@ -231,10 +231,6 @@ def test_interactive_shell_in_the_image(guest: Guest, loaded: Loaded, tmp_path: 
 @pytest.fixture
 def view(loaded: Loaded, tmp_path: Path) -> Iterator[Path]:
     """The FUSE view mounted over msb's cache; the image directory of ``REF``."""
-    try:
-        from tests.view.conftest import view_mount
-    except ImportError as e:  # the view is written concurrently; its planned API is used
-        missing(f"cachefs.view.daemon ({e})")
     mnt = tmp_path / "mnt"
     # view_mount's own try/finally stops the daemon and unmounts, whatever the test did.
     with view_mount(loaded.msb.cache, mnt) as vm:
@@ -278,7 +274,6 @@ def test_guest_as_another_user_boots_the_view_of_a_private_cache(
         guest: Guest, loaded: Loaded, shared_dir: Path, other_user: OtherUser) -> None:
     """Issue 11.1, as deployed: root's cache behind 0700 directories, the view mounted
     with --allow-other, QEMU running as ``nobody`` (like libvirt's ``libvirt-qemu``)."""
-    from tests.view.conftest import view_mount
 
     fsmeta = loaded.msb.cache / "fsmeta" / f"{loaded.manifest.path_safe()}.erofs"
     assert other_user.run("cat", str(fsmeta), home=shared_dir).returncode != 0  # private
@@ -306,7 +301,7 @@ def test_running_guest_protects_its_image(guest: Guest, tmp_path: Path, shared_d
     view on every file it reads: ``cachefs rm`` refuses naming QEMU, msb's prune drops
     the reference but leaves the leased files, ``cachefs gc`` skips them naming QEMU;
     once the guest is gone, ``cachefs gc`` removes them."""
-    from tests.view.conftest import artifacts, view_mount
+    from tests.view.conftest import artifacts
 
     msb = Msb(msb_binary(), tmp_path / "home")
     msb.load(docker_archive(guest_image(), [TAG], tmp_path / "image.tar"))

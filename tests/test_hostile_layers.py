@@ -28,6 +28,7 @@ import zstandard
 
 from tests.cli.conftest import CACHEFS
 from tests.fixtures.registry import LocalRegistry
+from tests.fixtures.system import system_fixture
 
 _MEASURE = """
 import resource, subprocess, sys
@@ -260,6 +261,7 @@ def bomb_layout(out: Path, size: int, kind: str) -> Path:
 
 
 @pytest.fixture(scope="module")
+@system_fixture
 def bomb_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
     d = tmp_path_factory.mktemp("bombreg")
     with LocalRegistry(d / "registry") as registry:

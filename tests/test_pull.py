@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import http.server
 import json
@@ -32,6 +33,7 @@ from cachefs.oci.auth import Credentials
 from cachefs.progress import Event, Finished, LayerProgress, Resolved
 from cachefs.pull import PullPolicy, pull
 from cachefs.reference import Reference
+from tests.fixtures.hostile import ServedImage, hostile  # noqa: F401  (fixture)
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
 from tests.fixtures.registry import (  # noqa: F401  (fixtures)
     LocalRegistry,
@@ -40,7 +42,8 @@ from tests.fixtures.registry import (  # noqa: F401  (fixtures)
     registry_factory,
 )
 from tests.fixtures.registry import test_client as client
-from tests.fixtures.system import Msb
+from tests.fixtures.stalling import StalledBlob
+from tests.fixtures.system import Msb, system_fixture
 
 BASE = layer_tar([dir_("etc"), reg("etc/os-release", b"ID=test\n"), reg("bin/sh", b"\x7fELF" * 100,
                  mode=0o755), symlink("bin/ash", "sh")])
@@ -67,6 +70,7 @@ class Pushed:
 
 
 @pytest.fixture(scope="module")
+@system_fixture
 def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
     d = tmp_path_factory.mktemp("pullreg")
     with LocalRegistry(d / "registry") as r:
@@ -404,38 +408,70 @@ def one_line(err: CachefsError) -> str:
 
 
 async def test_blob_bytes_not_matching_digest(tmp_path: Path, registry_factory) -> None:  # noqa: F811
+    """Bytes that decompress to exactly the right layer but are not the blob the manifest
+    names (the gzip header's OS byte differs): only the download's digest can tell."""
     r = registry_factory()
     layout = oci_layout(OTHER, tmp_path / "l", compression="gzip")
     r.push_oci_layout(layout.path, "bad/blob", "v1")
     victim = json.loads(layout.images[0].manifest_bytes)["layers"][1]["digest"]
     path = r.blob_path(victim)
     data = bytearray(path.read_bytes())
-    data[-10] ^= 0xFF
+    assert data[:2] == b"\x1f\x8b"
+    data[9] ^= 0xFF  # OS field: ignored by every gzip reader, so ingest and diff_id succeed
     path.write_bytes(bytes(data))
+    served = "sha256:" + hashlib.sha256(data).hexdigest()
     cache = GlobalCache.new(tmp_path / "c")
     ref = f"{r.host}/bad/blob:v1"
-    # Whichever notices first: the download's hash, or ingest (which cancels the download).
-    with pytest.raises((DigestMismatch, LayerFormatError)) as info:
+    with pytest.raises(DigestMismatch) as info:
         await cachefs_pull(cache, ref)
-    assert victim in one_line(info.value)
+    assert info.value.exit_code == 7
+    assert one_line(info.value).endswith(f"expected {victim}, got {served}")
     assert_nothing_published(cache, ref)
     assert not cache.part_path(victim).exists()  # a bad download is not kept
+    assert not cache.tar_path(victim).exists()
+
+
+async def test_blob_that_is_not_gzip_fails_while_it_downloads(
+        tmp_path: Path, hostile) -> None:  # noqa: F811
+    """A blob whose first bytes are not gzip: ingest says so while the registry still holds
+    back the rest of it, so the download's digest cannot be what the user is told."""
+    served = ServedImage.of(OTHER)
+    victim = served.layer_digests[1]
+    served.blobs[victim] = b"\x00\x00" + served.blobs[victim][2:]  # same size, not gzip
+    stall = StalledBlob(served, victim, repo="bad/gzip")
+    server = hostile(stall)
+    cache = GlobalCache.new(tmp_path / "c")
+    ref = f"{server.host}/bad/gzip:v1"
+    with pytest.raises(LayerFormatError) as info:
+        await cachefs_pull(cache, ref)
+    assert stall.reached.is_set() and not stall.release.is_set()
+    assert info.value.exit_code == 8
+    assert one_line(info.value) == (f"layer {victim}: corrupt gzip stream: "
+                                    "Error -4 Invalid gzip/zlib wrapper found")
+    assert_nothing_published(cache, ref)
 
 
 async def test_truncated_blob(tmp_path: Path, registry_factory) -> None:  # noqa: F811
+    """The registry serves 20 bytes fewer than the manifest promises: the download resumes
+    from what it got, the registry has nothing more (416), and the user is told which blob
+    failed and why, once the attempts are spent."""
     r = registry_factory()
     layout = oci_layout(OTHER, tmp_path / "l", compression="gzip")
     r.push_oci_layout(layout.path, "bad/trunc", "v1")
     victim = json.loads(layout.images[0].manifest_bytes)["layers"][1]["digest"]
     path = r.blob_path(victim)
-    path.write_bytes(path.read_bytes()[:-20])
+    short = path.read_bytes()[:-20]
+    path.write_bytes(short)
     cache = GlobalCache.new(tmp_path / "c")
     ref = f"{r.host}/bad/trunc:v1"
-    with pytest.raises(CachefsError) as info:
+    with pytest.raises(RegistryError) as info:
         await cachefs_pull(cache, ref, client_kw={"max_attempts": 2})
-    assert victim in one_line(info.value) or "trunc" in one_line(info.value)
-    assert not cache.image_metadata_path(ref).exists()
-    assert not list(cache.fsmeta_dir().glob("*.erofs"))
+    assert type(info.value) is RegistryError and info.value.exit_code == 5
+    msg = one_line(info.value)
+    assert msg.startswith(f"{ref}: downloading blob {victim} failed after 2 attempts in ")
+    assert "HTTP 416 to a resume request" in msg
+    assert_nothing_published(cache, ref)
+    assert not cache.layer_erofs_path(OTHER.diff_ids()[1]).exists()
 
 
 async def test_wrong_diff_id(tmp_path: Path, registry_factory) -> None:  # noqa: F811

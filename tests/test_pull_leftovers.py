@@ -16,6 +16,7 @@ from cachefs.cache import GlobalCache
 from cachefs.digest import Digest
 from tests.fixtures.images import TestImage, layer_tar, reg
 from tests.fixtures.registry import LocalRegistry, oci_layout
+from tests.fixtures.system import system_fixture
 from tests.test_pull import Pushed, StallingProxy, cachefs_pull, pull_process
 
 # bottom: small, built while the big top layer is still downloading
@@ -24,6 +25,7 @@ IMAGE = TestImage([layer_tar([reg("small", b"s" * 1000)]),
 
 
 @pytest.fixture(scope="module")
+@system_fixture
 def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
     d = tmp_path_factory.mktemp("leftovers")
     with LocalRegistry(d / "registry") as r:

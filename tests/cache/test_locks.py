@@ -6,11 +6,13 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from cachefs.cache import GlobalCache
 from cachefs.cache.locks import (
@@ -25,6 +27,7 @@ from cachefs.cache.locks import (
 )
 from cachefs.digest import Digest
 from cachefs.errors import LockBusy
+from tests.fixtures.system import flock_holders, watch_opens
 
 D = Digest("sha256", "ab" * 32)
 
@@ -168,27 +171,40 @@ def test_publication_gate_name(tmp_path: Path) -> None:
 async def test_async_lock_waits_without_blocking_the_loop(
     tmp_path: Path, holder: type[Holder]
 ) -> None:
+    """While another process holds the lock, the waiting task leaves the loop free (this
+    task runs) and does not get the lock; once the holder lets go, it does.
+
+    A watchdog releases the holder after a long deadline, so an implementation that blocked
+    the loop would end this test with ``released`` set instead of hanging it."""
     path = tmp_path / "a.lock"
     h = holder(path, "ex")
-    ticks = 0
     acquired = trio.Event()
+    released = threading.Event()
+
+    def release() -> None:
+        released.set()
+        h.stop()
+
+    watchdog = threading.Timer(60.0, release)
+    watchdog.start()
 
     async def take() -> None:
         async with flock_exclusive_async(path):
             acquired.set()
 
-    async def tick() -> None:
-        nonlocal ticks
-        while not acquired.is_set():
-            ticks += 1
-            if ticks == 5:
-                await trio.to_thread.run_sync(h.stop)
-            await trio.sleep(0)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(take)
-        nursery.start_soon(tick)
-    assert ticks >= 5  # the loop kept running while the lock was held elsewhere
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take)
+            await trio.testing.wait_all_tasks_blocked()  # take() is waiting for the lock
+            assert not released.is_set(), "the loop was blocked until the watchdog fired"
+            assert not acquired.is_set(), "took a lock another process holds"
+            assert flock_holders(path) == {h.proc.pid: "WRITE"}
+            await trio.to_thread.run_sync(h.stop)
+            with trio.fail_after(60):
+                await acquired.wait()
+    finally:
+        watchdog.cancel()
+    assert not released.is_set()
 
 
 def test_msb_cannot_take_a_layer_lock_we_hold(tmp_path: Path, msb) -> None:  # type: ignore[no-untyped-def]
@@ -199,11 +215,13 @@ def test_msb_cannot_take_a_layer_lock_we_hold(tmp_path: Path, msb) -> None:  # t
     archive = docker_archive(image, ["example.com/l/k:v"], tmp_path / "i.tar")
     cache = GlobalCache.new(msb.cache)
     lock = cache.layer_erofs_lock_path(image.diff_ids()[0])
-    with flock_exclusive(lock):
+    with flock_exclusive(lock), watch_opens(lock) as opened:
         proc = subprocess.Popen([msb.binary, "load", "-i", str(archive)], env=msb.env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        with pytest.raises(subprocess.TimeoutExpired):
-            proc.wait(timeout=3)
+        assert opened(60), "msb never opened the layer's lock"
+        # msb polls the lock (LOCK_NB): it opens it again and again, and writes nothing.
+        assert opened(60), "msb opened the layer's lock once and did not retry"
+        assert proc.poll() is None
         assert not cache.layer_erofs_path(image.diff_ids()[0]).exists()
     assert proc.wait(timeout=60) == 0
     assert cache.is_layer_materialized(image.diff_ids()[0])

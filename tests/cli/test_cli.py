@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from cachefs.errors import EXIT_CODES
 from tests.cli.conftest import (
     CACHEFS,
@@ -238,6 +240,7 @@ def test_progress_bars_only_on_a_terminal_and_not_with_q(tmp_path: Path) -> None
     assert proc.returncode == 0 and shown == ""
 
 
+@pytest.mark.system
 def test_pull_from_a_local_registry(tmp_path: Path) -> None:
     from tests.fixtures.registry import LocalRegistry
 
@@ -261,6 +264,7 @@ def test_pull_from_a_local_registry(tmp_path: Path) -> None:
     assert run(cache, "verify", ref).returncode == 0
 
 
+@pytest.mark.system
 def test_pull_with_credentials(tmp_path: Path) -> None:
     import os
 

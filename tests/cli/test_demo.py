@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cachefs import guest
 from cachefs.demo import DEMO_REFERENCE, MOTD
 from cachefs.view.daemon import is_mountpoint
@@ -24,6 +26,7 @@ def _demo(action: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
 
 
+@pytest.mark.system
 def test_demo_start_shows_a_bootable_image_then_stop_unmounts(tmp_path: Path) -> None:
     require_fuse()
     qemu_img = require_tool("qemu-img")

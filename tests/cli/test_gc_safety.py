@@ -92,6 +92,7 @@ def _gc_stops(cache: GlobalCache, names: str, *, privileged: bool = False) -> No
     assert _files(cache.root, locks=False) == before
 
 
+@pytest.mark.system
 def test_gc_stops_when_manifests_cannot_be_listed(ours: GlobalCache) -> None:
     ours.manifests_dir().chmod(0o300)  # writable and searchable, not listable
     try:
@@ -100,6 +101,7 @@ def test_gc_stops_when_manifests_cannot_be_listed(ours: GlobalCache) -> None:
         ours.manifests_dir().chmod(0o755)
 
 
+@pytest.mark.system
 def test_gc_stops_when_a_metadata_file_cannot_be_read(ours: GlobalCache) -> None:
     json_a = ours.image_metadata_path(Reference.parse(REF_A))
     json_a.chmod(0o200)

@@ -34,7 +34,7 @@ from tests.cli.conftest import CACHEFS
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg
 from tests.fixtures.registry import LocalRegistry, oci_layout, registry_factory  # noqa: F401
 from tests.fixtures.registry import test_client as client
-from tests.fixtures.system import require_fuse, require_tool
+from tests.fixtures.system import require_fuse, require_tool, system_fixture
 
 APP = TestImage([layer_tar([dir_("etc"), reg("etc/motd", b"hand\n")]),
                  layer_tar([reg("app", b"a" * 4000)])], config={"Cmd": ["/app"]})
@@ -54,6 +54,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
+@system_fixture
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     d = tmp_path_factory.mktemp("handreg")
     with LocalRegistry(d / "registry") as r:
@@ -174,6 +175,7 @@ def test_load_reads_an_archive_from_a_pipe(tmp_path: Path) -> None:
     assert code == 2 and "standard input is a terminal" in out
 
 
+@pytest.mark.system
 def test_an_oci_ref_name_that_is_a_tag_is_not_an_image_name(tmp_path: Path) -> None:
     skopeo = require_tool("skopeo")
     archive = docker_archive(APP, ["example.com/hand/src:1"], tmp_path / "app.tar")
@@ -375,6 +377,7 @@ def test_a_missing_cache_directory_is_said_and_not_created(tmp_path: Path) -> No
     assert not nowhere.exists()
 
 
+@pytest.mark.system
 def test_mount_create_makes_the_cache_and_serves_by_digest_aliases(tmp_path: Path) -> None:
     require_fuse()
     cache, mnt = tmp_path / "new-cache", tmp_path / "mnt"

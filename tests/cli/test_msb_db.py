@@ -22,7 +22,7 @@ import pytest
 from tests.cli.conftest import run
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg
 from tests.fixtures.registry import LocalRegistry, oci_layout
-from tests.fixtures.system import Msb, msb_binary
+from tests.fixtures.system import Msb, msb_binary, system_fixture
 
 BASE = layer_tar([dir_("etc"), reg("etc/os-release", b"ID=msbdb\n")])
 APP = TestImage([BASE, layer_tar([reg("app", b"x" * 3000)])],
@@ -43,6 +43,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
+@system_fixture
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     d = tmp_path_factory.mktemp("msbdbreg")
     with LocalRegistry(d / "registry") as r:
@@ -134,6 +135,7 @@ def test_pulled_images_have_msbs_rows_and_msb_lists_inspects_and_removes_them(
     assert rows.get(refs[0], {"missing": ["metadata"]})["missing"][:1] == ["metadata"]
 
 
+@pytest.mark.system
 def test_loaded_images_have_msbs_rows(tmp_path: Path) -> None:
     ours, theirs = fresh_msb(tmp_path / "ours"), Msb(msb_binary(), tmp_path / "theirs")
     plain = docker_archive(APP, ["team/app:1", "team/app"], tmp_path / "app.tar")

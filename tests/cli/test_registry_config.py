@@ -17,7 +17,7 @@ from cachefs.errors import EXIT_CODES
 from tests.cli.conftest import CACHEFS, assert_one_line_error
 from tests.fixtures.images import TestImage, docker_archive, layer_tar, reg
 from tests.fixtures.registry import LocalRegistry, free_port
-from tests.fixtures.system import require_tool
+from tests.fixtures.system import require_tool, system_fixture
 
 IMAGE = TestImage([layer_tar([reg("etc/os-release", b"PRETTY_NAME=bookworm-ish\n")]),
                    layer_tar([reg("usr/bin/tool", b"\x7fELF" + b"t" * 5000, mode=0o755)])],
@@ -58,11 +58,13 @@ class World:
 
 
 @pytest.fixture
+@system_fixture
 def world(tmp_path: Path) -> World:
     return World(tmp_path)
 
 
 @pytest.fixture
+@system_fixture
 def local(tmp_path: Path) -> Iterator[LocalRegistry]:
     with LocalRegistry(tmp_path / "registry") as r:
         r.push_docker_archive(docker_archive(IMAGE, ["x/y:1"], tmp_path / "img.tar"),

@@ -77,6 +77,7 @@ def test_defaults_file_sets_what_the_unit_reads() -> None:
         assert key in unit
 
 
+@pytest.mark.system
 def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
     """ExecStart must exist for verify: in a private mount namespace, /usr/local/bin gets a
     tmpfs holding the link `make install-systemd` creates (the host is left alone)."""

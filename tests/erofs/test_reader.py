@@ -41,6 +41,7 @@ from tests.fixtures.system import (
     require_root,
     require_tool,
     run,
+    system_fixture,
 )
 
 Records = dict[bytes, dict[str, Any]]
@@ -181,6 +182,7 @@ def build_source(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
+@system_fixture
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require_root()  # mknod, chown, trusted.* xattrs
     root = tmp_path_factory.mktemp("src") / "root"
@@ -409,6 +411,7 @@ class MsbImage:
 
 
 @pytest.fixture(scope="module")
+@system_fixture
 def msb_image(tmp_path_factory: pytest.TempPathFactory) -> MsbImage:
     work = tmp_path_factory.mktemp("msb")
     image = TestImage([layer_tar(LAYER1), layer_tar(LAYER2)])

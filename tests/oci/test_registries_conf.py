@@ -17,6 +17,7 @@ from cachefs.oci.registries_conf import RegistriesConf, load_registries_conf
 from cachefs.reference import Reference
 from tests.fixtures.images import TestImage, docker_archive, layer_tar, reg
 from tests.fixtures.registry import LocalRegistry, free_port
+from tests.fixtures.system import system_fixture
 
 IMAGE = TestImage([layer_tar([reg("etc/os-release", b"ID=debian\n")])],
                   config={"Cmd": ["/bin/sh"]})
@@ -255,6 +256,7 @@ def recorder() -> Iterator[_Recorder]:
 
 
 @pytest.fixture
+@system_fixture
 def local(tmp_path: Path) -> Iterator[LocalRegistry]:
     with LocalRegistry(tmp_path / "registry") as r:
         r.push_docker_archive(docker_archive(IMAGE, ["x/y:1"], tmp_path / "img.tar"),
@@ -329,6 +331,7 @@ async def test_loopback_registry_needs_no_insecure(local: LocalRegistry) -> None
     assert res.manifest.layers
 
 
+@pytest.mark.system
 async def test_insecure_true_skips_certificate_checks(tmp_path: Path) -> None:
     with LocalRegistry(tmp_path / "tls", tls=True) as r:
         r.push_docker_archive(docker_archive(IMAGE, ["x/y:1"], tmp_path / "i.tar"), "t", "1")

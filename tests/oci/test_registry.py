@@ -32,7 +32,7 @@ from tests.fixtures.registry import (  # noqa: F401  (fixtures)
     registry_factory,
 )
 from tests.fixtures.registry import test_client as client
-from tests.fixtures.system import Msb
+from tests.fixtures.system import Msb, system_fixture
 
 AMD = TestImage(
     [layer_tar([reg("etc/hello", b"hello amd64\n")]),
@@ -54,6 +54,7 @@ class Pushed:
 
 
 @pytest.fixture(scope="module")
+@system_fixture
 def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
     d = tmp_path_factory.mktemp("reg")
     with LocalRegistry(d / "registry") as r:

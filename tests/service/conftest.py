@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg
-from tests.fixtures.system import require_fuse
+from tests.fixtures.system import require_fuse, system_fixture
 from tests.service.machine import Machine, checkout_files, debian_root, wheelhouse
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -26,6 +26,7 @@ def _image(name: str) -> TestImage:
 
 
 @pytest.fixture(scope="module")
+@system_fixture
 def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     """systemd booted over today's Debian root; cachefs installed the documented way.
 

@@ -119,7 +119,7 @@ def test_in_place_edit_of_metadata_is_seen_within_the_poll(msb: Msb, tmp_path: P
         assert status.read_text() == "ready\n"
         with open(meta_path, "r+b") as f:  # same inode, same directory mtime
             f.write(b"\0garbage")
-        assert wait_for(lambda: status.read_text().startswith("not ready"), 5.0), \
+        assert wait_for(lambda: status.read_text().startswith("not ready")), \
             status.read_text()
 
 
@@ -188,7 +188,7 @@ def test_background_daemon_logs_to_a_file_that_status_names(tmp_path: Path) -> N
         line = next(x for x in shown.stdout.splitlines() if x.startswith("view log: "))
         log_file = Path(line.removeprefix("view log: "))
         assert log_file.parent == tmp_path / "state" / "cachefs"
-        assert wait_for(lambda: f"serving {cache.root} at {mnt}" in log_file.read_text(), 5.0)
+        assert wait_for(lambda: f"serving {cache.root} at {mnt}" in log_file.read_text())
     finally:
         umount(mnt, lazy=True)
 
@@ -238,7 +238,7 @@ def test_unwritable_cache_is_served_without_leases(
         # A permission change is seen by the next poll: a layer the daemon cannot read
         # makes the image not ready (never "ready" for what it cannot serve).
         parts[2].chmod(0o600)
-        assert wait_for(lambda: read(d / "status").startswith("not ready"), 5.0)
+        assert wait_for(lambda: read(d / "status").startswith("not ready"))
         assert "not readable by the view (user nobody)" in read(d / "status")
         assert other_user.run("test", "-e", str(d / "rootfs.img"), home=home).returncode == 1
     finally:

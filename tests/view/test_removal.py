@@ -26,7 +26,7 @@ def test_msb_rm_keeps_the_files_of_an_open_rootfs_img(mounted: ViewMount, msb: M
         assert all(p.exists() for p in files)
         assert f.read() == expected[4096:]
     assert "three:v3" not in msb("image", "ls").stdout
-    assert wait_for(lambda: not mounted.image_dir(THREE).exists(), 2.0)
+    assert wait_for(lambda: not mounted.image_dir(THREE).exists())
 
 
 def test_files_unlinked_under_an_open_reader(mounted: ViewMount, msb: Msb) -> None:
@@ -40,7 +40,7 @@ def test_files_unlinked_under_an_open_reader(mounted: ViewMount, msb: Msb) -> No
         for p in files[1:]:
             os.unlink(p)
         assert f.read() == expected[10:]
-    assert wait_for(lambda: "rootfs.img" not in os.listdir(image_dir), 7.0)
+    assert wait_for(lambda: "rootfs.img" not in os.listdir(image_dir))
     status = (image_dir / "status").read_text()
     assert "cachefs pull" in status
     with pytest.raises(FileNotFoundError):
