@@ -130,6 +130,8 @@ def _compare(
         "cachefs_s": round(t_ours, 2),
         "msb_s": round(t_msb, 2),
         "time_ratio_cachefs_over_msb": round(t_ours / t_msb, 2),
+        "cachefs_cpu_s": round(median([s.cpu_seconds for s in cachefs_runs]), 2),
+        "msb_cpu_s": round(median([s.cpu_seconds for s in msb_runs]), 2),
         "cachefs_peak_rss_mib": round(max(s.peak_rss_mib for s in cachefs_runs), 1),
         "msb_peak_rss_mib": round(max(s.peak_rss_mib for s in msb_runs), 1),
         "identical_artifacts": identical,
