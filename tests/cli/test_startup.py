@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 HEAVY = ("trio", "httpx", "httpcore", "pydantic", "cachefs.cache.store", "cachefs.pull")
 
@@ -36,7 +37,7 @@ def test_version_and_help_load_no_heavy_module() -> None:
     assert _loaded_after("--help") == []
 
 
-def test_the_probe_sees_a_heavy_import() -> None:
+def test_the_probe_sees_a_heavy_import(tmp_path: Path) -> None:
     """The probe itself works: a command that reads the cache does load the store."""
-    loaded = _loaded_after("--cache", "/nonexistent-cachefs-probe", "images", "--json")
+    loaded = _loaded_after("--cache", str(tmp_path), "images", "--json")
     assert "cachefs.cache.store" in loaded
