@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import debian
+from .link import Link
 from .measure import Sample, median, run_measured
 
 REPO = "bench/debian"
@@ -184,10 +185,7 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
                 registry.push_oci_layout(inputs.layouts[n], REPO, f"{n}layers")
             networks = ["loopback"] if quick else ["loopback", "link"]
             for network in networks:
-                with _network(network, registry.port) as where:
-                    if where is None:
-                        continue
-                    host, describe = where
+                with _network(network, registry.port) as (host, describe):
                     for n in counts:
                         ref = f"{host}/{REPO}:{n}layers"
                         layers = f"{n} gzip layer{'s' if n > 1 else ''}"
@@ -219,18 +217,11 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
 
 
 @contextlib.contextmanager
-def _network(network: str, port: int) -> Iterator[tuple[str, str] | None]:
+def _network(network: str, port: int) -> Iterator[tuple[str, str]]:
     """``(host, description)``: the registry directly, or behind the modelled link of
-    :mod:`bench.link` (~40 MB/s, ~20 ms round trips); None when that module is missing."""
+    :mod:`bench.link` (~40 MB/s, ~20 ms round trips)."""
     if network == "loopback":
         yield f"127.0.0.1:{port}", "loopback"
-        return
-    try:
-        from .link import Link
-    except ImportError:
-        print("# pull: link rows skipped: bench.link (the link-model proxy) is not here",
-              flush=True)
-        yield None
         return
     with Link(port, bandwidth=40e6, rtt=0.020) as link:
         yield link.host, f"link {link.describe()}"
