@@ -9,23 +9,33 @@ The ``load`` row does the same with a docker archive of the 3 layers.
 
 Each row also says whether both tools produced byte-identical layer and fsmeta EROFS files:
 a faster pull that writes something else would be no win.
+
+Issue 15 adds the pulls through a modelled link (:class:`bench.link.Link`: ~40 MB/s, ~20 ms
+round trips, a proxy on 127.0.0.1), the CPU seconds (user + system, from ``wait4``) beside
+the wall time (on a machine shared with other work the CPU ratio is the steadier one), and
+each row's target ratio: ≤ 1.0× msb on loopback and for ``load``, ≤ 0.9× on the link, peak
+RSS ≤ msb's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import debian
+from .link import Link
 from .measure import Sample, median, run_measured
 
 REPO = "bench/debian"
+# Issue 15: time ratio cachefs/msb to reach per row (peak RSS ≤ msb's as well).
+TARGETS = {"loopback": 1.0, "link": 0.9, "load": 1.0}
 # Part of the cached inputs' names: bump it when debian.split_layers changes.
 INPUTS_VERSION = 2
 
@@ -100,7 +110,7 @@ def _artifact_hashes(cache: Path) -> dict[str, str]:
 
 def _compare(
     name: str, rounds: int, work: Path, ours: Callable[[Path], list[str]],
-    theirs: Callable[[Path], list[str]], extra: dict[str, object],
+    theirs: Callable[[Path], list[str]], extra: dict[str, object], target: float | None = None,
 ) -> dict[str, object]:
     """Alternate cachefs and msb ``rounds`` times, each into a fresh cache; one result row."""
     cachefs_runs: list[Sample] = []
@@ -123,17 +133,28 @@ def _compare(
         shutil.rmtree(home, ignore_errors=True)
     t_ours = median([s.seconds for s in cachefs_runs])
     t_msb = median([s.seconds for s in msb_runs])
-    return {
+    rss_ours = max(s.peak_rss_mib for s in cachefs_runs)
+    rss_msb = max(s.peak_rss_mib for s in msb_runs)
+    row: dict[str, object] = {
         "benchmark": name,
         **extra,
         "rounds": rounds,
         "cachefs_s": round(t_ours, 2),
         "msb_s": round(t_msb, 2),
         "time_ratio_cachefs_over_msb": round(t_ours / t_msb, 2),
-        "cachefs_peak_rss_mib": round(max(s.peak_rss_mib for s in cachefs_runs), 1),
-        "msb_peak_rss_mib": round(max(s.peak_rss_mib for s in msb_runs), 1),
+        "cachefs_cpu_s": round(median([s.cpu_s for s in cachefs_runs]), 2),
+        "msb_cpu_s": round(median([s.cpu_s for s in msb_runs]), 2),
+        "cpu_ratio_cachefs_over_msb": round(
+            median([s.cpu_s for s in cachefs_runs]) / max(median([s.cpu_s for s in msb_runs]),
+                                                          1e-9), 2),
+        "cachefs_peak_rss_mib": round(rss_ours, 1),
+        "msb_peak_rss_mib": round(rss_msb, 1),
         "identical_artifacts": identical,
     }
+    if target is not None:
+        row["target_time_ratio"] = target
+        row["targets_met"] = t_ours / t_msb <= target and rss_ours <= rss_msb and bool(identical)
+    return row
 
 
 def _missing_tools() -> list[str]:
@@ -161,17 +182,25 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
     try:
         with LocalRegistry(work / "registry") as registry:
             for n in counts:
-                tag = f"{n}layers"
-                registry.push_oci_layout(inputs.layouts[n], REPO, tag)
-                ref = f"{registry.host}/{REPO}:{tag}"
-                results.append(_compare(
-                    f"pull, debian bookworm minbase, {n} gzip layer{'s' if n > 1 else ''}",
-                    rounds, work,
-                    lambda cache, ref=ref: [py, "-m", "bench.worker", "pull", str(cache), ref],
-                    lambda _home, ref=ref: [msb, "pull", "--quiet", "--insecure", ref],
-                    {"uncompressed_mb": round(inputs.uncompressed_mb, 1),
-                     "download_mb": round(inputs.compressed_mb[n], 1)},
-                ))
+                registry.push_oci_layout(inputs.layouts[n], REPO, f"{n}layers")
+            networks = ["loopback"] if quick else ["loopback", "link"]
+            for network in networks:
+                with _network(network, registry.port) as (host, describe):
+                    for n in counts:
+                        ref = f"{host}/{REPO}:{n}layers"
+                        layers = f"{n} gzip layer{'s' if n > 1 else ''}"
+                        results.append(_compare(
+                            f"pull, debian bookworm minbase, {layers}"
+                            + ("" if network == "loopback" else f", {describe}"),
+                            rounds, work,
+                            lambda cache, ref=ref: [py, "-m", "bench.worker", "pull",
+                                                    str(cache), ref],
+                            lambda _home, ref=ref: [msb, "pull", "--quiet", "--insecure", ref],
+                            {"network": describe,
+                             "uncompressed_mb": round(inputs.uncompressed_mb, 1),
+                             "download_mb": round(inputs.compressed_mb[n], 1)},
+                            TARGETS[network],
+                        ))
         if not quick:
             archive = str(inputs.archive)
             results.append(_compare(
@@ -180,7 +209,19 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
                 lambda cache: [py, "-m", "bench.worker", "load", str(cache), archive],
                 lambda _home: [msb, "load", "--quiet", "-i", archive],
                 {"archive_mb": round(inputs.archive.stat().st_size / 1e6, 1)},
+                TARGETS["load"],
             ))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+@contextlib.contextmanager
+def _network(network: str, port: int) -> Iterator[tuple[str, str]]:
+    """``(host, description)``: the registry directly, or behind the modelled link of
+    :mod:`bench.link` (~40 MB/s, ~20 ms round trips)."""
+    if network == "loopback":
+        yield f"127.0.0.1:{port}", "loopback"
+        return
+    with Link(port, bandwidth=40e6, rtt=0.020) as link:
+        yield link.host, f"link {link.describe()}"

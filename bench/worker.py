@@ -16,6 +16,7 @@ from pathlib import Path
 import trio
 
 from cachefs.cache import GlobalCache
+from cachefs.entry import leave
 from cachefs.pull import load, pull
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise SystemExit("usage: python -m bench.worker pull CACHE REF | load CACHE PATH")
     trio.run(_main, *argv)
+    leave(0)  # as the cachefs console script does after a success (cachefs.entry)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from .cache.store import GlobalCache, default_cache_dir
+from .cache.location import default_cache_dir
 from .cli_render import (
     PullProgress,
     human_bytes,
@@ -33,6 +32,7 @@ from .cli_render import (
 from .errors import EXIT_CODES, CacheCorrupt, CachefsError, MountError, UsageError
 
 if TYPE_CHECKING:
+    from .cache.store import GlobalCache
     from .oci.auth import Credentials
     from .pull import PullResult
 
@@ -41,6 +41,8 @@ INTERRUPTED_EXIT = 130
 
 
 def _version() -> str:
+    from importlib import metadata as importlib_metadata  # ~20 ms: only --version needs it
+
     try:
         return importlib_metadata.version("cachefs")
     except importlib_metadata.PackageNotFoundError:
@@ -75,9 +77,13 @@ class Context:
             raise UsageError(f"cache directory {self.cache_dir} does not exist",
                              hint="check --cache or $CACHEFS_CACHE_DIR; pull or load "
                                   "creates it")
+        from .cache.store import GlobalCache  # lazily: pydantic, not for --version
+
         return GlobalCache(self.cache_dir)
 
     def writable_cache(self) -> GlobalCache:
+        from .cache.store import GlobalCache
+
         return GlobalCache.new(self.cache_dir)
 
     def say(self, text: str) -> None:

@@ -63,6 +63,11 @@ MAX_MINOR = 0xF_FFFF
 
 _IN_CHUNK = 256 << 10  # compressed bytes per read
 _OUT_CHUNK = 1 << 20  # gzip output bound per call
+# Each file's bytes in the spool are followed by zeros up to the next 4 KiB boundary, as
+# in the layer EROFS's data area: files that follow each other in both (a tar in walk
+# order, the usual case) then reach the image in one kernel copy instead of one per file.
+SPOOL_ALIGN = 4096
+_ZEROS = bytes(SPOOL_ALIGN)
 _PREFETCH_DEPTH = 4  # decompressed chunks (≤ _OUT_CHUNK each) queued ahead of the tar parser
 
 
@@ -430,6 +435,10 @@ class _Builder:
             if size:
                 assert entry.data is not None
                 self._offset += entry.data.copy_to(self._write)
+                pad = -self._offset % SPOOL_ALIGN
+                if pad:  # the writer copies runs of files in one call (write_layer_erofs)
+                    self._write(_ZEROS[:pad])
+                    self._offset += pad
         elif kind is ts.DIRECTORY:
             children = parent.children
             assert children is not None
@@ -492,7 +501,9 @@ def ingest_layer(
     spool: BinaryIO,
     layer_label: str,
 ) -> IngestedLayer:
-    """Read one layer blob into a tree; file bytes go to ``spool`` (a file opened ``wb+``).
+    """Read one layer blob into a tree; file bytes go to ``spool`` (a file opened ``wb+``),
+    each followed by zeros up to the next multiple of ``SPOOL_ALIGN`` in the spool (what
+    ``write_layer_erofs(..., padded_spool=True)`` relies on).
 
     Raises ``LayerFormatError`` (bad compression, bad tar, a §3.12 rule or limit broken)
     or ``DigestMismatch`` (decompressed stream ≠ ``expected_diff_id``). The digest is

@@ -127,7 +127,7 @@ def materialize_layer(
                     )
                     spool.flush()
                 with naming(part), part.open("wb") as out:
-                    block_map = write_layer_erofs(ingested.root, spool, out)
+                    block_map = write_layer_erofs(ingested.root, spool, out, padded_spool=True)
             publish_file(part, final)
         finally:
             remove_quietly(spool_path)

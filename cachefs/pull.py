@@ -34,6 +34,7 @@ from .digest import Digest
 from .erofs.tree import Node
 from .errors import CachefsError, NotCachedError, RegistryError, UsageError
 from .growing import GrowingBlob
+from .heap import frozen_heap
 from .layer import Compression, compression_from_media_type
 from .materialize import BlobOpener, materialize_layer, stitch_image
 from .models import CachedImageMetadata, ImageConfig, ImageConfigFile, LayerMetadata
@@ -480,8 +481,9 @@ async def pull(
                 finally:
                     await held.aclose()
 
-            return await materialize_plan(cache, plan, provide, emit=emit, force=force,
-                                          source="pull", msb_db=msb_db)
+            with frozen_heap():
+                return await materialize_plan(cache, plan, provide, emit=emit, force=force,
+                                              source="pull", msb_db=msb_db)
         finally:
             if own_client:
                 await registry.aclose()
@@ -592,8 +594,9 @@ async def load(
                 [(str(layer.digest), layer.media_type, layer.size, str(layer.diff_id))
                  for layer in image.layers],
             )
-            result = await materialize_plan(cache, plan, provide, emit=emit, force=force,
-                                            source="load", msb_db=msb_db)
+            with frozen_heap():
+                result = await materialize_plan(cache, plan, provide, emit=emit, force=force,
+                                                source="load", msb_db=msb_db)
         results.append(result)
         for ref, typed in refs[1:]:  # further tags: same artifacts, one more json each
             alias = ImagePlan(ref, typed, plan.manifest_digest, plan.raw_manifest_json,

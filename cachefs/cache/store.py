@@ -12,23 +12,33 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-import trio
 from pydantic import BaseModel, ValidationError
 
 from ..digest import Digest
 from ..errors import CacheUnreadable, UsageError
 from ..models import CachedImageMetadata, compact_json
 from ..reference import Reference
+from .location import default_cache_dir as default_cache_dir  # its old home: re-exported
 from .publish import fsync_dir, naming, publish_file, remove_quietly
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SUBDIRS = ("layers", "fsmeta", "vmdk", "manifests", "tmp")
 CACHEFS_DIR = "cachefs"
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Blocking cache I/O off the trio loop; trio is imported here, not at module level,
+    because most CLI commands never run an event loop and should not pay for loading it."""
+    import trio
+
+    return await trio.to_thread.run_sync(fn, *args)
 
 
 def _digest(d: Digest | str) -> Digest:
@@ -37,17 +47,6 @@ def _digest(d: Digest | str) -> Digest:
 
 def _reference(r: Reference | str) -> Reference:
     return r if isinstance(r, Reference) else Reference.parse(r)
-
-
-def default_cache_dir(environ: dict[str, str] | None = None) -> Path:
-    """``$CACHEFS_CACHE_DIR``, else ``$MSB_HOME/cache``, else ``~/.microsandbox/cache``."""
-    env = os.environ if environ is None else environ
-    if env.get("CACHEFS_CACHE_DIR"):
-        return Path(env["CACHEFS_CACHE_DIR"])
-    if env.get("MSB_HOME"):
-        return Path(env["MSB_HOME"]) / "cache"
-    home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".microsandbox" / "cache"
 
 
 class RefRecord(BaseModel):
@@ -78,7 +77,7 @@ class GlobalCache:
 
     @classmethod
     async def new_async(cls, root: Path | str) -> GlobalCache:
-        return await trio.to_thread.run_sync(cls.new, root)
+        return await _in_thread(cls.new, root)
 
     # layers --------------------------------------------------------------------
     def layers_dir(self) -> Path:
@@ -185,15 +184,15 @@ class GlobalCache:
     async def read_image_metadata_async(
         self, reference: Reference | str
     ) -> CachedImageMetadata | None:
-        return await trio.to_thread.run_sync(self.read_image_metadata, reference)
+        return await _in_thread(self.read_image_metadata, reference)
 
     async def write_image_metadata_async(
         self, reference: Reference | str, metadata: CachedImageMetadata
     ) -> Path:
-        return await trio.to_thread.run_sync(self.write_image_metadata, reference, metadata)
+        return await _in_thread(self.write_image_metadata, reference, metadata)
 
     async def delete_image_metadata_async(self, reference: Reference | str) -> bool:
-        return await trio.to_thread.run_sync(self.delete_image_metadata, reference)
+        return await _in_thread(self.delete_image_metadata, reference)
 
     # cachefs's own records ------------------------------------------------------------------
     def refs_dir(self) -> Path:

@@ -5,6 +5,13 @@ ImportError, which a ``None`` entry in ``sys.modules`` produces: ~40 ms off the 
 every ``cachefs pull``. The entry is removed right after, so code that imports
 ``httpx._main`` later still gets the real module. Import httpx from here
 (``from ._httpx import httpx``) so whichever cachefs module loads it first skips the tool.
+
+Also here: the size of one socket read. httpcore reads a response body 64 KiB at a time,
+and each read climbs through httpcore, httpx and trio before our loop writes and hashes
+it; a 60 MB layer is ~1,000 of those trips. On a fast link (loopback, a LAN) a read
+finds far more than 64 KiB waiting, so 1 MiB reads cut the download's CPU time by a third
+(measured: 0.11 → 0.075 CPU-s for 60 MB on loopback). Memory stays bounded: one read is
+at most 1 MiB, per connection.
 """
 
 from __future__ import annotations
@@ -31,5 +38,19 @@ def _import_without_cli() -> None:
 _import_without_cli()
 
 import httpx  # noqa: E402
+
+BODY_READ_BYTES = 1 << 20
+
+
+def _larger_reads() -> None:
+    try:
+        from httpcore._async.http11 import AsyncHTTP11Connection
+    except ImportError:  # another httpcore layout: its default read size stays
+        return
+    if getattr(AsyncHTTP11Connection, "READ_NUM_BYTES", BODY_READ_BYTES) < BODY_READ_BYTES:
+        AsyncHTTP11Connection.READ_NUM_BYTES = BODY_READ_BYTES
+
+
+_larger_reads()
 
 __all__ = ["httpx"]

@@ -41,7 +41,7 @@ def erofs_from_tar(blob: Path, out: Path) -> Digest:
         layer = ingest_layer(f, compression=compression, expected_diff_id=None, spool=spool,
                              layer_label=blob.name)
         with atomic_output(out, _part(out)) as dst:
-            write_layer_erofs(layer.root, spool, dst)
+            write_layer_erofs(layer.root, spool, dst, padded_spool=True)
     return layer.diff_id
 
 

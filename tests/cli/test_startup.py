@@ -1,0 +1,43 @@
+"""The CLI's start-up imports only what the command needs (issue 15).
+
+``cachefs --version`` or ``--help`` once paid ~0.25 s of imports (trio, httpx, pydantic,
+the cache store) before printing a line. The check is on the modules a fresh interpreter
+has loaded, not on a time, so it holds on a busy machine and fails the day a module-level
+import drags the heavy libraries back in.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HEAVY = ("trio", "httpx", "httpcore", "pydantic", "cachefs.cache.store", "cachefs.pull")
+
+_PROBE = """
+import sys
+from click.testing import CliRunner
+from cachefs.cli import main
+result = CliRunner().invoke(main, sys.argv[1:])
+assert result.exit_code == 0, result.output
+print(" ".join(sorted(m for m in {heavy!r} if m in sys.modules)))
+"""
+
+
+def _loaded_after(*args: str) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(heavy=HEAVY), *args],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    return proc.stdout.split()
+
+
+def test_version_and_help_load_no_heavy_module() -> None:
+    assert _loaded_after("--version") == []
+    assert _loaded_after("--help") == []
+
+
+def test_the_probe_sees_a_heavy_import(tmp_path: Path) -> None:
+    """The probe itself works: a command that reads the cache does load the store."""
+    loaded = _loaded_after("--cache", str(tmp_path), "images", "--json")
+    assert "cachefs.cache.store" in loaded
