@@ -18,176 +18,20 @@ would be guessing.
 from __future__ import annotations
 
 import json
-import os
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache.index import SOURCE_MSB_DB, DbImage, default_msb_db, read_msb_db
-from ..cache.store import GlobalCache, read_metadata_file
+from ..cache.catalog import (
+    SOURCE_CACHEFS,
+    SOURCE_JSON,
+    ImageInfo,
+    References,
+    find_image,
+    list_images,
+    referenced,
+)
+from ..cache.msb_index import SOURCE_MSB_DB, DbImage, default_msb_db, read_msb_db
+from ..cache.store import GlobalCache
 from ..digest import Digest
-from ..errors import CacheUnreadable, NotCachedError, ReferenceError
-from ..models import CachedImageMetadata
-from ..reference import Reference
-
-SOURCE_CACHEFS = "cachefs"
-SOURCE_JSON = "manifest-json"
-_DB_TIMEOUT_S = 10.0  # a command may wait out a busy msb; the polling view does not
-
-
-@dataclass(slots=True)
-class ImageInfo:
-    """One cached image as every source sees it; ``key`` names ``manifests/<key>.json``."""
-
-    key: str
-    reference: str | None = None  # normalised; None when only an anonymous json exists
-    typed: str | None = None
-    manifest_digest: str | None = None
-    metadata: CachedImageMetadata | None = None
-    sources: list[str] = field(default_factory=list)
-    db_diff_ids: tuple[str, ...] = ()
-
-    @property
-    def name(self) -> str:
-        return self.reference or f"<unnamed {self.key[:12]}>"
-
-    @property
-    def diff_ids(self) -> list[str]:
-        if self.metadata is not None:
-            return [layer.diff_id for layer in self.metadata.layers]
-        return list(self.db_diff_ids)
-
-    @property
-    def digest(self) -> str | None:
-        if self.metadata is not None:
-            return self.metadata.manifest_digest
-        return self.manifest_digest
-
-
-def list_images(
-    cache: GlobalCache, msb_db: Path | None = None, *, strict: bool = False
-) -> list[ImageInfo]:
-    """Every image of the cache from all three sources, merged by cache key.
-
-    ``strict`` (deleters): a source that cannot be read — ``manifests/`` itself, a
-    metadata file or record that exists but does not read or parse — raises
-    ``CacheUnreadable`` instead of reading as "no image", which would free its layers.
-    """
-    by_key: dict[str, ImageInfo] = {}
-
-    def entry(key: str) -> ImageInfo:
-        return by_key.setdefault(key, ImageInfo(key=key))
-
-    for rec in cache.ref_records(strict=strict):
-        try:
-            ref = Reference.parse(rec.reference)
-        except ReferenceError:
-            continue
-        info = entry(ref.cache_key)
-        info.reference, info.typed = str(ref), rec.typed
-        info.manifest_digest = rec.manifest_digest
-        info.sources.append(SOURCE_CACHEFS)
-    db = msb_db if msb_db is not None else default_msb_db(cache)
-    for row in read_msb_db(db, strict=True, timeout=_DB_TIMEOUT_S):
-        try:
-            ref = Reference.parse(row.typed)
-        except ReferenceError:
-            continue
-        info = entry(ref.cache_key)
-        info.reference = str(ref)
-        info.typed = info.typed or row.typed
-        info.manifest_digest = info.manifest_digest or row.manifest_digest
-        info.db_diff_ids = tuple(row.layers)
-        info.sources.append(SOURCE_MSB_DB)
-    for path in _manifest_jsons(cache, strict=strict):
-        info = entry(path.stem)
-        info.sources.append(SOURCE_JSON)
-    for info in by_key.values():
-        info.metadata = read_metadata_file(cache.manifests_dir() / f"{info.key}.json",
-                                           strict=strict)
-    return sorted(by_key.values(), key=lambda i: (i.reference is None, i.name))
-
-
-def _manifest_jsons(cache: GlobalCache, *, strict: bool = False) -> list[Path]:
-    directory = cache.manifests_dir()
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    except OSError as err:
-        if strict:
-            raise CacheUnreadable(directory, err) from None
-        return []
-    return sorted(directory / n for n in names if n.endswith(".json") and len(n) == 64 + 5)
-
-
-def find_image(images: Iterable[ImageInfo], text: str) -> ImageInfo:
-    """The image a user named: a reference (normalised like msb), ``REPO@sha256:…`` of
-    an image cached under a tag of that repository, a manifest digest (``sha256:…``,
-    unique prefix allowed) or a cache key."""
-    images = list(images)
-    try:
-        ref: Reference | None = Reference.parse(text)
-    except ReferenceError:
-        if not (text.startswith("sha256:") or re.fullmatch(r"[0-9a-f]{64}", text)):
-            raise
-        ref = None
-    key = ref.cache_key if ref is not None else None
-    for info in images:
-        if info.key in (key, text):
-            return info
-    if ref is not None and ref.digest is not None:  # as docker/skopeo print it: REPO@digest
-        for info in images:
-            if info.digest == str(ref.digest) and _repository(info.reference) == ref.name:
-                return info
-    if text.startswith("sha256:"):
-        hits = [i for i in images if i.digest and i.digest.startswith(text)]
-        if len({i.digest for i in hits}) == 1:
-            return hits[0]
-    raise NotCachedError(f"image {text!r} is not in the cache",
-                         hint="see `cachefs images`")
-
-
-def _repository(reference: str | None) -> str | None:
-    try:
-        return Reference.parse(reference).name if reference else None
-    except ReferenceError:
-        return None
-
-
-@dataclass(slots=True)
-class References:
-    """What the remaining images use: layer diff_ids and manifest digests (as strings)."""
-
-    layers: set[str] = field(default_factory=set)
-    manifests: set[str] = field(default_factory=set)
-
-    def add(self, info: ImageInfo) -> None:
-        self.layers.update(info.diff_ids)
-        if info.digest:
-            self.manifests.add(info.digest)
-        if info.manifest_digest:
-            self.manifests.add(info.manifest_digest)
-        self.layers.update(info.db_diff_ids)
-
-
-def referenced(
-    cache: GlobalCache, msb_db: Path | None = None, *, excluding: Iterable[str] = ()
-) -> References:
-    """Layers and manifests used by every image except those whose key is in ``excluding``.
-
-    Read strictly: this answers deleters, so a source that cannot be read stops them.
-
-    Includes the msb database's layer lists as well as the json's, because the two can
-    disagree while msb is mid-publication.
-    """
-    skip = set(excluding)
-    refs = References()
-    for info in list_images(cache, msb_db, strict=True):
-        if info.key not in skip:
-            refs.add(info)
-    return refs
 
 
 def layer_path(cache: GlobalCache, diff_id: str) -> Path:
@@ -202,18 +46,11 @@ def _file_size(path: Path) -> int | None:
 
 
 def missing_parts(cache: GlobalCache, info: ImageInfo) -> list[str]:
-    """What keeps an image from being usable, by msb's cache-hit rule (§1.7); [] = ready."""
-    out = []
-    if info.metadata is None:
-        out.append("metadata")
-    for diff_id in info.diff_ids:
-        if not cache.is_layer_materialized(diff_id):
-            out.append(f"layer {diff_id}")
-    if info.digest is None or not cache.is_fsmeta_materialized(info.digest):
-        out.append("fsmeta")
-    if info.digest is None or not cache.is_vmdk_materialized(info.digest):
-        out.append("vmdk")
-    return out
+    """What keeps an image from being usable ([] = ready): ``cache.health``'s verdict,
+    the same the view and ``cachefs status`` give."""
+    from ..cache.health import info_problems, missing_labels
+
+    return missing_labels(info_problems(cache, info))
 
 
 def image_summary(cache: GlobalCache, info: ImageInfo) -> dict[str, object]:
@@ -290,6 +127,9 @@ def _layer_origin(cache: GlobalCache, diff_id: str) -> dict[str, str]:
 
 
 __all__ = [
+    "SOURCE_CACHEFS",
+    "SOURCE_JSON",
+    "SOURCE_MSB_DB",
     "DbImage",
     "ImageInfo",
     "References",
