@@ -287,6 +287,7 @@ _LAYER_PART_RE = re.compile(rf"^{_SAFE}\.erofs\.part$")
 _SPOOL_RE = re.compile(rf"^{_SAFE}\.spool$")
 _WORK_RE = re.compile(rf"^{_SAFE}\.work$")
 _LOAD_BLOB_RE = re.compile(r"^load-\d+-(\d+)-\d+\.blob$")
+_REF_PART_RE = re.compile(r"^[0-9a-f]{64}\.json\.(\d+)\.part$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +382,15 @@ def _gc_candidates(cache: GlobalCache, refs_layers: set[str], refs_manifests: se
         else:
             continue
         out.append(_Candidate(path, "tmp", locks, False))
+    for name in _listdir(cache.refs_dir()):
+        # A reference record whose writer died before the rename (``record_reference``
+        # names it after its pid; no lock guards it, so a live pid keeps it).
+        if m := _REF_PART_RE.match(name):
+            if _pid_alive(int(m.group(1))):
+                skipped.append(Skipped(cache.refs_dir() / name,
+                                       f"process {m.group(1)} is writing it"))
+            else:
+                out.append(_Candidate(cache.refs_dir() / name, "tmp", (), False))
     from ..share.leftovers import leftovers  # EROFS-artifact scratch, stale provenance
 
     out.extend(_Candidate(path, "tmp", (), False) for path in leftovers(cache, _pid_alive))

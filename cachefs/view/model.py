@@ -146,13 +146,6 @@ def _dir_entries(directory: Path) -> list[os.DirEntry[str]]:
         return []
 
 
-def _file_size(entry: os.DirEntry[str]) -> int:
-    try:
-        return entry.stat(follow_symlinks=False).st_size if entry.is_file() else 0
-    except OSError:
-        return 0
-
-
 def scan_cache(cache: GlobalCache, msb_db: Path | None = None,
                previous: CacheSnapshot | None = None) -> CacheSnapshot:
     """Read the cache's current state (blocking I/O: run it in a worker thread).
