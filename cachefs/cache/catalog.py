@@ -116,9 +116,9 @@ def list_images(
 
     for rec in cache.ref_records(strict=strict):
         try:
-            ref = Reference.parse(rec.typed or rec.reference)
+            ref = Reference.parse(rec.reference)
         except BadReference as err:
-            _note(problems, f"ignoring unparsable reference {rec.typed!r} (cachefs record): "
+            _note(problems, f"ignoring unparsable reference {rec.reference!r} (cachefs record): "
                             f"{err.one_line()}")
             continue
         info = entry(ref.cache_key)
