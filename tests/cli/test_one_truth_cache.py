@@ -19,6 +19,7 @@ from tests.cli.conftest import (
     assert_one_line_error,
     cli,
     held_by_other_process,
+    run,
 )
 
 BLOB = "sha256:" + "cd" * 32
@@ -119,6 +120,10 @@ def test_an_unparsable_reference_is_a_problem_and_stops_gc(loaded: LoadedCache) 
     status = _json(loaded, "status")
     problems = [p["problem"] for p in status["problems"] if p["scope"] == "cache"]
     assert any("unparsable reference 'Not A//Reference'" in p for p in problems), problems
+    # A listing says so too (a warning), and lists what it can.
+    listing = run(loaded.root, "images")
+    assert listing.returncode == 0 and "unparsable reference 'Not A//Reference'" in \
+        listing.stderr and REF_A in listing.stdout
     # A deleter cannot tell which layers that row keeps alive: it stops, deletes nothing.
     garbage = loaded.cache.layer_erofs_path("sha256:" + "ab" * 32)
     garbage.write_bytes(loaded.layer(loaded.metadata(REF_A).diff_ids[0]).read_bytes())
