@@ -18,6 +18,8 @@ blocks). So verify checks, without a kernel:
 
 fsmeta and VMDK are derived from the layers alone (§4.7), so their problems are
 repairable when every layer is sound; layer and metadata problems need the source again.
+The checks themselves are ``cache.health``'s (``deep``): the view, ``images`` and
+``status`` run the cheap half of the same code.
 """
 
 from __future__ import annotations
@@ -26,10 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache.health import erofs_walk_problems, info_problems
+from ..cache.health import info_problems
 from ..cache.store import GlobalCache
-from ..derived_check import device_table_problems as check_device_table
-from ..derived_check import vmdk_problems as check_vmdk
 from . import ImageInfo, default_msb_db, find_image, list_images
 
 
@@ -80,11 +80,6 @@ class VerifyReport:
 
     def to_json(self) -> dict[str, object]:
         return {"ok": self.ok, "images": [i.to_json() for i in self.images]}
-
-
-def check_erofs(path: Path, *, devices: int | None = 0) -> list[str]:
-    """Problems of one EROFS file: the cheap superblock checks, then a full metadata walk."""
-    return erofs_walk_problems(path, devices=devices)
 
 
 def check_image(cache: GlobalCache, info: ImageInfo) -> ImageCheck:
@@ -142,10 +137,7 @@ __all__ = [
     "ImageCheck",
     "Problem",
     "VerifyReport",
-    "check_device_table",
-    "check_erofs",
     "check_image",
-    "check_vmdk",
     "rebuild_derived",
     "verify",
 ]
