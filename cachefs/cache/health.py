@@ -107,14 +107,22 @@ def image_problems(cache: GlobalCache, metadata_path: Path, has_metadata: bool,
         unknown = "unknown: no manifest digest (pull or load the image again)"
         return [*problems, Problem("fsmeta", None, unknown, False),
                 Problem("vmdk", None, unknown, False)]
-    layers_ok = not problems
+    return problems + derived_problems(cache, manifest_digest, layer_paths,
+                                       layers_ok=not problems, deep=deep)
+
+
+def derived_problems(cache: GlobalCache, manifest_digest: str, layer_paths: Sequence[Path],
+                     *, layers_ok: bool = True, deep: bool = False) -> list[Problem]:
+    """The fsmeta's superblock and device table and the VMDK's extents, against the layer
+    files as they are now (the part of the verdict a caller that has judged the layers
+    itself, such as the view with its memo, still needs)."""
     fsmeta = cache.fsmeta_erofs_path(manifest_digest)
     vmdk = cache.vmdk_path(manifest_digest)
     texts = superblock_problems(fsmeta, devices=len(layer_paths))
     if deep and not texts:
         texts = erofs_walk_problems(fsmeta, devices=len(layer_paths))
     texts = texts or device_table_problems(fsmeta, layer_paths)
-    problems += [Problem("fsmeta", fsmeta, text, layers_ok) for text in texts]
+    problems = [Problem("fsmeta", fsmeta, text, layers_ok) for text in texts]
     problems += [Problem("vmdk", vmdk, text, layers_ok)
                  for text in vmdk_problems(vmdk, [fsmeta, *layer_paths])]
     return problems
@@ -252,6 +260,7 @@ __all__ = [
     "ByteAccount",
     "Problem",
     "account_bytes",
+    "derived_problems",
     "downloads_in_flight",
     "erofs_walk_problems",
     "image_problems",
