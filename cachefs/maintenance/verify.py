@@ -28,9 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cache.catalog import ImageInfo, find_image, list_images
 from ..cache.health import info_problems
+from ..cache.msb_index import default_msb_db
 from ..cache.store import GlobalCache
-from . import ImageInfo, default_msb_db, find_image, list_images
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,18 +1,7 @@
-"""Whole-cache operations behind the CLI: the image catalogue, rm/gc, df, verify.
+"""``cachefs images`` and ``cachefs inspect``: the catalogue's entries as reports.
 
-The catalogue answers "which images does this cache hold, and what do they use?" from
-every source a cache can have, because a deleter that misses one source deletes files
-another tool still needs:
-
-* cachefs's own reference records (``cachefs/refs/*.json``);
-* msb's database (``<root>/db/msb.db``, read-only, FORMATS.md §6), which is the only
-  place msb remembers which reference a ``manifests/<key>.json`` belongs to;
-* every ``manifests/*.json`` on disk, even ones no record names (their layers are in use
-  by *someone*; we just cannot say who).
-
-Reading is tolerant (a missing or corrupt file is a fact to report), except that an msb
-database that exists but cannot be read raises: deciding "unreferenced" without it
-would be guessing.
+The facts come from ``cache.catalog`` (which images) and ``cache.health`` (is each one
+usable); this module only shapes them into rows and documents.
 """
 
 from __future__ import annotations
@@ -20,16 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cache.catalog import (
-    SOURCE_CACHEFS,
-    SOURCE_JSON,
-    ImageInfo,
-    References,
-    find_image,
-    list_images,
-    referenced,
-)
-from ..cache.msb_index import SOURCE_MSB_DB, DbImage, default_msb_db, read_msb_db
+from ..cache.catalog import ImageInfo
 from ..cache.store import GlobalCache
 from ..digest import Digest
 
@@ -126,20 +106,4 @@ def _layer_origin(cache: GlobalCache, diff_id: str) -> dict[str, str]:
                                            if "source" in found else {})}
 
 
-__all__ = [
-    "SOURCE_CACHEFS",
-    "SOURCE_JSON",
-    "SOURCE_MSB_DB",
-    "DbImage",
-    "ImageInfo",
-    "References",
-    "default_msb_db",
-    "find_image",
-    "image_summary",
-    "inspect_image",
-    "layer_path",
-    "list_images",
-    "missing_parts",
-    "read_msb_db",
-    "referenced",
-]
+__all__ = ["image_summary", "inspect_image", "layer_path", "missing_parts"]

@@ -11,7 +11,7 @@ under the other:
 * a running pull of the reference (``manifests/<key>.lock`` held) makes ``rm`` refuse;
   transient files are collected only when the lock of the process that would own them
   (download lock, layer lock, fsmeta lock) is free, and is held while we delete;
-* "used by another image" is decided from every source (``ops.referenced``), recomputed
+* "used by another image" is decided from every source (``cache.catalog.referenced``), recomputed
   after the leases are held so a publisher that finished in between is seen.
 
 Lock and lease files are never deleted: their inodes must stay stable (§1.3).
@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cache.catalog import ImageInfo, find_image, list_images, referenced
 from ..cache.locks import (
     FileLock,
     Leases,
@@ -39,12 +40,12 @@ from ..cache.locks import (
     try_flock,
 )
 from ..cache.msb_db import forget_images, writable_schema
+from ..cache.msb_index import SOURCE_MSB_DB, default_msb_db
 from ..cache.publish import fsync_dir
 from ..cache.store import GlobalCache
 from ..digest import Digest
 from ..errors import CacheCorrupt, CachefsError, LockBusy, UsageError
 from ..reference import Reference
-from . import SOURCE_MSB_DB, ImageInfo, default_msb_db, find_image, list_images, referenced
 
 COORDINATION_LOCK = Path(".image-deletions") / "coordination.lock"
 

@@ -14,9 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cache.catalog import ImageInfo, list_images
 from ..cache.health import KINDS, account_bytes
 from ..cache.store import GlobalCache
-from . import ImageInfo, list_images
 
 
 @dataclass(slots=True)
