@@ -392,7 +392,7 @@ _msb_db_option = click.option(
 @click.pass_context
 def images(ctx: click.Context, as_json: bool, only_refs: bool, msb_db: Path | None) -> None:
     """List cached images (cachefs's records, msb's database, and loose metadata)."""
-    from .ops import image_summary, list_images
+    from .maintenance import image_summary, list_images
 
     cache = _ctx(ctx).cache()
     rows = [image_summary(cache, info) for info in list_images(cache, msb_db)]
@@ -421,7 +421,7 @@ def images(ctx: click.Context, as_json: bool, only_refs: bool, msb_db: Path | No
 @click.pass_context
 def inspect_cmd(ctx: click.Context, reference: str, as_json: bool, msb_db: Path | None) -> None:
     """Show one image: digests, config, layers and the paths of its artifacts."""
-    from .ops import find_image, inspect_image, list_images
+    from .maintenance import find_image, inspect_image, list_images
 
     cache = _ctx(ctx).cache()
     doc = inspect_image(cache, find_image(list_images(cache, msb_db), reference))
@@ -477,7 +477,7 @@ def rm(ctx: click.Context, references: tuple[str, ...], force: bool, dry_run: bo
 
     In msb 0.7.11's database the images' rows go too, as `msb image rm` removes them.
     """
-    from .ops.remove import remove_images
+    from .maintenance.remove import remove_images
 
     c = _ctx(ctx)
     report = remove_images(c.cache(), list(references), force=force, msb_db=msb_db,
@@ -504,7 +504,7 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool, msb_db: Path | None) ->
     A dry run takes no locks and needs only read access to the cache. If what is in use
     cannot be read (manifests/, a metadata file, msb's database), gc deletes nothing.
     """
-    from .ops.remove import collect_garbage
+    from .maintenance.remove import collect_garbage
 
     c = _ctx(ctx)
     report = collect_garbage(c.cache(), dry_run=dry_run, msb_db=msb_db)
@@ -524,7 +524,7 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool, msb_db: Path | None) ->
 @click.pass_context
 def df(ctx: click.Context, as_json: bool, msb_db: Path | None) -> None:
     """Bytes used by kind (layers, fsmeta, vmdk, manifests, tmp) and per image."""
-    from .ops.usage import KINDS, disk_usage
+    from .maintenance.usage import KINDS, disk_usage
 
     usage = disk_usage(_ctx(ctx).cache(), msb_db)
     if as_json:
@@ -561,8 +561,8 @@ def df(ctx: click.Context, as_json: bool, msb_db: Path | None) -> None:
 def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: bool,
            msb_db: Path | None, deep: bool, insecure: bool) -> None:
     """Check every artifact of one image (or all) without a kernel; exit non-zero on problems."""
-    from .ops.verify import ImageCheck
-    from .ops.verify import verify as run_verify
+    from .maintenance.verify import ImageCheck
+    from .maintenance.verify import verify as run_verify
 
     c = _ctx(ctx)
     if deep:
@@ -723,7 +723,7 @@ def erofs() -> None:
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 def erofs_from_tar(blob: Path, out: Path) -> None:
     """Convert a layer blob (gzip/zstd/plain tar) to a layer EROFS; print its diff_id."""
-    from .ops.lowlevel import erofs_from_tar as convert
+    from .maintenance.lowlevel import erofs_from_tar as convert
 
     click.echo(str(convert(blob, out)))
 
@@ -777,7 +777,7 @@ def erofs_cat(image: Path, path: str, devices: tuple[Path, ...]) -> None:
 def erofs_fsmeta(ctx: click.Context, out: Path, layers: tuple[Path, ...],
                  msb_quirks: bool) -> None:
     """Build the merged fsmeta OUT from layer EROFS images, bottom layer first."""
-    from .ops.lowlevel import fsmeta_from_layers
+    from .maintenance.lowlevel import fsmeta_from_layers
 
     blocks = fsmeta_from_layers(out, list(layers), msb_quirks=msb_quirks)
     _ctx(ctx).say(f"{out}: {blocks} blocks, {len(layers)} layers")
@@ -793,7 +793,7 @@ def erofs_fsmeta(ctx: click.Context, out: Path, layers: tuple[Path, ...],
 def vmdk_cmd(ctx: click.Context, out: Path, extents: tuple[Path, ...],
              relative_to: Path | None) -> None:
     """Write a flat VMDK descriptor OUT over EXTENT files (fsmeta first, then layers)."""
-    from .ops.lowlevel import vmdk_for_extents
+    from .maintenance.lowlevel import vmdk_for_extents
 
     vmdk_for_extents(out, list(extents), relative_to=relative_to)
     _ctx(ctx).say(f"{out}: {len(extents)} extents")

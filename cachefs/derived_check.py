@@ -22,7 +22,7 @@ SECTOR = 512
 BLOCK = 4096
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     return err.one_line() if isinstance(err, CachefsError) else " ".join(str(err).split())
 
 
@@ -47,7 +47,7 @@ def superblock_problems(path: Path, *, devices: int | None = 0) -> list[str]:
                     f"{image.file_size // BLOCK}"
                 )
     except (CachefsError, OSError) as err:
-        problems.append(f"unreadable: {_one_line(err)}")
+        problems.append(f"unreadable: {one_line(err)}")
     return problems
 
 
@@ -66,7 +66,7 @@ def device_table_problems(fsmeta: Path, layers: Sequence[Path]) -> list[str]:
             slots = list(image.devices)
             own = image.file_size // BLOCK
     except (CachefsError, OSError) as err:
-        return [f"unreadable: {_one_line(err)}"]
+        return [f"unreadable: {one_line(err)}"]
     problems = []
     mapped = own
     for i, (slot, layer) in enumerate(zip(slots, layers, strict=False), start=1):
@@ -98,7 +98,7 @@ def vmdk_problems(vmdk: Path, files: Sequence[Path], base: Path | None = None) -
     try:
         extents = parse_descriptor(text)
     except VmdkError as err:
-        return [_one_line(err)]
+        return [one_line(err)]
     base = vmdk.parent if base is None else base
     problems: list[str] = []
     # Group consecutive extents of one file (the 2 GiB split, §5).

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from .progress import (
     reporting,
 )
 from .reference import Reference
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .oci.auth import Credentials
@@ -141,14 +144,21 @@ class LayerBlob:
 
 
 class _Emitter:
-    """Progress callbacks must never break a pull."""
+    """Progress callbacks must never break a pull; the first failure is logged (with its
+    traceback under ``-v``), the rest would only repeat it."""
 
     def __init__(self, callback: ProgressCallback) -> None:
         self._callback = callback
+        self._failed = False
 
     def __call__(self, event: Event) -> None:
-        with contextlib.suppress(Exception):
+        try:
             self._callback(event)
+        except Exception:
+            if not self._failed:
+                self._failed = True
+                log.info("progress display failed (the pull goes on without it)",
+                         exc_info=True)
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:
@@ -166,11 +176,17 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
                 leaves.append(exc)
 
     collect(group)
-    for kind in (CachefsError, Exception):
-        for exc in leaves:
-            if isinstance(exc, kind):
-                return exc
-    return leaves[0]
+    chosen = next((exc for kind in (CachefsError, Exception) for exc in leaves
+                   if isinstance(exc, kind)), leaves[0])
+    for exc in leaves:  # the others are not lost: -v shows them
+        if exc is not chosen and not isinstance(exc, trio.Cancelled):
+            log.info("also failed in parallel: %s", _one_line(exc),
+                     exc_info=(type(exc), exc, exc.__traceback__))
+    return chosen
+
+
+def _one_line(err: BaseException) -> str:
+    return err.one_line() if isinstance(err, CachefsError) else f"{type(err).__name__}: {err}"
 
 
 def _entries(cache: GlobalCache, plan: ImagePlan) -> list[Path]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..cache.health import account_bytes, downloads_in_flight
 from ..cache.index import IndexedImage, index_images
 from ..cache.locks import LEASE_DIR
 from ..cache.store import GlobalCache
@@ -145,13 +146,6 @@ def _dir_entries(directory: Path) -> list[os.DirEntry[str]]:
         return []
 
 
-def _file_size(entry: os.DirEntry[str]) -> int:
-    try:
-        return entry.stat(follow_symlinks=False).st_size if entry.is_file() else 0
-    except OSError:
-        return 0
-
-
 def scan_cache(cache: GlobalCache, msb_db: Path | None = None,
                previous: CacheSnapshot | None = None) -> CacheSnapshot:
     """Read the cache's current state (blocking I/O: run it in a worker thread).
@@ -169,30 +163,15 @@ def scan_cache(cache: GlobalCache, msb_db: Path | None = None,
         problems = list(previous.problems)
 
     layers: dict[str, Artifact] = {}
-    bytes_by_kind = {"layers": 0, "fsmeta": 0, "vmdk": 0, "manifests": 0, "tmp": 0}
     for entry in _dir_entries(cache.layers_dir()):
         name = entry.name
         if name.endswith(".erofs"):
-            bytes_by_kind["layers"] += _file_size(entry)
             digest = _digest_from_name(name[: -len(".erofs")])
             if digest is not None:
                 layers[digest] = _check_erofs(Path(entry.path), fsmeta=False)
-        elif name.endswith(".tar.gz"):
-            bytes_by_kind["tmp"] += _file_size(entry)
-    for kind, directory, suffix in (
-        ("fsmeta", cache.fsmeta_dir(), ".erofs"),
-        ("vmdk", cache.vmdk_dir(), ".vmdk"),
-        ("manifests", cache.manifests_dir(), ".json"),
-    ):
-        for entry in _dir_entries(directory):
-            if entry.name.endswith(suffix):
-                bytes_by_kind[kind] += _file_size(entry)
-    downloads: dict[str, int] = {}
-    for entry in _dir_entries(cache.tmp_dir()):
-        size = _file_size(entry)
-        bytes_by_kind["tmp"] += size
-        if entry.name.endswith(".part") and not entry.name.endswith(".erofs.part"):
-            downloads[entry.name] = size
+    # Bytes and downloads: cache.health's numbers, the same `cachefs df` shows.
+    bytes_by_kind = account_bytes(cache).bytes_by_kind
+    downloads = downloads_in_flight(cache)
 
     fsmeta: dict[str, Artifact] = {}
     metadata_mtime: dict[str, int] = {}

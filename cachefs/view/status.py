@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 
+from ..cache.health import KINDS
 from .model import CacheSnapshot, image_states
-
-KINDS = ("layers", "fsmeta", "vmdk", "manifests", "tmp")
 
 
 def status_document(snap: CacheSnapshot, log: str | None = None) -> dict[str, object]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cachefs.cache.locks import lease_path, publication_gate_path
 from cachefs.digest import Digest
-from cachefs.ops import list_images
+from cachefs.maintenance import list_images
 from cachefs.reference import Reference
 from tests.cli.conftest import REF_A, REF_B, LoadedCache, cli, held_by_other_process, run
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from cachefs.cache.store import GlobalCache
-from cachefs.ops.remove import remove_images
+from cachefs.maintenance.remove import remove_images
 from cachefs.pull import load
 from cachefs.view.daemon import umount
 from tests.fixtures.images import docker_archive

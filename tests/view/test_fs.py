@@ -144,13 +144,21 @@ def test_status_files(mounted: ViewMount) -> None:
 
 
 def test_downloads_in_flight_are_fresh(mounted: ViewMount, msb: Msb) -> None:
+    """In flight: a ``.part`` whose download lock is held (by another process, as a
+    pull holds it); the same file with the lock free is a leftover, not a download."""
+    from tests.cli.conftest import held_by_other_process
+
     part = msb.cache / "tmp" / f"sha256_{'a' * 64}.part"
     part.parent.mkdir(exist_ok=True)
     part.write_bytes(b"x" * 1000)
+    lock = GlobalCache(msb.cache).download_lock_path(f"sha256:{'a' * 64}")
+    with held_by_other_process(lock, shared=False):
+        doc = json.loads((mounted.mnt / "status.json").read_text())
+        assert doc["downloads_in_flight"] == [{"file": part.name, "bytes": 1000}]
+        part.write_bytes(b"x" * 3000)
+        assert "cachefs_download_bytes 3000\n" in (mounted.mnt / "metrics").read_text()
     doc = json.loads((mounted.mnt / "status.json").read_text())
-    assert doc["downloads_in_flight"] == [{"file": part.name, "bytes": 1000}]
-    part.write_bytes(b"x" * 3000)
-    assert "cachefs_download_bytes 3000\n" in (mounted.mnt / "metrics").read_text()
+    assert doc["downloads_in_flight"] == [] and doc["bytes"]["tmp"] == 3000
 
 
 @pytest.mark.parametrize(

@@ -115,7 +115,7 @@ def test_scan_detects_corruption(msb: Msb, tmp_path: Path) -> None:
 def test_strict_reading_refuses_an_unreadable_db(msb: Msb, tmp_path: Path) -> None:
     """gc/rm must not guess what is in use: there an unreadable database is an error."""
     from cachefs.errors import CacheCorrupt
-    from cachefs.ops import list_images
+    from cachefs.maintenance import list_images
 
     load(msb, tmp_path, image_one(), ["one:1"], "one")
     assert [row.typed for row in read_msb_db(msb.db, strict=True)] == ["one:1"]

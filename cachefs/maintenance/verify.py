@@ -18,6 +18,8 @@ blocks). So verify checks, without a kernel:
 
 fsmeta and VMDK are derived from the layers alone (§4.7), so their problems are
 repairable when every layer is sound; layer and metadata problems need the source again.
+The checks themselves are ``cache.health``'s (``deep``): the view, ``images`` and
+``status`` run the cheap half of the same code.
 """
 
 from __future__ import annotations
@@ -26,12 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cache.catalog import ImageInfo, find_image, list_images
+from ..cache.health import info_problems
+from ..cache.msb_index import default_msb_db
 from ..cache.store import GlobalCache
-from ..derived_check import device_table_problems as check_device_table
-from ..derived_check import superblock_problems
-from ..derived_check import vmdk_problems as check_vmdk
-from ..errors import CachefsError
-from . import ImageInfo, default_msb_db, find_image, list_images
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,58 +83,11 @@ class VerifyReport:
         return {"ok": self.ok, "images": [i.to_json() for i in self.images]}
 
 
-# ---------------------------------------------------------------------------------------
-# artifact checks
-# ---------------------------------------------------------------------------------------
-
-
-def check_erofs(path: Path, *, devices: int | None = 0) -> list[str]:
-    """Problems of one EROFS file: the cheap superblock checks, then a full metadata walk."""
-    from ..erofs.reader import ErofsImage
-
-    problems = superblock_problems(path, devices=devices)
-    if problems:
-        return problems
-    try:
-        with ErofsImage.open(path) as image:
-            for _ in image.walk():
-                pass
-    except (CachefsError, OSError) as err:
-        problems.append(f"unreadable: {_one_line(err)}")
-    return problems
-
-
-def _one_line(err: BaseException) -> str:
-    return err.one_line() if isinstance(err, CachefsError) else " ".join(str(err).split())
-
-
-# ---------------------------------------------------------------------------------------
-# images
-# ---------------------------------------------------------------------------------------
-
-
 def check_image(cache: GlobalCache, info: ImageInfo) -> ImageCheck:
+    """``cache.health``'s checks of one image, with every EROFS walked in full."""
     check = ImageCheck(info.name, info.digest)
-    if info.metadata is None:
-        check.problems.append(Problem(
-            "metadata", cache.manifests_dir() / f"{info.key}.json",
-            "image metadata is missing or does not parse as msb reads it", False))
-    layer_paths = [cache.layer_erofs_path(d) for d in info.diff_ids]
-    for diff_id, path in zip(info.diff_ids, layer_paths, strict=True):
-        problems = check_erofs(path, devices=0)
-        for text in problems:
-            check.problems.append(Problem(f"layer {diff_id}", path, text, False))
-    layers_ok = check.ok
-    if info.digest is None:
-        return check
-    fsmeta, vmdk = cache.fsmeta_erofs_path(info.digest), cache.vmdk_path(info.digest)
-    problems = check_erofs(fsmeta, devices=len(layer_paths))
-    if not problems:
-        problems = check_device_table(fsmeta, layer_paths)
-    for text in problems:
-        check.problems.append(Problem("fsmeta", fsmeta, text, layers_ok))
-    for text in check_vmdk(vmdk, [fsmeta, *layer_paths]):
-        check.problems.append(Problem("vmdk", vmdk, text, layers_ok))
+    check.problems = [Problem(p.label, p.path, p.message, p.repairable)
+                      for p in info_problems(cache, info, deep=True)]
     return check
 
 
@@ -185,10 +138,7 @@ __all__ = [
     "ImageCheck",
     "Problem",
     "VerifyReport",
-    "check_device_table",
-    "check_erofs",
     "check_image",
-    "check_vmdk",
     "rebuild_derived",
     "verify",
 ]

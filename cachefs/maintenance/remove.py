@@ -11,7 +11,7 @@ under the other:
 * a running pull of the reference (``manifests/<key>.lock`` held) makes ``rm`` refuse;
   transient files are collected only when the lock of the process that would own them
   (download lock, layer lock, fsmeta lock) is free, and is held while we delete;
-* "used by another image" is decided from every source (``ops.referenced``), recomputed
+* "used by another image" is decided from every source (``cache.catalog.referenced``), recomputed
   after the leases are held so a publisher that finished in between is seen.
 
 Lock and lease files are never deleted: their inodes must stay stable (§1.3).
@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cache.catalog import ImageInfo, find_image, list_images, referenced
 from ..cache.locks import (
     FileLock,
     Leases,
@@ -39,12 +40,12 @@ from ..cache.locks import (
     try_flock,
 )
 from ..cache.msb_db import forget_images, writable_schema
+from ..cache.msb_index import SOURCE_MSB_DB, default_msb_db
 from ..cache.publish import fsync_dir
 from ..cache.store import GlobalCache
 from ..digest import Digest
 from ..errors import CacheCorrupt, CachefsError, LockBusy, UsageError
 from ..reference import Reference
-from . import SOURCE_MSB_DB, ImageInfo, default_msb_db, find_image, list_images, referenced
 
 COORDINATION_LOCK = Path(".image-deletions") / "coordination.lock"
 
@@ -287,6 +288,7 @@ _LAYER_PART_RE = re.compile(rf"^{_SAFE}\.erofs\.part$")
 _SPOOL_RE = re.compile(rf"^{_SAFE}\.spool$")
 _WORK_RE = re.compile(rf"^{_SAFE}\.work$")
 _LOAD_BLOB_RE = re.compile(r"^load-\d+-(\d+)-\d+\.blob$")
+_REF_PART_RE = re.compile(r"^[0-9a-f]{64}\.json\.(\d+)\.part$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +383,15 @@ def _gc_candidates(cache: GlobalCache, refs_layers: set[str], refs_manifests: se
         else:
             continue
         out.append(_Candidate(path, "tmp", locks, False))
+    for name in _listdir(cache.refs_dir()):
+        # A reference record whose writer died before the rename (``record_reference``
+        # names it after its pid; no lock guards it, so a live pid keeps it).
+        if m := _REF_PART_RE.match(name):
+            if _pid_alive(int(m.group(1))):
+                skipped.append(Skipped(cache.refs_dir() / name,
+                                       f"process {m.group(1)} is writing it"))
+            else:
+                out.append(_Candidate(cache.refs_dir() / name, "tmp", (), False))
     from ..share.leftovers import leftovers  # EROFS-artifact scratch, stale provenance
 
     out.extend(_Candidate(path, "tmp", (), False) for path in leftovers(cache, _pid_alive))

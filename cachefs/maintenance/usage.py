@@ -14,11 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache.locks import LEASE_DIR
+from ..cache.catalog import ImageInfo, list_images
+from ..cache.health import KINDS, account_bytes
 from ..cache.store import GlobalCache
-from . import ImageInfo, list_images
-
-KINDS = ("layers", "fsmeta", "vmdk", "manifests", "tmp")
 
 
 @dataclass(slots=True)
@@ -69,50 +67,11 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def _tree(directory: Path, skip_lock_files: bool = True) -> tuple[int, int]:
-    """(bytes, files) under ``directory``, leaving out lock files and lease directories."""
-    total = count = 0
-    for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = [d for d in dirnames if d != LEASE_DIR]
-        for name in filenames:
-            if skip_lock_files and name.endswith(".lock"):
-                continue
-            size = _size(Path(dirpath) / name)
-            if size is not None:
-                total += size
-                count += 1
-    return total, count
-
-
-def _kind_of(name: str, directory: str) -> str | None:
-    if name.endswith(".lock"):
-        return None
-    if directory == "layers":
-        return "tmp" if name.endswith(".tar.gz") else "layers"
-    return directory
-
-
 def disk_usage(cache: GlobalCache, msb_db: Path | None = None,
                images: list[ImageInfo] | None = None) -> Usage:
-    """Bytes by kind (transient ``layers/*.tar.gz`` count as ``tmp``) and per image."""
-    usage = Usage(cache.root, {k: 0 for k in KINDS}, {k: 0 for k in KINDS})
-    for directory in ("layers", "fsmeta", "vmdk", "manifests"):
-        try:
-            entries = list(os.scandir(cache.root / directory))
-        except FileNotFoundError:
-            continue
-        for entry in entries:
-            kind = _kind_of(entry.name, directory)
-            if kind is None or not entry.is_file(follow_symlinks=False):
-                continue
-            size = _size(Path(entry.path))
-            if size is not None:
-                usage.by_kind[kind] += size
-                usage.files_by_kind[kind] += 1
-    tmp_bytes, tmp_files = _tree(cache.tmp_dir())
-    usage.by_kind["tmp"] += tmp_bytes
-    usage.files_by_kind["tmp"] += tmp_files
-
+    """Bytes by kind (``cache.health.account_bytes``) and per image."""
+    account = account_bytes(cache)  # the same numbers status.json shows
+    usage = Usage(cache.root, account.bytes_by_kind, account.files_by_kind)
     images = list_images(cache, msb_db) if images is None else images
     layer_users: Counter[str] = Counter()
     manifest_users: Counter[str] = Counter()
