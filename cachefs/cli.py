@@ -50,9 +50,13 @@ def _version() -> str:
 
 
 def _exit_code_epilog() -> str:
-    rows = sorted(EXIT_CODES.items(), key=lambda kv: (kv[1], kv[0]))
+    """The exit-code table, from ``errors.EXIT_CODES`` (one row per code: the class that
+    defines it first, then the subclasses that inherit it)."""
+    families: dict[int, list[str]] = {}
+    for name, code in EXIT_CODES.items():
+        families.setdefault(code, []).append(name)
     lines = ["\b", "Exit codes:", "  0    success"]
-    lines += [f"  {code:<4} {name}" for name, code in rows]
+    lines += [f"  {code:<4} {', '.join(names)}" for code, names in sorted(families.items())]
     lines += [f"  {INTERNAL_ERROR_EXIT:<4} internal error (a bug: rerun with -v, report it)",
               f"  {INTERRUPTED_EXIT:<4} interrupted"]
     lines += ["", "Cache: --cache, else $CACHEFS_CACHE_DIR, else $MSB_HOME/cache, "

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from cachefs.errors import CachefsError
+from cachefs.errors import CachefsError, GuestError
 
 READY = "CACHEFS-GUEST-READY"
 OUT_BEGIN = "CACHEFS-OUT-BEGIN"
@@ -54,12 +54,6 @@ GUEST_MODULES = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_m
                  "virtio_pci", "virtio_blk", "erofs")
 
 _S_IFDIR, _S_IFREG, _S_IFLNK, _S_IFCHR = 0o040000, 0o100000, 0o120000, 0o020000
-
-
-class GuestError(CachefsError):
-    """The guest could not be prepared, did not boot, or did not report its result."""
-
-    exit_code = 20
 
 
 # --------------------------------------------------------------------------- kernel

@@ -23,10 +23,9 @@ import pytest
 
 from cachefs.cache.store import GlobalCache
 from cachefs.digest import Digest
-from cachefs.errors import CachefsError
+from cachefs.errors import CachefsError, GuestError
 from cachefs.guest import (
     READY,
-    GuestError,
     boot_and_run,
     build_initramfs,
     find_guest_kernel,

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from cachefs.errors import ReferenceError
+from cachefs.errors import InvalidReference
 from cachefs.reference import Reference
 
 # FORMATS.md §2.1, every row.
@@ -72,7 +72,7 @@ def test_parts() -> None:
     ],
 )
 def test_rejected(bad: str, why: str) -> None:
-    with pytest.raises(ReferenceError) as info:
+    with pytest.raises(InvalidReference) as info:
         Reference.parse(bad)
     assert why in str(info.value)
     assert "\n" not in info.value.one_line()

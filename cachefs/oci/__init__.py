@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from .archive import ArchiveImage, ArchiveLayer, ArchiveSource, open_archive
     from .auth import Authenticator, Credentials, docker_config_credentials
     from .platform import host_platform, parse_platform, select_manifest
-    from .registry import RegistryClient, RegistryNotFound, ResolvedImage
-    from .transfer import NetLimits, TransferTooSlow
+    from .registry import RegistryClient, ResolvedImage
+    from .transfer import NetLimits
 
 # Loaded on first use (PEP 562): a pull never needs the archive reader (tarfile), a load
 # never needs the registry client (httpx), and each costs start-up time.
@@ -27,8 +27,8 @@ _LAZY = {
     "open_archive": "archive",
     "Authenticator": "auth", "Credentials": "auth", "docker_config_credentials": "auth",
     "host_platform": "platform", "parse_platform": "platform", "select_manifest": "platform",
-    "RegistryClient": "registry", "RegistryNotFound": "registry", "ResolvedImage": "registry",
-    "NetLimits": "transfer", "TransferTooSlow": "transfer",
+    "RegistryClient": "registry", "ResolvedImage": "registry",
+    "NetLimits": "transfer",
 }
 
 
@@ -49,9 +49,7 @@ __all__ = [
     "Credentials",
     "NetLimits",
     "RegistryClient",
-    "RegistryNotFound",
     "ResolvedImage",
-    "TransferTooSlow",
     "docker_config_credentials",
     "host_platform",
     "open_archive",

@@ -42,7 +42,14 @@ import trio
 
 from ..cache.publish import naming
 from ..digest import Digest
-from ..errors import AuthError, CachefsError, DigestError, DigestMismatch, RegistryError
+from ..errors import (
+    AuthError,
+    CachefsError,
+    DigestError,
+    DigestMismatch,
+    RegistryError,
+    RegistryNotFound,
+)
 from ..models import (
     DOCKER_CONFIG,
     DOCKER_LAYER_FOREIGN,
@@ -78,10 +85,6 @@ MAX_CONFIG_BYTES = 32 << 20
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 Progress = Callable[[int], None]
-
-
-class RegistryNotFound(RegistryError):
-    """404: the repository, tag, manifest or blob does not exist."""
 
 
 @dataclass(frozen=True)
@@ -815,7 +818,6 @@ def _unlink(dest: Path) -> None:
 __all__ = [
     "ACCEPT_MANIFESTS",
     "RegistryClient",
-    "RegistryNotFound",
     "ResolvedImage",
     "check_layer_descriptor",
 ]

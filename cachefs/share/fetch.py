@@ -45,8 +45,8 @@ from ..erofs.fsmeta import write_fsmeta
 from ..erofs.merge import merge_layers
 from ..erofs.reader import ErofsImage
 from ..erofs.tree import Node
-from ..errors import CachefsError, RegistryError, UsageError
-from ..growing import DownloadFailed, GrowingBlob
+from ..errors import CachefsError, DownloadFailed, RegistryError, UsageError
+from ..growing import GrowingBlob
 from ..models import Descriptor
 from ..oci.push import RepoWriter
 from ..oci.referrers import LAYER_MEDIA_TYPE, ErofsArtifact, ErofsBlob
