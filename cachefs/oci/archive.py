@@ -580,13 +580,6 @@ def _oci_image(members: _Members, desc: Descriptor, data: bytes, ref_name: str |
     )
 
 
-def iter_layer_chunks(layer: ArchiveLayer, size: int = _CHUNK) -> Iterator[bytes]:
-    """Convenience: the layer's verified bytes in chunks."""
-    with layer.open() as f:
-        while chunk := f.read(size):
-            yield chunk
-
-
 __all__ = [
     "ArchiveImage",
     "ArchiveLayer",

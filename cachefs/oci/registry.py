@@ -282,9 +282,6 @@ class RegistryClient:
                 pass
         return delay
 
-    async def _backoff(self, attempt: int, resp: httpx.Response | None = None) -> None:
-        await trio.sleep(self._delay(attempt, resp))
-
     async def _open(self, method: str, ref: Reference, path: str,
                     headers: dict[str, str], clock: Deadline) -> httpx.Response:
         """Send (streaming), answering one auth challenge of the registry itself.

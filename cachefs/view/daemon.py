@@ -284,16 +284,6 @@ def stop_daemon(proc: subprocess.Popen[Any], mountpoint: Path, timeout: float = 
                        capture_output=True)
 
 
-def wait_mounted(mountpoint: Path, timeout: float = _START_TIMEOUT_S) -> bool:
-    """Poll until ``mountpoint`` is a mount point (bounded); for callers without ``ready``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if is_mountpoint(mountpoint):
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cachefs.view.daemon",
                                      description="Serve the cachefs view of an msb cache.")
