@@ -43,7 +43,8 @@ import trio
 
 from cachefs.cache import GlobalCache
 from cachefs.reference import Reference
-from cachefs.view.daemon import READY_LINE, stop_daemon
+from cachefs.view.daemon import READY_LINE
+from tests.fixtures.view_daemon import stop_daemon
 
 from . import debian
 from .measure import drop_page_cache, median, run_measured

@@ -26,7 +26,6 @@ from cachefs.digest import Digest
 from cachefs.errors import CachefsError, GuestError
 from cachefs.guest import (
     READY,
-    boot_and_run,
     build_initramfs,
     find_guest_kernel,
     guest_module_files,
@@ -34,6 +33,7 @@ from cachefs.guest import (
     qemu_command,
 )
 from cachefs.materialize import materialize_layer, stitch_image
+from tests.fixtures.guest import boot_and_run
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
 from tests.fixtures.system import Msb, missing, msb_binary, require_tool
 from tests.view.conftest import OtherUser, find_other_user, shared_tmpdir, view_mount
