@@ -6,8 +6,9 @@ loaded on first use so ``import cachefs`` (and the CLI's start-up) stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -54,9 +55,4 @@ if TYPE_CHECKING:
     from .pull import PullPolicy, PullResult, load, pull
     from .reference import Reference
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cachefs' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

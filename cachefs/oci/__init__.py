@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .archive import ArchiveImage, ArchiveLayer, ArchiveSource, open_archive
@@ -23,22 +24,15 @@ if TYPE_CHECKING:
 # Loaded on first use (PEP 562): a pull never needs the archive reader (tarfile), a load
 # never needs the registry client (httpx), and each costs start-up time.
 _LAZY = {
-    "ArchiveImage": "archive", "ArchiveLayer": "archive", "ArchiveSource": "archive",
-    "open_archive": "archive",
-    "Authenticator": "auth", "Credentials": "auth", "docker_config_credentials": "auth",
-    "host_platform": "platform", "parse_platform": "platform", "select_manifest": "platform",
-    "RegistryClient": "registry", "ResolvedImage": "registry",
-    "NetLimits": "transfer",
+    "ArchiveImage": ".archive", "ArchiveLayer": ".archive", "ArchiveSource": ".archive",
+    "open_archive": ".archive",
+    "Authenticator": ".auth", "Credentials": ".auth", "docker_config_credentials": ".auth",
+    "host_platform": ".platform", "parse_platform": ".platform", "select_manifest": ".platform",
+    "RegistryClient": ".registry", "ResolvedImage": ".registry",
+    "NetLimits": ".transfer",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
