@@ -122,5 +122,3 @@ class Reference:
         """``registry/repository`` without tag or digest."""
         return f"{self.registry}/{self.repository}"
 
-    def with_digest(self, digest: Digest) -> Reference:
-        return Reference(self.registry, self.repository, self.tag, digest)

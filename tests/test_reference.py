@@ -78,10 +78,8 @@ def test_rejected(bad: str, why: str) -> None:
     assert "\n" not in info.value.one_line()
 
 
-def test_with_digest_keeps_tag() -> None:
-    from cachefs.digest import Digest
-
-    ref = Reference.parse("alpine:3.20").with_digest(Digest("sha256", "b" * 64))
+def test_tag_and_digest_both_kept() -> None:
+    ref = Reference.parse("alpine:3.20@sha256:" + "b" * 64)
     assert str(ref) == "docker.io/library/alpine:3.20@sha256:" + "b" * 64
 
 
