@@ -19,10 +19,10 @@ _EXPORTS = {
     "Reference": "cachefs.reference",
     "CachedImageMetadata": "cachefs.models",
     "CachefsError": "cachefs.errors",
-    "PullPolicy": "cachefs.pull",
-    "PullResult": "cachefs.pull",
-    "pull": "cachefs.pull",
-    "load": "cachefs.pull",
+    "PullPolicy": "cachefs.pipeline.pull",
+    "PullResult": "cachefs.pipeline.pull",
+    "pull": "cachefs.pipeline.pull",
+    "load": "cachefs.pipeline.pull",
     "RegistryClient": "cachefs.oci",
     "ErofsImage": "cachefs.erofs.reader",
     "is_valid_erofs": "cachefs.erofs.reader",
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from .errors import CachefsError
     from .models import CachedImageMetadata
     from .oci import RegistryClient
-    from .pull import PullPolicy, PullResult, load, pull
+    from .pipeline.pull import PullPolicy, PullResult, load, pull
     from .reference import Reference
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -16,8 +16,8 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], An
     """The module ``__getattr__`` of ``package``: ``exports`` maps each name to the module
     that defines it (``.sub`` relative to ``package``, or absolute). A value is stored in
     the package once loaded, so the hook runs once per name, except where the name is
-    also a submodule's (``cachefs.pull``): the import system owns that attribute, and
-    ``import cachefs.pull`` must keep finding the module there."""
+    also a submodule's (``cachefs.pipeline.pull``): the import system owns that attribute, and
+    ``import cachefs.pipeline.pull`` must keep finding the module there."""
 
     def __getattr__(name: str) -> Any:
         module = exports.get(name)

@@ -32,7 +32,7 @@ from cachefs.guest import (
     kernel_version,
     qemu_command,
 )
-from cachefs.materialize import materialize_layer, stitch_image
+from cachefs.pipeline.materialize import materialize_layer, stitch_image
 from tests.fixtures.guest import boot_and_run
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
 from tests.fixtures.system import Msb, missing, msb_binary, require_tool

@@ -246,7 +246,7 @@ class ArchiveLayer:
     def open(self, *, verify: bool = True) -> BinaryIO:
         """Stream the blob's bytes; DigestMismatch is raised on reading past a bad end.
 
-        ``verify=False`` leaves the digest check to the caller: :func:`cachefs.pull.load`
+        ``verify=False`` leaves the digest check to the caller: :func:`cachefs.pipeline.pull.load`
         does so for an uncompressed layer, whose blob digest is its diff_id, because ingest
         verifies the diff_id over the very same bytes (one sha256 pass instead of two).
         """

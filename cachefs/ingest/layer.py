@@ -35,10 +35,10 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ..digest import Digest
+from ..erofs.tree import OPAQUE_XATTR, FileType, Node, SpoolExtent
+from ..errors import DigestMismatch, LayerFormatError, UsageError
 from . import tarstream as ts
-from .digest import Digest
-from .erofs.tree import OPAQUE_XATTR, FileType, Node, SpoolExtent
-from .errors import DigestMismatch, LayerFormatError, UsageError
 from .zstd_stream import zstd_chunks
 
 try:  # ISA-L inflate: the same API and output as zlib, about twice as fast

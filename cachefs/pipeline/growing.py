@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import DownloadFailed
+from ..errors import DownloadFailed
 
 
 class GrowingBlob:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import LayerFormatError
+from ..errors import LayerFormatError
 
 BLOCK = 512
 DEFAULT_CHUNK = 1 << 20
