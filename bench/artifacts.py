@@ -33,7 +33,7 @@ def _push(cache: Path, ref: str) -> None:
 
     from cachefs.cache import GlobalCache
     from cachefs.oci.registry import RegistryClient
-    from cachefs.pull import pull
+    from cachefs.pipeline.pull import pull
     from cachefs.share.push import push_erofs
 
     async def main() -> None:

@@ -43,7 +43,8 @@ import trio
 
 from cachefs.cache import GlobalCache
 from cachefs.reference import Reference
-from cachefs.view.daemon import READY_LINE, stop_daemon
+from cachefs.view.daemon import READY_LINE
+from tests.fixtures.view_daemon import stop_daemon
 
 from . import debian
 from .measure import drop_page_cache, median, run_measured
@@ -362,7 +363,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["floor"]:
 
 def _many_images_cache(cache_dir: Path, work: Path, count: int) -> None:
     """One real image, then ``count - 1`` more references to its manifest."""
-    from cachefs.pull import load
+    from cachefs.pipeline.pull import load
     from tests.fixtures.images import TestImage, docker_archive, layer_tar, reg
 
     image = TestImage([layer_tar([reg("etc/hostname", b"bench\n"),

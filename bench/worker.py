@@ -17,7 +17,7 @@ import trio
 
 from cachefs.cache import GlobalCache
 from cachefs.entry import leave
-from cachefs.pull import load, pull
+from cachefs.pipeline.pull import load, pull
 
 
 async def _main(op: str, cache_dir: str, arg: str) -> None:

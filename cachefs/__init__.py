@@ -6,8 +6,9 @@ loaded on first use so ``import cachefs`` (and the CLI's start-up) stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -18,10 +19,10 @@ _EXPORTS = {
     "Reference": "cachefs.reference",
     "CachedImageMetadata": "cachefs.models",
     "CachefsError": "cachefs.errors",
-    "PullPolicy": "cachefs.pull",
-    "PullResult": "cachefs.pull",
-    "pull": "cachefs.pull",
-    "load": "cachefs.pull",
+    "PullPolicy": "cachefs.pipeline.pull",
+    "PullResult": "cachefs.pipeline.pull",
+    "pull": "cachefs.pipeline.pull",
+    "load": "cachefs.pipeline.pull",
     "RegistryClient": "cachefs.oci",
     "ErofsImage": "cachefs.erofs.reader",
     "is_valid_erofs": "cachefs.erofs.reader",
@@ -51,12 +52,7 @@ if TYPE_CHECKING:
     from .errors import CachefsError
     from .models import CachedImageMetadata
     from .oci import RegistryClient
-    from .pull import PullPolicy, PullResult, load, pull
+    from .pipeline.pull import PullPolicy, PullResult, load, pull
     from .reference import Reference
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cachefs' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -15,8 +15,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import CachefsError
-from .vmdk import VmdkError, parse_descriptor
+from .errors import CachefsError, VmdkError
+from .vmdk import parse_descriptor
 
 SECTOR = 512
 BLOCK = 4096

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from .errors import DigestError, DigestMismatch
 
@@ -73,33 +72,6 @@ class Digest:
         h.update(data)
         if h.hexdigest() != self.encoded:
             raise DigestMismatch(what, str(self), f"{self.algorithm}:{h.hexdigest()}")
-
-
-class VerifyingReader:
-    """Wraps a binary stream; hashes everything read and checks it at ``finish()``."""
-
-    def __init__(self, raw: BinaryIO, expected: Digest, what: str) -> None:
-        self._raw = raw
-        self._hash = expected.hasher()
-        self.expected = expected
-        self.what = what
-        self.count = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        self._hash.update(data)
-        self.count += len(data)
-        return data
-
-    def finish(self) -> None:
-        """Drain the rest of the stream into the hash, then compare."""
-        while self.read(1 << 20):
-            pass
-        actual = self._hash.hexdigest()
-        if actual != self.expected.encoded:
-            raise DigestMismatch(
-                self.what, str(self.expected), f"{self.expected.algorithm}:{actual}"
-            )
 
 
 def sha256_file(path: str, bufsize: int = 1 << 20) -> Digest:

@@ -1,8 +1,41 @@
 """One exception hierarchy for everything cachefs can refuse or fail at.
 
 Every error carries enough context for a person to act on it, renders as a single
-line (``str(err)``), and maps to a distinct process exit code so scripts can tell
-families apart without parsing text.
+line (``str(err)``), and maps to an exit code so scripts can tell families apart
+without parsing text. Every class lives here; the tree, with exit codes::
+
+    CachefsError (1)
+    ├── UsageError (2)
+    ├── InvalidReference (3)
+    ├── NotCachedError (4)
+    ├── RegistryError (5)
+    │   ├── RegistryNotFound (5)
+    │   ├── TransferTooSlow (5)
+    │   ├── AuthError (6)
+    │   └── RegistryBlocked (21)
+    ├── DigestMismatch (7)
+    ├── LayerFormatError (8)
+    ├── ErofsFormatError (9)
+    ├── CacheCorrupt (10)
+    │   ├── CacheUnreadable (10)
+    │   └── VmdkError (10)
+    ├── LockBusy (11)
+    ├── ArchiveError (12)
+    ├── MountError (13)
+    ├── DigestError (14)
+    ├── ResourceLimit (17)
+    ├── ConfigError (20)
+    ├── MsbDatabaseError (24)
+    │   └── MsbSchemaUnknown (24)
+    └── GuestError (25)
+
+    DownloadFailed (an Exception, not a CachefsError: never reported, see its docstring)
+
+A code belongs to one family: a subclass either takes a code of its own (scripts must
+tell ``AuthError`` from other registry failures) or inherits its parent's (a
+``RegistryNotFound`` is handled like any ``RegistryError``); two unrelated classes never
+share one. ``EXIT_CODES`` and the table in ``cachefs --help`` are generated from the
+classes, so they cannot drift from this tree (``tests/test_errors.py`` checks both).
 """
 
 from __future__ import annotations
@@ -44,7 +77,7 @@ class UsageError(CachefsError):
     exit_code = 2
 
 
-class ReferenceError(CachefsError):
+class InvalidReference(CachefsError):
     """An image reference that cannot be parsed or normalised."""
 
     exit_code = 3
@@ -53,7 +86,7 @@ class ReferenceError(CachefsError):
 class DigestError(CachefsError):
     """A digest string that is not ``algorithm:encoded`` of a supported form."""
 
-    exit_code = 3
+    exit_code = 14
 
 
 class NotCachedError(CachefsError):
@@ -135,34 +168,10 @@ class MountError(CachefsError):
     exit_code = 13
 
 
-EXIT_CODES: dict[str, int] = {
-    cls.__name__: cls.exit_code
-    for cls in (
-        CachefsError,
-        UsageError,
-        ReferenceError,
-        DigestError,
-        NotCachedError,
-        RegistryError,
-        AuthError,
-        DigestMismatch,
-        LayerFormatError,
-        ErofsFormatError,
-        CacheCorrupt,
-        LockBusy,
-        ArchiveError,
-        MountError,
-    )
-}
-
-
 class ResourceLimit(CachefsError):
     """The work needs more of a process resource (open files) than this process may have."""
 
     exit_code = 17
-
-
-EXIT_CODES.update({ResourceLimit.__name__: ResourceLimit.exit_code})
 
 
 class ConfigError(CachefsError):
@@ -175,9 +184,6 @@ class RegistryBlocked(RegistryError):
     """registries.conf marks the registry (or namespace) the reference names as blocked."""
 
     exit_code = 21
-
-
-EXIT_CODES.update({cls.__name__: cls.exit_code for cls in (ConfigError, RegistryBlocked)})
 
 
 class CacheUnreadable(CacheCorrupt):
@@ -200,4 +206,50 @@ class MsbDatabaseError(CachefsError):
     exit_code = 24
 
 
-EXIT_CODES.update({MsbDatabaseError.__name__: MsbDatabaseError.exit_code})
+
+class RegistryNotFound(RegistryError):
+    """404: the repository, tag, manifest or blob does not exist."""
+
+
+class TransferTooSlow(RegistryError):
+    """A host missed a deadline: no response headers in time, or a body slower than the
+    minimum rate. Not retried: the bound already allowed for a slow network."""
+
+
+class VmdkError(CacheCorrupt):
+    """A VMDK descriptor that cannot be written or parsed (a corrupt cache artifact)."""
+
+
+class MsbSchemaUnknown(MsbDatabaseError):
+    """Not msb 0.7.11's database: left alone, whatever the command."""
+
+
+class GuestError(CachefsError):
+    """The guest could not be prepared, did not boot, or did not report its result."""
+
+    exit_code = 25
+
+
+class DownloadFailed(Exception):
+    """What the reader of a growing blob raises when its download failed or was cancelled.
+
+    Not a CachefsError: the download's own error is the one to report (``first_error``),
+    and a ``CachefsError`` here could be reported in its place.
+    """
+
+
+def _family(root: type[CachefsError]) -> list[type[CachefsError]]:
+    """``root`` and every subclass defined in this module, depth first."""
+    found = [root] if root.__module__ == __name__ else []
+    for sub in root.__subclasses__():
+        found += _family(sub)
+    return found
+
+
+def exit_codes() -> dict[str, int]:
+    """Every error class's name and exit code, generated from the classes themselves (the
+    CLI's ``--help`` table and the tests read this, so no list can forget a class)."""
+    return {cls.__name__: cls.exit_code for cls in _family(CachefsError)}
+
+
+EXIT_CODES: dict[str, int] = exit_codes()

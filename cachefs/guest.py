@@ -1,8 +1,9 @@
-"""Boot a cached image in a QEMU guest: the end-to-end proof that the disk really mounts.
+"""The QEMU guest that boots a cached image: the host's kernel, an initramfs, the argv.
 
 The fsmeta + layers concatenation (FORMATS.md §4.6) only matters if a *kernel* mounts it
-as one EROFS device, so the tests and ``make demo`` boot the host's own Debian kernel under
-QEMU (TCG; no KVM needed) with a tiny busybox initramfs built here in pure Python:
+as one EROFS device, so ``make demo`` (and the tests, whose console harness is
+``tests/fixtures/guest.py``) boot the host's own Debian kernel under QEMU (TCG; no KVM
+needed) with a tiny busybox initramfs built here in pure Python:
 
 * ``/init`` mounts proc/sys/devtmpfs, ``insmod``\\ s exactly the modules the kernel did not
   build in (virtio, virtio_blk, erofs and their dependencies and soft dependencies), mounts
@@ -20,21 +21,17 @@ The cpio is written here (not by ``cpio -o``) so it can hold ``/dev/console`` wi
 
 from __future__ import annotations
 
-import base64
 import gzip
 import io
 import lzma
 import os
 import re
-import selectors
 import shlex
 import subprocess
-import tempfile
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
-from cachefs.errors import CachefsError
+from .errors import GuestError
 
 READY = "CACHEFS-GUEST-READY"
 OUT_BEGIN = "CACHEFS-OUT-BEGIN"
@@ -54,12 +51,6 @@ GUEST_MODULES = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_m
                  "virtio_pci", "virtio_blk", "erofs")
 
 _S_IFDIR, _S_IFREG, _S_IFLNK, _S_IFCHR = 0o040000, 0o100000, 0o120000, 0o020000
-
-
-class GuestError(CachefsError):
-    """The guest could not be prepared, did not boot, or did not report its result."""
-
-    exit_code = 20
 
 
 # --------------------------------------------------------------------------- kernel
@@ -302,20 +293,14 @@ def build_initramfs(out: Path, *, kernel_version: str, run: str = "sh",
 # --------------------------------------------------------------------------- qemu
 
 
-def run_param(command: str) -> str:
-    """The kernel command-line word that makes the guest run ``command``."""
-    return f"{RUN_PARAM}={base64.b64encode(command.encode()).decode()}"
-
-
 def qemu_command(disk: Path, *, kernel: Path, initrd: Path, fmt: str = "vmdk",
-                 append: str = "", interactive: bool = False, memory_mb: int = 256,
-                 user: str | None = None) -> list[str]:
+                 append: str = "", interactive: bool = False,
+                 memory_mb: int = 256) -> list[str]:
     """The QEMU argv booting ``kernel``+``initrd`` with ``disk`` as read-only virtio ``vda``.
 
     TCG so it runs without KVM; serial console on stdio; ``-no-reboot`` + ``panic=-1`` so a
     dying guest ends QEMU instead of looping. Non-interactive runs detach the monitor so
-    nothing typed on stdin can reach it. ``user``: run QEMU as that user, as libvirt does
-    (``setpriv`` execs QEMU itself, so killing the process kills QEMU).
+    nothing typed on stdin can reach it.
     """
     cmdline = " ".join(w for w in ("console=ttyS0 panic=-1 quiet", append) if w)
     argv = [QEMU, "-accel", "tcg", "-m", str(memory_mb), "-nographic", "-no-reboot",
@@ -325,158 +310,4 @@ def qemu_command(disk: Path, *, kernel: Path, initrd: Path, fmt: str = "vmdk",
     if not interactive:
         argv[argv.index("-nographic") + 1:argv.index("-nographic") + 1] = [
             "-serial", "stdio", "-monitor", "none"]
-    if user is not None:
-        argv = [*as_user(user), *argv]
     return argv
-
-
-def as_user(user: str) -> list[str]:
-    """The argv prefix that runs a command as ``user`` (and its primary group), no PAM."""
-    import pwd
-
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise GuestError(f"no such user: {user}") from None
-    return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
-            "--"]
-
-
-def boot_and_run(disk: Path, command: str, timeout: float = 30.0, *, fmt: str = "vmdk",
-                 kernel: Path | None = None, initrd: Path | None = None,
-                 on_line: Callable[[str], None] | None = None,
-                 user: str | None = None) -> str:
-    """Boot ``disk``, run ``command`` in the mounted image, return its stdout+stderr.
-
-    The serial console is read until the end marker or ``timeout`` seconds; QEMU is killed
-    in every case. The text is decoded with ``surrogateescape`` so
-    ``.encode("utf-8", "surrogateescape")`` gives the guest's exact bytes. Raises
-    ``GuestError`` (with the console's tail) on timeout, guest failure or a non-zero exit.
-    """
-    kernel = kernel or find_guest_kernel()
-    with tempfile.TemporaryDirectory(prefix="cachefs-guest-") as tmp:
-        if user is not None:
-            os.chmod(tmp, 0o755)  # the initrd built here must be readable for ``user``
-        if initrd is None:
-            initrd = build_initramfs(Path(tmp) / "initrd.gz",
-                                     kernel_version=kernel_version(kernel))
-        argv = qemu_command(disk, kernel=kernel, initrd=initrd, fmt=fmt,
-                            append=run_param(command), user=user)
-        lines = _run_console(argv, timeout, on_line)
-    return _parse_output(lines)
-
-
-def _run_console(argv: list[str], timeout: float,
-                 on_line: Callable[[str], None] | None) -> list[str]:
-    """Run QEMU, collect console lines until the RC marker, a failure, exit or timeout."""
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-    except FileNotFoundError as e:
-        raise GuestError(f"{argv[0]} not found", hint="install qemu-system-x86") from e
-    lines: list[str] = []
-    pending = b""
-    deadline = time.monotonic() + timeout
-    try:
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise GuestError(f"guest timed out after {timeout:.0f}s\n"
-                                     + _tail(lines, pending))
-                if not sel.select(left):
-                    continue
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break  # QEMU exited
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                for raw in complete:
-                    line = raw.rstrip(b"\r").decode("utf-8", "surrogateescape")
-                    lines.append(line)
-                    if on_line is not None:
-                        on_line(line)
-                    if line.startswith(RC_PREFIX) or line.startswith(FAILED):
-                        return lines
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    raise GuestError(f"QEMU exited ({proc.returncode}) before the guest reported\n"
-                     + _tail(lines, pending))
-
-
-def _tail(lines: list[str], pending: bytes = b"", n: int = 25) -> str:
-    tail = lines[-n:] + ([pending.decode("utf-8", "replace")] if pending else [])
-    return "console tail:\n  " + "\n  ".join(tail)
-
-
-def _parse_output(lines: list[str]) -> str:
-    failed = [line for line in lines if line.startswith(FAILED)]
-    if failed:
-        raise GuestError(f"guest failed: {failed[0].removeprefix(FAILED).strip()}\n"
-                         + _tail(lines))
-    try:
-        begin = lines.index(OUT_BEGIN)
-        end = lines.index(OUT_END, begin)
-    except ValueError:
-        raise GuestError("guest output markers missing\n" + _tail(lines)) from None
-    try:
-        data = base64.b64decode("".join(lines[begin + 1:end]).strip(), validate=True)
-    except ValueError as e:
-        raise GuestError(f"guest output corrupted on the console: {e}\n" + _tail(lines)) from e
-    text = data.decode("utf-8", "surrogateescape")
-    rc = lines[-1].removeprefix(RC_PREFIX)
-    if rc != "0":
-        raise GuestError(f"guest command exited {rc}: {text.strip()}")
-    return text
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m cachefs.guest DISK``: print (``--print``) or run the boot of a disk.
-
-    With ``--run CMD`` the command's output is printed and QEMU exits; without it QEMU runs
-    interactively (a shell in the image; ``poweroff -f`` or Ctrl-A x leaves).
-    """
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m cachefs.guest", description=main.__doc__)
-    parser.add_argument("disk", type=Path)
-    parser.add_argument("--format", default="vmdk", help="QEMU disk format (vmdk, raw)")
-    parser.add_argument("--run", help="shell command to run in the image, then power off")
-    parser.add_argument("--initrd", type=Path,
-                        help="where to write the initramfs (default: a file under /tmp)")
-    parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("--print", action="store_true", dest="print_only",
-                        help="only print the QEMU command line")
-    args = parser.parse_args(argv)
-    try:
-        kernel = find_guest_kernel()
-        version = kernel_version(kernel)
-        initrd = args.initrd or Path(tempfile.gettempdir()) / f"cachefs-guest-{version}.gz"
-        build_initramfs(initrd, kernel_version=version)
-        if args.run is not None and not args.print_only:
-            sys.stdout.write(boot_and_run(args.disk, args.run, args.timeout, fmt=args.format,
-                                          kernel=kernel, initrd=initrd))
-            return 0
-        cmd = qemu_command(args.disk, kernel=kernel, initrd=initrd, fmt=args.format,
-                           append=run_param(args.run) if args.run else "",
-                           interactive=args.run is None)
-        if args.print_only:
-            print(shlex.join(cmd))
-            return 0
-        return subprocess.run(cmd, check=False).returncode
-    except CachefsError as e:
-        print(f"error: {e.one_line()}", file=sys.stderr)
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

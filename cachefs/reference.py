@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from .digest import Digest
-from .errors import DigestError, ReferenceError
+from .errors import DigestError, InvalidReference
 
 DOCKER_HUB = "docker.io"
 _LEGACY_HUB = "index.docker.io"
@@ -49,16 +49,16 @@ class Reference:
     def parse(cls, text: str) -> Reference:
         original = text
         if not text or text != text.strip():
-            raise ReferenceError(f"invalid reference {original!r}: empty or surrounded by spaces")
+            raise InvalidReference(f"invalid reference {original!r}: empty or surrounded by spaces")
         digest: Digest | None = None
         if "@" in text:
             text, _, digest_text = text.partition("@")
             try:
                 digest = Digest.parse(digest_text)
             except DigestError as err:
-                raise ReferenceError(f"invalid reference {original!r}: {err}") from None
+                raise InvalidReference(f"invalid reference {original!r}: {err}") from None
             if digest.algorithm not in ("sha256", "sha384", "sha512"):
-                raise ReferenceError(
+                raise InvalidReference(
                     f"invalid reference {original!r}: unsupported digest algorithm "
                     f"{digest.algorithm!r}"
                 )
@@ -68,14 +68,14 @@ class Reference:
         if colon > last_slash:
             text, tag = text[:colon], text[colon + 1 :]
             if not _TAG.fullmatch(tag):
-                raise ReferenceError(f"invalid reference {original!r}: bad tag {tag!r}")
+                raise InvalidReference(f"invalid reference {original!r}: bad tag {tag!r}")
         if not text:
-            raise ReferenceError(f"invalid reference {original!r}: missing repository name")
+            raise InvalidReference(f"invalid reference {original!r}: missing repository name")
         first, sep, rest = text.partition("/")
         if sep and ("." in first or ":" in first or first == "localhost"):
             registry, repository = first, rest
             if not _DOMAIN.fullmatch(registry):
-                raise ReferenceError(f"invalid reference {original!r}: bad registry {registry!r}")
+                raise InvalidReference(f"invalid reference {original!r}: bad registry {registry!r}")
         else:
             registry, repository = DOCKER_HUB, text
         if registry == _LEGACY_HUB:
@@ -84,19 +84,19 @@ class Reference:
             repository = "library/" + repository
         for component in repository.split("/"):
             if not component:
-                raise ReferenceError(
+                raise InvalidReference(
                     f"invalid reference {original!r}: empty path component in {repository!r}"
                 )
             if not _PATH_COMPONENT.fullmatch(component):
-                raise ReferenceError(
+                raise InvalidReference(
                     f"invalid reference {original!r}: bad path component {component!r}"
                 )
         if repository != repository.lower():
-            raise ReferenceError(
+            raise InvalidReference(
                 f"invalid reference {original!r}: repository name must be lowercase"
             )
         if len(repository) > _MAX_REPOSITORY:
-            raise ReferenceError(
+            raise InvalidReference(
                 f"invalid reference {original!r}: repository name longer than "
                 f"{_MAX_REPOSITORY} characters"
             )
@@ -122,5 +122,3 @@ class Reference:
         """``registry/repository`` without tag or digest."""
         return f"{self.registry}/{self.repository}"
 
-    def with_digest(self, digest: Digest) -> Reference:
-        return Reference(self.registry, self.repository, self.tag, digest)

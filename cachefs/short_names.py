@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import CachefsError, NotCachedError, RegistryBlocked, RegistryError
-from .pull import pull
+from .pipeline.pull import pull
 
 if TYPE_CHECKING:
     from .cache import GlobalCache
     from .oci.registries_conf import RegistriesConf
-    from .pull import PullResult
+    from .pipeline.pull import PullResult
 
 
 async def pull_short_name(cache: GlobalCache, text: str, *, registries: RegistriesConf,

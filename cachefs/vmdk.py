@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CacheCorrupt
+from .errors import VmdkError
 
 SECTOR = 512
 MAX_EXTENT_SECTORS = 4_194_304  # 2 GiB per extent line
@@ -43,10 +43,6 @@ _DDB = (
     'ddb.adapterType = "ide"\n'
 )
 _EXTENT_RE = re.compile(r'(RW|RDONLY|NOACCESS) (\d+) FLAT "([^"]*)" (\d+)')
-
-
-class VmdkError(CacheCorrupt):
-    """A VMDK descriptor that cannot be written or parsed (a corrupt cache artifact)."""
 
 
 @dataclass(frozen=True, slots=True)

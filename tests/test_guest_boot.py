@@ -23,18 +23,17 @@ import pytest
 
 from cachefs.cache.store import GlobalCache
 from cachefs.digest import Digest
-from cachefs.errors import CachefsError
+from cachefs.errors import CachefsError, GuestError
 from cachefs.guest import (
     READY,
-    GuestError,
-    boot_and_run,
     build_initramfs,
     find_guest_kernel,
     guest_module_files,
     kernel_version,
     qemu_command,
 )
-from cachefs.materialize import materialize_layer, stitch_image
+from cachefs.pipeline.materialize import materialize_layer, stitch_image
+from tests.fixtures.guest import boot_and_run
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
 from tests.fixtures.system import Msb, missing, msb_binary, require_tool
 from tests.view.conftest import OtherUser, find_other_user, shared_tmpdir, view_mount

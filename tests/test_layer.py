@@ -12,11 +12,11 @@ import zlib
 import pytest
 import zstandard
 
-from cachefs import layer as layer_mod
 from cachefs.digest import Digest
 from cachefs.erofs.tree import OPAQUE_XATTR, FileType, Node, SpoolExtent, walk
 from cachefs.errors import DigestMismatch, LayerFormatError, UsageError
-from cachefs.layer import (
+from cachefs.ingest import layer as layer_mod
+from cachefs.ingest.layer import (
     Compression,
     IngestedLayer,
     compression_from_media_type,

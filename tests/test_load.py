@@ -10,7 +10,7 @@ import pytest
 
 from cachefs.cache import GlobalCache
 from cachefs.errors import ArchiveError, DigestMismatch
-from cachefs.pull import load
+from cachefs.pipeline.pull import load
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
 from tests.fixtures.registry import oci_layout
 from tests.fixtures.system import Msb

@@ -15,8 +15,8 @@ from cachefs.cache import GlobalCache
 from cachefs.cache.locks import flock_exclusive
 from cachefs.digest import Digest
 from cachefs.errors import DigestMismatch, LayerFormatError, NotCachedError
-from cachefs.layer import Compression
-from cachefs.materialize import MaterializedLayer, materialize_layer, stitch_image
+from cachefs.ingest.layer import Compression
+from cachefs.pipeline.materialize import MaterializedLayer, materialize_layer, stitch_image
 from tests.erofs.layer_cases import overlay_tars
 from tests.fixtures.images import TestImage, docker_archive, sha256
 from tests.fixtures.system import Msb, msb_binary

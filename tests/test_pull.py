@@ -30,8 +30,8 @@ from cachefs.errors import (
 )
 from cachefs.oci import Authenticator
 from cachefs.oci.auth import Credentials
-from cachefs.progress import Event, Finished, LayerProgress, Resolved
-from cachefs.pull import PullPolicy, pull
+from cachefs.pipeline.progress import Event, Finished, LayerProgress, Resolved
+from cachefs.pipeline.pull import PullPolicy, pull
 from cachefs.reference import Reference
 from tests.fixtures.hostile import ServedImage, hostile  # noqa: F401  (fixture)
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
@@ -283,7 +283,7 @@ PULL_SCRIPT = r"""
 import sys, trio
 from cachefs.cache import GlobalCache
 from cachefs.oci import Authenticator, RegistryClient
-from cachefs.pull import pull
+from cachefs.pipeline.pull import pull
 async def main():
     async with RegistryClient(insecure=True, authenticator=Authenticator(lookup=None),
                               backoff_s=0.0) as c:

@@ -29,7 +29,7 @@ from cachefs.oci.referrers import (
     referrer_entry,
     referrers_tag,
 )
-from cachefs.pull import pull
+from cachefs.pipeline.pull import pull
 from cachefs.share.provenance import layer_origin
 from cachefs.share.push import push_erofs
 from tests.fixtures.images import TestImage
@@ -447,7 +447,7 @@ def test_endless_referrer_answers_are_cut_off(tmp_path: Path, registry_factory: 
         b = world.fresh()
         script = ("import sys, trio\n"
                   "from cachefs.cache import GlobalCache\n"
-                  "from cachefs.pull import pull\n"
+                  "from cachefs.pipeline.pull import pull\n"
                   "trio.run(lambda: pull(GlobalCache.new(sys.argv[1]), sys.argv[2], "
                   "insecure=True))\n"
                   # VmHWM, not ru_maxrss: that also counts the pytest process forked

@@ -11,8 +11,8 @@ import trio
 
 from cachefs.cache.store import GlobalCache
 from cachefs.errors import CachefsError, UsageError
-from cachefs.progress import Event
-from cachefs.pull import first_error, load
+from cachefs.pipeline.progress import Event
+from cachefs.pipeline.pull import first_error, load
 from tests.fixtures.images import TestImage, docker_archive, layer_tar, reg
 
 
@@ -27,7 +27,7 @@ def test_a_failing_progress_display_is_logged_once_and_the_load_completes(
         calls.append(event)
         raise RuntimeError("terminal went away")
 
-    with caplog.at_level(logging.INFO, logger="cachefs.pull"):
+    with caplog.at_level(logging.INFO, logger="cachefs.pipeline.pull"):
         trio.run(lambda: load(cache, archive, progress=broken))
     assert len(calls) > 2  # it kept being called, and kept failing
     logged = [r for r in caplog.records if "progress display failed" in r.getMessage()]
@@ -40,7 +40,7 @@ def test_the_errors_not_reported_are_logged(caplog: pytest.LogCaptureFixture) ->
     reported = UsageError("layer 0: digest mismatch")
     other = OSError(28, "No space left on device")
     group = BaseExceptionGroup("layers", [other, ExceptionGroup("inner", [reported])])
-    with caplog.at_level(logging.INFO, logger="cachefs.pull"):
+    with caplog.at_level(logging.INFO, logger="cachefs.pipeline.pull"):
         assert first_error(group) is reported
     [record] = [r for r in caplog.records if "also failed" in r.getMessage()]
     assert "No space left on device" in record.getMessage()

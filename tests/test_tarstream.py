@@ -7,8 +7,8 @@ import tarfile
 
 import pytest
 
-from cachefs import tarstream as ts
 from cachefs.errors import LayerFormatError
+from cachefs.ingest import tarstream as ts
 from tests.fixtures.images import device, dir_, hardlink, layer_tar, reg, symlink
 
 FORMATS = [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]

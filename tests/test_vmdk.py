@@ -11,10 +11,10 @@ import pytest
 
 from cachefs.erofs.fsmeta import fsmeta_from_layer_images
 from cachefs.erofs.writer import write_layer_erofs
+from cachefs.errors import VmdkError
 from cachefs.vmdk import (
     MAX_EXTENT_SECTORS,
     Extent,
-    VmdkError,
     descriptor_for_paths,
     parse_descriptor,
     render_descriptor,

@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..digest import Digest
-from ..errors import CacheCorrupt, CachefsError, CacheUnreadable, NotCachedError
-from ..errors import ReferenceError as BadReference
+from ..errors import CacheCorrupt, CachefsError, CacheUnreadable, InvalidReference, NotCachedError
 from ..models import CachedImageMetadata
 from ..reference import Reference
 from .msb_index import SOURCE_MSB_DB, default_msb_db, read_msb_db
@@ -117,7 +116,7 @@ def list_images(
     for rec in cache.ref_records(strict=strict):
         try:
             ref = Reference.parse(rec.reference)
-        except BadReference as err:
+        except InvalidReference as err:
             _note(problems, f"ignoring unparsable reference {rec.reference!r} (cachefs record): "
                             f"{err.one_line()}")
             continue
@@ -133,7 +132,7 @@ def list_images(
                            timeout=_VIEW_DB_TIMEOUT_S if tolerant else _DB_TIMEOUT_S):
         try:
             ref = Reference.parse(row.typed)
-        except BadReference as err:
+        except InvalidReference as err:
             text = (f"msb database {db} names an unparsable reference {row.typed!r}: "
                     f"{err.one_line()}")
             if strict and row.layers:
@@ -181,7 +180,7 @@ def find_image(images: Iterable[ImageInfo], text: str) -> ImageInfo:
     images = list(images)
     try:
         ref: Reference | None = Reference.parse(text)
-    except BadReference:
+    except InvalidReference:
         if not (text.startswith("sha256:") or re.fullmatch(r"[0-9a-f]{64}", text)):
             raise
         ref = None
@@ -204,7 +203,7 @@ def find_image(images: Iterable[ImageInfo], text: str) -> ImageInfo:
 def _repository(reference: str | None) -> str | None:
     try:
         return Reference.parse(reference).name if reference else None
-    except BadReference:
+    except InvalidReference:
         return None
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CachefsError, MsbDatabaseError
+from ..errors import CachefsError, MsbDatabaseError, MsbSchemaUnknown
 from ..models import CachedImageMetadata, ImageConfigFile
 from ..reference import Reference
 
@@ -81,10 +81,6 @@ MSB_0711_MIGRATIONS: frozenset[str] = frozenset({
 })
 
 _warned: set[tuple[Path, str]] = set()
-
-
-class _OtherSchema(MsbDatabaseError):
-    """Not msb 0.7.11's database: left alone, whatever the command."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +183,7 @@ def _transaction(path: Path, timeout: float) -> Iterator[sqlite3.Connection]:
         try:
             problem = schema_problem(conn, path)
             if problem is not None:
-                raise _OtherSchema(problem)
+                raise MsbSchemaUnknown(problem)
             yield conn
         except BaseException:
             conn.execute("ROLLBACK")
@@ -252,7 +248,7 @@ def record_image(db: Path, reference: str, meta: CachedImageMetadata, *,
     try:
         with _transaction(db, timeout) as conn:
             _upsert_image(conn, reference, rows)
-    except _OtherSchema as err:
+    except MsbSchemaUnknown as err:
         _warn_once(db, "schema", str(err))
         return False
     except MsbDatabaseError as err:

@@ -52,19 +52,6 @@ def publish_file(tmp: Path, final: Path, *, durable: bool = False) -> None:
         fsync_dir(final.parent)
 
 
-def write_file_atomic(final: Path, data: bytes, *, durable: bool, suffix: str = ".part") -> None:
-    """Write ``data`` to ``final`` via ``final + suffix``; the temp is removed on failure."""
-    tmp = final.with_name(final.name + suffix)
-    try:
-        with naming(tmp), open(tmp, "wb") as f:
-            f.write(data)
-        publish_file(tmp, final, durable=durable)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
 @contextlib.contextmanager
 def atomic_output(final: Path, tmp: Path, *, durable: bool = False) -> Iterator[BinaryIO]:
     """Yield ``tmp`` opened for writing; publish it as ``final`` only if the block succeeds."""

@@ -190,10 +190,6 @@ def xattr_ibody_size(icount: int) -> int:
     return 0 if icount == 0 else 12 + (icount - 1) * 4
 
 
-def xattr_entry_size(name_suffix_len: int, value_len: int) -> int:
-    return (XATTR_ENTRY.size + name_suffix_len + value_len + 3) & ~3
-
-
 def encode_rdev(major: int, minor: int) -> int:
     """Linux ``new_encode_dev``."""
     return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF

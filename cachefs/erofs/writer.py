@@ -438,7 +438,7 @@ def write_image(
     metadata area, data area, in one forward pass. The superblock crc is filled in here.
 
     ``padded_spool``: every file's bytes in ``spool`` are followed by zeros up to the next
-    block boundary (as :func:`cachefs.layer.ingest_layer` writes them). Files that are
+    block boundary (as :func:`cachefs.ingest.layer.ingest_layer` writes them). Files that are
     adjacent both in the spool and in the data area are then copied as one run, padding
     included: for a tar in walk order that is a handful of copies instead of one per file.
     """

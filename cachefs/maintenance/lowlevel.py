@@ -29,7 +29,7 @@ def erofs_from_tar(blob: Path, out: Path) -> Digest:
     them in the kernel and memory stays flat whatever the layer size.
     """
     from ..erofs.writer import write_layer_erofs
-    from ..layer import detect_compression, ingest_layer
+    from ..ingest.layer import detect_compression, ingest_layer
 
     try:
         f = open(blob, "rb")  # noqa: SIM115 - closed below, spans two steps

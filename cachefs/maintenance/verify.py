@@ -128,7 +128,7 @@ def rebuild_derived(cache: GlobalCache, info: ImageInfo) -> None:
     the inode it opened: no exclusive lease is needed, and a repair works while the image
     is in use. The bad files' bytes are never read (``force``).
     """
-    from ..materialize import stitch_image
+    from ..pipeline.materialize import stitch_image
 
     assert info.metadata is not None and info.digest is not None
     stitch_image(cache, info.metadata.manifest, info.metadata.diff_ids, force=True)

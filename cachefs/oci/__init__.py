@@ -10,35 +10,29 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .archive import ArchiveImage, ArchiveLayer, ArchiveSource, open_archive
     from .auth import Authenticator, Credentials, docker_config_credentials
     from .platform import host_platform, parse_platform, select_manifest
-    from .registry import RegistryClient, RegistryNotFound, ResolvedImage
-    from .transfer import NetLimits, TransferTooSlow
+    from .registry import RegistryClient, ResolvedImage
+    from .transfer import NetLimits
 
 # Loaded on first use (PEP 562): a pull never needs the archive reader (tarfile), a load
 # never needs the registry client (httpx), and each costs start-up time.
 _LAZY = {
-    "ArchiveImage": "archive", "ArchiveLayer": "archive", "ArchiveSource": "archive",
-    "open_archive": "archive",
-    "Authenticator": "auth", "Credentials": "auth", "docker_config_credentials": "auth",
-    "host_platform": "platform", "parse_platform": "platform", "select_manifest": "platform",
-    "RegistryClient": "registry", "RegistryNotFound": "registry", "ResolvedImage": "registry",
-    "NetLimits": "transfer", "TransferTooSlow": "transfer",
+    "ArchiveImage": ".archive", "ArchiveLayer": ".archive", "ArchiveSource": ".archive",
+    "open_archive": ".archive",
+    "Authenticator": ".auth", "Credentials": ".auth", "docker_config_credentials": ".auth",
+    "host_platform": ".platform", "parse_platform": ".platform", "select_manifest": ".platform",
+    "RegistryClient": ".registry", "ResolvedImage": ".registry",
+    "NetLimits": ".transfer",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
@@ -49,9 +43,7 @@ __all__ = [
     "Credentials",
     "NetLimits",
     "RegistryClient",
-    "RegistryNotFound",
     "ResolvedImage",
-    "TransferTooSlow",
     "docker_config_credentials",
     "host_platform",
     "open_archive",

@@ -246,7 +246,7 @@ class ArchiveLayer:
     def open(self, *, verify: bool = True) -> BinaryIO:
         """Stream the blob's bytes; DigestMismatch is raised on reading past a bad end.
 
-        ``verify=False`` leaves the digest check to the caller: :func:`cachefs.pull.load`
+        ``verify=False`` leaves the digest check to the caller: :func:`cachefs.pipeline.pull.load`
         does so for an uncompressed layer, whose blob digest is its diff_id, because ingest
         verifies the diff_id over the very same bytes (one sha256 pass instead of two).
         """
@@ -578,13 +578,6 @@ def _oci_image(members: _Members, desc: Descriptor, data: bytes, ref_name: str |
         platform=chosen,
         layout_tag=ref_name if ref_name and is_bare_tag(ref_name) else None,
     )
-
-
-def iter_layer_chunks(layer: ArchiveLayer, size: int = _CHUNK) -> Iterator[bytes]:
-    """Convenience: the layer's verified bytes in chunks."""
-    with layer.open() as f:
-        while chunk := f.read(size):
-            yield chunk
 
 
 __all__ = [

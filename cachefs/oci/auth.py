@@ -218,7 +218,6 @@ class Authenticator:
         self._tokens: dict[tuple[str, str], _Token] = {}
         self._basic: set[str] = set()
         self._locks: dict[tuple[str, str], trio.Lock] = {}
-        self.token_requests = 0  # observable for tests: tokens fetched, not cached hits
 
     def credentials_for(self, registry: str) -> Credentials | None:
         if self._explicit is not None and (self.explicit_hosts is None
@@ -315,7 +314,6 @@ class Authenticator:
                 and realm.lower().startswith("http://")):
             raise AuthError(f"{what}: registry {registry} names a plain-http token service "
                             f"{realm}; its credentials are not sent unencrypted")
-        self.token_requests += 1
         try:
             url = httpx.URL(realm, params=params)
             status, body = await _fetch_token(http, url, headers, limits)

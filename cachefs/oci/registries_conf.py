@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ReferenceError, RegistryBlocked
+from ..errors import ConfigError, InvalidReference, RegistryBlocked
 from ..reference import Reference
 
 SYSTEM_CONF = Path("/etc/containers/registries.conf")
@@ -151,7 +151,7 @@ class RegistriesConf:
         if not self.unqualified_search:
             return [text]
         if self.short_name_mode == "enforcing" and len(self.unqualified_search) > 1:
-            raise ReferenceError(
+            raise InvalidReference(
                 f"short name {text!r} is ambiguous: it may come from any of "
                 f"{', '.join(self.unqualified_search)} and short-name-mode is enforcing",
                 hint="use a fully-qualified reference or add an [aliases] entry",
@@ -201,7 +201,7 @@ def _rewrite(ref: Reference, prefix: str, location: str) -> Reference:
         return ref
     try:
         return Reference.parse(location + text[cut:])
-    except ReferenceError as err:
+    except InvalidReference as err:
         raise ConfigError(f"registries.conf: location {location!r} for prefix {prefix!r} "
                           f"does not make a valid reference of {ref}: {err}") from None
 

@@ -42,7 +42,14 @@ import trio
 
 from ..cache.publish import naming
 from ..digest import Digest
-from ..errors import AuthError, CachefsError, DigestError, DigestMismatch, RegistryError
+from ..errors import (
+    AuthError,
+    CachefsError,
+    DigestError,
+    DigestMismatch,
+    RegistryError,
+    RegistryNotFound,
+)
 from ..models import (
     DOCKER_CONFIG,
     DOCKER_LAYER_FOREIGN,
@@ -78,10 +85,6 @@ MAX_CONFIG_BYTES = 32 << 20
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 Progress = Callable[[int], None]
-
-
-class RegistryNotFound(RegistryError):
-    """404: the repository, tag, manifest or blob does not exist."""
 
 
 @dataclass(frozen=True)
@@ -278,9 +281,6 @@ class RegistryClient:
             except ValueError:
                 pass
         return delay
-
-    async def _backoff(self, attempt: int, resp: httpx.Response | None = None) -> None:
-        await trio.sleep(self._delay(attempt, resp))
 
     async def _open(self, method: str, ref: Reference, path: str,
                     headers: dict[str, str], clock: Deadline) -> httpx.Response:
@@ -815,7 +815,6 @@ def _unlink(dest: Path) -> None:
 __all__ = [
     "ACCEPT_MANIFESTS",
     "RegistryClient",
-    "RegistryNotFound",
     "ResolvedImage",
     "check_layer_descriptor",
 ]

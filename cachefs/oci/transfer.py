@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import trio
 
-from ..errors import RegistryError, UsageError
+from ..errors import RegistryError, TransferTooSlow, UsageError
 from ._httpx import httpx
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -77,11 +77,6 @@ class NetLimits:
 
     def env_name(self, field_name: str) -> str:
         return self.ENV[field_name]
-
-
-class TransferTooSlow(RegistryError):
-    """A host missed a deadline: no response headers in time, or a body slower than the
-    minimum rate. Not retried: the bound already allowed for a slow network."""
 
 
 Origin = tuple[str, str, int]
@@ -220,7 +215,6 @@ __all__ = [
     "Deadline",
     "NetLimits",
     "Origin",
-    "TransferTooSlow",
     "deadline",
     "origin",
     "read_body",

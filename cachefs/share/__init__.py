@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .fetch import ArtifactPolicy, FetchOutcome, fetch_erofs
@@ -17,18 +18,11 @@ if TYPE_CHECKING:
     from .push import PushReport, push_erofs
 
 _LAZY = {
-    "ArtifactPolicy": "fetch", "FetchOutcome": "fetch", "fetch_erofs": "fetch",
-    "layer_origin": "provenance", "PushReport": "push", "push_erofs": "push",
+    "ArtifactPolicy": ".fetch", "FetchOutcome": ".fetch", "fetch_erofs": ".fetch",
+    "layer_origin": ".provenance", "PushReport": ".push", "push_erofs": ".push",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

@@ -45,13 +45,13 @@ from ..erofs.fsmeta import write_fsmeta
 from ..erofs.merge import merge_layers
 from ..erofs.reader import ErofsImage
 from ..erofs.tree import Node
-from ..errors import CachefsError, RegistryError, UsageError
-from ..growing import DownloadFailed, GrowingBlob
+from ..errors import CachefsError, DownloadFailed, RegistryError, UsageError
 from ..models import Descriptor
 from ..oci.push import RepoWriter
 from ..oci.referrers import LAYER_MEDIA_TYPE, ErofsArtifact, ErofsBlob
 from ..oci.registry import RegistryClient
-from ..progress import LayerProgress, ProgressCallback
+from ..pipeline.growing import GrowingBlob
+from ..pipeline.progress import LayerProgress, ProgressCallback
 from ..reference import Reference
 from .check import check_layer_image
 from .lookup import find_artifacts

@@ -26,7 +26,7 @@ from ..erofs.merge import merge_layers
 from ..erofs.tree import Node
 from ..erofs.writer import write_layer_erofs
 from ..errors import NotCachedError
-from ..layer import compression_from_media_type, detect_compression, ingest_layer
+from ..ingest.layer import compression_from_media_type, detect_compression, ingest_layer
 from ..models import Descriptor, LayerMetadata
 from ..oci.registry import RegistryClient
 from ..reference import Reference

@@ -22,7 +22,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -264,34 +263,6 @@ def umount(mountpoint: Path, *, lazy: bool = False) -> None:
             return
     raise MountError(f"cannot unmount {mountpoint}: {proc.stderr.strip()}",
                      hint="files may be in use; try a lazy unmount (-z)")
-
-
-def stop_daemon(proc: subprocess.Popen[Any], mountpoint: Path, timeout: float = 15.0) -> None:
-    """Stop a view daemon process (SIGTERM, then SIGKILL) and clear any mount it leaves.
-
-    For supervisors of a daemon they started (tests, benchmarks): whatever state the
-    daemon is in, the mountpoint ends up unmounted and the process reaped.
-    """
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if is_mountpoint(mountpoint):
-        subprocess.run([_fusermount(), "-u", "-z", str(mountpoint)], check=False,
-                       capture_output=True)
-
-
-def wait_mounted(mountpoint: Path, timeout: float = _START_TIMEOUT_S) -> bool:
-    """Poll until ``mountpoint`` is a mount point (bounded); for callers without ``ready``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if is_mountpoint(mountpoint):
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def main(argv: list[str] | None = None) -> int:

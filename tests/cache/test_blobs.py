@@ -9,8 +9,8 @@ from pathlib import Path
 from cachefs.cache import GlobalCache
 from cachefs.cache.blobs import drop_leftovers, reusable_blob
 from cachefs.digest import Digest
-from cachefs.layer import Compression
-from cachefs.materialize import materialize_layer
+from cachefs.ingest.layer import Compression
+from cachefs.pipeline.materialize import materialize_layer
 from tests.cli.conftest import held_by_other_process
 from tests.fixtures.images import layer_tar, reg
 

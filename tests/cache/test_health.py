@@ -12,7 +12,7 @@ import trio
 from cachefs.cache.catalog import list_images
 from cachefs.cache.health import Problem, info_problems, missing_labels
 from cachefs.cache.store import GlobalCache
-from cachefs.pull import load
+from cachefs.pipeline.pull import load
 from tests.cli.conftest import cli
 from tests.fixtures.images import TestImage, docker_archive, layer_tar, reg
 

@@ -10,7 +10,6 @@ from cachefs.cache.publish import (
     fsync_dir,
     publish_file,
     remove_quietly,
-    write_file_atomic,
 )
 
 
@@ -25,19 +24,21 @@ def test_publish_renames_and_replaces(tmp_path: Path) -> None:
     assert final.stat().st_ino != old_inode  # a new file, so open readers keep the old one
 
 
-def test_write_file_atomic_leaves_no_temp_on_failure(
+def test_atomic_output_leaves_no_temp_when_publishing_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    final = tmp_path / "meta.json"
-    write_file_atomic(final, b"{}", durable=True)
+    final, tmp = tmp_path / "meta.json", tmp_path / "meta.json.part"
+    with atomic_output(final, tmp, durable=True) as f:
+        f.write(b"{}")
     assert final.read_bytes() == b"{}"
 
     def fail(*a: object, **k: object) -> None:
         raise OSError("rename failed")
 
     monkeypatch.setattr("cachefs.cache.publish.os.rename", fail)
-    with pytest.raises(OSError, match="rename failed"):
-        write_file_atomic(final, b"{new}", durable=False)
+    with pytest.raises(OSError, match="rename failed"), \
+            atomic_output(final, tmp, durable=False) as f:
+        f.write(b"{new}")
     assert final.read_bytes() == b"{}"
     assert sorted(os.listdir(tmp_path)) == ["meta.json"]
 

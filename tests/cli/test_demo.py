@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cachefs import guest
 from cachefs.demo import DEMO_REFERENCE, MOTD
 from cachefs.view.daemon import is_mountpoint
 from tests.cli.conftest import run
+from tests.fixtures import guest
 from tests.fixtures.system import require_fuse, require_tool
 
 

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from cachefs.cache import GlobalCache
-from cachefs.pull import load
+from cachefs.pipeline.pull import load
 from cachefs.reference import Reference
 from tests.cli.conftest import CACHEFS, REF_A, REF_B, LoadedCache, assert_one_line_error
 from tests.cli.test_ops import FAKE, _orphans

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from cachefs.cache import GlobalCache
-from cachefs.progress import Event, LayerProgress, Resolved
-from cachefs.pull import load as load_archive
-from cachefs.pull import pull
+from cachefs.pipeline.progress import Event, LayerProgress, Resolved
+from cachefs.pipeline.pull import load as load_archive
+from cachefs.pipeline.pull import pull
 from tests.cli.conftest import CACHEFS
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg
 from tests.fixtures.registry import LocalRegistry, oci_layout, registry_factory  # noqa: F401

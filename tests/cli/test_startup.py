@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-HEAVY = ("trio", "httpx", "httpcore", "pydantic", "cachefs.cache.store", "cachefs.pull")
+HEAVY = ("trio", "httpx", "httpcore", "pydantic", "cachefs.cache.store",
+         "cachefs.pipeline.pull")
 
 _PROBE = """
 import sys

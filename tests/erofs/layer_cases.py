@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cachefs.erofs.tree import Node
-from cachefs.layer import Compression, ingest_layer
+from cachefs.ingest.layer import Compression, ingest_layer
 from tests.fixtures.images import Entry, device, dir_, hardlink, layer_tar, reg, symlink
 
 
@@ -81,7 +81,7 @@ def small_tars() -> list[bytes]:
 
 
 def tar_to_tree(tar_bytes: bytes, spool: BinaryIO) -> Node:
-    """Ingest an uncompressed layer tar with the real ``cachefs.layer`` (file bytes → spool)."""
+    """Ingest an uncompressed layer tar with the real ``cachefs.ingest.layer`` (bytes → spool)."""
     return ingest_layer(
         io.BytesIO(tar_bytes), compression=Compression.NONE, expected_diff_id=None,
         spool=spool, layer_label="test",

@@ -16,7 +16,7 @@ from cachefs.erofs.fsmeta import write_fsmeta
 from cachefs.erofs.merge import merge_layers, merge_layers_msb_compatible
 from cachefs.erofs.tree import NULL_BLOCK, OPAQUE_XATTR, FileType, LayerBlocks, Node, walk
 from cachefs.erofs.writer import write_layer_erofs
-from cachefs.layer import Compression, ingest_layer
+from cachefs.ingest.layer import Compression, ingest_layer
 from tests.fixtures.images import TestImage, dir_, docker_archive, hardlink, layer_tar, reg, symlink
 from tests.fixtures.system import Msb
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from cachefs.erofs.writer import write_layer_erofs
-from cachefs.layer import Compression, ingest_layer
+from cachefs.ingest.layer import Compression, ingest_layer
 from tests.fixtures.images import dir_, hardlink, layer_tar, reg, symlink
 
 

@@ -32,12 +32,13 @@ from cachefs.errors import (
     LayerFormatError,
     RegistryError,
     ResourceLimit,
+    TransferTooSlow,
     UsageError,
 )
 from cachefs.oci import Authenticator
 from cachefs.oci.auth import Credentials, docker_config_credentials
-from cachefs.oci.transfer import NetLimits, TransferTooSlow
-from cachefs.pull import PullResult, layers_in_flight, pull
+from cachefs.oci.transfer import NetLimits
+from cachefs.pipeline.pull import PullResult, layers_in_flight, pull
 from cachefs.reference import Reference
 from tests.fixtures.hostile import (  # noqa: F401  (fixture)
     OCI_INDEX,

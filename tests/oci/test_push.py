@@ -16,7 +16,7 @@ import pytest
 from cachefs.cache import GlobalCache
 from cachefs.errors import NotCachedError, RegistryError
 from cachefs.oci.referrers import ARTIFACT_TYPE, OCI_INDEX, OCI_MANIFEST, referrers_tag
-from cachefs.pull import pull
+from cachefs.pipeline.pull import pull
 from cachefs.share.provenance import layer_origin
 from cachefs.share.push import push_erofs
 from tests.fixtures.images import TestImage, layer_tar, reg

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cachefs.errors import ConfigError, ReferenceError, RegistryBlocked, RegistryError
+from cachefs.errors import ConfigError, InvalidReference, RegistryBlocked, RegistryError
 from cachefs.oci import Authenticator, Credentials, RegistryClient
 from cachefs.oci.registries_conf import RegistriesConf, load_registries_conf
 from cachefs.reference import Reference
@@ -159,7 +159,7 @@ short-name-mode = "enforcing"
     assert conf.expand_short_name("ubi@sha256:" + "c" * 64) == [
         "registry.example/ubi9/ubi@sha256:" + "c" * 64]
     # names no alias of the machine's own drop-ins (e.g. Debian's shortnames.conf) covers
-    with pytest.raises(ReferenceError, match="ambiguous"):
+    with pytest.raises(InvalidReference, match="ambiguous"):
         conf.expand_short_name("acme-app")
     relaxed = _conf(tmp_path, 'unqualified-search-registries = ["reg1.example", "docker.io"]')
     assert relaxed.expand_short_name("acme-app:12") == ["reg1.example/acme-app:12",

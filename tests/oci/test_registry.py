@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cachefs.digest import Digest
-from cachefs.errors import AuthError, DigestMismatch, RegistryError
+from cachefs.errors import AuthError, DigestMismatch, RegistryError, RegistryNotFound
 from cachefs.models import (
     DOCKER_LAYER_FOREIGN,
     DOCKER_MANIFEST,
@@ -21,7 +21,6 @@ from cachefs.models import (
     Descriptor,
     Platform,
 )
-from cachefs.oci import RegistryNotFound
 from cachefs.reference import Reference
 from tests.fixtures.images import TestImage, docker_archive, layer_tar, reg
 from tests.fixtures.registry import (  # noqa: F401  (fixtures)

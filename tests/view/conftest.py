@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.view.daemon import READY_LINE, stop_daemon
+from cachefs.view.daemon import READY_LINE
 from tests.fixtures.images import TestImage, dir_, docker_archive, layer_tar, reg, symlink
 from tests.fixtures.system import Msb, missing, require_fuse, require_root, require_tool
+from tests.fixtures.view_daemon import stop_daemon
 
 START_DEADLINE_S = 20.0
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from cachefs.cache.store import GlobalCache
-from cachefs.pull import load
+from cachefs.pipeline.pull import load
 from tests.fixtures.images import docker_archive
 from tests.fixtures.system import loop_mount_erofs, require_tool, run
 from tests.view.conftest import artifacts, image_three, view_mount, write_concat

@@ -16,7 +16,7 @@ import trio
 
 from cachefs.cache.store import GlobalCache
 from cachefs.maintenance.remove import remove_images
-from cachefs.pull import load
+from cachefs.pipeline.pull import load
 from cachefs.view.daemon import umount
 from tests.fixtures.images import docker_archive
 from tests.fixtures.system import Msb, msb_binary, require_fuse, require_tool

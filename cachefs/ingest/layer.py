@@ -35,10 +35,10 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ..digest import Digest
+from ..erofs.tree import OPAQUE_XATTR, FileType, Node, SpoolExtent
+from ..errors import DigestMismatch, LayerFormatError, UsageError
 from . import tarstream as ts
-from .digest import Digest
-from .erofs.tree import OPAQUE_XATTR, FileType, Node, SpoolExtent
-from .errors import DigestMismatch, LayerFormatError, UsageError
 from .zstd_stream import zstd_chunks
 
 try:  # ISA-L inflate: the same API and output as zlib, about twice as fast
@@ -328,7 +328,7 @@ class _Builder:
         self._dirs: dict[bytes, Node] = {b"": self.root}
 
     def _fail(self, entry: ts.TarEntry, rule: str) -> LayerFormatError:
-        return LayerFormatError(rule, layer=self.label, entry=ts._display(entry.name))
+        return LayerFormatError(rule, layer=self.label, entry=ts.display_name(entry.name))
 
     def _split(self, entry: ts.TarEntry, path: bytes) -> list[bytes]:
         # "./" prefixes, "." components, empty components (leading/trailing/double "/") go.
@@ -357,7 +357,7 @@ class _Builder:
             if child is None:
                 child = children[comp] = Node.directory()
             elif child.type is not FileType.DIR:
-                raise self._fail(entry, f"parent {ts._display(comp)!r} is not a directory")
+                raise self._fail(entry, f"parent {ts.display_name(comp)!r} is not a directory")
             node = child
         self._dirs[key] = node
         return node
@@ -413,7 +413,7 @@ class _Builder:
                     parent.xattrs.append(OPAQUE_XATTR)
                 return
             if name in (b".wh..", b".wh..."):
-                raise self._fail(entry, f"whiteout {ts._display(name)!r} names no file")
+                raise self._fail(entry, f"whiteout {ts.display_name(name)!r} names no file")
             if len(name) > 4:
                 wh = Node(FileType.CHR, mode, entry.uid, entry.gid, entry.mtime)
                 self._put(entry, parent, name[4:], wh)
@@ -425,7 +425,7 @@ class _Builder:
                 raise self._fail(entry, f"file larger than {MAX_FILE} bytes")
             self._total += size
             if self._total > self._cap:
-                raise content_cap_error(self._cap, entry=ts._display(entry.name),
+                raise content_cap_error(self._cap, entry=ts.display_name(entry.name),
                                         layer=self.label)
             node = Node(
                 FileType.REG, mode, entry.uid, entry.gid, entry.mtime,
@@ -483,12 +483,12 @@ class _Builder:
         if node is None or not parts:
             raise self._fail(
                 entry,
-                f"hardlink target {ts._display(entry.linkname)!r} does not exist in this layer",
+                f"hardlink target {ts.display_name(entry.linkname)!r} does not exist in this layer",
             )
         if node.type is not FileType.REG:
             raise self._fail(
                 entry,
-                f"hardlink target {ts._display(entry.linkname)!r} is not a regular file",
+                f"hardlink target {ts.display_name(entry.linkname)!r} is not a regular file",
             )
         return node
 

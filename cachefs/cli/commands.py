@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from .cache.location import default_cache_dir
-from .cli_render import (
+from ..cache.location import default_cache_dir
+from ..errors import EXIT_CODES, CacheCorrupt, CachefsError, MountError, UsageError
+from .render import (
     PullProgress,
     human_bytes,
     render_layers,
@@ -29,12 +30,11 @@ from .cli_render import (
     short_digest,
     table,
 )
-from .errors import EXIT_CODES, CacheCorrupt, CachefsError, MountError, UsageError
 
 if TYPE_CHECKING:
-    from .cache.store import GlobalCache
-    from .oci.auth import Credentials
-    from .pull import PullResult
+    from ..cache.store import GlobalCache
+    from ..oci.auth import Credentials
+    from ..pipeline.pull import PullResult
 
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: a bug, not a refusal
 INTERRUPTED_EXIT = 130
@@ -50,9 +50,13 @@ def _version() -> str:
 
 
 def _exit_code_epilog() -> str:
-    rows = sorted(EXIT_CODES.items(), key=lambda kv: (kv[1], kv[0]))
+    """The exit-code table, from ``errors.EXIT_CODES`` (one row per code: the class that
+    defines it first, then the subclasses that inherit it)."""
+    families: dict[int, list[str]] = {}
+    for name, code in EXIT_CODES.items():
+        families.setdefault(code, []).append(name)
     lines = ["\b", "Exit codes:", "  0    success"]
-    lines += [f"  {code:<4} {name}" for name, code in rows]
+    lines += [f"  {code:<4} {', '.join(names)}" for code, names in sorted(families.items())]
     lines += [f"  {INTERNAL_ERROR_EXIT:<4} internal error (a bug: rerun with -v, report it)",
               f"  {INTERRUPTED_EXIT:<4} interrupted"]
     lines += ["", "Cache: --cache, else $CACHEFS_CACHE_DIR, else $MSB_HOME/cache, "
@@ -77,12 +81,12 @@ class Context:
             raise UsageError(f"cache directory {self.cache_dir} does not exist",
                              hint="check --cache or $CACHEFS_CACHE_DIR; pull or load "
                                   "creates it")
-        from .cache.store import GlobalCache  # lazily: pydantic, not for --version
+        from ..cache.store import GlobalCache  # lazily: pydantic, not for --version
 
         return GlobalCache(self.cache_dir)
 
     def writable_cache(self) -> GlobalCache:
-        from .cache.store import GlobalCache
+        from ..cache.store import GlobalCache
 
         return GlobalCache.new(self.cache_dir)
 
@@ -241,7 +245,7 @@ def _result_doc(result: PullResult) -> dict[str, object]:
 
 def _password(username: str | None, password_stdin: bool) -> Credentials | None:
     """--username's password: stdin, $CACHEFS_REGISTRY_PASSWORD, or asked on a terminal."""
-    from .oci.auth import Credentials
+    from ..oci.auth import Credentials
 
     if username is None:
         if password_stdin:
@@ -300,11 +304,11 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
     """
     import trio
 
-    from .oci.platform import format_platform, other_platform, parse_platform
-    from .oci.registries_conf import load_registries_conf
-    from .pull import PullPolicy
-    from .reference import Reference
-    from .short_names import pull_short_name
+    from ..oci.platform import format_platform, other_platform, parse_platform
+    from ..oci.registries_conf import load_registries_conf
+    from ..pipeline.pull import PullPolicy
+    from ..reference import Reference
+    from ..short_names import pull_short_name
 
     c = _ctx(ctx)
     wanted = parse_platform(platform) if platform is not None else None  # before anything
@@ -348,9 +352,9 @@ def load(ctx: click.Context, source: Path, tag: str | None, platform: str | None
     """
     import trio
 
-    from .oci.archive import spooled_archive
-    from .oci.platform import parse_platform
-    from .pull import load as do_load
+    from ..oci.archive import spooled_archive
+    from ..oci.platform import parse_platform
+    from ..pipeline.pull import load as do_load
 
     c = _ctx(ctx)
     if str(source) == "-" and sys.stdin.isatty():
@@ -359,7 +363,7 @@ def load(ctx: click.Context, source: Path, tag: str | None, platform: str | None
     if platform is not None:
         parse_platform(platform)  # before reading anything
     if tag is not None:
-        from .reference import Reference
+        from ..reference import Reference
 
         Reference.parse(tag)
     cache = c.writable_cache()
@@ -392,7 +396,7 @@ _msb_db_option = click.option(
 @click.pass_context
 def images(ctx: click.Context, as_json: bool, only_refs: bool, msb_db: Path | None) -> None:
     """List cached images (cachefs's records, msb's database, and loose metadata)."""
-    from .maintenance import image_summary, list_images
+    from ..maintenance import image_summary, list_images
 
     cache = _ctx(ctx).cache()
     rows = [image_summary(cache, info) for info in list_images(cache, msb_db)]
@@ -421,7 +425,7 @@ def images(ctx: click.Context, as_json: bool, only_refs: bool, msb_db: Path | No
 @click.pass_context
 def inspect_cmd(ctx: click.Context, reference: str, as_json: bool, msb_db: Path | None) -> None:
     """Show one image: digests, config, layers and the paths of its artifacts."""
-    from .maintenance import find_image, inspect_image, list_images
+    from ..maintenance import find_image, inspect_image, list_images
 
     cache = _ctx(ctx).cache()
     doc = inspect_image(cache, find_image(list_images(cache, msb_db), reference))
@@ -477,7 +481,7 @@ def rm(ctx: click.Context, references: tuple[str, ...], force: bool, dry_run: bo
 
     In msb 0.7.11's database the images' rows go too, as `msb image rm` removes them.
     """
-    from .maintenance.remove import remove_images
+    from ..maintenance.remove import remove_images
 
     c = _ctx(ctx)
     report = remove_images(c.cache(), list(references), force=force, msb_db=msb_db,
@@ -504,7 +508,7 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool, msb_db: Path | None) ->
     A dry run takes no locks and needs only read access to the cache. If what is in use
     cannot be read (manifests/, a metadata file, msb's database), gc deletes nothing.
     """
-    from .maintenance.remove import collect_garbage
+    from ..maintenance.remove import collect_garbage
 
     c = _ctx(ctx)
     report = collect_garbage(c.cache(), dry_run=dry_run, msb_db=msb_db)
@@ -524,7 +528,7 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool, msb_db: Path | None) ->
 @click.pass_context
 def df(ctx: click.Context, as_json: bool, msb_db: Path | None) -> None:
     """Bytes used by kind (layers, fsmeta, vmdk, manifests, tmp) and per image."""
-    from .maintenance.usage import KINDS, disk_usage
+    from ..maintenance.usage import KINDS, disk_usage
 
     usage = disk_usage(_ctx(ctx).cache(), msb_db)
     if as_json:
@@ -561,8 +565,8 @@ def df(ctx: click.Context, as_json: bool, msb_db: Path | None) -> None:
 def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: bool,
            msb_db: Path | None, deep: bool, insecure: bool) -> None:
     """Check every artifact of one image (or all) without a kernel; exit non-zero on problems."""
-    from .maintenance.verify import ImageCheck
-    from .maintenance.verify import verify as run_verify
+    from ..maintenance.verify import ImageCheck
+    from ..maintenance.verify import verify as run_verify
 
     c = _ctx(ctx)
     if deep:
@@ -626,8 +630,8 @@ def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path 
     extents, rootfs.img) is served with the daemon's rights and holds msb leases while
     open, so `cachefs rm`/`gc` and `msb image rm` leave a running VM's image alone.
     """
-    from . import sdnotify
-    from .view.daemon import mount as view_mount
+    from .. import sdnotify
+    from ..view.daemon import mount as view_mount
 
     if notify and not foreground:
         raise UsageError("--notify needs --foreground: systemd must supervise the process "
@@ -660,7 +664,7 @@ def mount(ctx: click.Context, mountpoint: Path, allow_other: bool, msb_db: Path 
 @click.pass_context
 def umount(ctx: click.Context, mountpoint: Path, lazy: bool) -> None:
     """Unmount the view at MOUNTPOINT (the daemon then exits)."""
-    from .view.daemon import umount as view_umount
+    from ..view.daemon import umount as view_umount
 
     view_umount(mountpoint, lazy=lazy)
     _ctx(ctx).say(f"unmounted {mountpoint}")
@@ -684,7 +688,7 @@ def status(ctx: click.Context, mountpoint: Path | None, as_json: bool,
     doc: dict[str, Any]
     source = "computed"
     if mountpoint is not None:
-        from .view.health import require_live_view
+        from ..view.health import require_live_view
 
         require_live_view(mountpoint)
     if mountpoint is not None and (mountpoint / "status.json").is_file():
@@ -694,8 +698,8 @@ def status(ctx: click.Context, mountpoint: Path | None, as_json: bool,
         except (OSError, ValueError) as err:
             raise MountError(f"cannot read {mountpoint}/status.json: {err}") from None
     else:
-        from .view.model import scan_cache
-        from .view.status import status_document
+        from ..view.model import scan_cache
+        from ..view.status import status_document
 
         doc = status_document(scan_cache(_ctx(ctx).cache(), msb_db))
     if as_json:
@@ -723,7 +727,7 @@ def erofs() -> None:
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 def erofs_from_tar(blob: Path, out: Path) -> None:
     """Convert a layer blob (gzip/zstd/plain tar) to a layer EROFS; print its diff_id."""
-    from .maintenance.lowlevel import erofs_from_tar as convert
+    from ..maintenance.lowlevel import erofs_from_tar as convert
 
     click.echo(str(convert(blob, out)))
 
@@ -739,8 +743,8 @@ _device_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="A JSON list, one object per entry.")
 def erofs_ls(image: Path, devices: tuple[Path, ...], as_json: bool) -> None:
     """List every entry of an EROFS image (type, mode, owner, size, mtime, links, xattrs)."""
-    from .erofs.listing import format_ls_line, list_entries
-    from .erofs.reader import ErofsImage
+    from ..erofs.listing import format_ls_line, list_entries
+    from ..erofs.reader import ErofsImage
 
     with ErofsImage.open(image, devices=list(devices) or None) as img:
         entries = list_entries(img)
@@ -757,8 +761,8 @@ def erofs_ls(image: Path, devices: tuple[Path, ...], as_json: bool) -> None:
 @_device_option
 def erofs_cat(image: Path, path: str, devices: tuple[Path, ...]) -> None:
     """Write the contents of regular file PATH inside IMAGE to stdout."""
-    from .erofs.listing import cat_file
-    from .erofs.reader import ErofsImage
+    from ..erofs.listing import cat_file
+    from ..erofs.reader import ErofsImage
 
     out = click.get_binary_stream("stdout")
     with ErofsImage.open(image, devices=list(devices) or None) as img:
@@ -777,7 +781,7 @@ def erofs_cat(image: Path, path: str, devices: tuple[Path, ...]) -> None:
 def erofs_fsmeta(ctx: click.Context, out: Path, layers: tuple[Path, ...],
                  msb_quirks: bool) -> None:
     """Build the merged fsmeta OUT from layer EROFS images, bottom layer first."""
-    from .maintenance.lowlevel import fsmeta_from_layers
+    from ..maintenance.lowlevel import fsmeta_from_layers
 
     blocks = fsmeta_from_layers(out, list(layers), msb_quirks=msb_quirks)
     _ctx(ctx).say(f"{out}: {blocks} blocks, {len(layers)} layers")
@@ -793,7 +797,7 @@ def erofs_fsmeta(ctx: click.Context, out: Path, layers: tuple[Path, ...],
 def vmdk_cmd(ctx: click.Context, out: Path, extents: tuple[Path, ...],
              relative_to: Path | None) -> None:
     """Write a flat VMDK descriptor OUT over EXTENT files (fsmeta first, then layers)."""
-    from .maintenance.lowlevel import vmdk_for_extents
+    from ..maintenance.lowlevel import vmdk_for_extents
 
     vmdk_for_extents(out, list(extents), relative_to=relative_to)
     _ctx(ctx).say(f"{out}: {len(extents)} extents")
@@ -828,8 +832,8 @@ def login(ctx: click.Context, registry: str, username: str | None, password_stdi
     """
     import trio
 
-    from .oci.auth import Credentials
-    from .oci.login import login as do_login
+    from ..oci.auth import Credentials
+    from ..oci.login import login as do_login
 
     tty = sys.stdin.isatty()
     if username is None:
@@ -857,7 +861,7 @@ def login(ctx: click.Context, registry: str, username: str | None, password_stdi
 def logout(ctx: click.Context, registry: str | None, everything: bool,
            authfile: Path | None) -> None:
     """Forget the login for REGISTRY in the file cachefs/podman login writes."""
-    from .oci.login import logout as do_logout
+    from ..oci.login import logout as do_logout
 
     if (registry is None) == (not everything):
         raise UsageError("logout needs a REGISTRY or --all (not both)")
@@ -872,8 +876,8 @@ def logout(ctx: click.Context, registry: str | None, everything: bool,
 
 def _artifact_client(insecure: bool, ca_certs: Path | None, username: str | None,
                      password_stdin: bool) -> Any:
-    from .oci.auth import Credentials
-    from .oci.registry import RegistryClient
+    from ..oci.auth import Credentials
+    from ..oci.registry import RegistryClient
 
     credentials = None
     if username is not None:
@@ -885,7 +889,7 @@ def _artifact_client(insecure: bool, ca_certs: Path | None, username: str | None
         credentials = Credentials(username, password)
     elif password_stdin:
         raise UsageError("--password-stdin needs --username")
-    from .oci.registries_conf import load_registries_conf
+    from ..oci.registries_conf import load_registries_conf
 
     return RegistryClient(insecure=insecure, ca_certs=ca_certs, credentials=credentials,
                           registries=load_registries_conf())
@@ -920,7 +924,7 @@ def push_erofs_cmd(ctx: click.Context, reference: str, insecure: bool, ca_certs:
     """
     import trio
 
-    from .share.push import push_erofs
+    from ..share.push import push_erofs
 
     c = _ctx(ctx)
 
@@ -945,7 +949,7 @@ def push_erofs_cmd(ctx: click.Context, reference: str, insecure: bool, ca_certs:
 def _verify_deep(c: Context, reference: str | None, *, as_json: bool, insecure: bool) -> None:
     import trio
 
-    from .share.reconvert import verify_deep
+    from ..share.reconvert import verify_deep
 
     if reference is None:
         raise UsageError("--deep needs a REFERENCE")

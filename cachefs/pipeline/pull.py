@@ -9,7 +9,7 @@ the cache valid: at worst with extra, reusable layers.
 
 Concurrency with other pullers (cachefs or msb): the per-reference image lock serialises
 pulls of one reference; download locks make a blob download once; layer and fsmeta locks
-(inside :mod:`cachefs.materialize`) make an artifact be written once; shared leases keep
+(inside :mod:`cachefs.pipeline.materialize`) make an artifact be written once; shared leases keep
 ``rm``/``gc`` away from what we are writing.
 """
 
@@ -27,19 +27,20 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .cache import GlobalCache
-from .cache.blobs import drop_leftovers, reusable_blob
-from .cache.locks import Leases, flock_exclusive, flock_exclusive_async, publication_gate_path
-from .cache.publish import remove_quietly
-from .digest import Digest
-from .erofs.tree import Node
-from .errors import CachefsError, NotCachedError, RegistryError, UsageError
+from ..cache import GlobalCache
+from ..cache.blobs import drop_leftovers, reusable_blob
+from ..cache.locks import Leases, flock_exclusive, flock_exclusive_async, publication_gate_path
+from ..cache.publish import remove_quietly
+from ..digest import Digest
+from ..erofs.tree import Node
+from ..errors import CachefsError, NotCachedError, RegistryError, UsageError
+from ..heap import frozen_heap
+from ..ingest.layer import Compression, compression_from_media_type
+from ..models import CachedImageMetadata, ImageConfig, ImageConfigFile, LayerMetadata
+from ..openfiles import ensure_open_files, files_needed
+from ..reference import Reference
 from .growing import GrowingBlob
-from .heap import frozen_heap
-from .layer import Compression, compression_from_media_type
 from .materialize import BlobOpener, materialize_layer, stitch_image
-from .models import CachedImageMetadata, ImageConfig, ImageConfigFile, LayerMetadata
-from .openfiles import ensure_open_files, files_needed
 from .progress import (
     Event,
     Finished,
@@ -50,14 +51,13 @@ from .progress import (
     ignore,
     reporting,
 )
-from .reference import Reference
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from .oci.auth import Credentials
-    from .oci.registries_conf import RegistriesConf
-    from .oci.registry import RegistryClient
+    from ..oci.auth import Credentials
+    from ..oci.registries_conf import RegistriesConf
+    from ..oci.registry import RegistryClient
 
 # Layers being downloaded or ingested at once, whatever the image's layer count: each holds
 # a few files and a connection (README "Limits"; CACHEFS_LAYERS_IN_FLIGHT).
@@ -234,8 +234,8 @@ def _record_in_msb_db(cache: GlobalCache, typed: str, meta: CachedImageMetadata,
                       enabled: bool) -> None:
     """So ``msb image ls`` lists it (blocking: it may wait out msb's write lock)."""
     if enabled:
-        from .cache.index import default_msb_db
-        from .cache.msb_db import record_image
+        from ..cache.index import default_msb_db
+        from ..cache.msb_db import record_image
 
         record_image(default_msb_db(cache), typed, meta)
 
@@ -397,8 +397,8 @@ async def pull(
     see :mod:`cachefs.share.settings`): whether converted layers may come from the
     registry's EROFS artifact instead of being converted here.
     """
-    from .oci.platform import parse_platform
-    from .oci.registry import RegistryClient
+    from ..oci.platform import parse_platform
+    from ..oci.registry import RegistryClient
 
     ref = reference if isinstance(reference, Reference) else Reference.parse(reference)
     typed = str(reference)
@@ -436,8 +436,8 @@ async def pull(
             )
 
             if not force:  # EROFS artifacts: layers fetched here count as cached below
-                from .share.fetch import fetch_erofs
-                from .share.settings import artifact_policy
+                from ..share.fetch import fetch_erofs
+                from ..share.settings import artifact_policy
 
                 await fetch_erofs(cache, registry, ref, plan.manifest_digest,
                                   [layer.diff_digest for layer in plan.layers],
@@ -541,7 +541,7 @@ def layers_in_flight(environ: Mapping[str, str] | None = None) -> int:
 
 
 def _registries_conf() -> RegistriesConf:
-    from .oci.registries_conf import load_registries_conf
+    from ..oci.registries_conf import load_registries_conf
 
     return load_registries_conf()
 
@@ -565,9 +565,9 @@ async def load(
     ``ref.name`` annotation); ``tag`` adds one more reference to the first image, as msb's
     ``--tag`` does. Layers stream straight from the archive into ingest: no staging copy.
     """
-    from .errors import ArchiveError
-    from .oci.archive import open_archive
-    from .oci.platform import parse_platform
+    from ..errors import ArchiveError
+    from ..oci.archive import open_archive
+    from ..oci.platform import parse_platform
 
     emit = _Emitter(progress)
     wanted = parse_platform(platform) if platform else None

@@ -114,7 +114,7 @@ def _columns() -> tuple[Any, ...]:
 
 
 class PullProgress:
-    """Rich progress bars fed by the pipeline's events (``cachefs.progress``).
+    """Rich progress bars fed by the pipeline's events (``cachefs.pipeline.progress``).
 
     A header names the image, its digest and layer count; then one bar per layer,
     labelled by its compressed digest (what registries, docker and msb show), counting
@@ -204,7 +204,7 @@ class PullProgress:
     def __call__(self, event: Any) -> None:
         if self._progress is None:
             return
-        from .progress import Finished, LayerProgress, Resolved, Stitching
+        from ..pipeline.progress import Finished, LayerProgress, Resolved, Stitching
 
         bar = self._progress
         if isinstance(event, Resolved):

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import LayerFormatError
+from ..errors import LayerFormatError
 
 BLOCK = 512
 DEFAULT_CHUNK = 1 << 20
@@ -85,7 +85,8 @@ class TarEntry:
     data: EntryData | None = None
 
 
-def _display(name: bytes) -> str:
+def display_name(name: bytes) -> str:
+    """A tar member name as errors show it: bytes that are not UTF-8 stay visible."""
     return name.decode("utf-8", "backslashreplace")
 
 
@@ -94,14 +95,14 @@ def parse_number(field_: bytes, what: str, entry: bytes) -> int:
     if field_ and field_[0] & 0x80:
         # GNU base-256: big-endian two's complement with the marker bit; 0xff.. is negative
         if field_[0] & 0x40:
-            raise LayerFormatError(f"negative base-256 {what}", entry=_display(entry))
+            raise LayerFormatError(f"negative base-256 {what}", entry=display_name(entry))
         return int.from_bytes(bytes((field_[0] & 0x7F,)) + field_[1:], "big")
     text = field_.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
     # int() alone would also take a sign or underscores ("-7" as a size): digits only
     if text.strip(b"01234567"):
-        raise LayerFormatError(f"invalid octal {what} field {field_!r}", entry=_display(entry))
+        raise LayerFormatError(f"invalid octal {what} field {field_!r}", entry=display_name(entry))
     return int(text, 8)
 
 
@@ -148,17 +149,18 @@ def _parse_pax(data: bytes, entry: bytes) -> dict[bytes, bytes]:
             break
         sp = data.find(b" ", pos)
         if sp < 0:
-            raise LayerFormatError("malformed PAX record (no length)", entry=_display(entry))
+            raise LayerFormatError("malformed PAX record (no length)", entry=display_name(entry))
         try:
             length = int(data[pos:sp])
         except ValueError:
-            raise LayerFormatError("malformed PAX record length", entry=_display(entry)) from None
+            raise LayerFormatError("malformed PAX record length",
+                                   entry=display_name(entry)) from None
         rec_end = pos + length
         if length <= 0 or rec_end > end or data[rec_end - 1] != 0x0A:
-            raise LayerFormatError("malformed PAX record", entry=_display(entry))
+            raise LayerFormatError("malformed PAX record", entry=display_name(entry))
         eq = data.find(b"=", sp + 1, rec_end)
         if eq < 0:
-            raise LayerFormatError("malformed PAX record (no '=')", entry=_display(entry))
+            raise LayerFormatError("malformed PAX record (no '=')", entry=display_name(entry))
         out[data[sp + 1 : eq]] = data[eq + 1 : rec_end - 1]
         pos = rec_end
     return out
@@ -168,9 +170,9 @@ def _pax_int(value: bytes, key: str, entry: bytes) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise LayerFormatError(f"invalid PAX {key} {value!r}", entry=_display(entry)) from None
+        raise LayerFormatError(f"invalid PAX {key} {value!r}", entry=display_name(entry)) from None
     if n < 0:
-        raise LayerFormatError(f"negative PAX {key}", entry=_display(entry))
+        raise LayerFormatError(f"negative PAX {key}", entry=display_name(entry))
     return n
 
 
@@ -258,7 +260,7 @@ class TarReader:
                     return None
                 raise LayerFormatError(
                     f"truncated tar archive (needed {n} bytes at offset {self.offset})",
-                    entry=_display(self._current_name) if self._current_name else None,
+                    entry=display_name(self._current_name) if self._current_name else None,
                 )
             k = min(n - have, len(self._buf))
             parts.append(self._buf[:k])
@@ -274,7 +276,7 @@ class TarReader:
                 if not self._fill():
                     raise LayerFormatError(
                         "truncated tar archive (data ends early)",
-                        entry=_display(self._current_name),
+                        entry=display_name(self._current_name),
                     )
                 continue
             k = min(n, avail)
@@ -291,7 +293,7 @@ class TarReader:
                 if not self._fill():
                     raise LayerFormatError(
                         "truncated tar archive (file data ends early)",
-                        entry=_display(self._current_name),
+                        entry=display_name(self._current_name),
                     )
                 continue
             k = min(n, avail)
@@ -312,10 +314,11 @@ class TarReader:
     # -- headers ------------------------------------------------------------------------
     def _meta_data(self, size: int, name: bytes) -> bytes:
         if size > _MAX_META:
-            raise LayerFormatError(f"metadata record of {size} bytes", entry=_display(name))
+            raise LayerFormatError(f"metadata record of {size} bytes", entry=display_name(name))
         data = self._take(size + (-size % BLOCK)) if size else b""
         if data is None:
-            raise LayerFormatError("truncated tar archive (metadata record)", entry=_display(name))
+            raise LayerFormatError("truncated tar archive (metadata record)",
+                                   entry=display_name(name))
         return data[:size]
 
     def __iter__(self) -> Iterator[TarEntry]:
@@ -372,7 +375,7 @@ class TarReader:
                 if stored != signed:
                     raise LayerFormatError(
                         f"bad tar header checksum (stored {stored:#o}, computed {unsigned:#o})",
-                        entry=_display(raw_name),
+                        entry=display_name(raw_name),
                     )
             typeflag = hdr[156]
             if numbers is not None:

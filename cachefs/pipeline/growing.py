@@ -14,12 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
-
-class DownloadFailed(Exception):
-    """What the reader of a growing blob raises when its download failed or was cancelled.
-
-    Not a CachefsError: the download's own error is the one to report (``first_error``).
-    """
+from ..errors import DownloadFailed
 
 
 class GrowingBlob:

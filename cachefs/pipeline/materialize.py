@@ -18,18 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .cache.locks import flock_exclusive
-from .cache.publish import naming, publish_file, remove_quietly
-from .cache.store import GlobalCache
-from .derived_check import fsmeta_problems, vmdk_problems
-from .digest import Digest
-from .erofs.fsmeta import fsmeta_from_layer_images, write_fsmeta
-from .erofs.merge import merge_layers
-from .erofs.tree import BlockMap, Node
-from .erofs.writer import write_layer_erofs
-from .errors import NotCachedError
-from .layer import Compression, detect_compression, ingest_layer
-from .vmdk import descriptor_for_paths
+from ..cache.locks import flock_exclusive
+from ..cache.publish import naming, publish_file, remove_quietly
+from ..cache.store import GlobalCache
+from ..derived_check import fsmeta_problems, vmdk_problems
+from ..digest import Digest
+from ..erofs.fsmeta import fsmeta_from_layer_images, write_fsmeta
+from ..erofs.merge import merge_layers
+from ..erofs.tree import BlockMap, Node
+from ..erofs.writer import write_layer_erofs
+from ..errors import NotCachedError
+from ..ingest.layer import Compression, detect_compression, ingest_layer
+from ..vmdk import descriptor_for_paths
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from .errors import LayerFormatError
+from ..errors import LayerFormatError
 
 ZSTD_MAGIC = 0xFD2FB528
 _SKIPPABLE_MASK = 0xFFFFFFF0
