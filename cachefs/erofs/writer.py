@@ -134,12 +134,14 @@ def _count_names(root: Node) -> dict[int, int]:
     return counts
 
 
-def _content_size(node: Node) -> int:
-    if node.type is FileType.REG:
-        return node.size
-    if node.type is FileType.SYMLINK:
-        return len(node.target)
-    return 0
+def _reject_names(sep: bytes, names: list[bytes]) -> None:
+    for name in names:
+        if len(name) > _MAX_NAME or not name or b"/" in name or name in (b".", b".."):
+            raise LayerFormatError(
+                "invalid file name (1..255 bytes, no '/', not '.'/'..')",
+                entry=(sep + name).decode(errors="replace"),
+            )
+    raise AssertionError("called for a directory whose names are all valid")
 
 
 def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> Plan:
@@ -159,7 +161,10 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
     # Pre-order walk that remembers each directory's parent for "..".
     stack: list[tuple[bytes, Node, Node | None]] = [(b"", root, None)]
     DIR, REG, SYMLINK = FileType.DIR, FileType.REG, FileType.SYMLINK  # locals: hot loop
-    pop, push = stack.pop, stack.append
+    BLOCK, SLOT, CHUNK_INDEX_SIZE = F.BLOCK_SIZE, F.SLOT_SIZE, F.CHUNK_INDEX_SIZE
+    FLAT_PLAIN, FLAT_INLINE = F.LAYOUT_FLAT_PLAIN, F.LAYOUT_FLAT_INLINE
+    CHUNK_BASED = F.LAYOUT_CHUNK_BASED
+    pop = stack.pop
     while stack:
         path, node, parent = pop()
         ntype = node.type
@@ -175,52 +180,51 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
         kid_names = sorted(kids) if kids else []
         if kid_names:
             sep = path + b"/" if path else b""
-            for name in reversed(kid_names):
-                if len(name) > _MAX_NAME or not name or b"/" in name or name in (b".", b".."):
-                    raise LayerFormatError(
-                        "invalid file name (1..255 bytes, no '/', not '.'/'..')",
-                        entry=(sep + name).decode(errors="replace"),
-                    )
-                push((sep + name, kids[name], node))  # type: ignore[index]
+            # One check per directory, not per name (this loop runs once per inode, twice
+            # per pull): sorted, an empty name comes first; no name holds the separator.
+            if (not kid_names[0] or b"." in kids or b".." in kids  # type: ignore[operator]
+                    or len(max(kid_names, key=len)) > _MAX_NAME
+                    or b"/" in b"\0".join(kid_names)):
+                _reject_names(sep, kid_names)
+            stack += [(sep + name, kids[name], node)  # type: ignore[index]
+                      for name in reversed(kid_names)]
         ibody = _ibody(node, path) if node.xattrs else b""
         fixed = 64 + len(ibody)
-        room = F.BLOCK_SIZE - cursor % F.BLOCK_SIZE
-        inode = PlannedInode(
-            node=node, path=path, nid=(cursor - meta_start) // F.SLOT_SIZE, offset=cursor,
-            layout=F.LAYOUT_FLAT_PLAIN, size=0, ibody=ibody, nlink=1,
-        )
+        # Locals, then one positional constructor call: this body runs once per inode.
+        layout, data_blocks, rel_block, tail_len, chunk_pad, chunks = FLAT_PLAIN, 0, None, 0, 0, 0
+        dir_blocks = None
         if is_dir:
             child_dirs = sum(1 for c in kids.values() if c.type is DIR) if kids else 0
-            inode.nlink = 2 if parent is None else 2 + child_dirs
+            nlink = 2 if parent is None else 2 + child_dirs
             entries = sorted([b".", b"..", *kid_names])  # nearly sorted already: linear
-            inode.dir_blocks = pack_dirent_names(entries)
-            inode.size = (len(inode.dir_blocks) - 1) * F.BLOCK_SIZE + _dir_block_len(
-                inode.dir_blocks[-1]
-            )
+            dir_blocks = pack_dirent_names(entries)
+            size = (len(dir_blocks) - 1) * BLOCK + _dir_block_len(dir_blocks[-1])
         else:
-            inode.nlink = names.get(id(node), 1)
-            inode.size = _content_size(node)
-        size = inode.size
+            nlink = names.get(id(node), 1)
+            size = node.size if ntype is REG else len(node.target) if ntype is SYMLINK else 0
         extra = 0  # bytes after the ibody inside the inode's slots
         if ntype is REG and chunked:
-            inode.layout = F.LAYOUT_CHUNK_BASED
-            inode.chunks = F.blocks_for(size)
-            inode.chunk_pad = 4 if len(ibody) % 8 == 4 and inode.chunks else 0
-            extra = inode.chunk_pad + F.CHUNK_INDEX_SIZE * inode.chunks
-        elif (ntype is REG or is_dir or ntype is SYMLINK) and size:
-            tail = size % F.BLOCK_SIZE
-            if ntype is not REG and tail and fixed + tail <= room:
-                inode.layout = F.LAYOUT_FLAT_INLINE
-                inode.tail_len = tail
-                inode.data_blocks = size // F.BLOCK_SIZE
+            layout = CHUNK_BASED
+            chunks = -(-size // BLOCK)
+            chunk_pad = 4 if len(ibody) % 8 == 4 and chunks else 0
+            extra = chunk_pad + CHUNK_INDEX_SIZE * chunks
+        elif size and (ntype is REG or is_dir or ntype is SYMLINK):
+            tail = size % BLOCK
+            if ntype is not REG and tail and fixed + tail <= BLOCK - cursor % BLOCK:
+                layout = FLAT_INLINE
+                tail_len = tail
+                data_blocks = size // BLOCK
                 extra = tail
             else:
-                inode.data_blocks = F.blocks_for(size)
-            if inode.data_blocks:
-                inode.rel_block = next_block
-                next_block += inode.data_blocks
-        slots = -(-(fixed + extra) // F.SLOT_SIZE)
-        cursor += slots * F.SLOT_SIZE
+                data_blocks = -(-size // BLOCK)
+            if data_blocks:
+                rel_block = next_block
+                next_block += data_blocks
+        inode = PlannedInode(
+            node, path, (cursor - meta_start) // SLOT, cursor, layout, size, ibody, nlink,
+            data_blocks, rel_block, tail_len, chunk_pad, chunks, 0, dir_blocks,
+        )
+        cursor += -(-(fixed + extra) // SLOT) * SLOT
         inodes.append(inode)
         by_node[id(node)] = inode
     for inode in inodes:  # ".." of every directory
@@ -377,7 +381,7 @@ class _Sink:
             self.base = 0
             self._fast = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         self.out.write(data)
         self.pos += len(data)
 
@@ -490,8 +494,8 @@ def write_image(
             sink.copy_from(spool, node.content.offset, node.size, inode.path)
         else:
             flush_run()
-            for piece in _data_pieces(plan, inode):
-                sink.write(piece)
+            for data in _data_pieces(plan, inode):
+                sink.write(data)
                 sink.pad_to(-(-sink.pos // F.BLOCK_SIZE) * F.BLOCK_SIZE)
         sink.pad_to((plan.data_start + inode.rel_block + inode.data_blocks) * F.BLOCK_SIZE)
     flush_run()
