@@ -258,34 +258,33 @@ def _dirent_block(plan: Plan, inode: PlannedInode, names: list[bytes]) -> bytes:
     return bytes(heads + tails)
 
 
-assert array("I").itemsize == 4, "chunk indexes are built as arrays of 32-bit words"
+assert array("Q").itemsize == 8, "chunk indexes are built as arrays of 64-bit words"
 _CHUNK_PIECE = 1 << 16  # chunk indexes per piece (512 KiB)
-_SMALL_CHUNKS = 64  # below this, packing one by one beats building arrays
 _META_PIECE = 1 << 20  # metadata is handed to the sink in pieces of about this size
+_CHUNK_STEP = 1 << 32  # one block further: blkaddr is the high half of the 64-bit word
 
 
 def _chunk_pieces(inode: PlannedInode) -> Iterator[bytes]:
     """fsmeta chunk indexes (§4.4): one per block, contiguous in the provenance layer.
 
-    In pieces of at most ``_CHUNK_PIECE`` entries, built as arrays of 32-bit words: a
-    10 GiB file has 20 MiB of indexes, which must neither sit in memory at once nor cost
-    one Python object each.
+    In pieces of at most ``_CHUNK_PIECE`` entries, each built by one C call: an entry
+    ("<HHI": advise 0, device_id, blkaddr) read as a little-endian 64-bit word is
+    ``blkaddr << 32 | device_id << 16``, so a file's entries are an arithmetic progression.
+    A 10 GiB file has 20 MiB of indexes, which must neither sit in memory at once nor cost
+    one Python object each; a pull has thousands of small files, which must not cost one
+    ``pack`` per block either.
     """
     content = inode.node.content
     n = inode.chunks
     if n == 0:
         return
     if isinstance(content, LayerBlocks) and content.start_block != NULL_BLOCK:
-        start, device_id = content.start_block, content.device_id
-        if n <= _SMALL_CHUNKS:
-            yield b"".join(F.CHUNK_INDEX.pack(0, device_id, start + k) for k in range(n))
-            return
+        step = _CHUNK_STEP
+        base = content.start_block * step | content.device_id << 16
         for first in range(0, n, _CHUNK_PIECE):
             count = min(_CHUNK_PIECE, n - first)
-            # "<HHI" (advise 0, device_id, blkaddr) as two little-endian u32 words
-            words = array("I", bytes(8 * count))
-            words[0::2] = array("I", [device_id << 16]) * count
-            words[1::2] = array("I", range(start + first, start + first + count))
+            start = base + first * step
+            words = array("Q", range(start, start + count * step, step))
             if sys.byteorder == "big":
                 words.byteswap()
             yield words.tobytes()
@@ -302,37 +301,46 @@ def _chunk_pieces(inode: PlannedInode) -> Iterator[bytes]:
     )
 
 
-def _i_u(plan: Plan, inode: PlannedInode) -> int:
-    node = inode.node
-    if inode.layout == F.LAYOUT_CHUNK_BASED:
-        return F.CHUNK_FORMAT_INDEXES
-    if node.type in (FileType.CHR, FileType.BLK):
-        return F.encode_rdev(node.rdev_major, node.rdev_minor)
-    if node.type in (FileType.FIFO, FileType.SOCK):
-        return 0
-    return plan.abs_block(inode)
-
-
 def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
     """The metadata area (from ``meta_blkaddr`` up to ``meta_end``): inodes, ibodies,
     tails, in order and in pieces of about ``_META_PIECE`` bytes, so memory does not grow
     with the area (an fsmeta's chunk indexes are 8 bytes per block of file data)."""
     buf = bytearray()
     pos = plan.meta_blkaddr * F.BLOCK_SIZE  # where ``buf`` ends, as an image offset
+    # Locals for the loop below, which runs once per inode (twice per pull).
+    pack = F.INODE_EXTENDED.pack
+    chunk_based, chunk_format = F.LAYOUT_CHUNK_BASED, F.CHUNK_FORMAT_INDEXES
+    i_formats = {layout: F.i_format(True, layout)
+                 for layout in (F.LAYOUT_FLAT_PLAIN, F.LAYOUT_FLAT_INLINE, chunk_based)}
+    s_ifmt = {ftype: ftype.s_ifmt for ftype in FileType}
+    devices, no_block = (FileType.CHR, FileType.BLK), (FileType.FIFO, FileType.SOCK)
+    data_start, no_reserved = plan.data_start, bytes(16)
     for inode in plan.inodes:
-        if inode.offset < pos:
+        offset = inode.offset
+        if offset < pos:
             raise AssertionError(f"inode {inode.nid} planned before the one preceding it")
         node = inode.node
-        icount = 0 if not inode.ibody else (len(inode.ibody) - 12) // 4 + 1
-        buf += bytes(inode.offset - pos)
-        buf += F.INODE_EXTENDED.pack(
-            F.i_format(True, inode.layout), icount, node.full_mode, 0, inode.size,
-            _i_u(plan, inode), inode.nid, node.uid, node.gid, node.mtime, 0, inode.nlink,
-            bytes(16),
+        ftype, layout, ibody = node.type, inode.layout, inode.ibody
+        if layout == chunk_based:
+            i_u = chunk_format
+        elif ftype in devices:
+            i_u = F.encode_rdev(node.rdev_major, node.rdev_minor)
+        elif ftype in no_block:
+            i_u = 0
+        else:
+            i_u = NULL_BLOCK if inode.rel_block is None else data_start + inode.rel_block
+        if offset > pos:
+            buf += bytes(offset - pos)
+        buf += pack(
+            i_formats[layout], (len(ibody) - 12) // 4 + 1 if ibody else 0,
+            s_ifmt[ftype] | (node.mode & 0o7777), 0, inode.size, i_u, inode.nid, node.uid,
+            node.gid, node.mtime, 0, inode.nlink, no_reserved,
         )
-        buf += inode.ibody
-        written = 64 + len(inode.ibody)
-        if inode.layout == F.LAYOUT_CHUNK_BASED:
+        written = 64
+        if ibody:
+            buf += ibody
+            written += len(ibody)
+        if layout == chunk_based:
             buf += bytes(inode.chunk_pad)
             written += inode.chunk_pad
             for piece in _chunk_pieces(inode):
@@ -341,16 +349,14 @@ def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
                 if len(buf) >= _META_PIECE:
                     yield buf
                     buf = bytearray()
-        else:
-            if inode.tail_len and inode.dir_blocks is not None:
+        elif inode.tail_len:
+            if inode.dir_blocks is not None:
                 after = _dirent_block(plan, inode, inode.dir_blocks[-1])
-            elif inode.tail_len:
-                after = node.target[inode.data_blocks * F.BLOCK_SIZE:]
             else:
-                after = b""
+                after = node.target[inode.data_blocks * F.BLOCK_SIZE:]
             buf += after
             written += len(after)
-        pos = inode.offset + written
+        pos = offset + written
         if len(buf) >= _META_PIECE:
             yield buf
             buf = bytearray()
