@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import sys
 from array import array
 from collections.abc import Iterator
@@ -239,23 +240,33 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
     )
 
 
+_DIRENTS: dict[int, struct.Struct] = {}  # k → k dirents ("<QHBB" each); k ≤ 315 per block
+
+
 def _dirent_block(plan: Plan, inode: PlannedInode, names: list[bytes]) -> bytes:
-    """One directory block's bytes: k dirents then the names, unpadded (§3.8)."""
+    """One directory block's bytes: k dirents then the names, unpadded (§3.8).
+
+    The k dirents are packed by one call (a struct per k, cached): one per directory
+    block of every layer and fsmeta, so its per-name work is what counts.
+    """
     children = inode.node.children or {}
-    heads = bytearray()
-    tails = bytearray()
+    by_node = plan.by_node
+    fields: list[int] = []
     nameoff = F.DIRENT_SIZE * len(names)
+    dir_type = int(FileType.DIR)
     for name in names:
         if name == b".":
-            nid, ftype = inode.nid, FileType.DIR
+            fields += (inode.nid, nameoff, dir_type, 0)
         elif name == b"..":
-            nid, ftype = inode.parent_nid, FileType.DIR
+            fields += (inode.parent_nid, nameoff, dir_type, 0)
         else:
             child = children[name]
-            nid, ftype = plan.by_node[id(child)].nid, child.type
-        heads += F.DIRENT.pack(nid, nameoff + len(tails), int(ftype), 0)
-        tails += name
-    return bytes(heads + tails)
+            fields += (by_node[id(child)].nid, nameoff, child.type, 0)
+        nameoff += len(name)
+    layout = _DIRENTS.get(len(names))
+    if layout is None:
+        layout = _DIRENTS[len(names)] = struct.Struct("<" + "QHBB" * len(names))
+    return layout.pack(*fields) + b"".join(names)
 
 
 assert array("Q").itemsize == 8, "chunk indexes are built as arrays of 64-bit words"
