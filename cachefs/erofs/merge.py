@@ -88,18 +88,25 @@ class _Merger:
                 mchildren[name] = self.copy(lnode)
 
     def copy(self, lnode: Node) -> Node:
-        """A new merged Node for a layer Node (a whole subtree for a dir)."""
-        if lnode.type is FileType.DIR:
-            out = Node.directory(lnode.mode, lnode.uid, lnode.gid, lnode.mtime)
-            out.xattrs = list(lnode.xattrs)
+        """A new merged Node for a layer Node (a whole subtree for a dir).
+
+        Positional ``Node`` calls and inlined checks: this runs once per file of every
+        pulled layer.
+        """
+        ltype = lnode.type
+        if ltype is _DIR:
+            out = Node(_DIR, lnode.mode, lnode.uid, lnode.gid, lnode.mtime, list(lnode.xattrs),
+                       {})
             children = out.children
             assert children is not None
+            leak, copy = self.leak, self.copy
             for name, child in (lnode.children or {}).items():
-                if child.is_whiteout and not self.leak:
-                    continue  # nothing below a new dir to hide (OCI); msb leaks it
-                children[name] = self.copy(child)
+                if (child.type is _CHR and not child.rdev_major and not child.rdev_minor
+                        and not leak):
+                    continue  # a whiteout: nothing below a new dir to hide (OCI); msb leaks it
+                children[name] = copy(child)
             return out
-        if lnode.type is FileType.REG:
+        if ltype is _REG:
             key = id(lnode)
             hit = self.memo.get(key)
             if hit is not None:
@@ -110,17 +117,18 @@ class _Merger:
                     raise ValueError("regular file without .block: write the layer EROFS first")
                 block = NULL_BLOCK
             out = Node(
-                FileType.REG, lnode.mode, lnode.uid, lnode.gid, lnode.mtime,
-                xattrs=list(lnode.xattrs), size=lnode.size,
-                content=LayerBlocks(self.device_id, block),
+                _REG, lnode.mode, lnode.uid, lnode.gid, lnode.mtime, list(lnode.xattrs), None,
+                b"", 0, 0, lnode.size, LayerBlocks(self.device_id, block),
             )
             self.memo[key] = out
             return out
         return Node(
-            lnode.type, lnode.mode, lnode.uid, lnode.gid, lnode.mtime,
-            xattrs=list(lnode.xattrs), target=lnode.target,
-            rdev_major=lnode.rdev_major, rdev_minor=lnode.rdev_minor,
+            ltype, lnode.mode, lnode.uid, lnode.gid, lnode.mtime, list(lnode.xattrs), None,
+            lnode.target, lnode.rdev_major, lnode.rdev_minor,
         )
+
+
+_DIR, _REG, _CHR = FileType.DIR, FileType.REG, FileType.CHR
 
 
 def _strip_opaque(root: Node) -> None:

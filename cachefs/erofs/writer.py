@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import sys
 from array import array
 from collections.abc import Iterator
@@ -134,12 +135,14 @@ def _count_names(root: Node) -> dict[int, int]:
     return counts
 
 
-def _content_size(node: Node) -> int:
-    if node.type is FileType.REG:
-        return node.size
-    if node.type is FileType.SYMLINK:
-        return len(node.target)
-    return 0
+def _reject_names(sep: bytes, names: list[bytes]) -> None:
+    for name in names:
+        if len(name) > _MAX_NAME or not name or b"/" in name or name in (b".", b".."):
+            raise LayerFormatError(
+                "invalid file name (1..255 bytes, no '/', not '.'/'..')",
+                entry=(sep + name).decode(errors="replace"),
+            )
+    raise AssertionError("called for a directory whose names are all valid")
 
 
 def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> Plan:
@@ -159,7 +162,10 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
     # Pre-order walk that remembers each directory's parent for "..".
     stack: list[tuple[bytes, Node, Node | None]] = [(b"", root, None)]
     DIR, REG, SYMLINK = FileType.DIR, FileType.REG, FileType.SYMLINK  # locals: hot loop
-    pop, push = stack.pop, stack.append
+    BLOCK, SLOT, CHUNK_INDEX_SIZE = F.BLOCK_SIZE, F.SLOT_SIZE, F.CHUNK_INDEX_SIZE
+    FLAT_PLAIN, FLAT_INLINE = F.LAYOUT_FLAT_PLAIN, F.LAYOUT_FLAT_INLINE
+    CHUNK_BASED = F.LAYOUT_CHUNK_BASED
+    pop = stack.pop
     while stack:
         path, node, parent = pop()
         ntype = node.type
@@ -175,52 +181,51 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
         kid_names = sorted(kids) if kids else []
         if kid_names:
             sep = path + b"/" if path else b""
-            for name in reversed(kid_names):
-                if len(name) > _MAX_NAME or not name or b"/" in name or name in (b".", b".."):
-                    raise LayerFormatError(
-                        "invalid file name (1..255 bytes, no '/', not '.'/'..')",
-                        entry=(sep + name).decode(errors="replace"),
-                    )
-                push((sep + name, kids[name], node))  # type: ignore[index]
+            # One check per directory, not per name (this loop runs once per inode, twice
+            # per pull): sorted, an empty name comes first; no name holds the separator.
+            if (not kid_names[0] or b"." in kids or b".." in kids  # type: ignore[operator]
+                    or len(max(kid_names, key=len)) > _MAX_NAME
+                    or b"/" in b"\0".join(kid_names)):
+                _reject_names(sep, kid_names)
+            stack += [(sep + name, kids[name], node)  # type: ignore[index]
+                      for name in reversed(kid_names)]
         ibody = _ibody(node, path) if node.xattrs else b""
         fixed = 64 + len(ibody)
-        room = F.BLOCK_SIZE - cursor % F.BLOCK_SIZE
-        inode = PlannedInode(
-            node=node, path=path, nid=(cursor - meta_start) // F.SLOT_SIZE, offset=cursor,
-            layout=F.LAYOUT_FLAT_PLAIN, size=0, ibody=ibody, nlink=1,
-        )
+        # Locals, then one positional constructor call: this body runs once per inode.
+        layout, data_blocks, rel_block, tail_len, chunk_pad, chunks = FLAT_PLAIN, 0, None, 0, 0, 0
+        dir_blocks = None
         if is_dir:
             child_dirs = sum(1 for c in kids.values() if c.type is DIR) if kids else 0
-            inode.nlink = 2 if parent is None else 2 + child_dirs
+            nlink = 2 if parent is None else 2 + child_dirs
             entries = sorted([b".", b"..", *kid_names])  # nearly sorted already: linear
-            inode.dir_blocks = pack_dirent_names(entries)
-            inode.size = (len(inode.dir_blocks) - 1) * F.BLOCK_SIZE + _dir_block_len(
-                inode.dir_blocks[-1]
-            )
+            dir_blocks = pack_dirent_names(entries)
+            size = (len(dir_blocks) - 1) * BLOCK + _dir_block_len(dir_blocks[-1])
         else:
-            inode.nlink = names.get(id(node), 1)
-            inode.size = _content_size(node)
-        size = inode.size
+            nlink = names.get(id(node), 1)
+            size = node.size if ntype is REG else len(node.target) if ntype is SYMLINK else 0
         extra = 0  # bytes after the ibody inside the inode's slots
         if ntype is REG and chunked:
-            inode.layout = F.LAYOUT_CHUNK_BASED
-            inode.chunks = F.blocks_for(size)
-            inode.chunk_pad = 4 if len(ibody) % 8 == 4 and inode.chunks else 0
-            extra = inode.chunk_pad + F.CHUNK_INDEX_SIZE * inode.chunks
-        elif (ntype is REG or is_dir or ntype is SYMLINK) and size:
-            tail = size % F.BLOCK_SIZE
-            if ntype is not REG and tail and fixed + tail <= room:
-                inode.layout = F.LAYOUT_FLAT_INLINE
-                inode.tail_len = tail
-                inode.data_blocks = size // F.BLOCK_SIZE
+            layout = CHUNK_BASED
+            chunks = -(-size // BLOCK)
+            chunk_pad = 4 if len(ibody) % 8 == 4 and chunks else 0
+            extra = chunk_pad + CHUNK_INDEX_SIZE * chunks
+        elif size and (ntype is REG or is_dir or ntype is SYMLINK):
+            tail = size % BLOCK
+            if ntype is not REG and tail and fixed + tail <= BLOCK - cursor % BLOCK:
+                layout = FLAT_INLINE
+                tail_len = tail
+                data_blocks = size // BLOCK
                 extra = tail
             else:
-                inode.data_blocks = F.blocks_for(size)
-            if inode.data_blocks:
-                inode.rel_block = next_block
-                next_block += inode.data_blocks
-        slots = -(-(fixed + extra) // F.SLOT_SIZE)
-        cursor += slots * F.SLOT_SIZE
+                data_blocks = -(-size // BLOCK)
+            if data_blocks:
+                rel_block = next_block
+                next_block += data_blocks
+        inode = PlannedInode(
+            node, path, (cursor - meta_start) // SLOT, cursor, layout, size, ibody, nlink,
+            data_blocks, rel_block, tail_len, chunk_pad, chunks, 0, dir_blocks,
+        )
+        cursor += -(-(fixed + extra) // SLOT) * SLOT
         inodes.append(inode)
         by_node[id(node)] = inode
     for inode in inodes:  # ".." of every directory
@@ -235,53 +240,62 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
     )
 
 
+_DIRENTS: dict[int, struct.Struct] = {}  # k → k dirents ("<QHBB" each); k ≤ 315 per block
+
+
 def _dirent_block(plan: Plan, inode: PlannedInode, names: list[bytes]) -> bytes:
-    """One directory block's bytes: k dirents then the names, unpadded (§3.8)."""
+    """One directory block's bytes: k dirents then the names, unpadded (§3.8).
+
+    The k dirents are packed by one call (a struct per k, cached): one per directory
+    block of every layer and fsmeta, so its per-name work is what counts.
+    """
     children = inode.node.children or {}
-    heads = bytearray()
-    tails = bytearray()
+    by_node = plan.by_node
+    fields: list[int] = []
     nameoff = F.DIRENT_SIZE * len(names)
+    dir_type = int(FileType.DIR)
     for name in names:
         if name == b".":
-            nid, ftype = inode.nid, FileType.DIR
+            fields += (inode.nid, nameoff, dir_type, 0)
         elif name == b"..":
-            nid, ftype = inode.parent_nid, FileType.DIR
+            fields += (inode.parent_nid, nameoff, dir_type, 0)
         else:
             child = children[name]
-            nid, ftype = plan.by_node[id(child)].nid, child.type
-        heads += F.DIRENT.pack(nid, nameoff + len(tails), int(ftype), 0)
-        tails += name
-    return bytes(heads + tails)
+            fields += (by_node[id(child)].nid, nameoff, child.type, 0)
+        nameoff += len(name)
+    layout = _DIRENTS.get(len(names))
+    if layout is None:
+        layout = _DIRENTS[len(names)] = struct.Struct("<" + "QHBB" * len(names))
+    return layout.pack(*fields) + b"".join(names)
 
 
-assert array("I").itemsize == 4, "chunk indexes are built as arrays of 32-bit words"
+assert array("Q").itemsize == 8, "chunk indexes are built as arrays of 64-bit words"
 _CHUNK_PIECE = 1 << 16  # chunk indexes per piece (512 KiB)
-_SMALL_CHUNKS = 64  # below this, packing one by one beats building arrays
 _META_PIECE = 1 << 20  # metadata is handed to the sink in pieces of about this size
+_CHUNK_STEP = 1 << 32  # one block further: blkaddr is the high half of the 64-bit word
 
 
 def _chunk_pieces(inode: PlannedInode) -> Iterator[bytes]:
     """fsmeta chunk indexes (§4.4): one per block, contiguous in the provenance layer.
 
-    In pieces of at most ``_CHUNK_PIECE`` entries, built as arrays of 32-bit words: a
-    10 GiB file has 20 MiB of indexes, which must neither sit in memory at once nor cost
-    one Python object each.
+    In pieces of at most ``_CHUNK_PIECE`` entries, each built by one C call: an entry
+    ("<HHI": advise 0, device_id, blkaddr) read as a little-endian 64-bit word is
+    ``blkaddr << 32 | device_id << 16``, so a file's entries are an arithmetic progression.
+    A 10 GiB file has 20 MiB of indexes, which must neither sit in memory at once nor cost
+    one Python object each; a pull has thousands of small files, which must not cost one
+    ``pack`` per block either.
     """
     content = inode.node.content
     n = inode.chunks
     if n == 0:
         return
     if isinstance(content, LayerBlocks) and content.start_block != NULL_BLOCK:
-        start, device_id = content.start_block, content.device_id
-        if n <= _SMALL_CHUNKS:
-            yield b"".join(F.CHUNK_INDEX.pack(0, device_id, start + k) for k in range(n))
-            return
+        step = _CHUNK_STEP
+        base = content.start_block * step | content.device_id << 16
         for first in range(0, n, _CHUNK_PIECE):
             count = min(_CHUNK_PIECE, n - first)
-            # "<HHI" (advise 0, device_id, blkaddr) as two little-endian u32 words
-            words = array("I", bytes(8 * count))
-            words[0::2] = array("I", [device_id << 16]) * count
-            words[1::2] = array("I", range(start + first, start + first + count))
+            start = base + first * step
+            words = array("Q", range(start, start + count * step, step))
             if sys.byteorder == "big":
                 words.byteswap()
             yield words.tobytes()
@@ -298,37 +312,46 @@ def _chunk_pieces(inode: PlannedInode) -> Iterator[bytes]:
     )
 
 
-def _i_u(plan: Plan, inode: PlannedInode) -> int:
-    node = inode.node
-    if inode.layout == F.LAYOUT_CHUNK_BASED:
-        return F.CHUNK_FORMAT_INDEXES
-    if node.type in (FileType.CHR, FileType.BLK):
-        return F.encode_rdev(node.rdev_major, node.rdev_minor)
-    if node.type in (FileType.FIFO, FileType.SOCK):
-        return 0
-    return plan.abs_block(inode)
-
-
 def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
     """The metadata area (from ``meta_blkaddr`` up to ``meta_end``): inodes, ibodies,
     tails, in order and in pieces of about ``_META_PIECE`` bytes, so memory does not grow
     with the area (an fsmeta's chunk indexes are 8 bytes per block of file data)."""
     buf = bytearray()
     pos = plan.meta_blkaddr * F.BLOCK_SIZE  # where ``buf`` ends, as an image offset
+    # Locals for the loop below, which runs once per inode (twice per pull).
+    pack = F.INODE_EXTENDED.pack
+    chunk_based, chunk_format = F.LAYOUT_CHUNK_BASED, F.CHUNK_FORMAT_INDEXES
+    i_formats = {layout: F.i_format(True, layout)
+                 for layout in (F.LAYOUT_FLAT_PLAIN, F.LAYOUT_FLAT_INLINE, chunk_based)}
+    s_ifmt = {ftype: ftype.s_ifmt for ftype in FileType}
+    devices, no_block = (FileType.CHR, FileType.BLK), (FileType.FIFO, FileType.SOCK)
+    data_start, no_reserved = plan.data_start, bytes(16)
     for inode in plan.inodes:
-        if inode.offset < pos:
+        offset = inode.offset
+        if offset < pos:
             raise AssertionError(f"inode {inode.nid} planned before the one preceding it")
         node = inode.node
-        icount = 0 if not inode.ibody else (len(inode.ibody) - 12) // 4 + 1
-        buf += bytes(inode.offset - pos)
-        buf += F.INODE_EXTENDED.pack(
-            F.i_format(True, inode.layout), icount, node.full_mode, 0, inode.size,
-            _i_u(plan, inode), inode.nid, node.uid, node.gid, node.mtime, 0, inode.nlink,
-            bytes(16),
+        ftype, layout, ibody = node.type, inode.layout, inode.ibody
+        if layout == chunk_based:
+            i_u = chunk_format
+        elif ftype in devices:
+            i_u = F.encode_rdev(node.rdev_major, node.rdev_minor)
+        elif ftype in no_block:
+            i_u = 0
+        else:
+            i_u = NULL_BLOCK if inode.rel_block is None else data_start + inode.rel_block
+        if offset > pos:
+            buf += bytes(offset - pos)
+        buf += pack(
+            i_formats[layout], (len(ibody) - 12) // 4 + 1 if ibody else 0,
+            s_ifmt[ftype] | (node.mode & 0o7777), 0, inode.size, i_u, inode.nid, node.uid,
+            node.gid, node.mtime, 0, inode.nlink, no_reserved,
         )
-        buf += inode.ibody
-        written = 64 + len(inode.ibody)
-        if inode.layout == F.LAYOUT_CHUNK_BASED:
+        written = 64
+        if ibody:
+            buf += ibody
+            written += len(ibody)
+        if layout == chunk_based:
             buf += bytes(inode.chunk_pad)
             written += inode.chunk_pad
             for piece in _chunk_pieces(inode):
@@ -337,16 +360,14 @@ def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
                 if len(buf) >= _META_PIECE:
                     yield buf
                     buf = bytearray()
-        else:
-            if inode.tail_len and inode.dir_blocks is not None:
+        elif inode.tail_len:
+            if inode.dir_blocks is not None:
                 after = _dirent_block(plan, inode, inode.dir_blocks[-1])
-            elif inode.tail_len:
-                after = node.target[inode.data_blocks * F.BLOCK_SIZE:]
             else:
-                after = b""
+                after = node.target[inode.data_blocks * F.BLOCK_SIZE:]
             buf += after
             written += len(after)
-        pos = inode.offset + written
+        pos = offset + written
         if len(buf) >= _META_PIECE:
             yield buf
             buf = bytearray()
@@ -377,7 +398,7 @@ class _Sink:
             self.base = 0
             self._fast = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         self.out.write(data)
         self.pos += len(data)
 
@@ -490,8 +511,8 @@ def write_image(
             sink.copy_from(spool, node.content.offset, node.size, inode.path)
         else:
             flush_run()
-            for piece in _data_pieces(plan, inode):
-                sink.write(piece)
+            for data in _data_pieces(plan, inode):
+                sink.write(data)
                 sink.pad_to(-(-sink.pos // F.BLOCK_SIZE) * F.BLOCK_SIZE)
         sink.pad_to((plan.data_start + inode.rel_block + inode.data_blocks) * F.BLOCK_SIZE)
     flush_run()

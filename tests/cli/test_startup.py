@@ -38,6 +38,17 @@ def test_version_and_help_load_no_heavy_module() -> None:
     assert _loaded_after("--help") == []
 
 
+def test_package_metadata_is_read_only_for_version() -> None:
+    """``importlib.metadata`` (~25 ms with the lookup) once ran for every command."""
+    probe = _PROBE.replace("{heavy!r}", repr(("importlib.metadata",)))
+    def loaded(*args: str) -> list[str]:
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
+                              text=True, timeout=60, check=True)
+        return proc.stdout.split()
+    assert loaded("--help") == []
+    assert loaded("--version") == ["importlib.metadata"]
+
+
 def test_the_probe_sees_a_heavy_import(tmp_path: Path) -> None:
     """The probe itself works: a command that reads the cache does load the store."""
     loaded = _loaded_after("--cache", str(tmp_path), "images", "--json")
