@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeAlias
+from typing import Literal
 
 from ..cache.health import account_bytes, downloads_in_flight
 from ..cache.index import IndexedImage, index_images
@@ -583,7 +583,7 @@ def _parsed_config(raw: str) -> object:
 
 
 # names below images/: a directory is a nested dict until _freeze turns it into a DirNode
-_NameTree: TypeAlias = dict[str, "_NameTree | Node"]
+_NameTree = dict[str, "_NameTree | Node"]
 
 
 def _insert(root: _NameTree, parts: list[str], node: Node) -> None:
