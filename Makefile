@@ -20,6 +20,7 @@ test-fast: $(VENV)/.installed
 
 lint: deps
 	$(VENV)/bin/ruff check cachefs tests bench
+	$(VENV)/bin/mypy
 
 deps: system-deps $(VENV)/.installed
 

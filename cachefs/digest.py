@@ -46,7 +46,7 @@ class Digest:
         return cls("sha256", hashlib.sha256(data).hexdigest())
 
     @classmethod
-    def from_hash(cls, h: hashlib._Hash) -> Digest:  # type: ignore[name-defined]
+    def from_hash(cls, h: hashlib._Hash) -> Digest:
         return cls(h.name, h.hexdigest())
 
     def __str__(self) -> str:
@@ -62,7 +62,7 @@ class Digest:
     def short(self) -> str:
         return self.encoded[:12]
 
-    def hasher(self) -> hashlib._Hash:  # type: ignore[name-defined]
+    def hasher(self) -> hashlib._Hash:
         if self.algorithm not in _HEX_LENGTHS:
             raise DigestError(f"cannot verify {self}: unsupported algorithm {self.algorithm!r}")
         return hashlib.new(self.algorithm)

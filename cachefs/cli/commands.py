@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -33,6 +34,7 @@ from .render import (
 
 if TYPE_CHECKING:
     from ..cache.store import GlobalCache
+    from ..maintenance.remove import RemoveReport
     from ..oci.auth import Credentials
     from ..pipeline.pull import PullResult
 
@@ -191,7 +193,7 @@ class CachefsGroup(click.Group):
 
 
 def _ctx(ctx: click.Context) -> Context:
-    return ctx.ensure_object(Context)  # type: ignore[no-any-return]
+    return ctx.ensure_object(Context)
 
 
 def _echo_json(doc: object) -> None:
@@ -445,15 +447,15 @@ def inspect_cmd(ctx: click.Context, reference: str, as_json: bool, msb_db: Path 
     for key in ("reference", "typed", "manifest_digest", "config_digest", "architecture",
                 "os", "variant", "created", "state", "metadata_path"):
         click.echo(f"{key + ':':17} {'-' if doc.get(key) is None else doc.get(key)}")
-    click.echo(f"{'sources:':17} {', '.join(doc['sources'])}")  # type: ignore[arg-type]
+    click.echo(f"{'sources:':17} {', '.join(doc['sources'])}")
     if doc.get("missing"):
-        click.echo(f"{'missing:':17} {', '.join(doc['missing'])}")  # type: ignore[arg-type]
+        click.echo(f"{'missing:':17} {', '.join(doc['missing'])}")
     for name in ("fsmeta", "vmdk"):
         if name in doc:
-            click.echo(f"{name + ':':17} {doc[name]['path']}")  # type: ignore[index]
+            click.echo(f"{name + ':':17} {doc[name]['path']}")
     click.echo("layers (bottom first):")
-    click.echo(render_layers(doc["layer_details"]))  # type: ignore[arg-type]
-    config = {k: v for k, v in (doc.get("config") or {}).items()  # type: ignore[attr-defined]
+    click.echo(render_layers(doc["layer_details"]))
+    config = {k: v for k, v in (doc.get("config") or {}).items()
               if v not in (None, [], {})}
     if config:
         click.echo("config:")
@@ -466,7 +468,7 @@ def inspect_cmd(ctx: click.Context, reference: str, as_json: bool, msb_db: Path 
 # ---------------------------------------------------------------------------------------
 
 
-def _print_removals(c: Context, report: Any, verb: str) -> None:
+def _print_removals(c: Context, report: RemoveReport, verb: str) -> None:
     for r in report.removed:
         c.say(f"{verb} {r.kind:8} {human_bytes(r.size):>10}  {r.path}")
     for s in report.skipped:
@@ -695,7 +697,7 @@ def status(ctx: click.Context, mountpoint: Path | None, as_json: bool,
     With --mountpoint (the service's health check) nothing mounted there is a failure,
     not a silent fallback to computing the status from the cache.
     """
-    doc: dict[str, Any]
+    doc: Mapping[str, Any]  # a mounted view's status.json, or status_document's
     source = "computed"
     if mountpoint is not None:
         from ..view.health import require_live_view
@@ -774,7 +776,7 @@ def erofs_cat(image: Path, path: str, devices: tuple[Path, ...]) -> None:
     from ..erofs.listing import cat_file
     from ..erofs.reader import ErofsImage
 
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer  # click 8.5 deprecates get_binary_stream, which returned this
     with ErofsImage.open(image, devices=list(devices) or None) as img:
         for chunk in cat_file(img, os.fsencode(path)):
             out.write(chunk)

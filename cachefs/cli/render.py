@@ -9,9 +9,12 @@ the command prints its result only.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from ..maintenance.image_report import LayerDetail
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -46,7 +49,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     return "\n".join(lines)
 
 
-def render_layers(layers: Sequence[dict[str, Any]]) -> str:
+def render_layers(layers: Sequence[LayerDetail]) -> str:
     """``inspect``'s layer table: the compressed blob (digest and size, as registries,
     skopeo and msb show it) beside the diff_id and the layer EROFS."""
     rows = [[i, layer.get("digest") or "-", human_bytes(layer.get("size_bytes")),
@@ -58,14 +61,14 @@ def render_layers(layers: Sequence[dict[str, Any]]) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
-def _origin(layer: dict[str, Any]) -> str:
+def _origin(layer: LayerDetail) -> str:
     """Where the layer EROFS came from (EROFS artifacts, ``push-erofs``)."""
     if layer.get("origin") == "fetched-erofs":
         return f"fetched as EROFS from {layer.get('origin_source')}"
     return "converted from tar"
 
 
-def render_status(doc: dict[str, Any], source: str) -> str:
+def render_status(doc: Mapping[str, Any], source: str) -> str:
     """The view's ``status.json`` (or the same document computed) for people."""
     images = doc.get("images") or {}
     lines = [f"cache:     {doc.get('cache')}", f"source:    {source}",

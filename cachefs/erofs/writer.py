@@ -179,15 +179,15 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
             continue  # a later name of a hardlink group: same NID, no slot
         kids = node.children
         kid_names = sorted(kids) if kids else []
-        if kid_names:
+        if kids:
             sep = path + b"/" if path else b""
             # One check per directory, not per name (this loop runs once per inode, twice
             # per pull): sorted, an empty name comes first; no name holds the separator.
-            if (not kid_names[0] or b"." in kids or b".." in kids  # type: ignore[operator]
+            if (not kid_names[0] or b"." in kids or b".." in kids
                     or len(max(kid_names, key=len)) > _MAX_NAME
                     or b"/" in b"\0".join(kid_names)):
                 _reject_names(sep, kid_names)
-            stack += [(sep + name, kids[name], node)  # type: ignore[index]
+            stack += [(sep + name, kids[name], node)
                       for name in reversed(kid_names)]
         ibody = _ibody(node, path) if node.xattrs else b""
         fixed = 64 + len(ibody)

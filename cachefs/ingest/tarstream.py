@@ -350,9 +350,10 @@ class TarReader:
                 self.offset += BLOCK
                 hdr = buf[pos:end]
             else:
-                hdr = self._take(BLOCK)
-                if hdr is None:
+                taken = self._take(BLOCK)
+                if taken is None:
                     return  # clean EOF on a header boundary
+                hdr = taken
             total = byte_sum(hdr)
             if not total:
                 return  # end-of-archive marker (all zero); the caller drains the rest

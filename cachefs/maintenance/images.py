@@ -12,6 +12,14 @@ from pathlib import Path
 from ..cache.catalog import ImageInfo
 from ..cache.store import GlobalCache
 from ..digest import Digest
+from .image_report import (
+    ImageArtifacts,
+    ImageDetails,
+    ImagePlatform,
+    ImageSummary,
+    LayerDetail,
+    LayerOrigin,
+)
 
 
 def layer_path(cache: GlobalCache, diff_id: str) -> Path:
@@ -33,7 +41,7 @@ def missing_parts(cache: GlobalCache, info: ImageInfo) -> list[str]:
     return missing_labels(info_problems(cache, info))
 
 
-def image_summary(cache: GlobalCache, info: ImageInfo) -> dict[str, object]:
+def image_summary(cache: GlobalCache, info: ImageInfo) -> ImageSummary:
     """One row of ``cachefs images``: reference, digest, layer count, bytes, state."""
     size = sum(_file_size(cache.layer_erofs_path(d)) or 0 for d in dict.fromkeys(info.diff_ids))
     if info.digest:
@@ -52,27 +60,26 @@ def image_summary(cache: GlobalCache, info: ImageInfo) -> dict[str, object]:
     }
 
 
-def _platform_and_created(raw_config_json: str) -> dict[str, object]:
+def _platform_and_created(raw_config_json: str) -> ImagePlatform:
     """What skopeo and msb show from the image config beside the runtime settings."""
     try:
         doc = json.loads(raw_config_json)
     except ValueError:
         doc = {}
     doc = doc if isinstance(doc, dict) else {}
-    return {k: doc.get(k) if isinstance(doc.get(k), str) else None
-            for k in ("architecture", "os", "variant", "created")}
+
+    def text(key: str) -> str | None:
+        value = doc.get(key)
+        return value if isinstance(value, str) else None
+
+    return {"architecture": text("architecture"), "os": text("os"),
+            "variant": text("variant"), "created": text("created")}
 
 
-def inspect_image(cache: GlobalCache, info: ImageInfo) -> dict[str, object]:
+def inspect_image(cache: GlobalCache, info: ImageInfo) -> ImageDetails:
     """Everything cachefs knows about one image, with the paths of its artifacts."""
     md = info.metadata
-    doc = image_summary(cache, info)
-    doc["metadata_path"] = str(cache.manifests_dir() / f"{info.key}.json")
-    doc["config_digest"] = md.config_digest if md else None
-    doc.update(_platform_and_created(md.raw_config_json) if md else
-               dict.fromkeys(("architecture", "os", "variant", "created")))
-    doc["config"] = md.config.model_dump() if md else None
-    layers = []
+    layers: list[LayerDetail] = []
     by_diff = {layer.diff_id: layer for layer in md.layers} if md else {}
     for diff_id in info.diff_ids:
         path = cache.layer_erofs_path(diff_id)
@@ -87,23 +94,38 @@ def inspect_image(cache: GlobalCache, info: ImageInfo) -> dict[str, object]:
             "valid": cache.is_layer_materialized(diff_id),
             **_layer_origin(cache, diff_id),
         })
-    doc["layer_details"] = layers
-    if info.digest:
-        fsmeta, vmdk = cache.fsmeta_erofs_path(info.digest), cache.vmdk_path(info.digest)
-        doc["fsmeta"] = {"path": str(fsmeta), "size": _file_size(fsmeta),
-                         "valid": cache.is_fsmeta_materialized(info.digest)}
-        doc["vmdk"] = {"path": str(vmdk), "exists": vmdk.exists()}
+    doc: ImageDetails = {
+        **image_summary(cache, info),
+        "metadata_path": str(cache.manifests_dir() / f"{info.key}.json"),
+        "config_digest": md.config_digest if md else None,
+        **_platform_and_created(md.raw_config_json if md else "{}"),
+        "config": md.config.model_dump() if md else None,
+        "layer_details": layers,
+        **_artifacts(cache, info),
+    }
     return doc
 
 
-def _layer_origin(cache: GlobalCache, diff_id: str) -> dict[str, str]:
+def _artifacts(cache: GlobalCache, info: ImageInfo) -> ImageArtifacts:
+    if not info.digest:
+        return {}
+    fsmeta, vmdk = cache.fsmeta_erofs_path(info.digest), cache.vmdk_path(info.digest)
+    return {
+        "fsmeta": {"path": str(fsmeta), "size": _file_size(fsmeta),
+                   "valid": cache.is_fsmeta_materialized(info.digest)},
+        "vmdk": {"path": str(vmdk), "exists": vmdk.exists()},
+    }
+
+
+def _layer_origin(cache: GlobalCache, diff_id: str) -> LayerOrigin:
     """``origin`` (converted / fetched-erofs) and, when fetched, from where."""
     from ..share.provenance import layer_origin
 
     found = layer_origin(cache, diff_id)
-    return {"origin": found["origin"], **({"origin_source": found["source"],
-                                            "origin_artifact": found["artifact"]}
-                                           if "source" in found else {})}
+    if "source" not in found:
+        return {"origin": found["origin"]}
+    return {"origin": found["origin"], "origin_source": found["source"],
+            "origin_artifact": found["artifact"]}
 
 
 __all__ = ["image_summary", "inspect_image", "layer_path", "missing_parts"]

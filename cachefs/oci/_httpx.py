@@ -22,6 +22,8 @@ import sys
 def _import_without_cli() -> None:
     if "httpx" in sys.modules or "httpx._main" in sys.modules:
         return
+    # None in sys.modules makes the import fail (documented in the import system);
+    # typeshed types the values as modules only
     sys.modules["httpx._main"] = None  # type: ignore[assignment]
     try:
         import httpx  # noqa: F401

@@ -86,7 +86,7 @@ class _Members:
     def size(self, name: str) -> int:
         raise NotImplementedError
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str) -> io.BufferedReader:
         raise NotImplementedError
 
     def read(self, name: str, limit: int = MAX_JSON_BYTES) -> bytes:
@@ -116,7 +116,7 @@ class _DirMembers(_Members):
     def size(self, name: str) -> int:
         return self._file(name).stat().st_size
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str) -> io.BufferedReader:
         try:
             return self._file(name).open("rb")
         except FileNotFoundError:
@@ -129,7 +129,7 @@ class _TarMember(io.RawIOBase):
     def __init__(self, tf: tarfile.TarFile, info: tarfile.TarInfo) -> None:
         self._tf = tf
         stream = tf.extractfile(info)
-        assert stream is not None
+        assert isinstance(stream, io.BufferedReader)  # tarfile's ExFileObject; None: not a file
         self._stream = stream
 
     def readable(self) -> bool:
@@ -183,12 +183,12 @@ class _TarMembers(_Members):
             raise ArchiveError(f"{self.path}: member {name!r} is missing")
         return info.size
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str) -> io.BufferedReader:
         info = self._resolve(name)
         if info is None:
             raise ArchiveError(f"{self.path}: member {name!r} is missing")
         tf = tarfile.open(self.path, "r:*")  # noqa: SIM115  (closed with the stream)
-        return io.BufferedReader(_TarMember(tf, info), buffer_size=_CHUNK)  # type: ignore[return-value]
+        return io.BufferedReader(_TarMember(tf, info), buffer_size=_CHUNK)
 
 
 # Public model --------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class _TarMembers(_Members):
 class _VerifyingStream(io.RawIOBase):
     """Hashes as it is read; at EOF raises DigestMismatch (naming the member) on a mismatch."""
 
-    def __init__(self, raw: BinaryIO, digest: Digest, size: int, what: str) -> None:
+    def __init__(self, raw: io.BufferedReader, digest: Digest, size: int, what: str) -> None:
         self._raw = raw
         self._hash = digest.hasher()
         self._digest = digest
@@ -209,7 +209,7 @@ class _VerifyingStream(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
-        n = self._raw.readinto(b)  # type: ignore[attr-defined]
+        n = self._raw.readinto(b)
         if not n and len(b):
             self._check()
         with memoryview(b) as view:
@@ -254,7 +254,7 @@ class ArchiveLayer:
         if not verify:
             return raw
         what = f"{self._members.path}: layer member {self.member!r}"
-        return io.BufferedReader(  # type: ignore[return-value]
+        return io.BufferedReader(
             _VerifyingStream(raw, self.digest, self.size, what), buffer_size=_CHUNK
         )
 

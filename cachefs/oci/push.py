@@ -248,7 +248,7 @@ class RepoWriter:
         return location
 
     def _location(self, resp: httpx.Response) -> str:
-        loc = resp.headers.get("Location")
+        loc: str | None = resp.headers.get("Location")  # httpx types Headers.get as Any
         if not loc:
             raise RegistryError(f"{self.ref.name}: upload answer without a Location header")
         return urljoin(str(resp.request.url), loc)

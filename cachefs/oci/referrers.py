@@ -114,7 +114,9 @@ def _digest_field(value: object, what: str) -> Digest:
 
 def _size_field(value: object, what: str, limit: int) -> int:
     try:
-        n = int(value)  # type: ignore[call-overload]
+        if not isinstance(value, int | float | str):  # what int() takes from JSON
+            raise TypeError
+        n = int(value)
     except (TypeError, ValueError):
         raise RegistryError(f"{what}: size {value!r} is not a number") from None
     if not 0 < n <= limit:

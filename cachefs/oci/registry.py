@@ -273,7 +273,7 @@ class RegistryClient:
         return f"{scheme}://{host}/v2/{ref.repository}/{path}"
 
     def _delay(self, attempt: int, resp: httpx.Response | None = None) -> float:
-        delay = min(self.backoff_s * (2**attempt), self.max_backoff_s)
+        delay: float = min(self.backoff_s * (2**attempt), self.max_backoff_s)
         if resp is not None:
             try:
                 delay = min(max(float(resp.headers.get("Retry-After", "")), 0.0),

@@ -73,6 +73,7 @@ class NetLimits:
             if not value > 0:
                 raise UsageError(f"{name}={raw!r}: expected a positive {kind.__name__}")
             values[f.name] = value
+        # each value has its field's type (``kind`` above); mypy cannot follow fields() here
         return cls(**values)  # type: ignore[arg-type]
 
     def env_name(self, field_name: str) -> str:

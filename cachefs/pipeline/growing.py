@@ -83,6 +83,7 @@ class GrowingBlob:
             if self._failed:
                 raise DownloadFailed(f"download of {self._path.name} failed") from None
             fd = os.open(self._final, os.O_RDONLY)
+        # a RawIOBase reads like a binary file, but typeshed does not count it a BinaryIO
         return GrowingReader(self, fd)  # type: ignore[return-value]
 
 

@@ -96,7 +96,7 @@ def reporting(opener: Callable[[], BinaryIO],
     reads the archive: that is its progress). Buffered, so ``peek`` sniffs compression."""
 
     def open_reporting() -> BinaryIO:
-        return io.BufferedReader(  # type: ignore[return-value]
+        return io.BufferedReader(
             CountingReader(opener(), report), buffer_size=1 << 20)
 
     return open_reporting

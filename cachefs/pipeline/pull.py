@@ -300,8 +300,9 @@ async def materialize_plan(
                   tuple((layer.diff_id, layer.size_bytes) for layer in plan.layers),
                   blobs=tuple(layer.digest for layer in plan.layers)))
     entries = _entries(cache, plan)
-    in_flight = trio.CapacityLimiter(layers_in_flight())
-    ensure_open_files(files_needed(len(entries), in_flight.total_tokens),
+    limit = layers_in_flight()
+    in_flight = trio.CapacityLimiter(limit)
+    ensure_open_files(files_needed(len(entries), limit),
                       f"{plan.reference} ({len(plan.layers)} layers)")
     # blocking: a deleter holding a lease exclusively is waited out, in a worker thread
     leases = await trio.to_thread.run_sync(Leases.acquire_all, entries)

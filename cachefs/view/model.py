@@ -582,7 +582,11 @@ def _parsed_config(raw: str) -> object:
         return None
 
 
-def _insert(root: dict[str, object], parts: list[str], node: Node) -> None:
+# names below images/: a directory is a nested dict until _freeze turns it into a DirNode
+_NameTree = dict[str, "_NameTree | Node"]
+
+
+def _insert(root: _NameTree, parts: list[str], node: Node) -> None:
     """Place ``node`` at ``parts`` below ``root`` (a nested dict of names)."""
     cur = root
     for name in parts[:-1]:
@@ -593,10 +597,10 @@ def _insert(root: dict[str, object], parts: list[str], node: Node) -> None:
     cur.setdefault(parts[-1], node)
 
 
-def _freeze(tree: dict[str, object], mtime: int) -> DirNode:
+def _freeze(tree: _NameTree, mtime: int) -> DirNode:
     children: dict[str, Node] = {}
     for name, value in sorted(tree.items()):
-        children[name] = _freeze(value, mtime) if isinstance(value, dict) else value  # type: ignore[assignment,arg-type]
+        children[name] = _freeze(value, mtime) if isinstance(value, dict) else value
     newest = max((c.mtime_ns for c in children.values()), default=mtime)
     return DirNode(children, newest)
 
@@ -619,7 +623,7 @@ def build_tree(snap: CacheSnapshot, *, links: bool = False) -> DirNode:
     # One encoded list (and change key) per manifest, shared by all of its images.
     shared = {digest: RefsBlock.of(refs) for digest, refs in by_manifest.items()}
 
-    images: dict[str, object] = {}
+    images: _NameTree = {}
     by_digest: dict[str, Node] = {}
     for img in snap.images:
         refs = shared.get(img.manifest_digest or "") or RefsBlock.of([str(img.reference)])

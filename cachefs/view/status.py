@@ -8,14 +8,53 @@ without FUSE.
 from __future__ import annotations
 
 import json
+from typing import NotRequired, TypedDict
 
 from ..cache.health import KINDS
 from .model import CacheSnapshot, image_states
 
 
-def status_document(snap: CacheSnapshot, log: str | None = None) -> dict[str, object]:
+class ImageStatus(TypedDict):
+    reference: str
+    manifest_digest: str | None
+    layers: int
+    ready: bool
+    sources: list[str]
+
+
+class ImageCounts(TypedDict):
+    total: int
+    ready: int
+    list: list[ImageStatus]  # last: the name shadows the builtin below it in this body
+
+
+class LayerCounts(TypedDict):
+    total: int
+    corrupt: int
+
+
+class Download(TypedDict):
+    file: str
+    bytes: int
+
+
+class StatusDocument(TypedDict):
+    """``status.json`` and ``cachefs status --json``; scripts parse it, keys in this order."""
+
+    cache: str
+    generated_at_ns: int
+    leases: str
+    images: ImageCounts
+    layers: LayerCounts
+    bytes: dict[str, int]  # by kind (KINDS)
+    downloads_in_flight: list[Download]
+    problems: list[dict[str, str]]  # scope, problem and, for an image's problem, fix
+    log: NotRequired[str]
+
+
+def status_document(snap: CacheSnapshot, log: str | None = None) -> StatusDocument:
     """``log``: where the serving daemon logs (a file, the journal), when there is one."""
-    images = []
+    images: list[ImageStatus] = []
     problems: list[dict[str, str]] = [{"scope": "cache", "problem": p} for p in snap.problems]
     ready = 0
     for img, state in image_states(snap):
@@ -32,7 +71,7 @@ def status_document(snap: CacheSnapshot, log: str | None = None) -> dict[str, ob
             for what, fix in state.problems
         ]
     layers_present = sum(1 for a in snap.layers.values() if a.exists)
-    return {
+    doc: StatusDocument = {
         "cache": str(snap.cache_root),
         "generated_at_ns": snap.taken_at_ns,
         "leases": snap.lease_problem or "ok",
@@ -46,8 +85,10 @@ def status_document(snap: CacheSnapshot, log: str | None = None) -> dict[str, ob
             {"file": name, "bytes": size} for name, size in sorted(snap.downloads.items())
         ],
         "problems": problems,
-        **({"log": log} if log is not None else {}),
     }
+    if log is not None:
+        doc["log"] = log
+    return doc
 
 
 def render_status_json(snap: CacheSnapshot, log: str | None = None) -> bytes:
@@ -63,7 +104,6 @@ def render_metrics(snap: CacheSnapshot) -> bytes:
     """Prometheus text exposition format 0.0.4."""
     doc = status_document(snap)
     images = doc["images"]
-    assert isinstance(images, dict)
     out: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, int]]) -> None:
@@ -84,7 +124,7 @@ def render_metrics(snap: CacheSnapshot) -> bytes:
     metric("cachefs_download_bytes", "gauge", "Bytes received so far by partial downloads.",
            [("", sum(snap.downloads.values()))])
     metric("cachefs_problems", "gauge", "Problems found (missing or corrupt artifacts).",
-           [("", len(doc["problems"]))])  # type: ignore[arg-type]
+           [("", len(doc["problems"]))])
     metric("cachefs_image_ready", "gauge", "1 if the image can be used, else 0.",
            [(f'{{reference="{_label(i["reference"])}"}}', int(i["ready"]))
             for i in images["list"]])

@@ -227,7 +227,7 @@ def test_missing_fsmeta_and_metadata() -> None:
 def test_status_json_and_metrics() -> None:
     snap = _good([_image("alpine:3.20"), _image("busy:1", diffs=DIFFS[:1])])
     doc = status_document(snap)
-    assert doc["images"]["total"] == 2 and doc["images"]["ready"] == 1  # type: ignore[index]
+    assert doc["images"]["total"] == 2 and doc["images"]["ready"] == 1
     problems = doc["problems"]
     assert isinstance(problems, list) and problems
     assert problems[0]["scope"] == "docker.io/library/busy:1"
