@@ -407,7 +407,13 @@ _msb_db_option = click.option(
 @_msb_db_option
 @click.pass_context
 def images(ctx: click.Context, as_json: bool, only_refs: bool, msb_db: Path | None) -> None:
-    """List cached images (cachefs's records, msb's database, and loose metadata)."""
+    """List cached images (cachefs's records, msb's database, and loose metadata).
+
+    STATE is `ready` when every artifact a VM needs is there and sound, else
+    `incomplete`, with what is missing or broken (`cachefs verify` says more,
+    `verify --repair` rebuilds fsmeta and VMDK). SOURCES says who names the image:
+    cachefs, msb's database, or only its json.
+    """
     from ..maintenance import image_summary, list_images
 
     cache = _ctx(ctx).cache()
