@@ -407,7 +407,13 @@ _msb_db_option = click.option(
 @_msb_db_option
 @click.pass_context
 def images(ctx: click.Context, as_json: bool, only_refs: bool, msb_db: Path | None) -> None:
-    """List cached images (cachefs's records, msb's database, and loose metadata)."""
+    """List cached images (cachefs's records, msb's database, and loose metadata).
+
+    STATE is `ready` when every artifact a VM needs is there and sound, else
+    `incomplete`, with what is missing or broken (`cachefs verify` says more,
+    `verify --repair` rebuilds fsmeta and VMDK). SOURCES says who names the image:
+    cachefs, msb's database, or only its json.
+    """
     from ..maintenance import image_summary, list_images
 
     cache = _ctx(ctx).cache()
@@ -492,6 +498,8 @@ def rm(ctx: click.Context, references: tuple[str, ...], force: bool, dry_run: bo
     """Remove images, and the layers no other image uses.
 
     In msb 0.7.11's database the images' rows go too, as `msb image rm` removes them.
+    An image being read (a VM through the view: a lease), pulled or published is refused
+    with exit 11 naming who holds it; one a sandbox uses, with exit 24.
     """
     from ..maintenance.remove import remove_images
 
@@ -567,7 +575,8 @@ def df(ctx: click.Context, as_json: bool, msb_db: Path | None) -> None:
 @click.argument("reference", required=False)
 @click.option("--repair", is_flag=True, help="Rebuild fsmeta and VMDK from the layers.")
 @click.option("--json", "as_json", is_flag=True,
-              help="One JSON object: ok, and each image's problems.")
+              help="One JSON object: ok, and each image's problems (with --deep: each "
+                   "layer's and the fsmeta's comparison).")
 @_msb_db_option
 @click.option("--deep", is_flag=True,
               help="Re-convert REFERENCE's layers from their original blobs (downloaded "
@@ -576,7 +585,7 @@ def df(ctx: click.Context, as_json: bool, msb_db: Path | None) -> None:
 @click.pass_context
 def verify(ctx: click.Context, reference: str | None, repair: bool, as_json: bool,
            msb_db: Path | None, deep: bool, insecure: bool) -> None:
-    """Check every artifact of one image (or all) without a kernel; exit non-zero on problems."""
+    """Check every artifact of one image (or all) without a kernel; exit 10 on problems."""
     from ..maintenance.verify import ImageCheck
     from ..maintenance.verify import verify as run_verify
 
@@ -920,7 +929,9 @@ def _artifact_client(insecure: bool, ca_certs: Path | None, username: str | None
 @click.option("--chunk-size", type=click.IntRange(min=1 << 20), default=None,
               help="Upload blobs larger than this in PATCH chunks of this size (bytes; "
                    "default 64 MiB); smaller ones go in one PUT.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: the artifact, how its referrer was recorded, and the "
+                   "blobs skipped, mounted and uploaded (README.md, JSON output).")
 @click.pass_context
 def push_erofs_cmd(ctx: click.Context, reference: str, insecure: bool, ca_certs: Path | None,
                    username: str | None, password_stdin: bool, chunk_size: int | None,
