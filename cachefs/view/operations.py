@@ -261,14 +261,20 @@ class ViewOperations(pyfuse3.Operations):
                              and self.refresher.may_have_changed()):
             await self.refresher.catch_up(arrived)
             path, child = self._child(parent_inode, child_name)
-        if child is None:
+        if path is None or child is None:
             raise _errno(errno.ENOENT)
         attr = self._attr((*path, child_name), child)
         self._referenced(attr.st_ino)
         return attr
 
-    def _child(self, parent_inode: int, name: str) -> tuple[Path_, Node | None]:
-        path, node = self._node(parent_inode)
+    def _child(self, parent_inode: int, name: str) -> tuple[Path_ | None, Node | None]:
+        """The parent's path and its child ``name``; (None, None) if the parent is not in
+        this tree: the kernel may still walk through a directory that left an older tree
+        (its invalidation is asynchronous) and has come back in the cache since."""
+        try:
+            path, node = self._node(parent_inode)
+        except pyfuse3.FUSEError:
+            return None, None
         if not isinstance(node, DirNode):
             raise _errno(errno.ENOTDIR)
         return path, node.children.get(name)
