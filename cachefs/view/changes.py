@@ -19,6 +19,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -67,12 +68,14 @@ class DirWatch:
         self._watched: dict[int, Path] = {}
         self._missing = False
         self.fd = -1
+        self._poll = select.poll()
         fd = _init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             log.info("no inotify (%s): freshness checks stat the index on every walk",
                      os.strerror(ctypes.get_errno()))
             return
         self.fd = fd
+        self._poll.register(fd, select.POLLIN)
         self._arm()
 
     @property
@@ -103,6 +106,8 @@ class DirWatch:
         """
         if self.fd < 0:
             return True
+        if not self._poll.poll(0):
+            return False  # the common case, without the cost of an exception
         seen = False
         while True:
             try:
@@ -135,6 +140,7 @@ class DirWatch:
 
     def close(self) -> None:
         if self.fd >= 0:
+            self._poll.unregister(self.fd)
             os.close(self.fd)
             self.fd = -1
         self._watched.clear()
