@@ -209,7 +209,7 @@ def test_derived_check_problems_make_an_image_not_ready() -> None:
     assert text.startswith("not ready: ") and said[0] in text and said[1] in text
     assert "fix: cachefs verify --repair docker.io/library/alpine:3.20\n" in text
     _not_usable(bad)
-    assert "ready\n" == _status(_snap(snap.images, snap.layers, _fsmeta(4), derived={M: ()}))
+    assert _status(_snap(snap.images, snap.layers, _fsmeta(4), derived={M: ()})) == "ready\n"
 
 
 def test_missing_fsmeta_and_metadata() -> None:
