@@ -8,9 +8,9 @@ the very syscall that makes the change, before that syscall returns, so an empty
 at the start of a request means no change happened before it: the answer is exact for
 changes made on this host.
 
-Where inotify is unavailable (no watches left, a filesystem without it) ``DirWatch``
-says so and callers fall back to their ``stat`` check on every question. Changes made
-by another host on a network filesystem raise no events; the poll still catches those.
+Where inotify is unavailable (no watches left) or cannot be trusted (a network or FUSE
+filesystem, where another host's changes raise no events) ``DirWatch`` says so and callers
+fall back to their ``stat`` check on every question.
 """
 
 from __future__ import annotations
@@ -53,6 +53,21 @@ _init1.restype = ctypes.c_int
 _add_watch = _libc.inotify_add_watch
 _add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _add_watch.restype = ctypes.c_int
+_statfs = _libc.statfs
+_statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+_statfs.restype = ctypes.c_int
+# statfs f_type of filesystems changed behind the kernel's back (other hosts, daemons):
+# NFS, SMB2, CIFS, FUSE, Ceph, 9p, AFS, GFS2, OCFS2, Lustre.
+_REMOTE = {0x6969, 0xFE534D42, 0xFF534D42, 0x65735546, 0x00C36400, 0x01021997, 0x5346414F,
+           0x01161970, 0x7461636F, 0x0BD00BD0}
+
+
+def _remote(path: Path) -> bool:
+    """Is ``path`` on a filesystem whose changes may come from elsewhere (no events)?"""
+    buf = ctypes.create_string_buffer(256)
+    if _statfs(os.fsencode(path), buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF in _REMOTE
 
 
 class DirWatch:
@@ -90,6 +105,11 @@ class DirWatch:
             while not target.is_dir() and target.parent != target:
                 target = target.parent
             self._missing |= target != directory
+            if _remote(target):
+                log.info("%s is on a network filesystem: freshness checks stat the index "
+                         "on every walk", target)
+                self.close()
+                return
             wd = _add_watch(self.fd, os.fsencode(target), CONTENT_EVENTS | IN_ONLYDIR)
             if wd < 0:
                 err = ctypes.get_errno()
