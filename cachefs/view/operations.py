@@ -5,13 +5,10 @@ Kept thin on purpose (like pyfuse3's ``passthroughfs``): the tree comes from
 ``model.build_tree`` (kept current by ``refresh.Refresher``), disk files are read by
 ``reader``; this class maps inodes and handles onto them.
 
-* Inodes: one per path, assigned on first sight and kept while the path is in the tree,
-  so numbers are stable across refreshes. A path that leaves the tree loses its number
-  at once (the kernel is told the entry was deleted, which marks its inode dead: reusing
-  the number for a path that comes back would make the kernel walk into a dead
-  directory); ``lookup``/readdirplus count the kernel's references and ``forget`` drops
-  them, so the tables stay the size of the tree plus what the kernel still holds,
-  however long the cache churns.
+* Inodes: one per path, assigned on first sight. A path keeps its number while it is in
+  the tree or the kernel holds it (``lookup``/readdirplus count references, ``forget``
+  drops them), so numbers are stable across refreshes and the tables stay the size of
+  the tree plus what the kernel holds, however long the cache churns.
 * Generated files (``status``, ``image.json``, ``disk.vmdk``, …) are opened with
   ``direct_io``: their content is per-snapshot and must never be served stale from the
   page cache. ``status.json``/``metrics`` are rendered from a fresh scan at each open.
@@ -156,19 +153,25 @@ class ViewOperations(pyfuse3.Operations):
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        """The kernel dropped references. A path still in the tree keeps its number (a
-        path that left it lost its number in ``apply``); only the count goes."""
+        """The kernel dropped references; an inode it no longer holds whose path left the
+        tree is forgotten here too (a path still in the tree keeps its number)."""
         for ino, n in inode_list:
             left = self._lookups.get(ino, 0) - n
             if left > 0:
                 self._lookups[ino] = left
-            else:
-                self._lookups.pop(ino, None)
+                continue
+            self._lookups.pop(ino, None)
+            path = self._paths.get(ino)
+            if path is not None and ino != pyfuse3.ROOT_INODE \
+                    and resolve(self.root, path) is None:
+                self._drop(ino, path)
 
     def _drop(self, ino: int, path: Path_) -> None:
-        self._paths.pop(ino, None)
+        del self._paths[ino]
         if self._inodes.get(path) == ino:
             del self._inodes[path]
+        self._node_cache.pop(ino, None)
+        self._attr_cache.pop(ino, None)
 
     def inode_counts(self) -> tuple[int, int]:
         """(inodes known, inodes the kernel holds): for status and tests of boundedness."""
@@ -395,8 +398,8 @@ class ViewOperations(pyfuse3.Operations):
         """Swap in the tree of ``snap`` and invalidate what the kernel may have cached.
 
         A path that left the tree is removed from the kernel's caches as deleted (so its
-        inode is evicted and forgotten, not kept until memory pressure), children first,
-        and loses its number (see the module docstring).
+        inode is evicted and forgotten, not kept until memory pressure), children first;
+        its number is dropped here once the kernel no longer holds it.
         """
         old = dict(walk(self.root))
         new = dict(walk(new_root))
@@ -421,7 +424,7 @@ class ViewOperations(pyfuse3.Operations):
                 pyfuse3.invalidate_entry_async(parent, os.fsencode(path[-1]), deleted=ino,
                                                ignore_enoent=True)
         for path, ino in list(self._inodes.items()):
-            if path not in new and ino != pyfuse3.ROOT_INODE:
+            if path not in new and ino not in self._lookups and ino != pyfuse3.ROOT_INODE:
                 self._drop(ino, path)
         if changed:
             await trio.to_thread.run_sync(_invalidate_inodes, changed)
