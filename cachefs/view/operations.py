@@ -397,9 +397,13 @@ class ViewOperations(pyfuse3.Operations):
     async def apply(self, snap: CacheSnapshot, new_root: DirNode) -> None:
         """Swap in the tree of ``snap`` and invalidate what the kernel may have cached.
 
-        A path that left the tree is removed from the kernel's caches as deleted (so its
-        inode is evicted and forgotten, not kept until memory pressure), children first;
-        its number is dropped here once the kernel no longer holds it.
+        A path that left the tree is invalidated, children first: FUSE drops an inode
+        with its last dentry, so the kernel forgets it and ``forget`` lets its number go.
+        Not invalidated "as deleted": that marks a directory dead in the kernel, and a
+        walk that took the old dentry just before a directory of the same name came back
+        (``images/<registry>`` between an rm and the next pull) would then find nothing.
+        Until the kernel forgets it, a number still resolves by its path in the current
+        tree, so such a walk finds what is there now.
         """
         old = dict(walk(self.root))
         new = dict(walk(new_root))
@@ -421,7 +425,7 @@ class ViewOperations(pyfuse3.Operations):
         for path, ino in sorted(gone, key=lambda g: -len(g[0])):
             parent = self._inodes.get(path[:-1])
             if ino in self._lookups and parent is not None:
-                pyfuse3.invalidate_entry_async(parent, os.fsencode(path[-1]), deleted=ino,
+                pyfuse3.invalidate_entry_async(parent, os.fsencode(path[-1]),
                                                ignore_enoent=True)
         for path, ino in list(self._inodes.items()):
             if path not in new and ino not in self._lookups and ino != pyfuse3.ROOT_INODE:
