@@ -79,6 +79,7 @@ def test_inode_numbers_stable_across_refreshes(tmp_path: Path) -> None:
         assert vm.alive()
 
 
+@pytest.mark.slow  # ~4 minutes: 10,000 rescans and 40,000 walks through the view
 def test_tables_and_rss_flat_over_10000_pull_rm_cycles(tmp_path: Path) -> None:
     require_root()
     cache = _cache_with_base(tmp_path)
