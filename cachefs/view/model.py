@@ -5,7 +5,8 @@ Two halves, kept apart on purpose:
 * ``scan_cache`` does the I/O: it indexes the references (``cache.index``), stats every
   artifact and checks its validity (msb's rule), and asks ``cachefs.derived_check`` (the
   one place for those checks, shared with pull, verify and ``cachefs images``) about each
-  manifest's fsmeta (superblock crc, device table against the layer files) and VMDK.
+  manifest's fsmeta (superblock crc, device table against the layer files); its VMDK
+  must exist (msb's rule).
   Results are memoised by file identity, so a poll every half second costs a few ``stat``
   calls, not a re-read of every image.
 * ``build_tree`` is a pure function of that ``CacheSnapshot``; the FUSE layer only serves
@@ -141,13 +142,15 @@ def _identity(path: Path) -> tuple[int, int, int, int] | None:
 
 def _derived_problems(cache: GlobalCache, manifest: str, layers: list[str]
                       ) -> tuple[str, ...]:
-    """What ``derived_check`` finds wrong with the fsmeta and VMDK of ``manifest`` given
-    its layer files as they are now (memoised by the identity of every file involved).
+    """What ``derived_check`` finds wrong with the fsmeta of ``manifest`` given its layer
+    files as they are now, and whether msb's VMDK exists (memoised by the identity of
+    every file involved). ``cachefs images`` asks the same, so the two agree.
 
-    The same checks (and words) as ``cachefs verify`` and the pull's cache-hit rule, so
-    the view never says ready about an image ``cachefs images`` calls incomplete.
+    The VMDK counts by msb's rule (it exists), not by its extents: msb's descriptor names
+    absolute cache paths, stale once a cache moves, while the view's ``disk.vmdk`` is its
+    own (relative extents) and keeps working; ``cachefs verify`` reports stale extents.
     """
-    from ..derived_check import fsmeta_problems, vmdk_problems
+    from ..derived_check import fsmeta_problems
 
     fsmeta = cache.fsmeta_erofs_path(manifest)
     vmdk = cache.vmdk_path(manifest)
@@ -158,7 +161,8 @@ def _derived_problems(cache: GlobalCache, manifest: str, layers: list[str]
     if cached is not None:
         return cached
     problems = [f"fsmeta {p}: fsmeta/{fsmeta.name}" for p in fsmeta_problems(fsmeta, paths)]
-    problems += [f"vmdk {p}: vmdk/{vmdk.name}" for p in vmdk_problems(vmdk, [fsmeta, *paths])]
+    if not vmdk.exists():
+        problems.append(f"vmdk missing: vmdk/{vmdk.name}")
     result = tuple(problems)
     _DERIVED.put(key, result)
     return result
