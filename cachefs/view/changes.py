@@ -3,7 +3,7 @@
 The view must see a pull or a removal at once, so every walk through an image directory
 asks whether the index (msb's database, the metadata and reference-record directories)
 changed. ``stat``-ing them costs tens of µs per walk, which over ``ls -lR`` of 1,000
-images (24,000 walks) was most of its time. The kernel queues an inotify event inside
+images (12,000 walks) would be most of its time. The kernel queues an inotify event inside
 the very syscall that makes the change, before that syscall returns, so an empty queue
 at the start of a request means no change happened before it: the answer is exact for
 changes made on this host.
