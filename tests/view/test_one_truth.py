@@ -80,3 +80,26 @@ def test_a_deleted_vmdk(tmp_path: Path) -> None:
         assert f"vmdk missing: vmdk/{cache.vmdk_path(manifest).name}" in text
         assert f"fix: cachefs verify --repair {REF}" in text
         assert not (vm.image_dir(REF) / "disk.vmdk").exists()
+
+
+def test_a_corrupt_layer_names_the_command_that_fixes_it(tmp_path: Path) -> None:
+    """``verify --repair`` rebuilds fsmeta and VMDK from the layers, never a layer: the
+    hint is to fetch it again, and it does fix it."""
+    cache, _ = _loaded(tmp_path)
+    meta = cache.read_image_metadata(REF)
+    assert meta is not None
+    layer = cache.layer_erofs_path(meta.diff_ids[0])
+    with view_mount(cache.root, tmp_path / "mnt") as vm:
+        status = vm.image_dir(REF) / "status"
+        assert status.read_text() == "ready\n"
+        with open(layer, "r+b") as f:
+            f.seek(1024)
+            f.write(b"\0\0\0\0")  # the EROFS magic: invalid by msb's own rule
+        assert wait_for(lambda: status.read_text() != "ready\n", 5.0), status.read_text()
+        assert _verdicts(cache.root, status) == (False, False, False)
+        text = status.read_text()
+        assert f"fix: cachefs pull {REF} (or cachefs load <archive> again" in text, text
+        assert "verify --repair" not in text
+        trio.run(load, cache, tmp_path / "one.tar")  # what the hint says: load it again
+        assert wait_for(lambda: status.read_text() == "ready\n", 5.0), status.read_text()
+        assert _verdicts(cache.root, status) == (True, True, True)
