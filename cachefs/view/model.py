@@ -77,9 +77,9 @@ class CacheSnapshot:
     # user's lease files), or None. Disks are still served; deleters just cannot see it.
     lease_problem: str | None = None
     fetched_layers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # as EROFS
-    # manifest digest → what ``cachefs.derived_check`` finds wrong with its fsmeta and VMDK
-    # (empty: both are what the layers need).
-    derived: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # manifest digest → (artifact, text) of what ``cache.health`` finds wrong with its
+    # fsmeta and VMDK (empty: both are what the layers need).
+    derived: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
 
 class _Memo(Generic[K, V]):
@@ -101,7 +101,7 @@ class _Memo(Generic[K, V]):
 
 
 _MEMO: _Memo[tuple[str, int, int, int, int], Artifact] = _Memo()
-_DERIVED: _Memo[tuple[object, ...], tuple[str, ...]] = _Memo()
+_DERIVED: _Memo[tuple[object, ...], tuple[tuple[str, str], ...]] = _Memo()
 
 
 def _check_erofs(path: Path) -> Artifact:
@@ -141,16 +141,11 @@ def _identity(path: Path) -> tuple[int, int, int, int] | None:
 
 
 def _derived_problems(cache: GlobalCache, manifest: str, layers: list[str]
-                      ) -> tuple[str, ...]:
-    """What ``derived_check`` finds wrong with the fsmeta of ``manifest`` given its layer
-    files as they are now, and whether msb's VMDK exists (memoised by the identity of
-    every file involved). ``cachefs images`` asks the same, so the two agree.
-
-    The VMDK counts by msb's rule (it exists), not by its extents: msb's descriptor names
-    absolute cache paths, stale once a cache moves, while the view's ``disk.vmdk`` is its
-    own (relative extents) and keeps working; ``cachefs verify`` reports stale extents.
-    """
-    from ..derived_check import fsmeta_problems
+                      ) -> tuple[tuple[str, str], ...]:
+    """``cache.health``'s verdict on the fsmeta and VMDK of ``manifest`` given its layer
+    files as they are now, as (artifact, text) pairs (memoised by the identity of every
+    file involved): the same checks ``cachefs images``, ``status`` and ``verify`` make."""
+    from ..cache.health import derived_problems
 
     fsmeta = cache.fsmeta_erofs_path(manifest)
     vmdk = cache.vmdk_path(manifest)
@@ -160,10 +155,9 @@ def _derived_problems(cache: GlobalCache, manifest: str, layers: list[str]
     cached = _DERIVED.get(key)
     if cached is not None:
         return cached
-    problems = [f"fsmeta {p}: fsmeta/{fsmeta.name}" for p in fsmeta_problems(fsmeta, paths)]
-    if not vmdk.exists():
-        problems.append(f"vmdk missing: vmdk/{vmdk.name}")
-    result = tuple(problems)
+    result = tuple(
+        (p.artifact, f"{p.artifact} {p.message}: {p.artifact}/{(p.path or fsmeta).name}")
+        for p in derived_problems(cache, manifest, paths))
     _DERIVED.put(key, result)
     return result
 
@@ -204,7 +198,7 @@ def scan_cache(cache: GlobalCache, msb_db: Path | None = None,
     downloads = downloads_in_flight(cache)
 
     fsmeta: dict[str, Artifact] = {}
-    derived: dict[str, tuple[str, ...]] = {}
+    derived: dict[str, tuple[tuple[str, str], ...]] = {}
     metadata_mtime: dict[str, int] = {}
     for img in images:
         for diff in img.layers:
@@ -384,6 +378,10 @@ class ImageState:
 
     ready: bool
     problems: list[tuple[str, str]]  # (what is wrong, command that fixes it)
+    # The view's own disks (rootfs.img, disk.vmdk with relative extents) are correct:
+    # fsmeta and every layer are sound. msb's VMDK is not part of them, so a missing or
+    # stale one (a moved cache) makes the image not ready without hiding working disks.
+    disks: bool = False
 
 
 README = """\
@@ -407,7 +405,8 @@ by-digest/<manifest>/    the same directories, named by manifest digest
 layers/<diff>.erofs      every layer image in the cache
 status.json, metrics     cache-wide state (JSON, Prometheus text), generated on read
 
-disk.vmdk and rootfs.img appear only when every artifact of the image is valid.
+disk.vmdk and rootfs.img appear only when fsmeta and every layer are valid (msb's own
+vmdk/ file is not part of them: a missing or stale one makes status say not ready).
 Mount the disk inside the guest as EROFS: mount -t erofs -o ro /dev/vdX /mnt
 """
 
@@ -444,7 +443,10 @@ def judge_image(img: IndexedImage, snap: CacheSnapshot) -> ImageState:
             problems.append((f"fsmeta {fm.problem}: {rel}", _fix_for(fm, repair)))
         else:
             # fsmeta and VMDK are derived from the layers: verify --repair rebuilds them.
-            problems += [(what, repair) for what in snap.derived.get(img.manifest_digest, ())]
+            derived = snap.derived.get(img.manifest_digest, ())
+            problems += [(what, repair) for _, what in derived]
+            disk_faults = len(problems) - sum(kind == "vmdk" for kind, _ in derived)
+            return ImageState(ready=not problems, problems=problems, disks=not disk_faults)
     return ImageState(ready=not problems, problems=problems)
 
 
@@ -509,7 +511,7 @@ def _image_dir(
         children["config.json"] = DocNode(raw_config.encode, ("c", mtime), mtime,
                                           len(raw_config.encode()))
     disk_size: int | None = None
-    if state.ready and fm is not None:
+    if state.disks and fm is not None:
         files = [("fsmeta.erofs", fm.size)]
         parts = [(fm.path, fm.size)]
         for i, diff in enumerate(img.layers):

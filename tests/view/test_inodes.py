@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from cachefs.cache.store import GlobalCache
-from cachefs.ops.remove import remove_images
+from cachefs.maintenance.remove import remove_images
 from cachefs.pull import load
 from tests.fixtures.images import docker_archive
 from tests.fixtures.system import require_root

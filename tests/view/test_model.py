@@ -63,9 +63,9 @@ def _fsmeta(blocks: int, problem: str | None = None) -> Artifact:
 
 def _snap(images: list[IndexedImage], layers: dict[str, Artifact], fsmeta: Artifact | None,
           metadata_refs: list[str] | None = None,
-          derived: dict[str, tuple[str, ...]] | None = None) -> CacheSnapshot:
-    """``derived``: what ``derived_check`` said about each manifest's fsmeta and VMDK (the
-    scan asks it; tests with files check that it is asked, see test_index.py)."""
+          derived: dict[str, tuple[tuple[str, str], ...]] | None = None) -> CacheSnapshot:
+    """``derived``: what ``cache.health`` said about each manifest's fsmeta and VMDK (the
+    scan asks it; tests with files check that it is asked, see test_one_truth.py)."""
     refs = [str(i.reference) for i in images] if metadata_refs is None else metadata_refs
     return CacheSnapshot(
         cache_root=CACHE, images=images, layers=layers,
@@ -202,13 +202,20 @@ def test_corrupt_layer_says_pull_and_corrupt_fsmeta_says_repair() -> None:
 
 def test_derived_check_problems_make_an_image_not_ready() -> None:
     snap = _good()
-    said = ("fsmeta superblock checksum mismatch (the kernel refuses to mount it): "
-            f"fsmeta/sha256_{'1' * 64}.erofs", f"vmdk missing: vmdk/sha256_{'1' * 64}.vmdk")
-    bad = _snap(snap.images, snap.layers, _fsmeta(4), derived={M: said})
+    crc = ("fsmeta", "fsmeta superblock checksum mismatch (the kernel refuses to mount it): "
+                     f"fsmeta/sha256_{'1' * 64}.erofs")
+    vmdk = ("vmdk", f"vmdk missing: vmdk/sha256_{'1' * 64}.vmdk")
+    bad = _snap(snap.images, snap.layers, _fsmeta(4), derived={M: (crc, vmdk)})
     text = _status(bad)
-    assert text.startswith("not ready: ") and said[0] in text and said[1] in text
+    assert text.startswith("not ready: ") and crc[1] in text and vmdk[1] in text
     assert "fix: cachefs verify --repair docker.io/library/alpine:3.20\n" in text
     _not_usable(bad)
+    # msb's VMDK is not part of the view's disks: without it the image is not ready (msb
+    # cannot use it), but the view's own disk.vmdk and rootfs.img stay correct and served.
+    no_vmdk = _snap(snap.images, snap.layers, _fsmeta(4), derived={M: (vmdk,)})
+    assert _status(no_vmdk).startswith("not ready: ")
+    d = _dir(build_tree(no_vmdk), "images/docker.io/library/alpine:3.20")
+    assert "disk.vmdk" in d.children and "rootfs.img" in d.children
     assert _status(_snap(snap.images, snap.layers, _fsmeta(4), derived={M: ()})) == "ready\n"
 
 
@@ -238,7 +245,7 @@ def test_status_json_and_metrics() -> None:
         cache_root=CACHE, images=good.images, layers=good.layers,
         fsmeta={**good.fsmeta, M2: _fsmeta(2)}, metadata_mtime_ns=good.metadata_mtime_ns,
         bytes_by_kind=good.bytes_by_kind, taken_at_ns=99,
-        derived={M2: ("fsmeta device table has 3 slots, expected 1",)})
+        derived={M2: (("fsmeta", "fsmeta device table has 3 slots, expected 1"),)})
     doc = status_document(snap)
     assert doc["images"]["total"] == 2 and doc["images"]["ready"] == 1
     problems = doc["problems"]

@@ -67,8 +67,8 @@ def test_a_flipped_reserved_byte_in_a_device_slot(tmp_path: Path) -> None:
 
 
 def test_a_deleted_vmdk(tmp_path: Path) -> None:
-    """msb's rule needs the VMDK (msb would stitch again before using the image), so the
-    view does not call the image ready either, though it renders its own disk.vmdk."""
+    """msb needs its VMDK (it would stitch again before using the image), so no one calls
+    the image ready; the view's own disks do not use that file and stay served."""
     cache, manifest = _loaded(tmp_path)
     with view_mount(cache.root, tmp_path / "mnt") as vm:
         status = vm.image_dir(REF) / "status"
@@ -79,7 +79,7 @@ def test_a_deleted_vmdk(tmp_path: Path) -> None:
         text = status.read_text()
         assert f"vmdk missing: vmdk/{cache.vmdk_path(manifest).name}" in text
         assert f"fix: cachefs verify --repair {REF}" in text
-        assert not (vm.image_dir(REF) / "disk.vmdk").exists()
+        assert (vm.image_dir(REF) / "disk.vmdk").read_text().startswith("# Disk Descriptor")
 
 
 def test_a_corrupt_layer_names_the_command_that_fixes_it(tmp_path: Path) -> None:
