@@ -149,6 +149,20 @@ class ViewOperations(pyfuse3.Operations):
         self._node_cache[inode] = (path, node)
         return path, node
 
+    async def _known(self, inode: int) -> tuple[Path_, Node]:
+        """``_node``, catching up first if the inode's path is not in this tree.
+
+        The kernel holds the inode, so the path existed; it may have gone and come back
+        (a registry directory between an rm and the next pull), and the kernel asks for
+        its attributes at every walk through it once they are invalidated (a child's
+        invalidation invalidates its parent's): an older tree must not answer ENOENT.
+        """
+        try:
+            return self._node(inode)
+        except pyfuse3.FUSEError:
+            await self.refresher.catch_up(time.time_ns())
+            return self._node(inode)
+
     def _referenced(self, ino: int) -> None:
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
 
@@ -245,7 +259,7 @@ class ViewOperations(pyfuse3.Operations):
         return a
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        path, node = self._node(inode)
+        path, node = await self._known(inode)
         return self._attr(path, node)
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
@@ -280,7 +294,7 @@ class ViewOperations(pyfuse3.Operations):
         return path, node.children.get(name)
 
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        _, node = self._node(inode)
+        _, node = await self._known(inode)
         if not isinstance(node, SymlinkNode):
             raise _errno(errno.EINVAL)
         return os.fsencode(node.target)
@@ -288,7 +302,7 @@ class ViewOperations(pyfuse3.Operations):
     # -- directories --------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: Any = None) -> int:
-        path, node = self._node(inode)
+        path, node = await self._known(inode)
         if not isinstance(node, DirNode):
             raise _errno(errno.ENOTDIR)
         entries = [(name, (*path, name), child) for name, child in node.children.items()]
@@ -313,7 +327,7 @@ class ViewOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise _errno(errno.EROFS)
-        path, node = self._node(inode)
+        path, node = await self._known(inode)
         if isinstance(node, DirNode):
             raise _errno(errno.EISDIR)
         if isinstance(node, BytesNode):
@@ -369,7 +383,7 @@ class ViewOperations(pyfuse3.Operations):
         raise _errno(errno.ENOSYS)
 
     async def access(self, inode: int, mode: int, ctx: Any = None) -> bool:
-        self._node(inode)
+        await self._known(inode)
         return not mode & os.W_OK
 
     # -- everything that would write ---------------------------------------------------
