@@ -346,6 +346,8 @@ class ViewOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._new_fh(handle), direct_io=False, keep_cache=True)
         raise _errno(errno.EINVAL)
 
+    # pyfuse3's stub says bytes, but its read handler takes any contiguous buffer
+    # (PyObject_GetBuffer, handlers.pxi); a memoryview spares a copy per read.
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         handle = self._handles.get(fh)
         if isinstance(handle, _BytesHandle):

@@ -15,7 +15,7 @@ import trio
 
 from cachefs.cache.store import GlobalCache
 from cachefs.maintenance.remove import remove_images
-from cachefs.pull import load
+from cachefs.pipeline.pull import load
 from tests.fixtures.images import docker_archive
 from tests.fixtures.system import require_root
 from tests.view.conftest import image_one, view_mount

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from cachefs.cache.store import GlobalCache
-from cachefs.pull import load
+from cachefs.pipeline.pull import load
 from tests.fixtures.images import docker_archive
 from tests.view.conftest import image_one, view_mount, wait_for
 
