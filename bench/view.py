@@ -406,6 +406,11 @@ def _many(work: Path, count: int, rounds: int) -> list[dict[str, object]]:
             "first_ls_s": round(median(first_ls), 3),
             "again_ls_s": round(median(again_ls), 3),
             "target_s": 1.0,
+            "meets_target": max(median(first_ls), median(again_ls)) < 1.0,
+            # Every walk through an image directory is a round trip to the daemon (its
+            # entry timeout is 0, so a removed image is gone at once): the host's load
+            # shows in this row.
+            "load_avg_1m": round(os.getloadavg()[0], 1),
         },
         {
             "benchmark": f"view over {count} images, mount to ready",

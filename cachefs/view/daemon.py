@@ -27,8 +27,8 @@ import trio
 
 from ..cache.store import GlobalCache
 from ..errors import CachefsError, MountError
-from .fs import ViewOperations
 from .logs import JOURNAL, detach_stderr, log_path, open_log_file, stderr_handler, under_systemd
+from .operations import ViewOperations
 
 log = logging.getLogger(__name__)
 

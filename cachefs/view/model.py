@@ -3,10 +3,12 @@
 Two halves, kept apart on purpose:
 
 * ``scan_cache`` does the I/O: it indexes the references (``cache.index``), stats every
-  artifact and checks its validity (msb's rule, plus the fsmeta's device table against the
-  current layer sizes and its superblock crc, which the kernel insists on). Validity
-  results are memoised by (path, size, mtime, inode), so a poll every half second costs a
-  few ``stat`` calls, not a re-read of every image.
+  artifact and checks its validity (msb's rule), and asks ``cachefs.derived_check`` (the
+  one place for those checks, shared with pull, verify and ``cachefs images``) about each
+  manifest's fsmeta (superblock crc, device table against the layer files); its VMDK
+  must exist (msb's rule).
+  Results are memoised by file identity, so a poll every half second costs a few ``stat``
+  calls, not a re-read of every image.
 * ``build_tree`` is a pure function of that ``CacheSnapshot``; the FUSE layer only serves
   what it returns, and tests can exercise every status text without mounting anything.
 
@@ -23,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from ..cache.health import account_bytes, downloads_in_flight
 from ..cache.index import IndexedImage, index_images
@@ -35,6 +37,8 @@ from ..share.provenance import CONVERTED, fetched_layers
 from ..vmdk import render_descriptor
 
 BLOCK = 4096
+K = TypeVar("K")
+V = TypeVar("V")
 
 # ---------------------------------------------------------------------------------------
 # Snapshot of cache state (the model's input)
@@ -50,9 +54,6 @@ class Artifact:
     size: int = 0
     mtime_ns: int = 0
     problem: str | None = None
-    # fsmeta only: device-table block counts and mapped addresses, and its own blocks.
-    device_blocks: tuple[int, ...] = ()
-    device_mapped: tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -76,32 +77,37 @@ class CacheSnapshot:
     # user's lease files), or None. Disks are still served; deleters just cannot see it.
     lease_problem: str | None = None
     fetched_layers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # as EROFS
+    # manifest digest → (artifact, text) of what ``cache.health`` finds wrong with its
+    # fsmeta and VMDK (empty: both are what the layers need).
+    derived: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
 
-class _ValidityMemo:
-    """Validity verdicts keyed by file identity; thread-safe (scans run in worker threads)."""
+class _Memo(Generic[K, V]):
+    """Verdicts keyed by file identities; thread-safe (scans run in worker threads)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._memo: dict[tuple[str, int, int, int, int], Artifact] = {}
+        self._memo: dict[K, V] = {}
 
-    def get(self, key: tuple[str, int, int, int, int]) -> Artifact | None:
+    def get(self, key: K) -> V | None:
         with self._lock:
             return self._memo.get(key)
 
-    def put(self, key: tuple[str, int, int, int, int], art: Artifact) -> None:
+    def put(self, key: K, value: V) -> None:
         with self._lock:
             if len(self._memo) > 100_000:
                 self._memo.clear()
-            self._memo[key] = art
+            self._memo[key] = value
 
 
-_MEMO = _ValidityMemo()
+_MEMO: _Memo[tuple[str, int, int, int, int], Artifact] = _Memo()
+_DERIVED: _Memo[tuple[object, ...], tuple[tuple[str, str], ...]] = _Memo()
 
 
-def _check_erofs(path: Path, *, fsmeta: bool) -> Artifact:
-    """Stat ``path`` and judge it (memoised). Never raises: problems become text."""
-    from ..erofs.reader import ErofsImage, is_valid_erofs
+def _check_erofs(path: Path) -> Artifact:
+    """Stat ``path`` and judge it by msb's rule (memoised). Never raises: problems become
+    text. (An fsmeta's deeper checks are ``_derived_problems``.)"""
+    from ..erofs.reader import is_valid_erofs
 
     try:
         st = os.stat(path)
@@ -122,20 +128,38 @@ def _check_erofs(path: Path, *, fsmeta: bool) -> Artifact:
     elif not is_valid_erofs(path):
         art = Artifact(path, True, st.st_size, st.st_mtime_ns,
                        problem="corrupt (not a valid EROFS image)")
-    elif fsmeta:
-        try:
-            with ErofsImage.open(path) as img:
-                own = img.superblock.blocks
-                art = Artifact(
-                    path, True, st.st_size, st.st_mtime_ns,
-                    problem=None if img.crc_ok else "corrupt (superblock checksum mismatch)",
-                    device_blocks=tuple(d.blocks for d in img.devices),
-                    device_mapped=(own, *(d.mapped_blkaddr for d in img.devices)),
-                )
-        except (CachefsError, OSError, ValueError) as err:
-            art = Artifact(path, True, st.st_size, st.st_mtime_ns, problem=f"corrupt ({err})")
     _MEMO.put(key, art)
     return art
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _derived_problems(cache: GlobalCache, manifest: str, layers: list[str]
+                      ) -> tuple[tuple[str, str], ...]:
+    """``cache.health``'s verdict on the fsmeta and VMDK of ``manifest`` given its layer
+    files as they are now, as (artifact, text) pairs (memoised by the identity of every
+    file involved): the same checks ``cachefs images``, ``status`` and ``verify`` make."""
+    from ..cache.health import derived_problems
+
+    fsmeta = cache.fsmeta_erofs_path(manifest)
+    vmdk = cache.vmdk_path(manifest)
+    paths = [cache.layer_erofs_path(d) for d in layers]
+    key = (str(fsmeta), _identity(fsmeta), _identity(vmdk),
+           *((str(p), _identity(p)) for p in paths))
+    cached = _DERIVED.get(key)
+    if cached is not None:
+        return cached
+    result = tuple(
+        (p.artifact, f"{p.artifact} {p.message}: {p.artifact}/{(p.path or fsmeta).name}")
+        for p in derived_problems(cache, manifest, paths))
+    _DERIVED.put(key, result)
+    return result
 
 
 def _dir_entries(directory: Path) -> list[os.DirEntry[str]]:
@@ -168,21 +192,24 @@ def scan_cache(cache: GlobalCache, msb_db: Path | None = None,
         if name.endswith(".erofs"):
             digest = _digest_from_name(name[: -len(".erofs")])
             if digest is not None:
-                layers[digest] = _check_erofs(Path(entry.path), fsmeta=False)
+                layers[digest] = _check_erofs(Path(entry.path))
     # Bytes and downloads: cache.health's numbers, the same `cachefs df` shows.
     bytes_by_kind = account_bytes(cache).bytes_by_kind
     downloads = downloads_in_flight(cache)
 
     fsmeta: dict[str, Artifact] = {}
+    derived: dict[str, tuple[tuple[str, str], ...]] = {}
     metadata_mtime: dict[str, int] = {}
     for img in images:
         for diff in img.layers:
             if diff not in layers:
-                layers[diff] = _check_erofs(cache.layer_erofs_path(diff), fsmeta=False)
+                layers[diff] = _check_erofs(cache.layer_erofs_path(diff))
         if img.manifest_digest and img.manifest_digest not in fsmeta:
-            fsmeta[img.manifest_digest] = _check_erofs(
-                cache.fsmeta_erofs_path(img.manifest_digest), fsmeta=True
-            )
+            fsmeta[img.manifest_digest] = fm = _check_erofs(
+                cache.fsmeta_erofs_path(img.manifest_digest))
+            if fm.ok and all(layers[d].ok for d in img.layers):
+                derived[img.manifest_digest] = _derived_problems(
+                    cache, img.manifest_digest, img.layers)
         if previous is not None:
             known = previous.metadata_mtime_ns.get(str(img.reference))
             if known is not None:
@@ -204,6 +231,7 @@ def scan_cache(cache: GlobalCache, msb_db: Path | None = None,
         problems=problems,
         taken_at_ns=time.time_ns(),
         fetched_layers=fetched_layers(cache),
+        derived=derived,
     )
 
 
@@ -350,6 +378,10 @@ class ImageState:
 
     ready: bool
     problems: list[tuple[str, str]]  # (what is wrong, command that fixes it)
+    # The view's own disks (rootfs.img, disk.vmdk with relative extents) are correct:
+    # fsmeta and every layer are sound. msb's VMDK is not part of them, so a missing or
+    # stale one (a moved cache) makes the image not ready without hiding working disks.
+    disks: bool = False
 
 
 README = """\
@@ -373,7 +405,8 @@ by-digest/<manifest>/    the same directories, named by manifest digest
 layers/<diff>.erofs      every layer image in the cache
 status.json, metrics     cache-wide state (JSON, Prometheus text), generated on read
 
-disk.vmdk and rootfs.img appear only when every artifact of the image is valid.
+disk.vmdk and rootfs.img appear only when fsmeta and every layer are valid (msb's own
+vmdk/ file is not part of them: a missing or stale one makes status say not ready).
 Mount the disk inside the guest as EROFS: mount -t erofs -o ro /dev/vdX /mnt
 """
 
@@ -394,8 +427,11 @@ def judge_image(img: IndexedImage, snap: CacheSnapshot) -> ImageState:
         if art is None or not art.exists:
             problems.append((f"layer {i} {diff} missing: layers/{_safe(diff)}.erofs", pull))
         elif art.problem:
+            # A layer is made from its blob, which the cache does not keep: only fetching
+            # it again (pull, or load of its archive) rebuilds it; verify --repair cannot.
             problems.append((f"layer {i} {diff} {art.problem}: layers/{_safe(diff)}.erofs",
-                             _fix_for(art, repair)))
+                             _fix_for(art, f"{pull} (or cachefs load <archive> again, for "
+                                           "a loaded image)")))
     if img.manifest_digest is None:
         problems.append(("manifest digest unknown", pull))
     else:
@@ -406,10 +442,11 @@ def judge_image(img: IndexedImage, snap: CacheSnapshot) -> ImageState:
         elif fm.problem:
             problems.append((f"fsmeta {fm.problem}: {rel}", _fix_for(fm, repair)))
         else:
-            mismatch = _device_table_mismatch(fm, img.layers, snap)
-            if mismatch:
-                problems.append((f"fsmeta does not match the layers ({mismatch}): {rel}",
-                                 repair))
+            # fsmeta and VMDK are derived from the layers: verify --repair rebuilds them.
+            derived = snap.derived.get(img.manifest_digest, ())
+            problems += [(what, repair) for _, what in derived]
+            disk_faults = len(problems) - sum(kind == "vmdk" for kind, _ in derived)
+            return ImageState(ready=not problems, problems=problems, disks=not disk_faults)
     return ImageState(ready=not problems, problems=problems)
 
 
@@ -418,21 +455,6 @@ def _fix_for(art: Artifact, repair: str) -> str:
         return (f"let user {_user()} read {art.path.parent} (or run the view as the "
                 f"cache's owner)")
     return repair
-
-
-def _device_table_mismatch(fm: Artifact, layers: list[str], snap: CacheSnapshot) -> str | None:
-    if len(fm.device_blocks) != len(layers):
-        return f"{len(fm.device_blocks)} devices for {len(layers)} layers"
-    mapped = fm.device_mapped[0] if fm.device_mapped else fm.size // BLOCK
-    for i, (blocks, diff) in enumerate(zip(fm.device_blocks, layers, strict=True)):
-        art = snap.layers.get(diff)
-        size = art.size if art is not None else 0
-        if blocks * BLOCK != size:
-            return f"device {i + 1} has {blocks} blocks, layer file has {size // BLOCK}"
-        if len(fm.device_mapped) > i + 1 and fm.device_mapped[i + 1] != mapped:
-            return f"device {i + 1} mapped at block {fm.device_mapped[i + 1]}, expected {mapped}"
-        mapped += blocks
-    return None
 
 
 def status_text(img: IndexedImage, state: ImageState, lease_note: str | None = None) -> str:
@@ -489,7 +511,7 @@ def _image_dir(
         children["config.json"] = DocNode(raw_config.encode, ("c", mtime), mtime,
                                           len(raw_config.encode()))
     disk_size: int | None = None
-    if state.ready and fm is not None:
+    if state.disks and fm is not None:
         files = [("fsmeta.erofs", fm.size)]
         parts = [(fm.path, fm.size)]
         for i, diff in enumerate(img.layers):

@@ -185,8 +185,8 @@ def test_open_for_write_is_erofs(mounted: ViewMount) -> None:
         with pytest.raises(OSError) as info:
             os.open(mounted.image_dir(ONE) / name, os.O_RDWR)
         assert info.value.errno == errno.EROFS
-    # No xattrs at all: "not supported" (the kernel answers it without asking the daemon
-    # once told, which keeps `ls -l`'s per-file xattr probes off the daemon).
+    # No xattrs at all: "not supported" (which makes `ls -l` stop probing ACLs, each probe
+    # a walk through an image directory and so a round trip to the daemon).
     for _ in range(2):
         with pytest.raises(OSError) as info:
             os.getxattr(mounted.image_dir(ONE) / "status", "user.x")

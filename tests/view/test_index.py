@@ -101,7 +101,7 @@ def test_scan_detects_corruption(msb: Msb, tmp_path: Path) -> None:
     snap = scan_cache(cache)
     assert all(snap.layers[x.diff_id].ok for x in meta.layers)
     fm = snap.fsmeta[meta.manifest_digest]
-    assert fm.ok and len(fm.device_blocks) == 3
+    assert fm.ok and snap.derived[meta.manifest_digest] == ()
     layer = cache.layer_erofs_path(meta.diff_ids[1])
     with open(layer, "r+b") as f:
         f.seek(1024)

@@ -25,6 +25,7 @@ from cachefs.vmdk import parse_descriptor
 
 CACHE = Path("/cache")
 M = "sha256:" + "1" * 64
+M2 = "sha256:" + "2" * 64
 DIFFS = ["sha256:" + c * 64 for c in "abc"]
 
 
@@ -55,19 +56,16 @@ def _layer(diff: str, blocks: int, problem: str | None = None, exists: bool = Tr
                     1000 + blocks, problem)
 
 
-def _fsmeta(blocks: int, layer_blocks: list[int], problem: str | None = None,
-            mapped: list[int] | None = None) -> Artifact:
-    if mapped is None:
-        mapped, at = [], blocks
-        for b in layer_blocks:
-            mapped.append(at)
-            at += b
+def _fsmeta(blocks: int, problem: str | None = None) -> Artifact:
     return Artifact(CACHE / "fsmeta" / f"{M.replace(':', '_')}.erofs", True, blocks * 4096, 500,
-                    problem, tuple(layer_blocks), (blocks, *mapped))
+                    problem)
 
 
 def _snap(images: list[IndexedImage], layers: dict[str, Artifact], fsmeta: Artifact | None,
-          metadata_refs: list[str] | None = None) -> CacheSnapshot:
+          metadata_refs: list[str] | None = None,
+          derived: dict[str, tuple[tuple[str, str], ...]] | None = None) -> CacheSnapshot:
+    """``derived``: what ``cache.health`` said about each manifest's fsmeta and VMDK (the
+    scan asks it; tests with files check that it is asked, see test_one_truth.py)."""
     refs = [str(i.reference) for i in images] if metadata_refs is None else metadata_refs
     return CacheSnapshot(
         cache_root=CACHE, images=images, layers=layers,
@@ -75,12 +73,13 @@ def _snap(images: list[IndexedImage], layers: dict[str, Artifact], fsmeta: Artif
         metadata_mtime_ns={r: 42 for r in refs},
         bytes_by_kind={"layers": 123, "fsmeta": 4096},
         taken_at_ns=99,
+        derived=derived or {},
     )
 
 
 def _good(images: list[IndexedImage] | None = None) -> CacheSnapshot:
     layers = {d: _layer(d, b) for d, b in zip(DIFFS, [3, 2, 5], strict=True)}
-    return _snap(images or [_image("alpine:3.20")], layers, _fsmeta(4, [3, 2, 5]))
+    return _snap(images or [_image("alpine:3.20")], layers, _fsmeta(4))
 
 
 def _dir(root: DirNode, path: str) -> DirNode:
@@ -169,7 +168,7 @@ def test_missing_layer_says_pull() -> None:
     snap = _good()
     layers = dict(snap.layers)
     layers[DIFFS[1]] = _layer(DIFFS[1], 0, "missing", exists=False)
-    snap = _snap(snap.images, layers, _fsmeta(4, [3, 2, 5]))
+    snap = _snap(snap.images, layers, _fsmeta(4))
     text = _status(snap)
     assert text.startswith("not ready: docker.io/library/alpine:3.20\n")
     assert f"layer 1 {DIFFS[1]} missing: layers/sha256_{'b' * 64}.erofs" in text
@@ -179,29 +178,45 @@ def test_missing_layer_says_pull() -> None:
     assert f"sha256_{'b' * 64}.erofs" not in _dir(build_tree(snap), "layers").children
 
 
-def test_corrupt_layer_and_fsmeta_say_repair() -> None:
+def test_corrupt_layer_says_pull_and_corrupt_fsmeta_says_repair() -> None:
+    """A layer is rebuilt only from its blob (pull/load again); verify --repair rebuilds
+    fsmeta and VMDK from the layers but cannot rebuild a layer, so it is not the hint."""
     snap = _good()
     layers = dict(snap.layers)
     layers[DIFFS[0]] = _layer(DIFFS[0], 3, "corrupt (not a valid EROFS image)")
-    snap = _snap(snap.images, layers,
-                 _fsmeta(4, [3, 2, 5], "corrupt (superblock checksum mismatch)"))
-    text = _status(snap)
+    text = _status(_snap(snap.images, layers, _fsmeta(4)))
     assert "layer 0" in text and "corrupt (not a valid EROFS image)" in text
-    assert "fsmeta corrupt (superblock checksum mismatch)" in text
+    assert text.count("fix: ") == 1
+    assert ("fix: cachefs pull docker.io/library/alpine:3.20 (or cachefs load <archive> "
+            "again, for a loaded image)\n") in text
+    assert "verify --repair" not in text
+    _not_usable(_snap(snap.images, layers, _fsmeta(4)))
+
+    broken = _snap(snap.images, snap.layers, _fsmeta(4, "corrupt (not a valid EROFS image)"))
+    text = _status(broken)
+    assert "fsmeta corrupt (not a valid EROFS image)" in text
     assert text.count("fix: ") == 1
     assert "fix: cachefs verify --repair docker.io/library/alpine:3.20\n" in text
-    _not_usable(snap)
+    _not_usable(broken)
 
 
-def test_fsmeta_device_table_must_match_layer_sizes() -> None:
+def test_derived_check_problems_make_an_image_not_ready() -> None:
     snap = _good()
-    grown = _snap(snap.images, snap.layers, _fsmeta(4, [3, 2, 6]))
-    assert "device 3 has 6 blocks, layer file has 5" in _status(grown)
-    _not_usable(grown)
-    fewer = _snap(snap.images, snap.layers, _fsmeta(4, [3, 2]))
-    assert "2 devices for 3 layers" in _status(fewer)
-    shifted = _snap(snap.images, snap.layers, _fsmeta(4, [3, 2, 5], mapped=[4, 8, 9]))
-    assert "device 2 mapped at block 8, expected 7" in _status(shifted)
+    crc = ("fsmeta", "fsmeta superblock checksum mismatch (the kernel refuses to mount it): "
+                     f"fsmeta/sha256_{'1' * 64}.erofs")
+    vmdk = ("vmdk", f"vmdk missing: vmdk/sha256_{'1' * 64}.vmdk")
+    bad = _snap(snap.images, snap.layers, _fsmeta(4), derived={M: (crc, vmdk)})
+    text = _status(bad)
+    assert text.startswith("not ready: ") and crc[1] in text and vmdk[1] in text
+    assert "fix: cachefs verify --repair docker.io/library/alpine:3.20\n" in text
+    _not_usable(bad)
+    # msb's VMDK is not part of the view's disks: without it the image is not ready (msb
+    # cannot use it), but the view's own disk.vmdk and rootfs.img stay correct and served.
+    no_vmdk = _snap(snap.images, snap.layers, _fsmeta(4), derived={M: (vmdk,)})
+    assert _status(no_vmdk).startswith("not ready: ")
+    d = _dir(build_tree(no_vmdk), "images/docker.io/library/alpine:3.20")
+    assert "disk.vmdk" in d.children and "rootfs.img" in d.children
+    assert _status(_snap(snap.images, snap.layers, _fsmeta(4), derived={M: ()})) == "ready\n"
 
 
 def test_missing_fsmeta_and_metadata() -> None:
@@ -213,19 +228,24 @@ def test_missing_fsmeta_and_metadata() -> None:
     d = _not_usable(no_fsmeta)
     assert "fsmeta.erofs" not in d.children
 
-    no_meta = _snap([_image("alpine:3.20", meta=False)], snap.layers, _fsmeta(4, [3, 2, 5]),
+    no_meta = _snap([_image("alpine:3.20", meta=False)], snap.layers, _fsmeta(4),
                     metadata_refs=[])
     text = _status(no_meta)
     assert "image metadata missing: manifests/" in text and "cachefs pull" in text
     d = _not_usable(no_meta)
     assert "manifest.json" not in d.children and "config.json" not in d.children
     corrupt_meta = _snap([_image("alpine:3.20", meta=False)], snap.layers,
-                         _fsmeta(4, [3, 2, 5]))
+                         _fsmeta(4))
     assert "image metadata corrupt" in _status(corrupt_meta)
 
 
 def test_status_json_and_metrics() -> None:
-    snap = _good([_image("alpine:3.20"), _image("busy:1", diffs=DIFFS[:1])])
+    good = _good([_image("alpine:3.20"), _image("busy:1", manifest=M2, diffs=DIFFS[:1])])
+    snap = CacheSnapshot(
+        cache_root=CACHE, images=good.images, layers=good.layers,
+        fsmeta={**good.fsmeta, M2: _fsmeta(2)}, metadata_mtime_ns=good.metadata_mtime_ns,
+        bytes_by_kind=good.bytes_by_kind, taken_at_ns=99,
+        derived={M2: (("fsmeta", "fsmeta device table has 3 slots, expected 1"),)})
     doc = status_document(snap)
     assert doc["images"]["total"] == 2 and doc["images"]["ready"] == 1
     problems = doc["problems"]
