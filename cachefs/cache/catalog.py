@@ -66,6 +66,17 @@ class ImageInfo:
         return self.reference or f"<unnamed {self.key[:12]}>"
 
     @property
+    def source_names(self) -> list[str]:
+        """The sources in the words every listing uses (``images --json``, the view's
+        status.json and image.json): how cachefs recorded the image (``cachefs-pull`` or
+        ``cachefs-load``), ``msb-db``, ``manifest-json``."""
+        return sorted({
+            f"{SOURCE_CACHEFS}-{self.record_source}"
+            if source == SOURCE_CACHEFS and self.record_source else source
+            for source in self.sources
+        })
+
+    @property
     def diff_ids(self) -> list[str]:
         if self.metadata is not None:
             return [layer.diff_id for layer in self.metadata.layers]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..models import CachedImageMetadata
 from ..reference import Reference
-from .catalog import SOURCE_CACHEFS, SOURCE_JSON, list_images, metadata_path
+from .catalog import SOURCE_JSON, list_images, metadata_path
 from .msb_index import SOURCE_MSB_DB, DbImage, default_msb_db, read_msb_db
 from .store import GlobalCache
 
@@ -42,16 +42,14 @@ def index_images(
     cache: GlobalCache, msb_db: Path | None = None, problems: list[str] | None = None
 ) -> list[IndexedImage]:
     """Every named image of the catalogue, sorted by normalised reference (stable
-    listings). ``sources``: ``cachefs-pull``/``cachefs-load`` and ``msb-db``."""
+    listings). ``sources``: :attr:`ImageInfo.source_names`, as ``images --json`` says."""
     found = list_images(cache, msb_db, problems=[] if problems is None else problems)
     out = []
     for info in found:
         if info.parsed is None or info.reference is None:
             continue
-        sources = {SOURCE_MSB_DB} if SOURCE_MSB_DB in info.sources else set()
-        if SOURCE_CACHEFS in info.sources:
-            sources.add(f"cachefs-{info.record_source}")
-        if not sources:  # only the json: not named by anyone
+        sources = set(info.source_names)
+        if not sources - {SOURCE_JSON}:  # only the json: not named by anyone
             continue
         out.append(IndexedImage(
             reference=info.parsed,

@@ -56,7 +56,7 @@ def image_summary(cache: GlobalCache, info: ImageInfo) -> ImageSummary:
         "size_bytes": size,
         "state": "ready" if not missing else "incomplete",
         "missing": missing,
-        "sources": sorted(set(info.sources)),
+        "sources": info.source_names,
     }
 
 

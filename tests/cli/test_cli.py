@@ -178,7 +178,11 @@ def test_load_records_images_that_rm_and_gc_then_manage(tmp_path: Path) -> None:
     rows = {r["reference"]: r for r in json.loads(run(cache, "images", "--json").stdout)}
     assert set(rows) == {"example.com/load/one:1", "docker.io/library/two:latest",
                          "docker.io/library/two:extra"}
-    assert all(r["state"] == "ready" and "cachefs" in r["sources"] for r in rows.values())
+    assert all(r["state"] == "ready" and "cachefs-load" in r["sources"] for r in rows.values())
+    # One vocabulary: status.json (what the view serves) names the same sources.
+    status = json.loads(run(cache, "status", "--json").stdout)
+    assert {i["reference"]: i["sources"] for i in status["images"]["list"]} == {
+        ref: row["sources"] for ref, row in rows.items()}
     assert run(cache, "verify").returncode == 0
 
     # Not in msb's database: plain rm works. The shared base layer and the retagged

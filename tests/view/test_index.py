@@ -26,7 +26,7 @@ def test_index_from_msb_db(msb: Msb, tmp_path: Path) -> None:
         "docker.io/library/three:v3",
     ]
     one = images[1]
-    assert one.typed == "one" and one.sources == {"msb-db"}
+    assert one.typed == "one" and one.sources == {"msb-db", "manifest-json"}
     assert one.metadata is not None and one.manifest_digest == one.metadata.manifest_digest
     three = images[2]
     assert three.metadata is not None
@@ -50,7 +50,7 @@ def test_records_merge_with_db_and_metadata_is_authoritative(msb: Msb, tmp_path:
     images = {str(i.reference): i for i in index_images(cache)}
     assert set(images) == {"docker.io/library/three:v3", "docker.io/only/ours:1"}
     three = images["docker.io/library/three:v3"]
-    assert three.sources == {"msb-db", "cachefs-pull"}
+    assert three.sources == {"msb-db", "cachefs-pull", "manifest-json"}
     assert three.manifest_digest == meta.manifest_digest
     ours = images["docker.io/only/ours:1"]
     assert ours.metadata is None and ours.layers == []  # no json under that key
@@ -70,7 +70,7 @@ def test_db_missing_locked_or_garbage_is_tolerated(msb: Msb, tmp_path: Path) -> 
     garbage.write_bytes(b"not a database" * 100)
     problems = []
     images = index_images(cache, garbage, problems)
-    assert [i.sources for i in images] == [{"cachefs-load"}]
+    assert [i.sources for i in images] == [{"cachefs-load", "manifest-json"}]
     assert problems and "cannot" in problems[0]
 
     # An exclusive writer (as during a migration): we give up quickly, without raising.
@@ -89,7 +89,7 @@ def test_db_missing_locked_or_garbage_is_tolerated(msb: Msb, tmp_path: Path) -> 
     # (SQLite may create an empty -wal/-shm pair for a WAL reader, as msb itself does).
     wal = Path(f"{msb.db}-wal")
     before = msb.db.read_bytes(), wal.read_bytes() if wal.exists() else b""
-    assert index_images(cache)[0].sources == {"msb-db", "cachefs-load"}
+    assert index_images(cache)[0].sources == {"msb-db", "cachefs-load", "manifest-json"}
     assert (msb.db.read_bytes(), wal.read_bytes() if wal.exists() else b"") == before
 
 
