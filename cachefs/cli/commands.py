@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -182,6 +182,27 @@ class CachefsGroup(click.Group):
             self._fail(ctx, f"cachefs: internal error: {type(err).__name__}: "
                        f"{' '.join(str(err).split())} (rerun with -v for the traceback)",
                        INTERNAL_ERROR_EXIT)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        """click's own ``main``, except that a usage error is one line like every other
+        refusal (click prints usage, a hint and the error on three)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as err:
+            where = err.ctx.command_path if err.ctx is not None else "cachefs"
+            click.echo(f"cachefs: {err.format_message()} (see: {where} --help)", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
 
     @staticmethod
     def _fail(ctx: click.Context, line: str, code: int) -> NoReturn:

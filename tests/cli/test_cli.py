@@ -304,3 +304,16 @@ def _cli(cache: Path) -> list[str]:
     from tests.cli.conftest import CACHEFS
 
     return [CACHEFS, "--cache", str(cache)]
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--bogus"], "--bogus"),
+    (["frob"], "frob"),
+    (["pull"], "REFERENCE"),
+    (["erofs", "ls", "/nonexistent/a.erofs"], "/nonexistent/a.erofs"),
+])
+def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], names: str) -> None:
+    """click prints usage, a hint and the error on three lines; cachefs says it in one,
+    naming what was wrong and where the help is."""
+    line = assert_one_line_error(run(tmp_path, *args), 2)
+    assert names in line and "--help" in line, line
