@@ -76,6 +76,7 @@ from .endpoints import (
 )
 from .platform import format_platform, select_manifest
 from .registries_conf import PullSource, RegistriesConf
+from .source import SourceImage, SourceLayer
 from .transfer import Deadline, NetLimits, deadline, origin, read_body, send_following
 
 ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
@@ -110,6 +111,20 @@ class ResolvedImage:
     @property
     def layers(self) -> list[Descriptor]:
         return self.manifest.layers
+
+    def source_image(self) -> SourceImage:
+        """The image as the pipeline takes it from any source."""
+        diff_ids = self.config.rootfs.diff_ids
+        if len(diff_ids) != len(self.layers):
+            raise RegistryError(
+                f"{self.reference}: manifest lists {len(self.layers)} layers but the config "
+                f"has {len(diff_ids)} diff_ids"
+            )
+        return SourceImage(
+            self.manifest_digest, self.raw_manifest_json, self.config_bytes, self.config,
+            tuple(SourceLayer(d.digest, d.media_type, d.size, str(diff))
+                  for d, diff in zip(self.layers, diff_ids, strict=True)),
+        )
 
 
 def _is_foreign(media_type: str) -> bool:

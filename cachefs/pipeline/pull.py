@@ -33,7 +33,7 @@ from ..cache.locks import Leases, flock_exclusive, flock_exclusive_async, public
 from ..cache.publish import remove_quietly
 from ..digest import Digest
 from ..erofs.tree import Node
-from ..errors import CachefsError, NotCachedError, RegistryError, UsageError
+from ..errors import CachefsError, NotCachedError, UsageError
 from ..heap import frozen_heap
 from ..ingest.layer import Compression, compression_from_media_type
 from ..models import (
@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from ..oci.auth import Credentials
     from ..oci.registries_conf import RegistriesConf
     from ..oci.registry import RegistryClient
+    from ..oci.source import SourceImage
 
 # Layers being downloaded or ingested at once, whatever the image's layer count: each holds
 # a few files and a connection (README "Limits"; CACHEFS_LAYERS_IN_FLIGHT).
@@ -92,23 +93,16 @@ class ImagePlan:
     layers: tuple[LayerMetadata, ...]
 
     @classmethod
-    def build(
-        cls,
-        reference: Reference,
-        typed: str,
-        manifest_digest: Digest,
-        raw_manifest_json: str,
-        config_bytes: bytes,
-        config: ImageConfigFile,
-        layers: Sequence[tuple[str, str | None, int | None, str]],
-    ) -> ImagePlan:
-        """From (blob digest, media type, size, diff_id) per layer; 0/"" become null (msb)."""
+    def from_source(cls, reference: Reference, typed: str, image: SourceImage) -> ImagePlan:
+        """The plan of an image from any source; unknown (0/"") sizes and media types
+        become null, as msb stores them."""
         return cls(
-            reference, typed, manifest_digest, raw_manifest_json, config_bytes.decode(), config,
+            reference, typed, image.manifest_digest, image.raw_manifest_json,
+            image.config_bytes.decode(), image.config,
             tuple(
-                LayerMetadata(digest=digest, media_type=media_type or None,
-                              size_bytes=size or None, diff_id=diff_id)
-                for digest, media_type, size, diff_id in layers
+                LayerMetadata(digest=layer.digest, media_type=layer.media_type or None,
+                              size_bytes=layer.size or None, diff_id=layer.diff_id)
+                for layer in image.layers
             ),
         )
 
@@ -471,19 +465,7 @@ async def _resolve_plan(
     wanted = parse_platform(platform) if platform else None
     resolved = await registry.resolve(ref, wanted)
     descriptors = {d.digest: d for d in resolved.layers}
-    diff_ids = resolved.config.rootfs.diff_ids
-    if len(diff_ids) != len(resolved.layers):
-        raise RegistryError(
-            f"{ref}: manifest lists {len(resolved.layers)} layers but the config has "
-            f"{len(diff_ids)} diff_ids"
-        )
-    plan = ImagePlan.build(
-        ref, typed, resolved.manifest_digest, resolved.raw_manifest_json,
-        resolved.config_bytes, resolved.config,
-        [(d.digest, d.media_type, d.size, str(diff))
-         for d, diff in zip(resolved.layers, diff_ids, strict=True)],
-    )
-    return plan, descriptors
+    return ImagePlan.from_source(ref, typed, resolved.source_image()), descriptors
 
 
 class _RegistryLayers:
@@ -672,12 +654,7 @@ async def load(
 
         first_ref, first_typed = refs[0]
         async with flock_exclusive_async(cache.image_lock_path(first_ref)):
-            plan = ImagePlan.build(
-                first_ref, first_typed, image.manifest_digest, image.raw_manifest_json,
-                image.config_bytes, image.config,
-                [(str(layer.digest), layer.media_type, layer.size, str(layer.diff_id))
-                 for layer in image.layers],
-            )
+            plan = ImagePlan.from_source(first_ref, first_typed, image.source_image())
             with frozen_heap():
                 result = await materialize_plan(cache, plan, provide, emit=emit, force=force,
                                                 source="load", msb_db=msb_db)
