@@ -145,6 +145,45 @@ def _reject_names(sep: bytes, names: list[bytes]) -> None:
     raise AssertionError("called for a directory whose names are all valid")
 
 
+def _queue_children(stack: list[tuple[bytes, Node, Node | None]], path: bytes, node: Node,
+                    kids: dict[bytes, Node]) -> list[bytes]:
+    """Check a directory's names and push its children for the pre-order walk (first name
+    on top); returns the names, sorted."""
+    kid_names = sorted(kids)
+    sep = path + b"/" if path else b""
+    # One check per directory, not per name (plan_layout runs once per inode, twice per
+    # pull): sorted, an empty name comes first; no name holds the separator.
+    if (not kid_names[0] or b"." in kids or b".." in kids
+            or len(max(kid_names, key=len)) > _MAX_NAME
+            or b"/" in b"\0".join(kid_names)):
+        _reject_names(sep, kid_names)
+    stack += [(sep + name, kids[name], node) for name in reversed(kid_names)]
+    return kid_names
+
+
+def _directory_shape(kids: dict[bytes, Node] | None, kid_names: list[bytes],
+                     is_root: bool) -> tuple[int, list[list[bytes]], int]:
+    """A directory's (nlink, packed dirent blocks, size)."""
+    DIR = FileType.DIR  # a local: runs once per child
+    child_dirs = sum(1 for c in kids.values() if c.type is DIR) if kids else 0
+    nlink = 2 if is_root else 2 + child_dirs
+    entries = sorted([b".", b"..", *kid_names])  # nearly sorted already: linear
+    dir_blocks = pack_dirent_names(entries)
+    size = (len(dir_blocks) - 1) * F.BLOCK_SIZE + _dir_block_len(dir_blocks[-1])
+    return nlink, dir_blocks, size
+
+
+def _link_parents(inodes: list[PlannedInode], by_node: dict[int, PlannedInode]) -> None:
+    """Each directory's ".." NID: its parent's."""
+    DIR = FileType.DIR  # a local: runs once per inode
+    for inode in inodes:
+        kids = inode.node.children
+        if kids:
+            for child in kids.values():
+                if child.type is DIR:
+                    by_node[id(child)].parent_nid = inode.nid
+
+
 def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> Plan:
     """Assign NIDs, layouts and data blocks for ``root`` (FORMATS.md §3.5–§3.8, §4.4).
 
@@ -178,28 +217,14 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
                 )
             continue  # a later name of a hardlink group: same NID, no slot
         kids = node.children
-        kid_names = sorted(kids) if kids else []
-        if kids:
-            sep = path + b"/" if path else b""
-            # One check per directory, not per name (this loop runs once per inode, twice
-            # per pull): sorted, an empty name comes first; no name holds the separator.
-            if (not kid_names[0] or b"." in kids or b".." in kids
-                    or len(max(kid_names, key=len)) > _MAX_NAME
-                    or b"/" in b"\0".join(kid_names)):
-                _reject_names(sep, kid_names)
-            stack += [(sep + name, kids[name], node)
-                      for name in reversed(kid_names)]
+        kid_names = _queue_children(stack, path, node, kids) if kids else []
         ibody = _ibody(node, path) if node.xattrs else b""
         fixed = 64 + len(ibody)
         # Locals, then one positional constructor call: this body runs once per inode.
         layout, data_blocks, rel_block, tail_len, chunk_pad, chunks = FLAT_PLAIN, 0, None, 0, 0, 0
         dir_blocks = None
         if is_dir:
-            child_dirs = sum(1 for c in kids.values() if c.type is DIR) if kids else 0
-            nlink = 2 if parent is None else 2 + child_dirs
-            entries = sorted([b".", b"..", *kid_names])  # nearly sorted already: linear
-            dir_blocks = pack_dirent_names(entries)
-            size = (len(dir_blocks) - 1) * BLOCK + _dir_block_len(dir_blocks[-1])
+            nlink, dir_blocks, size = _directory_shape(kids, kid_names, parent is None)
         else:
             nlink = names.get(id(node), 1)
             size = node.size if ntype is REG else len(node.target) if ntype is SYMLINK else 0
@@ -228,12 +253,7 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
         cursor += -(-(fixed + extra) // SLOT) * SLOT
         inodes.append(inode)
         by_node[id(node)] = inode
-    for inode in inodes:  # ".." of every directory
-        kids = inode.node.children
-        if kids:
-            for child in kids.values():
-                if child.type is DIR:
-                    by_node[id(child)].parent_nid = inode.nid
+    _link_parents(inodes, by_node)
     return Plan(
         inodes=inodes, by_node=by_node, meta_blkaddr=meta_blkaddr, meta_end=cursor,
         data_start=F.blocks_for(cursor), data_blocks=next_block, chunked=chunked,

@@ -379,6 +379,26 @@ class _Builder:
         kind = entry.kind
         if kind is ts.OTHER:
             return  # GNU sparse, volume headers, …: skipped with their data, as msb does
+        place = self._place(entry)
+        if place is None:
+            return  # "./" — the layer root keeps its defaults
+        parent, name = place
+        mode = entry.mode & 0o7777
+        if ((kind is ts.REGULAR or kind is ts.SYMLINK) and name.startswith(b".wh.")
+                and self._whiteout(entry, parent, name, mode)):
+            return
+        if kind is ts.REGULAR:
+            self._add_file(entry, parent, name, mode)
+        elif kind is ts.DIRECTORY:
+            self._add_directory(entry, parent, name, mode)
+        elif kind is ts.HARDLINK:
+            self._put(entry, parent, name, self._link_target(entry))
+        else:
+            self._add_special(entry, parent, name, mode)
+
+    def _place(self, entry: ts.TarEntry) -> tuple[Node, bytes] | None:
+        """The parent directory and name of an entry's path (None: the layer root), its
+        limits checked."""
         # Fast path for the usual "./usr/bin/x" or "usr/share/" shape: after the leading
         # "./" and trailing "/" go, the plain split has no "", "." or ".." component, so the
         # normalised path, its parent key and its name are slices of it.
@@ -390,7 +410,7 @@ class _Builder:
         if b"" in parts or b"." in parts or b".." in parts:
             parts = self._split(entry, entry.name)
             if not parts:
-                return  # "./" — the layer root keeps its defaults
+                return None
             length = sum(map(len, parts)) + len(parts) - 1
             key = b"/".join(parts[:-1])
         else:
@@ -406,68 +426,73 @@ class _Builder:
             raise self._fail(entry, f"file name longer than {MAX_NAME} bytes")
         if entry.uid > MAX_ID or entry.gid > MAX_ID or entry.mtime > MAX_MTIME:
             raise self._fail(entry, self._out_of_range(entry))
-        parent = self._parent(entry, key, parts)
-        mode = entry.mode & 0o7777
+        return self._parent(entry, key, parts), name
 
-        if (kind is ts.REGULAR or kind is ts.SYMLINK) and name.startswith(b".wh."):
-            if name == b".wh..wh..opq":
-                if OPAQUE_XATTR not in parent.xattrs:
-                    parent.xattrs.append(OPAQUE_XATTR)
-                return
-            if name in (b".wh..", b".wh..."):
-                raise self._fail(entry, f"whiteout {ts.display_name(name)!r} names no file")
-            if len(name) > 4:
-                wh = Node(FileType.CHR, mode, entry.uid, entry.gid, entry.mtime)
-                self._put(entry, parent, name[4:], wh)
-                return
+    def _whiteout(self, entry: ts.TarEntry, parent: Node, name: bytes, mode: int) -> bool:
+        """Apply a ``.wh.`` entry (opaque marker or whiteout); False: a plain file after all."""
+        if name == b".wh..wh..opq":
+            if OPAQUE_XATTR not in parent.xattrs:
+                parent.xattrs.append(OPAQUE_XATTR)
+            return True
+        if name in (b".wh..", b".wh..."):
+            raise self._fail(entry, f"whiteout {ts.display_name(name)!r} names no file")
+        if len(name) > 4:
+            wh = Node(FileType.CHR, mode, entry.uid, entry.gid, entry.mtime)
+            self._put(entry, parent, name[4:], wh)
+            return True
+        return False
 
-        if kind is ts.REGULAR:
-            size = entry.size
-            if size > MAX_FILE:
-                raise self._fail(entry, f"file larger than {MAX_FILE} bytes")
-            self._total += size
-            if self._total > self._cap:
-                raise content_cap_error(self._cap, entry=ts.display_name(entry.name),
-                                        layer=self.label)
-            node = Node(
-                FileType.REG, mode, entry.uid, entry.gid, entry.mtime,
-                size=size, content=SpoolExtent(self._offset),
-            )
-            self._put(entry, parent, name, node)
-            if size:
-                assert entry.data is not None
-                self._offset += entry.data.copy_to(self._write)
-                pad = -self._offset % SPOOL_ALIGN
-                if pad:  # the writer copies runs of files in one call (write_layer_erofs)
-                    self._write(_ZEROS[:pad])
-                    self._offset += pad
-        elif kind is ts.DIRECTORY:
-            children = parent.children
-            assert children is not None
-            old = children.get(name)
-            if old is not None and old.type is FileType.DIR:
-                old.mode, old.uid, old.gid, old.mtime = mode, entry.uid, entry.gid, entry.mtime
-                old.xattrs = []
-            else:
-                children[name] = Node.directory(mode, entry.uid, entry.gid, entry.mtime)
-        elif kind is ts.HARDLINK:
-            self._put(entry, parent, name, self._link_target(entry))
+    def _add_file(self, entry: ts.TarEntry, parent: Node, name: bytes, mode: int) -> None:
+        """A regular file: its data appended to the spool, aligned for the writer."""
+        size = entry.size
+        if size > MAX_FILE:
+            raise self._fail(entry, f"file larger than {MAX_FILE} bytes")
+        self._total += size
+        if self._total > self._cap:
+            raise content_cap_error(self._cap, entry=ts.display_name(entry.name),
+                                    layer=self.label)
+        node = Node(
+            FileType.REG, mode, entry.uid, entry.gid, entry.mtime,
+            size=size, content=SpoolExtent(self._offset),
+        )
+        self._put(entry, parent, name, node)
+        if size:
+            assert entry.data is not None
+            self._offset += entry.data.copy_to(self._write)
+            pad = -self._offset % SPOOL_ALIGN
+            if pad:  # the writer copies runs of files in one call (write_layer_erofs)
+                self._write(_ZEROS[:pad])
+                self._offset += pad
+
+    def _add_directory(self, entry: ts.TarEntry, parent: Node, name: bytes, mode: int) -> None:
+        """A directory entry: a directory already there keeps its children, takes the
+        entry's attributes."""
+        children = parent.children
+        assert children is not None
+        old = children.get(name)
+        if old is not None and old.type is FileType.DIR:
+            old.mode, old.uid, old.gid, old.mtime = mode, entry.uid, entry.gid, entry.mtime
+            old.xattrs = []
         else:
-            ftype = _SIMPLE_TYPES[kind]
-            node = Node(ftype, mode, entry.uid, entry.gid, entry.mtime)
-            if ftype is FileType.SYMLINK:
-                if len(entry.linkname) > MAX_SYMLINK:
-                    raise self._fail(entry, f"symlink target longer than {MAX_SYMLINK} bytes")
-                node.target = entry.linkname
-            elif ftype is FileType.CHR or ftype is FileType.BLK:
-                if entry.devmajor > MAX_MAJOR or entry.devminor > MAX_MINOR:
-                    raise self._fail(
-                        entry,
-                        f"device number {entry.devmajor}:{entry.devminor} out of range "
-                        f"(major ≤ {MAX_MAJOR}, minor ≤ {MAX_MINOR})",
-                    )
-                node.rdev_major, node.rdev_minor = entry.devmajor, entry.devminor
-            self._put(entry, parent, name, node)
+            children[name] = Node.directory(mode, entry.uid, entry.gid, entry.mtime)
+
+    def _add_special(self, entry: ts.TarEntry, parent: Node, name: bytes, mode: int) -> None:
+        """A symlink, device node or FIFO."""
+        ftype = _SIMPLE_TYPES[entry.kind]
+        node = Node(ftype, mode, entry.uid, entry.gid, entry.mtime)
+        if ftype is FileType.SYMLINK:
+            if len(entry.linkname) > MAX_SYMLINK:
+                raise self._fail(entry, f"symlink target longer than {MAX_SYMLINK} bytes")
+            node.target = entry.linkname
+        elif ftype is FileType.CHR or ftype is FileType.BLK:
+            if entry.devmajor > MAX_MAJOR or entry.devminor > MAX_MINOR:
+                raise self._fail(
+                    entry,
+                    f"device number {entry.devmajor}:{entry.devminor} out of range "
+                    f"(major ≤ {MAX_MAJOR}, minor ≤ {MAX_MINOR})",
+                )
+            node.rdev_major, node.rdev_minor = entry.devmajor, entry.devminor
+        self._put(entry, parent, name, node)
 
     @staticmethod
     def _out_of_range(entry: ts.TarEntry) -> str:

@@ -176,6 +176,55 @@ def _pax_int(value: bytes, key: str, entry: bytes) -> int:
     return n
 
 
+_META_TYPES = frozenset((0x78, 0x67, 0x4C, 0x4B))  # 'x'/'g' PAX, 'L'/'K' GNU long name/link
+
+
+class _PendingMeta:
+    """PAX and GNU records read so far that apply to the next real entry (global PAX: to
+    every later entry)."""
+
+    __slots__ = ("global_pax", "gnu_link", "gnu_name", "pax")
+
+    def __init__(self) -> None:
+        self.global_pax: dict[bytes, bytes] = {}
+        self.pax: dict[bytes, bytes] | None = None
+        self.gnu_name: bytes | None = None
+        self.gnu_link: bytes | None = None
+
+
+def _check_signed_checksum(hdr: bytes, stored: int, unsigned: int, raw_name: bytes) -> None:
+    """The stored checksum is not the unsigned sum: old writers summed signed bytes."""
+    high = sum(1 for b in hdr[:148] + hdr[156:] if b >= 0x80)
+    signed = unsigned - 256 * high
+    if stored != signed:
+        raise LayerFormatError(
+            f"bad tar header checksum (stored {stored:#o}, computed {unsigned:#o})",
+            entry=display_name(raw_name),
+        )
+
+
+def _pax_overrides(
+    records: dict[bytes, bytes], name: bytes, linkname: bytes, uid: int, gid: int, size: int,
+    xattrs: list[tuple[bytes, bytes]],
+) -> tuple[bytes, bytes, int, int, int]:
+    """PAX path/linkpath/uid/gid/size over the header's; SCHILY xattrs appended to
+    ``xattrs``. (PAX mtime is ignored on purpose: see ``TarEntry.mtime``.)"""
+    if b"path" in records:
+        name = records[b"path"]
+    if b"linkpath" in records:
+        linkname = records[b"linkpath"]
+    if b"uid" in records:
+        uid = _pax_int(records[b"uid"], "uid", name)
+    if b"gid" in records:
+        gid = _pax_int(records[b"gid"], "gid", name)
+    if b"size" in records:
+        size = _pax_int(records[b"size"], "size", name)
+    for key, value in records.items():
+        if key.startswith(_XATTR_PREFIX):
+            xattrs.append((key[len(_XATTR_PREFIX) :], value))
+    return name, linkname, uid, gid, size
+
+
 class EntryData:
     """The bounded data of one entry; valid until the reader moves to the next entry."""
 
@@ -322,38 +371,16 @@ class TarReader:
         return data[:size]
 
     def __iter__(self) -> Iterator[TarEntry]:
-        global_pax: dict[bytes, bytes] = {}
-        pax: dict[bytes, bytes] | None = None
-        gnu_name: bytes | None = None
-        gnu_link: bytes | None = None
+        # This loop runs once per member and bounds pull/load CPU time: the common cases
+        # stay inline or one call away, the rare ones (bad checksum, PAX/GNU records) are
+        # out of line.
+        meta = _PendingMeta()
         plain_numbers = _PLAIN_NUMBERS.match
         byte_sum = _byte_sum
-        type_kind = _TYPE_KIND.get
         while True:
-            # The common cases inline (the previous entry's rest and the next header inside
-            # the buffer): this loop runs once per member and bounds pull/load CPU time.
-            cur = self._current
-            if cur is not None:
-                rest = cur.remaining + (-cur.size % BLOCK)
-                pos = self._pos
-                if 0 <= rest <= len(self._buf) - pos:  # (a "-1" size field gives rest < 0)
-                    self._pos = pos + rest
-                    self.offset += rest
-                else:
-                    self._skip(rest)
-                cur.remaining = 0
-                self._current = None
-            self._current_name = b""
-            buf, pos = self._buf, self._pos
-            if len(buf) - pos >= BLOCK:
-                self._pos = end = pos + BLOCK
-                self.offset += BLOCK
-                hdr = buf[pos:end]
-            else:
-                taken = self._take(BLOCK)
-                if taken is None:
-                    return  # clean EOF on a header boundary
-                hdr = taken
+            hdr = self._next_header()
+            if hdr is None:
+                return  # clean EOF on a header boundary
             total = byte_sum(hdr)
             if not total:
                 return  # end-of-archive marker (all zero); the caller drains the rest
@@ -364,95 +391,109 @@ class TarReader:
                 # the very first block is no tar header: say that, not "entry <garbage>"
                 raise LayerFormatError("not a tar archive (no valid tar header at offset 0)")
             numbers = plain_numbers(hdr, 100)
-            if numbers is not None:
-                mode_f, uid_f, gid_f, size_f, mtime_f, chk_f = numbers.groups()
-                stored = int(chk_f, 8)
+            fields = numbers.groups() if numbers is not None else None
+            if fields is not None:
+                stored = int(fields[5], 8)
             else:
                 stored = parse_number(hdr[148:156], "checksum", raw_name)
             unsigned = total - sum(hdr[148:156]) + 8 * 0x20
             if stored != unsigned:
-                high = sum(1 for b in hdr[:148] + hdr[156:] if b >= 0x80)
-                signed = unsigned - 256 * high
-                if stored != signed:
-                    raise LayerFormatError(
-                        f"bad tar header checksum (stored {stored:#o}, computed {unsigned:#o})",
-                        entry=display_name(raw_name),
-                    )
+                _check_signed_checksum(hdr, stored, unsigned, raw_name)
             typeflag = hdr[156]
-            if numbers is not None:
-                size = int(size_f, 8)
+            if fields is not None:
+                size = int(fields[3], 8)
             else:
                 size = parse_number(hdr[124:136], "size", raw_name)
-            if typeflag in (0x78, 0x67):  # 'x' per-entry PAX, 'g' global PAX
-                records = _parse_pax(self._meta_data(size, raw_name), raw_name)
-                if typeflag == 0x67:
-                    global_pax.update(records)
-                else:
-                    pax = records if pax is None else {**pax, **records}
+            if typeflag in _META_TYPES:
+                self._take_meta(meta, typeflag, size, raw_name)
                 continue
-            if typeflag == 0x4C:  # 'L' GNU long name
-                gnu_name = self._meta_data(size, raw_name).rstrip(b"\0")
-                continue
-            if typeflag == 0x4B:  # 'K' GNU long link
-                gnu_link = self._meta_data(size, raw_name).rstrip(b"\0")
-                continue
-
-            name = raw_name
-            if hdr[257:263] == b"ustar\0":
-                nul = hdr.find(0, 345, 500)
-                prefix = hdr[345:nul] if nul >= 0 else hdr[345:500]
-                if prefix:
-                    name = prefix + b"/" + name
-            if gnu_name is not None:
-                name = gnu_name
-            if gnu_link is not None:
-                linkname = gnu_link
-            else:
-                nul = hdr.find(0, 157, 257)
-                linkname = hdr[157:nul] if nul >= 0 else hdr[157:257]
-            if numbers is not None:
-                uid = int(uid_f, 8)
-                gid = int(gid_f, 8)
-            else:
-                uid = parse_number(hdr[108:116], "uid", name)
-                gid = parse_number(hdr[116:124], "gid", name)
-            xattrs: list[tuple[bytes, bytes]] = []
-            records = {**global_pax, **pax} if pax is not None else global_pax
-            if records:
-                if b"path" in records:
-                    name = records[b"path"]
-                if b"linkpath" in records:
-                    linkname = records[b"linkpath"]
-                if b"uid" in records:
-                    uid = _pax_int(records[b"uid"], "uid", name)
-                if b"gid" in records:
-                    gid = _pax_int(records[b"gid"], "gid", name)
-                if b"size" in records:
-                    size = _pax_int(records[b"size"], "size", name)
-                for key, value in records.items():
-                    if key.startswith(_XATTR_PREFIX):
-                        xattrs.append((key[len(_XATTR_PREFIX) :], value))
-            pax = None
-            gnu_name = gnu_link = None
-            self._current_name = name
-            if numbers is not None:
-                mode = int(mode_f, 8)
-                mtime = int(mtime_f, 8)
-            else:
-                mode = parse_number(hdr[100:108], "mode", name)
-                mtime = parse_number(hdr[136:148], "mtime", name)
-            kind = type_kind(typeflag, OTHER)
-            if kind is CHAR or kind is BLOCKDEV:
-                devmajor = parse_number(hdr[329:337], "devmajor", name)
-                devminor = parse_number(hdr[337:345], "devminor", name)
-            else:
-                devmajor = devminor = 0
-            entry = TarEntry(
-                name, kind, typeflag, mode, uid, gid, size, mtime, linkname, devmajor, devminor,
-                xattrs,
-            )
-            self._current = entry.data = EntryData(self, size)
+            entry = self._entry(hdr, raw_name, fields, typeflag, size, meta)
+            self._current = entry.data = EntryData(self, entry.size)
             yield entry
+
+    def _next_header(self) -> bytes | None:
+        """Skip the rest of the previous entry, then take the next header block (None at
+        EOF). The common cases (both inside the buffer) inline."""
+        cur = self._current
+        if cur is not None:
+            rest = cur.remaining + (-cur.size % BLOCK)
+            pos = self._pos
+            if 0 <= rest <= len(self._buf) - pos:  # (a "-1" size field gives rest < 0)
+                self._pos = pos + rest
+                self.offset += rest
+            else:
+                self._skip(rest)
+            cur.remaining = 0
+            self._current = None
+        self._current_name = b""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= BLOCK:
+            self._pos = end = pos + BLOCK
+            self.offset += BLOCK
+            return buf[pos:end]
+        return self._take(BLOCK)
+
+    def _take_meta(self, meta: _PendingMeta, typeflag: int, size: int, raw_name: bytes) -> None:
+        """A PAX or GNU long-name/link record: kept for the next real entry."""
+        if typeflag == 0x4C:  # 'L' GNU long name
+            meta.gnu_name = self._meta_data(size, raw_name).rstrip(b"\0")
+        elif typeflag == 0x4B:  # 'K' GNU long link
+            meta.gnu_link = self._meta_data(size, raw_name).rstrip(b"\0")
+        else:  # 'x' per-entry PAX, 'g' global PAX
+            records = _parse_pax(self._meta_data(size, raw_name), raw_name)
+            if typeflag == 0x67:
+                meta.global_pax.update(records)
+            else:
+                meta.pax = records if meta.pax is None else {**meta.pax, **records}
+
+    def _entry(self, hdr: bytes, raw_name: bytes, fields: tuple[bytes, ...] | None,
+               typeflag: int, size: int, meta: _PendingMeta) -> TarEntry:
+        """The entry a header describes, with the pending PAX/GNU records applied (and
+        consumed). Fields are parsed in header order, so the first bad one is reported."""
+        name = raw_name
+        if hdr[257:263] == b"ustar\0":
+            nul = hdr.find(0, 345, 500)
+            prefix = hdr[345:nul] if nul >= 0 else hdr[345:500]
+            if prefix:
+                name = prefix + b"/" + name
+        if meta.gnu_name is not None:
+            name = meta.gnu_name
+        if meta.gnu_link is not None:
+            linkname = meta.gnu_link
+        else:
+            nul = hdr.find(0, 157, 257)
+            linkname = hdr[157:nul] if nul >= 0 else hdr[157:257]
+        if fields is not None:
+            uid = int(fields[1], 8)
+            gid = int(fields[2], 8)
+        else:
+            uid = parse_number(hdr[108:116], "uid", name)
+            gid = parse_number(hdr[116:124], "gid", name)
+        xattrs: list[tuple[bytes, bytes]] = []
+        pax = meta.pax
+        records = {**meta.global_pax, **pax} if pax is not None else meta.global_pax
+        if records:
+            name, linkname, uid, gid, size = _pax_overrides(
+                records, name, linkname, uid, gid, size, xattrs
+            )
+        meta.pax = meta.gnu_name = meta.gnu_link = None
+        self._current_name = name
+        if fields is not None:
+            mode = int(fields[0], 8)
+            mtime = int(fields[4], 8)
+        else:
+            mode = parse_number(hdr[100:108], "mode", name)
+            mtime = parse_number(hdr[136:148], "mtime", name)
+        kind = _TYPE_KIND.get(typeflag, OTHER)
+        if kind is CHAR or kind is BLOCKDEV:
+            devmajor = parse_number(hdr[329:337], "devmajor", name)
+            devminor = parse_number(hdr[337:345], "devminor", name)
+        else:
+            devmajor = devminor = 0
+        return TarEntry(
+            name, kind, typeflag, mode, uid, gid, size, mtime, linkname, devmajor, devminor,
+            xattrs,
+        )
 
     def drain(self) -> int:
         """Read the stream to EOF (after the end marker); returns the bytes discarded."""

@@ -3,6 +3,8 @@
 * :class:`RegistryClient` — ``resolve(ref, platform)`` → :class:`ResolvedImage`;
   ``fetch_blob(ref, descriptor, part_path)`` resumable and verified.
 * :func:`open_archive` — docker archives and OCI layouts → :class:`ArchiveSource`.
+* :class:`SourceImage` — the one shape both sources give the pipeline
+  (``ResolvedImage.source_image()``, ``ArchiveImage.source_image()``).
 * :class:`Authenticator` / :class:`Credentials` — explicit credentials, docker config,
   credential helpers, bearer tokens.
 * :class:`NetLimits` — every bound on what a registry may cost (time, bytes, attempts).
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from .auth import Authenticator, Credentials, docker_config_credentials
     from .platform import host_platform, parse_platform, select_manifest
     from .registry import RegistryClient, ResolvedImage
+    from .source import SourceImage, SourceLayer
     from .transfer import NetLimits
 
 # Loaded on first use (PEP 562): a pull never needs the archive reader (tarfile), a load
@@ -29,6 +32,7 @@ _LAZY = {
     "Authenticator": ".auth", "Credentials": ".auth", "docker_config_credentials": ".auth",
     "host_platform": ".platform", "parse_platform": ".platform", "select_manifest": ".platform",
     "RegistryClient": ".registry", "ResolvedImage": ".registry",
+    "SourceImage": ".source", "SourceLayer": ".source",
     "NetLimits": ".transfer",
 }
 
@@ -44,6 +48,8 @@ __all__ = [
     "NetLimits",
     "RegistryClient",
     "ResolvedImage",
+    "SourceImage",
+    "SourceLayer",
     "docker_config_credentials",
     "host_platform",
     "open_archive",

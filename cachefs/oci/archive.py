@@ -63,6 +63,7 @@ from ..models import (
 )
 from .platform import host_platform, platform_matches, select_manifest
 from .registry import check_layer_descriptor
+from .source import SourceImage, SourceLayer
 
 REF_NAME = "org.opencontainers.image.ref.name"
 MAX_JSON_BYTES = 32 << 20
@@ -278,6 +279,14 @@ class ArchiveImage:
     @property
     def raw_manifest_json(self) -> str:
         return self.manifest_bytes.decode()
+
+    def source_image(self) -> SourceImage:
+        """The image as the pipeline takes it from any source."""
+        return SourceImage(
+            self.manifest_digest, self.raw_manifest_json, self.config_bytes, self.config,
+            tuple(SourceLayer(str(layer.digest), layer.media_type, layer.size,
+                              str(layer.diff_id)) for layer in self.layers),
+        )
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ from .endpoints import (
 )
 from .platform import format_platform, select_manifest
 from .registries_conf import PullSource, RegistriesConf
+from .source import SourceImage, SourceLayer
 from .transfer import Deadline, NetLimits, deadline, origin, read_body, send_following
 
 ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
@@ -110,6 +111,20 @@ class ResolvedImage:
     @property
     def layers(self) -> list[Descriptor]:
         return self.manifest.layers
+
+    def source_image(self) -> SourceImage:
+        """The image as the pipeline takes it from any source."""
+        diff_ids = self.config.rootfs.diff_ids
+        if len(diff_ids) != len(self.layers):
+            raise RegistryError(
+                f"{self.reference}: manifest lists {len(self.layers)} layers but the config "
+                f"has {len(diff_ids)} diff_ids"
+            )
+        return SourceImage(
+            self.manifest_digest, self.raw_manifest_json, self.config_bytes, self.config,
+            tuple(SourceLayer(d.digest, d.media_type, d.size, str(diff))
+                  for d, diff in zip(self.layers, diff_ids, strict=True)),
+        )
 
 
 def _is_foreign(media_type: str) -> bool:
@@ -625,71 +640,104 @@ class RegistryClient:
             check_layer_descriptor(descriptor, where)
         check_blob_descriptor(descriptor, where, self.limits)
         digest = descriptor.parsed_digest
-        expected = descriptor.size
-        path = f"blobs/{digest}"
         hasher, have, done = await trio.to_thread.run_sync(
-            _prepare_part, dest, digest, expected, resume
+            _prepare_part, dest, digest, descriptor.size, resume
         )
         if written is not None:
             written(have)
         if done:
             return
-        retries = _Retries(self.max_attempts, self.limits.retry_window_s)
-        while True:
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            delay = self._delay(retries.count)
-            got = 0  # bytes this attempt received: a cut after progress is resumed at once
-            try:
-                async with self._exchange("GET", ref, path, headers) as (resp, clock):
-                    if resp.status_code in RETRY_STATUSES:
-                        if retries.last():
-                            await self._raise_for_status(resp, ref, path, clock)
-                        delay = self._delay(retries.count, resp)
-                        reason = f"HTTP {resp.status_code}"
-                    elif resp.status_code == 416 and have:
-                        # Our prefix is not a prefix of theirs (or already complete): start over.
-                        hasher, have = digest.hasher(), 0
-                        await trio.to_thread.run_sync(_truncate, dest)
-                        if written is not None:
-                            written(0)
-                        reason = "HTTP 416 to a resume request"
-                    else:
-                        await self._raise_for_status(resp, ref, path, clock)
-                        status = resp.status_code
-                        restarted = False
-                        if have and (status != 206 or not _range_starts_at(resp, have)):
-                            # A full body (or a range we did not ask for): truncate, restart.
-                            hasher, have, restarted = digest.hasher(), 0, True
-                            await trio.to_thread.run_sync(_truncate, dest)
-                            if written is not None:
-                                written(0)
-                        if status == 200 or (status == 206 and not restarted):
-                            part = _Part(hasher, have)
-                            try:
-                                await _receive(resp, clock, dest, part, expected, progress,
-                                               written)
-                            finally:
-                                got, have = part.size - have, part.size  # even on an error
-                            reason = f"the body ended after {have} of {expected} bytes"
-                        else:
-                            reason = f"HTTP {status} to a request for bytes {have}-"
-                if have == expected:
-                    break
-            except httpx.TransportError as err:
-                reason = f"{err.__class__.__name__} ({have} bytes kept for resume)"
-            if retries.last():
-                raise RegistryError(
-                    f"{where}: downloading blob {digest} failed after {retries.count + 1} "
-                    f"attempts in {retries.elapsed():.1f} s: {reason}",
-                    hint=f"{self.limits.env_name('attempts')} and "
-                         f"{self.limits.env_name('retry_window_s')} bound the retries",
-                )
-            retries.count += 1
-            await trio.sleep(0 if got else delay)
-        actual = f"{digest.algorithm}:{hasher.hexdigest()}"
+        fetch = _BlobFetch(self, ref, descriptor, dest, hasher, have, progress, written)
+        await fetch.run()
+        actual = f"{digest.algorithm}:{fetch.hasher.hexdigest()}"
         if actual != str(digest):
             await trio.to_thread.run_sync(_unlink, dest)
             raise DigestMismatch(f"blob of {where}", str(digest), actual)
+
+
+class _BlobFetch:
+    """The attempts at one blob download into its ``.part``: each asks for the bytes after
+    the kept prefix; a cut after progress is resumed at once, anything else after a backoff,
+    within the client's attempt and time bounds."""
+
+    def __init__(self, client: RegistryClient, ref: Reference, descriptor: Descriptor,
+                 dest: Path, hasher: Any, have: int, progress: Progress | None,
+                 written: Progress | None) -> None:
+        self._client = client
+        self._ref = ref
+        self._digest = descriptor.parsed_digest
+        self._expected = descriptor.size
+        self._path = f"blobs/{self._digest}"
+        self._dest = dest
+        self._progress = progress
+        self._written = written
+        self.hasher = hasher  # over the bytes in ``dest``
+        self.have = have  # bytes in ``dest``
+        self._got = 0  # bytes the current attempt received
+
+    async def run(self) -> None:
+        """Until ``dest`` holds ``expected`` bytes (not yet verified), or the retries end."""
+        client = self._client
+        retries = _Retries(client.max_attempts, client.limits.retry_window_s)
+        while True:
+            delay = client._delay(retries.count)
+            self._got = 0
+            try:
+                reason, delay = await self._attempt(retries, delay)
+                if self.have == self._expected:
+                    return
+            except httpx.TransportError as err:
+                reason = f"{err.__class__.__name__} ({self.have} bytes kept for resume)"
+            if retries.last():
+                raise RegistryError(
+                    f"{self._ref}: downloading blob {self._digest} failed after "
+                    f"{retries.count + 1} attempts in {retries.elapsed():.1f} s: {reason}",
+                    hint=f"{client.limits.env_name('attempts')} and "
+                         f"{client.limits.env_name('retry_window_s')} bound the retries",
+                )
+            retries.count += 1
+            await trio.sleep(0 if self._got else delay)
+
+    async def _attempt(self, retries: _Retries, delay: float) -> tuple[str, float]:
+        """One request: (why it did not finish the blob, the delay before the next)."""
+        client, ref, path, have = self._client, self._ref, self._path, self.have
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        async with client._exchange("GET", ref, path, headers) as (resp, clock):
+            if resp.status_code in RETRY_STATUSES:
+                if retries.last():
+                    await client._raise_for_status(resp, ref, path, clock)
+                return f"HTTP {resp.status_code}", client._delay(retries.count, resp)
+            if resp.status_code == 416 and have:
+                # Our prefix is not a prefix of theirs (or already complete): start over.
+                await self._restart()
+                return "HTTP 416 to a resume request", delay
+            await client._raise_for_status(resp, ref, path, clock)
+            status = resp.status_code
+            restarted = False
+            if have and (status != 206 or not _range_starts_at(resp, have)):
+                # A full body (or a range we did not ask for): truncate, restart.
+                await self._restart()
+                restarted = True
+            if status == 200 or (status == 206 and not restarted):
+                await self._receive(resp, clock)
+                return f"the body ended after {self.have} of {self._expected} bytes", delay
+            return f"HTTP {status} to a request for bytes {self.have}-", delay
+
+    async def _restart(self) -> None:
+        """Drop the kept prefix: the next bytes written are the blob's first."""
+        self.hasher, self.have = self._digest.hasher(), 0
+        await trio.to_thread.run_sync(_truncate, self._dest)
+        if self._written is not None:
+            self._written(0)
+
+    async def _receive(self, resp: httpx.Response, clock: Deadline) -> None:
+        part = _Part(self.hasher, self.have)
+        try:
+            await _receive(resp, clock, self._dest, part, self._expected, self._progress,
+                           self._written)
+        finally:
+            self._got, self.have = part.size - self.have, part.size  # even on an error
+
 
 class _PlainFirstTransport(httpx.AsyncBaseTransport):
     """The transport of an ``insecure`` client, whose registry speaks plain HTTP.

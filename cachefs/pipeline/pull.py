@@ -33,10 +33,16 @@ from ..cache.locks import Leases, flock_exclusive, flock_exclusive_async, public
 from ..cache.publish import remove_quietly
 from ..digest import Digest
 from ..erofs.tree import Node
-from ..errors import CachefsError, NotCachedError, RegistryError, UsageError
+from ..errors import CachefsError, NotCachedError, UsageError
 from ..heap import frozen_heap
 from ..ingest.layer import Compression, compression_from_media_type
-from ..models import CachedImageMetadata, ImageConfig, ImageConfigFile, LayerMetadata
+from ..models import (
+    CachedImageMetadata,
+    Descriptor,
+    ImageConfig,
+    ImageConfigFile,
+    LayerMetadata,
+)
 from ..openfiles import ensure_open_files, files_needed
 from ..reference import Reference
 from .growing import GrowingBlob
@@ -44,6 +50,7 @@ from .materialize import BlobOpener, materialize_layer, stitch_image
 from .progress import (
     Event,
     Finished,
+    LayerPhase,
     LayerProgress,
     ProgressCallback,
     Resolved,
@@ -58,6 +65,7 @@ if TYPE_CHECKING:
     from ..oci.auth import Credentials
     from ..oci.registries_conf import RegistriesConf
     from ..oci.registry import RegistryClient
+    from ..oci.source import SourceImage
 
 # Layers being downloaded or ingested at once, whatever the image's layer count: each holds
 # a few files and a connection (README "Limits"; CACHEFS_LAYERS_IN_FLIGHT).
@@ -85,23 +93,16 @@ class ImagePlan:
     layers: tuple[LayerMetadata, ...]
 
     @classmethod
-    def build(
-        cls,
-        reference: Reference,
-        typed: str,
-        manifest_digest: Digest,
-        raw_manifest_json: str,
-        config_bytes: bytes,
-        config: ImageConfigFile,
-        layers: Sequence[tuple[str, str | None, int | None, str]],
-    ) -> ImagePlan:
-        """From (blob digest, media type, size, diff_id) per layer; 0/"" become null (msb)."""
+    def from_source(cls, reference: Reference, typed: str, image: SourceImage) -> ImagePlan:
+        """The plan of an image from any source; unknown (0/"") sizes and media types
+        become null, as msb stores them."""
         return cls(
-            reference, typed, manifest_digest, raw_manifest_json, config_bytes.decode(), config,
+            reference, typed, image.manifest_digest, image.raw_manifest_json,
+            image.config_bytes.decode(), image.config,
             tuple(
-                LayerMetadata(digest=digest, media_type=media_type or None,
-                              size_bytes=size or None, diff_id=diff_id)
-                for digest, media_type, size, diff_id in layers
+                LayerMetadata(digest=layer.digest, media_type=layer.media_type or None,
+                              size_bytes=layer.size or None, diff_id=layer.diff_id)
+                for layer in image.layers
             ),
         )
 
@@ -301,73 +302,92 @@ async def materialize_plan(
                   blobs=tuple(layer.digest for layer in plan.layers)))
     entries = _entries(cache, plan)
     limit = layers_in_flight()
-    in_flight = trio.CapacityLimiter(limit)
     ensure_open_files(files_needed(len(entries), limit),
                       f"{plan.reference} ({len(plan.layers)} layers)")
     # blocking: a deleter holding a lease exclusively is waited out, in a worker thread
     leases = await trio.to_thread.run_sync(Leases.acquire_all, entries)
-    transient: list[Path] = []
-    trees: dict[Digest, tuple[Node, int]] = {}  # layers built here: the fsmeta needs no re-read
-    limiter = trio.CapacityLimiter(MATERIALIZE_PARALLELISM)
+    builds = _LayerBuilds(cache, provide, emit, force, limit)
     try:
-        async def one(i: int, layer: LayerMetadata) -> None:
-            async with in_flight:
-                await build_one(i, layer)
-
-        async def build_one(i: int, layer: LayerMetadata) -> None:
-            diff = layer.diff_digest
-            if not force and await trio.to_thread.run_sync(cache.is_layer_materialized, diff):
-                emit(LayerProgress(i, layer.diff_id, "cached"))
-                return
-            blob = await provide(i, layer, emit)
-            if blob is None:  # another process materialised it while we waited
-                emit(LayerProgress(i, layer.diff_id, "cached"))
-                return
-            if blob.transient:
-                path = blob.file or blob.source
-                if isinstance(path, Path):
-                    transient.append(path)
-            emit(LayerProgress(i, layer.diff_id, "materialize"))
-            build = functools.partial(
-                trio.to_thread.run_sync,
-                functools.partial(
-                    materialize_layer, cache, blob.source, compression=blob.compression,
-                    diff_id=diff, layer_label=layer.digest, force=force,
-                ),
-                limiter=limiter,
-            )
-            if blob.feed is None:
-                built = await build()
-            else:  # ingest follows the download
-                built = await _ingest_while_downloading(build, blob.feed, blob.discard)
-            if built.root is not None and built.block_map is not None:
-                trees[diff] = (built.root, built.block_map.total_blocks)
-            emit(LayerProgress(i, layer.diff_id, "done"))
-
-        try:
-            async with trio.open_nursery() as nursery:
-                seen: set[str] = set()
-                for i, layer in enumerate(plan.layers):
-                    if layer.diff_id in seen:  # a repeated layer is built once
-                        continue
-                    seen.add(layer.diff_id)
-                    nursery.start_soon(one, i, layer)
-        except BaseExceptionGroup as group:
-            raise first_error(group) from None
-
+        await builds.run(plan.layers)
         emit(Stitching(str(plan.manifest_digest)))
         fsmeta, vmdk = await _stitch(cache, plan.manifest_digest,
-                                     [layer.diff_digest for layer in plan.layers], trees,
+                                     [layer.diff_digest for layer in plan.layers], builds.trees,
                                      force=force)
-        trees.clear()
+        builds.trees.clear()
         meta = await trio.to_thread.run_sync(_publish, cache, plan, source, msb_db)
     finally:
         leases.release()
-    for path in transient:
+    for path in builds.transient:
         remove_quietly(path)
     await trio.to_thread.run_sync(drop_leftovers, cache, _blobs(plan.layers))
     emit(Finished(str(plan.reference), str(plan.manifest_digest), cached=False))
     return PullResult(plan.reference, plan.manifest_digest, False, meta, fsmeta, vmdk)
+
+
+class _LayerBuilds:
+    """The per-layer stages of one image, in parallel: each layer is reused when valid, else
+    its blob is provided and ingested into its layer EROFS."""
+
+    def __init__(self, cache: GlobalCache, provide: LayerProvider, emit: ProgressCallback,
+                 force: bool, in_flight: int) -> None:
+        self._cache = cache
+        self._provide = provide
+        self._emit = emit
+        self._force = force
+        self._in_flight = trio.CapacityLimiter(in_flight)
+        self._limiter = trio.CapacityLimiter(MATERIALIZE_PARALLELISM)
+        self.transient: list[Path] = []  # downloaded files to remove once published
+        self.trees: dict[Digest, tuple[Node, int]] = {}  # built here: the fsmeta needs no re-read
+
+    async def run(self, layers: Sequence[LayerMetadata]) -> None:
+        """Every distinct layer at once (bounded by ``in_flight``); the first real error."""
+        try:
+            async with trio.open_nursery() as nursery:
+                seen: set[str] = set()
+                for i, layer in enumerate(layers):
+                    if layer.diff_id in seen:  # a repeated layer is built once
+                        continue
+                    seen.add(layer.diff_id)
+                    nursery.start_soon(self._one, i, layer)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+
+    async def _one(self, i: int, layer: LayerMetadata) -> None:
+        async with self._in_flight:
+            await self._build_one(i, layer)
+
+    async def _build_one(self, i: int, layer: LayerMetadata) -> None:
+        emit = self._emit
+        diff = layer.diff_digest
+        if not self._force and await trio.to_thread.run_sync(
+            self._cache.is_layer_materialized, diff
+        ):
+            emit(LayerProgress(i, layer.diff_id, "cached"))
+            return
+        blob = await self._provide(i, layer, emit)
+        if blob is None:  # another process materialised it while we waited
+            emit(LayerProgress(i, layer.diff_id, "cached"))
+            return
+        if blob.transient:
+            path = blob.file or blob.source
+            if isinstance(path, Path):
+                self.transient.append(path)
+        emit(LayerProgress(i, layer.diff_id, "materialize"))
+        build = functools.partial(
+            trio.to_thread.run_sync,
+            functools.partial(
+                materialize_layer, self._cache, blob.source, compression=blob.compression,
+                diff_id=diff, layer_label=layer.digest, force=self._force,
+            ),
+            limiter=self._limiter,
+        )
+        if blob.feed is None:
+            built = await build()
+        else:  # ingest follows the download
+            built = await _ingest_while_downloading(build, blob.feed, blob.discard)
+        if built.root is not None and built.block_map is not None:
+            self.trees[diff] = (built.root, built.block_map.total_blocks)
+        emit(LayerProgress(i, layer.diff_id, "done"))
 
 
 # registry --------------------------------------------------------------------------------
@@ -398,7 +418,6 @@ async def pull(
     see :mod:`cachefs.share.settings`): whether converted layers may come from the
     registry's EROFS artifact instead of being converted here.
     """
-    from ..oci.platform import parse_platform
     from ..oci.registry import RegistryClient
 
     ref = reference if isinstance(reference, Reference) else Reference.parse(reference)
@@ -420,22 +439,7 @@ async def pull(
             registries=registries if registries is not None else _registries_conf(),
         )
         try:
-            wanted = parse_platform(platform) if platform else None
-            resolved = await registry.resolve(ref, wanted)
-            descriptors = {d.digest: d for d in resolved.layers}
-            diff_ids = resolved.config.rootfs.diff_ids
-            if len(diff_ids) != len(resolved.layers):
-                raise RegistryError(
-                    f"{ref}: manifest lists {len(resolved.layers)} layers but the config has "
-                    f"{len(diff_ids)} diff_ids"
-                )
-            plan = ImagePlan.build(
-                ref, typed, resolved.manifest_digest, resolved.raw_manifest_json,
-                resolved.config_bytes, resolved.config,
-                [(d.digest, d.media_type, d.size, str(diff))
-                 for d, diff in zip(resolved.layers, diff_ids, strict=True)],
-            )
-
+            plan, descriptors = await _resolve_plan(registry, ref, typed, platform)
             if not force:  # EROFS artifacts: layers fetched here count as cached below
                 from ..share.fetch import fetch_erofs
                 from ..share.settings import artifact_policy
@@ -443,67 +447,112 @@ async def pull(
                 await fetch_erofs(cache, registry, ref, plan.manifest_digest,
                                   [layer.diff_digest for layer in plan.layers],
                                   policy=artifact_policy(erofs_artifacts), emit=emit)
-
-            async def provide(
-                i: int, layer: LayerMetadata, emit_: ProgressCallback
-            ) -> LayerBlob | None:
-                descriptor = descriptors[layer.digest]
-                blob = descriptor.parsed_digest
-                tar = cache.tar_path(blob)
-                total = descriptor.size or None
-                compression = compression_from_media_type(descriptor.media_type)
-                held = contextlib.AsyncExitStack()
-                await held.enter_async_context(
-                    flock_exclusive_async(cache.download_lock_path(blob))
-                )
-                try:
-                    # a concurrent pull may have finished this layer (and removed its blob)
-                    if not force and cache.is_layer_materialized(layer.diff_digest):
-                        return None
-                    if await trio.to_thread.run_sync(reusable_blob, tar, total, blob):
-                        return LayerBlob(tar, compression, True)
-                    part = cache.part_path(blob)
-                    growing = GrowingBlob(part, tar)
-                    lock = held.pop_all()  # feed() releases it when the download ends
-                    discard = trio.Event()
-
-                    async def feed() -> None:
-                        """The download, under its lock (handed over), while ingest reads."""
-                        async with lock:
-                            ok = False
-                            try:
-                                done = 0
-
-                                def on_disk(n: int) -> None:
-                                    """Bytes on disk: a resumed download starts at its kept
-                                    prefix; a restarted one goes back to 0."""
-                                    nonlocal done
-                                    done = n
-                                    growing.written(n)
-                                    emit_(LayerProgress(i, layer.diff_id, "download", n, total))
-
-                                await registry.fetch_blob(
-                                    ref, descriptor, part, resume=True, written=on_disk,
-                                )
-                                emit_(LayerProgress(i, layer.diff_id, "verify", done, total))
-                                os.rename(part, tar)
-                                ok = True
-                            finally:
-                                growing.finish(ok)
-                                if not ok and discard.is_set():  # still under the lock
-                                    remove_quietly(part)
-
-                    return LayerBlob(growing.open, compression, True, feed=feed, file=tar,
-                                     discard=discard.set)
-                finally:
-                    await held.aclose()
-
+            provide = _RegistryLayers(cache, registry, ref, descriptors, force)
             with frozen_heap():
                 return await materialize_plan(cache, plan, provide, emit=emit, force=force,
                                               source="pull", msb_db=msb_db)
         finally:
             if own_client:
                 await registry.aclose()
+
+
+async def _resolve_plan(
+    registry: RegistryClient, ref: Reference, typed: str, platform: str | None,
+) -> tuple[ImagePlan, dict[str, Descriptor]]:
+    """The registry's manifest and config as a plan, and each layer's descriptor by digest."""
+    from ..oci.platform import parse_platform
+
+    wanted = parse_platform(platform) if platform else None
+    resolved = await registry.resolve(ref, wanted)
+    descriptors = {d.digest: d for d in resolved.layers}
+    return ImagePlan.from_source(ref, typed, resolved.source_image()), descriptors
+
+
+class _RegistryLayers:
+    """The :data:`LayerProvider` of a registry pull: a layer's blob reused from ``layers/``,
+    or downloaded under its download lock while ingest follows the file."""
+
+    def __init__(self, cache: GlobalCache, registry: RegistryClient, ref: Reference,
+                 descriptors: Mapping[str, Descriptor], force: bool) -> None:
+        self._cache = cache
+        self._registry = registry
+        self._ref = ref
+        self._descriptors = descriptors
+        self._force = force
+
+    async def __call__(
+        self, i: int, layer: LayerMetadata, emit: ProgressCallback
+    ) -> LayerBlob | None:
+        cache = self._cache
+        descriptor = self._descriptors[layer.digest]
+        blob = descriptor.parsed_digest
+        tar = cache.tar_path(blob)
+        total = descriptor.size or None
+        compression = compression_from_media_type(descriptor.media_type)
+        held = contextlib.AsyncExitStack()
+        await held.enter_async_context(flock_exclusive_async(cache.download_lock_path(blob)))
+        try:
+            # a concurrent pull may have finished this layer (and removed its blob)
+            if not self._force and cache.is_layer_materialized(layer.diff_digest):
+                return None
+            if await trio.to_thread.run_sync(reusable_blob, tar, total, blob):
+                return LayerBlob(tar, compression, True)
+            download = _Download(
+                self._registry, self._ref, descriptor, cache.part_path(blob), tar,
+                held.pop_all(),  # the download releases it when it ends
+                functools.partial(_download_progress, emit, i, layer.diff_id, total),
+            )
+            return LayerBlob(download.growing.open, compression, True, feed=download,
+                             file=tar, discard=download.discard.set)
+        finally:
+            await held.aclose()
+
+
+def _download_progress(emit: ProgressCallback, i: int, diff_id: str, total: int | None,
+                       phase: LayerPhase, n: int) -> None:
+    emit(LayerProgress(i, diff_id, phase, n, total))
+
+
+class _Download:
+    """One blob's download into its ``.part`` file, under its download lock (handed over),
+    while ingest reads the file as it grows; renamed to ``tar`` once verified."""
+
+    def __init__(self, registry: RegistryClient, ref: Reference, descriptor: Descriptor,
+                 part: Path, tar: Path, lock: contextlib.AsyncExitStack,
+                 report: Callable[[LayerPhase, int], None]) -> None:
+        self._registry = registry
+        self._ref = ref
+        self._descriptor = descriptor
+        self._part = part
+        self._tar = tar
+        self._lock = lock
+        self._report = report
+        self._done = 0
+        self.growing = GrowingBlob(part, tar)
+        # set when ingest failed: the cancelled download then drops its partial file
+        self.discard = trio.Event()
+
+    def _on_disk(self, n: int) -> None:
+        """Bytes on disk: a resumed download starts at its kept prefix; a restarted one
+        goes back to 0."""
+        self._done = n
+        self.growing.written(n)
+        self._report("download", n)
+
+    async def __call__(self) -> None:
+        async with self._lock:
+            ok = False
+            try:
+                await self._registry.fetch_blob(
+                    self._ref, self._descriptor, self._part, resume=True, written=self._on_disk,
+                )
+                self._report("verify", self._done)
+                os.rename(self._part, self._tar)
+                ok = True
+            finally:
+                self.growing.finish(ok)
+                if not ok and self.discard.is_set():  # still under the lock
+                    remove_quietly(self._part)
 
 
 async def _ingest_while_downloading(
@@ -605,12 +654,7 @@ async def load(
 
         first_ref, first_typed = refs[0]
         async with flock_exclusive_async(cache.image_lock_path(first_ref)):
-            plan = ImagePlan.build(
-                first_ref, first_typed, image.manifest_digest, image.raw_manifest_json,
-                image.config_bytes, image.config,
-                [(str(layer.digest), layer.media_type, layer.size, str(layer.diff_id))
-                 for layer in image.layers],
-            )
+            plan = ImagePlan.from_source(first_ref, first_typed, image.source_image())
             with frozen_heap():
                 result = await materialize_plan(cache, plan, provide, emit=emit, force=force,
                                                 source="load", msb_db=msb_db)

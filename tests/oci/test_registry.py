@@ -377,3 +377,27 @@ def test_platform_parsing_and_variants() -> None:
     assert pick("linux/arm64/v8") is entries[2]
     with pytest.raises(RegistryError, match="linux/arm/v6, linux/arm/v7"):
         pick("linux/arm/v5")
+
+
+# one source-image shape ---------------------------------------------------------------------
+
+
+async def test_registry_and_archive_give_the_same_source_image(pushed: Pushed) -> None:
+    """The image pushed from an OCI layout, resolved from the registry, is the image the
+    layout itself gives: one SourceImage shape, equal but for what msb stores per source
+    (the registry's manifest is re-serialised, the archive's kept as is)."""
+    from dataclasses import replace
+
+    from cachefs.oci.archive import open_archive
+
+    async with client() as c:
+        resolved = await c.resolve(pushed.ref("zst:v1"))
+    from_registry = resolved.source_image()
+    from_layout = open_archive(pushed.zstd.path, None).images[0].source_image()
+    assert from_registry.manifest_digest == Digest.sha256_of(pushed.zstd.images[0].manifest_bytes)
+    assert len(from_registry.layers) == 2
+    assert all(layer.size and layer.media_type for layer in from_registry.layers)
+    assert replace(from_registry, raw_manifest_json="") == replace(from_layout,
+                                                                   raw_manifest_json="")
+    assert json.loads(from_registry.raw_manifest_json)["layers"] == json.loads(
+        from_layout.raw_manifest_json)["layers"]
