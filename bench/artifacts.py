@@ -12,18 +12,15 @@ fetched layers and fsmeta are byte-identical to msb's.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from . import debian
-from .link import Link
 from .measure import Sample, median, run_measured
-from .pull import REPO, _artifact_hashes, _missing_tools, prepare_inputs
+from .pull import REPO, _artifact_hashes, debian_inputs, network_endpoint
 
 TARGETS = {"loopback": 0.4, "link": 1.0}
 
@@ -88,15 +85,9 @@ def _row(name: str, rounds: int, work: Path, ours: Callable[[Path], list[str]],
 
 def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
     """``--quick``: the 3-layer image on loopback only."""
-    missing = _missing_tools()
-    if missing:
-        print(f"# artifacts: skipped: {', '.join(missing)} not installed", flush=True)
-        return []
     counts = (3,) if quick else (1, 3)
-    try:
-        inputs = prepare_inputs(counts)
-    except debian.Unavailable as err:
-        print(f"# artifacts: skipped: {err}", flush=True)
+    inputs = debian_inputs("artifacts", counts)
+    if inputs is None:
         return []
     from tests.fixtures.registry import LocalRegistry
 
@@ -111,7 +102,7 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
             shutil.rmtree(work / "ci-cache", ignore_errors=True)
             networks: list[str] = ["loopback"] if quick else ["loopback", "link"]
             for network in networks:
-                with _network(network, registry.port) as (host, describe):
+                with network_endpoint(network, registry.port) as (host, describe):
                     for n in counts:
                         ref = f"{host}/{REPO}:{n}layers"
                         results.append(_row(
@@ -131,11 +122,3 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
     return results
 
 
-@contextlib.contextmanager
-def _network(network: str, port: int) -> Iterator[tuple[str, str]]:
-    """``(host, description)``: the registry directly, or behind a modelled link."""
-    if network != "link":
-        yield f"127.0.0.1:{port}", "loopback"
-        return
-    with Link(port) as link:
-        yield link.host, f"link {link.describe()}"

@@ -164,15 +164,9 @@ def _missing_tools() -> list[str]:
 
 def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
     """``--quick`` drops the 1-layer image and the load row (the 3-layer pull remains)."""
-    missing = _missing_tools()
-    if missing:
-        print(f"# pull: skipped: {', '.join(missing)} not installed", flush=True)
-        return []
     counts = (3,) if quick else (1, 3)
-    try:
-        inputs = prepare_inputs(counts)
-    except debian.Unavailable as err:
-        print(f"# pull: skipped: {err}", flush=True)
+    inputs = debian_inputs("pull", counts)
+    if inputs is None:
         return []
     from tests.fixtures.registry import LocalRegistry
 
@@ -185,7 +179,7 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
                 registry.push_oci_layout(inputs.layouts[n], REPO, f"{n}layers")
             networks = ["loopback"] if quick else ["loopback", "link"]
             for network in networks:
-                with _network(network, registry.port) as (host, describe):
+                with network_endpoint(network, registry.port) as (host, describe):
                     for n in counts:
                         ref = f"{host}/{REPO}:{n}layers"
                         layers = f"{n} gzip layer{'s' if n > 1 else ''}"
@@ -216,8 +210,22 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
     return results
 
 
+def debian_inputs(section: str, counts: tuple[int, ...]) -> DebianInputs | None:
+    """The Debian images of ``counts`` layers, or None after a ``# section: skipped`` line
+    saying which tool or input is missing (a benchmark that cannot run says so, never fakes)."""
+    missing = _missing_tools()
+    if missing:
+        print(f"# {section}: skipped: {', '.join(missing)} not installed", flush=True)
+        return None
+    try:
+        return prepare_inputs(counts)
+    except debian.Unavailable as err:
+        print(f"# {section}: skipped: {err}", flush=True)
+        return None
+
+
 @contextlib.contextmanager
-def _network(network: str, port: int) -> Iterator[tuple[str, str]]:
+def network_endpoint(network: str, port: int) -> Iterator[tuple[str, str]]:
     """``(host, description)``: the registry directly, or behind the modelled link of
     :mod:`bench.link` (~40 MB/s, ~20 ms round trips)."""
     if network == "loopback":
