@@ -15,12 +15,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from .measure import Sample, median, run_measured
-from .pull import REPO, _artifact_hashes, debian_inputs, network_endpoint
+from .pull import REPO, _artifact_hashes, debian_inputs, debian_registry, network_endpoint
 
 TARGETS = {"loopback": 0.4, "link": 1.0}
 
@@ -89,36 +88,29 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
     inputs = debian_inputs("artifacts", counts)
     if inputs is None:
         return []
-    from tests.fixtures.registry import LocalRegistry
-
     py = sys.executable
     results: list[dict[str, object]] = []
-    work = Path(tempfile.mkdtemp(prefix="cachefs-bench-artifacts-", dir="/var/tmp"))
-    try:
-        with LocalRegistry(work / "registry") as registry:
-            for n in counts:
-                registry.push_oci_layout(inputs.layouts[n], REPO, f"{n}layers")
-                _push(work / "ci-cache", f"{registry.host}/{REPO}:{n}layers")
-            shutil.rmtree(work / "ci-cache", ignore_errors=True)
-            networks: list[str] = ["loopback"] if quick else ["loopback", "link"]
-            for network in networks:
-                with network_endpoint(network, registry.port) as (host, describe):
-                    for n in counts:
-                        ref = f"{host}/{REPO}:{n}layers"
-                        results.append(_row(
-                            f"pull with EROFS artifacts vs msb pull, debian minbase, {n} "
-                            f"layer{'s' if n > 1 else ''}, {describe}",
-                            rounds, work,
-                            lambda cache, ref=ref: [py, "-m", "bench.worker", "pull",
-                                                    str(cache), ref],
-                            [msb, "pull", "--quiet", "--insecure", ref],
-                            TARGETS[network],
-                            {"network": network,
-                             "uncompressed_mb": round(inputs.uncompressed_mb, 1),
-                             "msb_download_mb": round(inputs.compressed_mb[n], 1)},
-                        ))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with debian_registry("artifacts", inputs, counts) as (registry, work):
+        for n in counts:
+            _push(work / "ci-cache", f"{registry.host}/{REPO}:{n}layers")
+        shutil.rmtree(work / "ci-cache", ignore_errors=True)
+        networks: list[str] = ["loopback"] if quick else ["loopback", "link"]
+        for network in networks:
+            with network_endpoint(network, registry.port) as (host, describe):
+                for n in counts:
+                    ref = f"{host}/{REPO}:{n}layers"
+                    results.append(_row(
+                        f"pull with EROFS artifacts vs msb pull, debian minbase, {n} "
+                        f"layer{'s' if n > 1 else ''}, {describe}",
+                        rounds, work,
+                        lambda cache, ref=ref: [py, "-m", "bench.worker", "pull",
+                                                str(cache), ref],
+                        [msb, "pull", "--quiet", "--insecure", ref],
+                        TARGETS[network],
+                        {"network": network,
+                         "uncompressed_mb": round(inputs.uncompressed_mb, 1),
+                         "msb_download_mb": round(inputs.compressed_mb[n], 1)},
+                    ))
     return results
 
 

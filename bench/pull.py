@@ -28,10 +28,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import debian
 from .link import Link
 from .measure import Sample, median, run_measured
+
+if TYPE_CHECKING:
+    from tests.fixtures.registry import LocalRegistry
 
 REPO = "bench/debian"
 # Issue 15: time ratio cachefs/msb to reach per row (peak RSS ≤ msb's as well).
@@ -168,33 +172,27 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
     inputs = debian_inputs("pull", counts)
     if inputs is None:
         return []
-    from tests.fixtures.registry import LocalRegistry
-
     py = sys.executable
     results: list[dict[str, object]] = []
-    work = Path(tempfile.mkdtemp(prefix="cachefs-bench-pull-", dir="/var/tmp"))
-    try:
-        with LocalRegistry(work / "registry") as registry:
-            for n in counts:
-                registry.push_oci_layout(inputs.layouts[n], REPO, f"{n}layers")
-            networks = ["loopback"] if quick else ["loopback", "link"]
-            for network in networks:
-                with network_endpoint(network, registry.port) as (host, describe):
-                    for n in counts:
-                        ref = f"{host}/{REPO}:{n}layers"
-                        layers = f"{n} gzip layer{'s' if n > 1 else ''}"
-                        results.append(_compare(
-                            f"pull, debian bookworm minbase, {layers}"
-                            + ("" if network == "loopback" else f", {describe}"),
-                            rounds, work,
-                            lambda cache, ref=ref: [py, "-m", "bench.worker", "pull",
-                                                    str(cache), ref],
-                            lambda _home, ref=ref: [msb, "pull", "--quiet", "--insecure", ref],
-                            {"network": describe,
-                             "uncompressed_mb": round(inputs.uncompressed_mb, 1),
-                             "download_mb": round(inputs.compressed_mb[n], 1)},
-                            TARGETS[network],
-                        ))
+    with debian_registry("pull", inputs, counts) as (registry, work):
+        networks = ["loopback"] if quick else ["loopback", "link"]
+        for network in networks:
+            with network_endpoint(network, registry.port) as (host, describe):
+                for n in counts:
+                    ref = f"{host}/{REPO}:{n}layers"
+                    layers = f"{n} gzip layer{'s' if n > 1 else ''}"
+                    results.append(_compare(
+                        f"pull, debian bookworm minbase, {layers}"
+                        + ("" if network == "loopback" else f", {describe}"),
+                        rounds, work,
+                        lambda cache, ref=ref: [py, "-m", "bench.worker", "pull",
+                                                str(cache), ref],
+                        lambda _home, ref=ref: [msb, "pull", "--quiet", "--insecure", ref],
+                        {"network": describe,
+                         "uncompressed_mb": round(inputs.uncompressed_mb, 1),
+                         "download_mb": round(inputs.compressed_mb[n], 1)},
+                        TARGETS[network],
+                    ))
         if not quick:
             archive = str(inputs.archive)
             results.append(_compare(
@@ -205,9 +203,24 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
                 {"archive_mb": round(inputs.archive.stat().st_size / 1e6, 1)},
                 TARGETS["load"],
             ))
+    return results
+
+
+@contextlib.contextmanager
+def debian_registry(section: str, inputs: DebianInputs,
+                    counts: tuple[int, ...]) -> Iterator[tuple[LocalRegistry, Path]]:
+    """A fresh local registry holding the Debian images as ``REPO:<n>layers``, and a work
+    directory under /var/tmp for the section's caches; both are gone afterwards."""
+    from tests.fixtures.registry import LocalRegistry
+
+    work = Path(tempfile.mkdtemp(prefix=f"cachefs-bench-{section}-", dir="/var/tmp"))
+    try:
+        with LocalRegistry(work / "registry") as registry:
+            for n in counts:
+                registry.push_oci_layout(inputs.layouts[n], REPO, f"{n}layers")
+            yield registry, work
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return results
 
 
 def debian_inputs(section: str, counts: tuple[int, ...]) -> DebianInputs | None:
