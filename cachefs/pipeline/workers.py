@@ -108,17 +108,28 @@ class _Worker:
 
     async def run(self, job: Job, growing: GrowingBlob | None, label: str) -> bytes:
         """Send the job, tell the worker how the download goes, return its pickled answer."""
-        async with trio.open_nursery() as nursery:
+        try:
             await self._send.send_all(job_message(job))
-            if growing is not None:
-                nursery.start_soon(self._follow, growing)
-            answer = await self._answer(label)
+        except trio.BrokenResourceError:
+            raise await self._died(label) from None
+        if growing is None:
+            return await self._answer(label)
+        failure: WorkerFailed | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow, growing)
+            try:
+                answer = await self._answer(label)
+            except WorkerFailed as err:  # raised out here: a nursery would wrap it in a group
+                failure = err
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         return answer
 
     async def _follow(self, growing: GrowingBlob) -> None:
         """Forward the download's news: the latest size (intermediate ones may be skipped,
-        the reader only needs the newest), then how it ended."""
+        the reader only needs the newest), then how it ended. A worker that died stops
+        this quietly: its missing answer is what reports it."""
         token = trio.lowlevel.current_trio_token()
         changed = trio.Event()
 
@@ -138,6 +149,8 @@ class _Worker:
                     return
                 await changed.wait()
                 changed = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
         finally:
             growing.watch(None)
 
@@ -145,9 +158,12 @@ class _Worker:
         header = await self._exactly(RESULT_HEADER)
         data = await self._exactly(result_length(header)) if header is not None else None
         if data is None:
-            raise WorkerFailed(f"layer {label}: the worker process building it "
-                               f"{await self._death()}", hint=_DIED_HINT)
+            raise await self._died(label)
         return data
+
+    async def _died(self, label: str) -> WorkerFailed:
+        return WorkerFailed(f"layer {label}: the worker process building it "
+                            f"{await self._death()}", hint=_DIED_HINT)
 
     async def _exactly(self, n: int) -> bytes | None:
         buf = bytearray()
