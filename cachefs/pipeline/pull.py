@@ -345,8 +345,8 @@ class _LayerBuilds:
     async def run(self, layers: Sequence[LayerMetadata]) -> None:
         """Every distinct layer at once (bounded by ``in_flight``); the first real error."""
         distinct = len({layer.diff_id for layer in layers})
-        if workers_for(distinct, self._parallel):
-            self._workers = LayerWorkers()
+        if workers := workers_for(distinct, self._parallel):
+            self._workers = LayerWorkers(workers)
         try:
             async with trio.open_nursery() as nursery:
                 seen: set[str] = set()

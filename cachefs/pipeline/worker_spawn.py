@@ -37,18 +37,21 @@ def spawn() -> subprocess.Popen[bytes]:
 
 
 def workers_wanted(environ: Mapping[str, str] | None = None) -> int:
-    """How many workers a pull may run at once: the cores, at most ``MAX_WORKERS`` and
-    ``CACHEFS_LAYERS_IN_FLIGHT``; 0 with ``CACHEFS_LAYER_WORKERS=never`` or one core.
+    """How many workers a multi-layer pull will use (``workers_for`` in
+    :mod:`cachefs.pipeline.workers`, which this must not import): one per layer built at
+    once (the cores, at most ``MAX_WORKERS`` and ``CACHEFS_LAYERS_IN_FLIGHT``), less the
+    one the pull builds itself unless ``CACHEFS_LAYER_WORKERS=always``; 0 with ``never``.
     Malformed values count as unset here: the pull itself rejects them."""
     env = os.environ if environ is None else environ
-    if env.get(WORKERS_ENV, "").strip() == "never":
-        return 0
+    mode = env.get(WORKERS_ENV, "").strip()
     n = min(MAX_WORKERS, os.cpu_count() or 1)
     try:
         n = min(n, int(env.get(IN_FLIGHT_ENV, "") or n))
     except ValueError:
         pass
-    return n if n >= 2 else 0
+    if mode == "never" or n < 2:
+        return 0
+    return n if mode == "always" else n - 1
 
 
 def prestart(count: int | None = None) -> None:

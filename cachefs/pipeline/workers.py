@@ -23,9 +23,9 @@ failed, Ctrl-C) stops its worker: SIGTERM, then SIGKILL after ``STOP_DEADLINE``,
 only then does ``materialize_layer`` remove the temp files, so nothing is left behind.
 No worker outlives the pool: :meth:`LayerWorkers.aclose` ends them the same way.
 
-How many: at most one per layer being built at once, which the pull bounds by the cores
-(``MATERIALIZE_PARALLELISM``) and by ``CACHEFS_LAYERS_IN_FLIGHT``. A pull with one layer
-to build keeps it in a thread (:func:`workers_for`: measured faster, see the function).
+How many: :func:`workers_for`. Never more than the layers being built at once, which the
+pull bounds by the cores (``MATERIALIZE_PARALLELISM``) and by ``CACHEFS_LAYERS_IN_FLIGHT``;
+by default one fewer, since the pull's own process builds a layer too.
 """
 
 from __future__ import annotations
@@ -65,20 +65,23 @@ STOP_DEADLINE = 2.0  # seconds a stopped worker gets before SIGKILL
 
 
 def workers_for(layers_to_build: int, parallelism: int,
-                environ: Mapping[str, str] | None = None) -> bool:
-    """Whether a pull builds its layers in worker processes.
+                environ: Mapping[str, str] | None = None) -> int:
+    """How many worker processes a pull may use, building ``parallelism`` layers at once.
 
-    ``auto``: with two layers or more and two cores or more. One layer gains nothing from
-    a second process (the download and the ingest overlap in threads already) and pays
-    the tree's trip back. ``CACHEFS_LAYER_WORKERS=never|always`` overrides it (for
-    measuring, or as a way out).
+    ``auto``: with two layers or more, ``parallelism - 1``: the pull's own process builds
+    one layer in a thread beside them (it has a core's worth of room next to its download
+    loop, and a layer it builds itself costs no worker start and no tree sent back). One
+    layer stays in a thread. ``CACHEFS_LAYER_WORKERS=always`` puts every layer in a worker,
+    ``never`` none (for measuring, or as a way out).
     """
     raw = (os.environ if environ is None else environ).get(WORKERS_ENV, "").strip() or "auto"
     if raw not in ("auto", "never", "always"):
         raise UsageError(f"{WORKERS_ENV}={raw!r}: expected auto, never or always")
-    if raw != "auto":
-        return raw == "always"
-    return layers_to_build >= 2 and parallelism >= 2
+    if raw == "never" or parallelism < 2:
+        return 0
+    if raw == "always":
+        return parallelism
+    return parallelism - 1 if layers_to_build >= 2 else 0
 
 
 class _Worker:
@@ -220,14 +223,27 @@ class LayerWorkers:
     :meth:`aclose`. Use :meth:`builder` as ``materialize_layer``'s ``build`` hook; it is
     called in a thread (``trio.to_thread``) of the pull's trio run."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self._free = limit  # workers that may still be claimed (started or idle)
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
         self.started = 0  # for tests and measurements: how many processes this pool ran
 
+    def _claim(self) -> bool:
+        """Reserve a worker for a build (on the trio thread: no race between callers)."""
+        if self._free <= 0:
+            return False
+        self._free -= 1
+        return True
+
     async def build(self, job: Job, growing: GrowingBlob | None) -> bytes:
-        """The pickled answer of a worker to ``job``; a cancelled build stops its worker."""
-        worker = self._idle.pop() if self._idle else await self._start()
+        """The pickled answer of a worker (claimed by :meth:`_claim`) to ``job``; a
+        cancelled build stops its worker."""
+        try:
+            worker = self._idle.pop() if self._idle else await self._start()
+        except BaseException:
+            self._free += 1
+            raise
         self._busy.add(worker)
         answered = False
         try:
@@ -236,6 +252,7 @@ class LayerWorkers:
             return answer
         finally:
             self._busy.discard(worker)
+            self._free += 1
             if answered:
                 self._idle.append(worker)
             else:  # cancelled or dead: its state is unknown, it cannot take another job
@@ -258,17 +275,19 @@ class LayerWorkers:
     def builder(self, blob: Path | BlobOpener, *, compression: Compression | None,
                 diff_id: Digest, layer_label: str, spool_path: Path,
                 part: Path) -> tuple[Node, BlockMap]:
-        """:class:`~cachefs.ingest.image.LayerImageBuilder` in a worker process: for a file
-        or a growing download; any other stream (an archive member) is built here."""
+        """:class:`~cachefs.ingest.image.LayerImageBuilder` in a worker process, for a file
+        or a growing download, when one is free; else here (so is any other stream: an
+        archive member)."""
+        if not isinstance(blob, GrowingBlob | Path) or not trio.from_thread.run_sync(
+                self._claim):
+            return build_layer_image(blob, compression=compression, diff_id=diff_id,
+                                     layer_label=layer_label, spool_path=spool_path, part=part)
         if isinstance(blob, GrowingBlob):
             growing: GrowingBlob | None = blob
             job = Job(blob.path, blob.final, compression, diff_id, layer_label, spool_path, part)
-        elif isinstance(blob, Path):
+        else:
             growing = None
             job = Job(blob, None, compression, diff_id, layer_label, spool_path, part)
-        else:
-            return build_layer_image(blob, compression=compression, diff_id=diff_id,
-                                     layer_label=layer_label, spool_path=spool_path, part=part)
         answer = trio.from_thread.run(functools.partial(self.build, job, growing))
         result = _loads(answer)
         if result[0] == "error":
