@@ -22,9 +22,16 @@ import pytest
 import trio
 
 from cachefs.cache import GlobalCache
-from cachefs.errors import CachefsError, DigestMismatch, LayerFormatError, WorkerFailed
+from cachefs.errors import (
+    CachefsError,
+    DigestMismatch,
+    LayerFormatError,
+    UsageError,
+    WorkerFailed,
+)
 from cachefs.pipeline import worker_spawn
 from cachefs.pipeline.pull import pull
+from tests.cli.conftest import CACHEFS
 from tests.fixtures.hostile import Exchange, ServedImage, hostile  # noqa: F401  (fixture)
 from tests.fixtures.images import TestImage, layer_tar, reg
 from tests.fixtures.registry import oci_layout, registry_factory  # noqa: F401  (fixture)
@@ -137,7 +144,7 @@ async def test_a_workers_error_is_the_error_a_thread_gives(
 async def test_enospc_in_a_worker_names_its_file(
         tmp_path: Path, registry_factory: Any, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
         spawned: list[subprocess.Popen[bytes]]) -> None:
-    """A layer image that does not fit (after its 4 MiB blob and 4 MiB spool, written
+    """A layer image that does not fit (10 MiB: after its 4 MiB blob and 4 MiB spool, written
     before it: deterministic): the worker's ``OSError`` arrives with its errno and the
     image part's path, as in a thread, and nothing is left in ``tmp/``."""
     image = TestImage([BASE, layer_tar([reg("blob", os.urandom(4 << 20))])])
@@ -146,7 +153,7 @@ async def test_enospc_in_a_worker_names_its_file(
     ref = f"{r.host}/full/app:1"
     seen = {}
     for mode in ("never", "always"):
-        with small_tmpfs(tmp_path / f"fs-{mode}", "9m") as fs:
+        with small_tmpfs(tmp_path / f"fs-{mode}", "10m") as fs:
             cache = GlobalCache.new(fs / "cache")
             err = await pull_error(monkeypatch, mode, cache, ref)
             assert isinstance(err, OSError) and err.errno == errno.ENOSPC, err
@@ -277,3 +284,36 @@ async def test_a_worker_killed_by_a_signal_fails_the_pull_clearly(
     assert not cache.image_metadata_path(f"{server.host}/kill/app:1").exists()
     assert_no_worker_left(spawned)
     assert temp_files(cache) == []
+
+
+def test_cli_pull_in_workers_gives_the_same_bytes_as_threads(
+        tmp_path: Path, registry_factory: Any) -> None:  # noqa: F811
+    """``cachefs pull`` of a 3-layer image with its layers in workers (prestarted before
+    the imports, adopted by the pull) writes exactly the layer and fsmeta bytes the
+    threads write."""
+    image = TestImage([BASE, BIG, layer_tar([reg("etc/os-release", b"ID=top\n"),
+                                             reg(".wh.big", b"")])])
+    r = registry_factory()
+    r.push_oci_layout(oci_layout(image, tmp_path / "l", compression="gzip").path, "ok/app", "1")
+    got = {}
+    for mode in ("never", "always"):
+        cache = tmp_path / mode
+        proc = subprocess.run([CACHEFS, "--cache", str(cache), "-q", "pull", "--no-msb-db",
+                               f"{r.host}/ok/app:1"], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, WORKERS: mode})
+        assert proc.returncode == 0, proc.stderr
+        got[mode] = {f"{sub}/{p.name}": p.read_bytes() for sub in ("layers", "fsmeta")
+                     for p in sorted((cache / sub).glob("*.erofs"))}
+    assert len(got["always"]) == 4  # three layers and the fsmeta
+    assert got["always"] == got["never"]
+
+
+def test_auto_uses_workers_from_four_cores_and_two_layers() -> None:
+    """Measured on 2 cores: no gain there (issue 15), so ``auto`` keeps threads below 4."""
+    assert worker_spawn.workers_for(3, 2, {}, cores=2) == 0
+    assert worker_spawn.workers_for(1, 4, {}, cores=8) == 0
+    assert worker_spawn.workers_for(3, 4, {}, cores=4) == 3  # the pull builds one itself
+    assert worker_spawn.workers_for(3, 2, {WORKERS: "always"}, cores=2) == 2
+    assert worker_spawn.workers_for(3, 4, {WORKERS: "never"}, cores=8) == 0
+    with pytest.raises(UsageError, match="CACHEFS_LAYER_WORKERS='many': expected auto"):
+        worker_spawn.workers_for(3, 4, {WORKERS: "many"})

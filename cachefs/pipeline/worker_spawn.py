@@ -19,9 +19,15 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 
+from ..errors import UsageError
+
 WORKERS_ENV = "CACHEFS_LAYER_WORKERS"  # auto | never | always
 IN_FLIGHT_ENV = "CACHEFS_LAYERS_IN_FLIGHT"
 MAX_WORKERS = 4  # MATERIALIZE_PARALLELISM's cap: layers built at once
+# ``auto`` uses workers from this many cores on. Measured on 2 cores (docs/pull-profile.md,
+# issue 15): a 3-layer pull is CPU-bound there, not GIL-bound, and workers only add their
+# start (~50 ms CPU each), the trees' trip back (~50 ms per large layer) and ~14 MiB each.
+AUTO_MIN_CORES = 4
 
 _lock = threading.Lock()
 _prestarted: list[subprocess.Popen[bytes]] = []
@@ -36,27 +42,48 @@ def spawn() -> subprocess.Popen[bytes]:
     )
 
 
-def workers_wanted(environ: Mapping[str, str] | None = None) -> int:
-    """How many workers a multi-layer pull will use (``workers_for`` in
-    :mod:`cachefs.pipeline.workers`, which this must not import): one per layer built at
-    once (the cores, at most ``MAX_WORKERS`` and ``CACHEFS_LAYERS_IN_FLIGHT``), less the
-    one the pull builds itself unless ``CACHEFS_LAYER_WORKERS=always``; 0 with ``never``.
-    Malformed values count as unset here: the pull itself rejects them."""
+def workers_mode(environ: Mapping[str, str] | None = None) -> str:
+    raw = (os.environ if environ is None else environ).get(WORKERS_ENV, "").strip() or "auto"
+    if raw not in ("auto", "never", "always"):
+        raise UsageError(f"{WORKERS_ENV}={raw!r}: expected auto, never or always")
+    return raw
+
+
+def workers_for(layers_to_build: int, parallelism: int,
+                environ: Mapping[str, str] | None = None, cores: int | None = None) -> int:
+    """How many worker processes a pull may use, building ``parallelism`` layers at once.
+
+    ``auto``: none below ``AUTO_MIN_CORES`` cores or for one layer; else
+    ``parallelism - 1``: the pull's own process builds one layer in a thread beside them
+    (a layer it builds itself costs no worker start and no tree sent back).
+    ``CACHEFS_LAYER_WORKERS=always`` puts every layer in a worker (from 2 layers built at
+    once), ``never`` none.
+    """
+    mode = workers_mode(environ)
+    if mode == "never" or parallelism < 2:
+        return 0
+    if mode == "always":
+        return parallelism
+    enough = (cores if cores is not None else os.cpu_count() or 1) >= AUTO_MIN_CORES
+    return parallelism - 1 if enough and layers_to_build >= 2 else 0
+
+
+def prestart_count(environ: Mapping[str, str] | None = None) -> int:
+    """Workers worth starting before the pull knows its layers: every one with
+    ``always``; with ``auto`` one at most (an unused one costs its start and ~14 MiB)."""
     env = os.environ if environ is None else environ
-    mode = env.get(WORKERS_ENV, "").strip()
     n = min(MAX_WORKERS, os.cpu_count() or 1)
     try:
         n = min(n, int(env.get(IN_FLIGHT_ENV, "") or n))
-    except ValueError:
-        pass
-    if mode == "never" or n < 2:
-        return 0
-    return n if mode == "always" else n - 1
+        wanted = workers_for(2, n, env)
+    except (ValueError, UsageError):
+        return 0  # the pull itself rejects malformed values, with its own message
+    return wanted if workers_mode(env) == "always" else min(wanted, 1)
 
 
 def prestart(count: int | None = None) -> None:
-    """Start ``count`` (default :func:`workers_wanted`) workers for the coming pull."""
-    n = workers_wanted() if count is None else count
+    """Start ``count`` (default :func:`prestart_count`) workers for the coming pull."""
+    n = prestart_count() if count is None else count
     started = []
     try:
         for _ in range(n):

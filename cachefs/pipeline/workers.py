@@ -23,9 +23,10 @@ failed, Ctrl-C) stops its worker: SIGTERM, then SIGKILL after ``STOP_DEADLINE``,
 only then does ``materialize_layer`` remove the temp files, so nothing is left behind.
 No worker outlives the pool: :meth:`LayerWorkers.aclose` ends them the same way.
 
-How many: :func:`workers_for`. Never more than the layers being built at once, which the
-pull bounds by the cores (``MATERIALIZE_PARALLELISM``) and by ``CACHEFS_LAYERS_IN_FLIGHT``;
-by default one fewer, since the pull's own process builds a layer too.
+How many: :func:`~cachefs.pipeline.worker_spawn.workers_for`. Never more than the layers
+built at once, which the pull bounds by the cores (``MATERIALIZE_PARALLELISM``) and by
+``CACHEFS_LAYERS_IN_FLIGHT``; by default one fewer, since the pull's own process builds a
+layer too, and none below 4 cores, where they were measured not to pay.
 """
 
 from __future__ import annotations
@@ -36,13 +37,12 @@ import os
 import pickle
 import signal
 import subprocess
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
-from ..errors import UsageError, WorkerFailed
+from ..errors import WorkerFailed
 from ..ingest.image import BlobOpener, build_layer_image
 from ..ingest.worker_main import (
     RESULT_HEADER,
@@ -54,7 +54,7 @@ from ..ingest.worker_main import (
 )
 from . import worker_spawn
 from .growing import GrowingBlob
-from .worker_spawn import WORKERS_ENV
+from .worker_spawn import workers_for as workers_for  # the pull's question, answered there
 
 if TYPE_CHECKING:
     from ..digest import Digest
@@ -62,26 +62,6 @@ if TYPE_CHECKING:
     from ..ingest.layer import Compression
 
 STOP_DEADLINE = 2.0  # seconds a stopped worker gets before SIGKILL
-
-
-def workers_for(layers_to_build: int, parallelism: int,
-                environ: Mapping[str, str] | None = None) -> int:
-    """How many worker processes a pull may use, building ``parallelism`` layers at once.
-
-    ``auto``: with two layers or more, ``parallelism - 1``: the pull's own process builds
-    one layer in a thread beside them (it has a core's worth of room next to its download
-    loop, and a layer it builds itself costs no worker start and no tree sent back). One
-    layer stays in a thread. ``CACHEFS_LAYER_WORKERS=always`` puts every layer in a worker,
-    ``never`` none (for measuring, or as a way out).
-    """
-    raw = (os.environ if environ is None else environ).get(WORKERS_ENV, "").strip() or "auto"
-    if raw not in ("auto", "never", "always"):
-        raise UsageError(f"{WORKERS_ENV}={raw!r}: expected auto, never or always")
-    if raw == "never" or parallelism < 2:
-        return 0
-    if raw == "always":
-        return parallelism
-    return parallelism - 1 if layers_to_build >= 2 else 0
 
 
 class _Worker:
