@@ -9,6 +9,7 @@ its workers; ``CACHEFS_LAYER_WORKERS`` chooses threads (``never``) or workers
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import pytest
 import trio
 
 from cachefs.cache import GlobalCache
+from cachefs.digest import Digest
 from cachefs.errors import (
     CachefsError,
     DigestMismatch,
@@ -317,3 +319,36 @@ def test_auto_uses_workers_from_four_cores_and_two_layers() -> None:
     assert worker_spawn.workers_for(3, 4, {WORKERS: "never"}, cores=8) == 0
     with pytest.raises(UsageError, match="CACHEFS_LAYER_WORKERS='many': expected auto"):
         worker_spawn.workers_for(3, 4, {WORKERS: "many"})
+
+
+async def test_a_blob_file_is_built_in_a_worker_as_in_a_thread(
+        tmp_path: Path, spawned: list[subprocess.Popen[bytes]]) -> None:
+    """A blob already on disk (a kept download) goes to the worker by path, its
+    compression sniffed there; the image and tree are the thread's, byte for byte."""
+    import gzip
+
+    from cachefs.erofs.tree import walk
+    from cachefs.pipeline.materialize import materialize_layer
+    from cachefs.pipeline.workers import LayerWorkers
+
+    blob = tmp_path / "blob"
+    blob.write_bytes(gzip.compress(BIG, mtime=0))
+    diff = Digest.parse(TestImage([BIG]).diff_ids()[0])
+    built = {}
+    for mode in ("thread", "worker"):
+        cache = GlobalCache.new(tmp_path / mode)
+        workers = LayerWorkers(1)
+        try:
+            kw: dict[str, Any] = {} if mode == "thread" else {"build": workers.builder}
+            layer = await trio.to_thread.run_sync(functools.partial(
+                materialize_layer, cache, blob, compression=None, diff_id=diff,
+                layer_label="L", **kw))
+        finally:
+            await workers.aclose()
+        assert layer.root is not None and layer.block_map is not None
+        built[mode] = (layer.path.read_bytes(), layer.block_map,
+                       [(p, n.size, n.block) for p, n in walk(layer.root)])
+        assert temp_files(cache) == []
+    assert built["worker"] == built["thread"]
+    assert len(spawned) == 1
+    assert_no_worker_left(spawned)
