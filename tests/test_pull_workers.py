@@ -352,3 +352,48 @@ async def test_a_blob_file_is_built_in_a_worker_as_in_a_thread(
     assert built["worker"] == built["thread"]
     assert len(spawned) == 1
     assert_no_worker_left(spawned)
+
+
+def _workers_of(pid: int) -> list[int]:
+    """Worker processes whose parent is ``pid``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"worker_main" in cmdline:
+            out.append(int(entry.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_end_when_the_pull_is_killed(tmp_path: Path, hostile: Any) -> None:  # noqa: F811
+    """SIGKILL to ``cachefs pull`` while its workers read a held download: they see their
+    stdin end and exit at once, so no worker outlives even a pull that had no say."""
+    image = TestImage([BIG, BASE])
+    served = ServedImage.of(image)
+    cache = tmp_path / "c"
+    spool = GlobalCache(cache).spool_path(image.diff_ids()[0])
+    server = hostile(HeldThenBad(served, served.layer_digests[0], None, lambda: True,
+                                 "kill/cli"))
+    proc = subprocess.Popen([CACHEFS, "--cache", str(cache), "-q", "pull",
+                             f"{server.host}/kill/cli:1"], env={**os.environ, WORKERS: "always"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(spool.exists, "layer 1's worker building")
+        workers = _workers_of(proc.pid)
+        assert workers
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_until(lambda: not any(_running(w) for w in workers), "the workers exiting")
