@@ -1,7 +1,7 @@
 """Layer images built in worker processes, one core each (issue 15).
 
 Threads of one process take turns on one GIL, and the tar parser and the tree building
-are Python: a 3-layer pull on 2 cores ran its layers one after the other in effect. A
+are Python, so layers built in threads share one core's worth of Python. A
 :class:`LayerWorkers` pool gives each layer being built a process of its own
 (:mod:`cachefs.ingest.worker_main`: a fresh interpreter that imports only the ingest and
 EROFS writer code, ~50 ms to start). Fresh interpreters rather than ``fork``: forking a
@@ -26,7 +26,9 @@ No worker outlives the pool: :meth:`LayerWorkers.aclose` ends them the same way.
 How many: :func:`~cachefs.pipeline.worker_spawn.workers_for`. Never more than the layers
 built at once, which the pull bounds by the cores (``MATERIALIZE_PARALLELISM``) and by
 ``CACHEFS_LAYERS_IN_FLIGHT``; by default one fewer, since the pull's own process builds a
-layer too, and none below 4 cores, where they were measured not to pay.
+layer too, and none below 4 cores: on 2, a loopback pull is CPU-bound rather than
+GIL-bound, and workers measured slower there (their start, the trees' trip back; see
+docs/pull-profile.md, third round).
 """
 
 from __future__ import annotations
