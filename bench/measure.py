@@ -1,9 +1,16 @@
-"""Run a command, return wall seconds and its peak RSS.
+"""Run a command, return wall seconds and its peak RSS; or the peak memory of its tree.
 
 Linux carries ``maxrss`` across fork *and* exec, so a command forked straight from this
 (large) harness would report at least the harness's own RSS. The command is therefore
 started by a fresh, minimal interpreter (``python -I -S``) that reports the ``wait4``
 rusage of its child: the floor is that interpreter's few MiB, not the harness.
+
+``ru_maxrss`` is the largest *single* process, though: a command that builds in worker
+processes would hide them. :func:`peak_tree_memory` measures what the whole process tree
+holds at once: the sum of PSS (``/proc/PID/smaps_rollup``: each page shared by several
+processes counted once, split between them) over the command and all its descendants,
+sampled every ``TREE_SAMPLE_S``, the largest sum seen. Reading ``smaps_rollup`` costs the
+kernel time, so this runs in a separate, untimed run of the command.
 """
 
 from __future__ import annotations
@@ -12,8 +19,11 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,58 @@ def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> Sampl
     if int(code) != 0 or proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({code}): {proc.stderr[-2000:]}")
     return Sample(float(seconds), int(maxrss_kib) / 1024, float(cpu))
+
+
+TREE_SAMPLE_S = 0.005
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += _children(p)
+    return found
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass  # it exited between the listing and the read: it holds nothing any more
+    return 0
+
+
+def peak_tree_memory(cmd: Sequence[str], env: dict[str, str] | None = None) -> float:
+    """Peak MiB of the sum of PSS over ``cmd``'s process tree (see the module docstring)."""
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, sum(_pss_kib(p) for p in _tree(proc.pid)))
+            time.sleep(TREE_SAMPLE_S)  # the sampling period, not a synchronisation
+        errors.seek(0)
+        err = errors.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
+    return peak / 1024
 
 
 def median(values: Sequence[float]) -> float:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import trio
-
-from cachefs.cache import GlobalCache
-from cachefs.entry import leave
-from cachefs.pipeline.pull import load, pull
+from cachefs.pipeline.worker_spawn import prestarted
 
 
 async def _main(op: str, cache_dir: str, arg: str) -> None:
+    from cachefs.cache import GlobalCache
+    from cachefs.pipeline.pull import load, pull
+
     cache = GlobalCache.new(Path(cache_dir))
     if op == "pull":
         await pull(cache, arg, insecure=True)
@@ -33,7 +32,13 @@ async def _main(op: str, cache_dir: str, arg: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise SystemExit("usage: python -m bench.worker pull CACHE REF | load CACHE PATH")
-    trio.run(_main, *argv)
+    # as `cachefs pull` does: layer workers start while trio, httpx, pydantic import
+    with prestarted(None if argv[0] == "pull" else 0):
+        import trio
+
+        trio.run(_main, argv[0], argv[1], argv[2])
+    from cachefs.entry import leave
+
     leave(0)  # as the cachefs console script does after a success (cachefs.entry)
 
 

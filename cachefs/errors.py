@@ -27,7 +27,8 @@ without parsing text. Every class lives here; the tree, with exit codes::
     ├── ConfigError (20)
     ├── MsbDatabaseError (24)
     │   └── MsbSchemaUnknown (24)
-    └── GuestError (25)
+    ├── GuestError (25)
+    └── WorkerFailed (26)
 
     DownloadFailed (an Exception, not a CachefsError: never reported, see its docstring)
 
@@ -236,6 +237,13 @@ class DownloadFailed(Exception):
     Not a CachefsError: the download's own error is the one to report (``first_error``),
     and a ``CachefsError`` here could be reported in its place.
     """
+
+
+class WorkerFailed(CachefsError):
+    """A layer-building worker process died before it answered (killed by a signal, out
+    of memory); nothing it was building was published."""
+
+    exit_code = 26
 
 
 def _family(root: type[CachefsError]) -> list[type[CachefsError]]:

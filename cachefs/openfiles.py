@@ -17,6 +17,8 @@ from .errors import ResourceLimit
 
 BASELINE_FILES = 64  # the interpreter, stdio, sockets, trio's wakeup pipes, locks
 FILES_PER_LAYER_IN_FLIGHT = 8  # download lock, .part writer and reader, layer locks, socket
+# (a layer built in a worker process: its two pipes and pidfd here, the reader, spool and
+# image there; cachefs.pipeline.workers)
 
 
 def files_needed(leases: int, in_flight: int) -> int:

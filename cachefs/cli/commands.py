@@ -335,6 +335,10 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
     no network. Mirrors, blocked registries and short-name aliases come from
     registries.conf (see README, Configuration); the image keeps the name you asked for.
     """
+    from ..pipeline.worker_spawn import discard_prestarted, prestart
+
+    prestart()  # layer workers start while trio, httpx and pydantic import (issue 15)
+    ctx.call_on_close(discard_prestarted)
     import trio
 
     from ..oci.platform import format_platform, other_platform, parse_platform

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,18 +37,47 @@ class GrowingBlob:
         self._updates = 0  # counts written() calls: a reader waits for the next one
         self._done = False
         self._failed = False
+        self._watcher: Callable[[], None] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def final(self) -> Path:
+        return self._final
 
     def written(self, size: int) -> None:
         with self._cond:
             self._size = size
             self._updates += 1
             self._cond.notify_all()
+        self._notify()
 
     def finish(self, ok: bool) -> None:
         with self._cond:
             self._done = True
             self._failed = not ok
             self._cond.notify_all()
+        self._notify()
+
+    def watch(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` (in the writer's thread) after every ``written``/``finish``;
+        None stops. How a reader in another process hears of the download
+        (:mod:`cachefs.pipeline.workers`): a condition variable does not cross processes."""
+        with self._cond:
+            self._watcher = callback
+
+    def _notify(self) -> None:
+        with self._cond:
+            callback = self._watcher
+        if callback is not None:
+            callback()
+
+    def state(self) -> tuple[int, int, bool, bool]:
+        """(bytes on disk, updates so far, ended, failed): what a remote reader is told."""
+        with self._cond:
+            return self._size, self._updates, self._done, self._failed
 
     def wait(self, pos: int) -> int:
         """Bytes readable at ``pos`` (blocking until there are some); 0 at the verified end."""
@@ -71,6 +101,10 @@ class GrowingBlob:
     def updates(self) -> int:
         with self._cond:
             return self._updates
+
+    def __call__(self) -> BinaryIO:
+        """The blob as a :data:`~cachefs.ingest.image.BlobOpener`."""
+        return self.open()
 
     def open(self) -> BinaryIO:
         self.wait(-1)  # the file exists once the download has prepared it

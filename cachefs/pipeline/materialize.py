@@ -13,10 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from ..cache.locks import flock_exclusive
 from ..cache.publish import naming, publish_file, remove_quietly
@@ -26,9 +25,10 @@ from ..digest import Digest
 from ..erofs.fsmeta import fsmeta_from_layer_images, write_fsmeta
 from ..erofs.merge import merge_layers
 from ..erofs.tree import BlockMap, Node
-from ..erofs.writer import write_layer_erofs
 from ..errors import NotCachedError
-from ..ingest.layer import Compression, detect_compression, ingest_layer
+from ..ingest.image import BlobOpener as BlobOpener  # its old home: re-exported
+from ..ingest.image import LayerImageBuilder, build_layer_image
+from ..ingest.layer import Compression
 from ..vmdk import descriptor_for_paths
 
 log = logging.getLogger(__name__)
@@ -52,45 +52,6 @@ class MaterializedLayer:
         return self.block_map is not None
 
 
-BlobOpener = Callable[[], BinaryIO]
-
-
-def _open_blob(blob: Path | BlobOpener) -> BinaryIO:
-    return blob.open("rb") if isinstance(blob, Path) else blob()
-
-
-def _sniff(stream: BinaryIO) -> Compression:
-    """Magic bytes without consuming them: seek back, or peek on a buffered stream."""
-    if stream.seekable():
-        head = stream.read(4)
-        stream.seek(0)
-        return detect_compression(head)
-    peek = getattr(stream, "peek", None)
-    if peek is None:
-        raise TypeError("a non-seekable blob stream must support peek() to sniff compression")
-    return detect_compression(peek(4)[:4])
-
-
-@contextlib.contextmanager
-def _spool(path: Path) -> Iterator[BinaryIO]:
-    """The spool file, whose close never hides the error that is failing the layer.
-
-    Closing flushes the buffer: after an ENOSPC that flush fails again, and its bare
-    error (no file name) would replace the first one, which names the spool.
-    """
-    # A large buffer: most files are small, and each flush releases the GIL the
-    # decompressing thread then competes for.
-    spool = path.open("wb+", buffering=4 << 20)
-    try:
-        yield spool
-    except BaseException:
-        with contextlib.suppress(OSError):
-            spool.close()
-        raise
-    with naming(path):
-        spool.close()
-
-
 def materialize_layer(
     cache: GlobalCache,
     blob_path: Path | BlobOpener,
@@ -99,6 +60,7 @@ def materialize_layer(
     diff_id: Digest,
     layer_label: str,
     force: bool = False,
+    build: LayerImageBuilder = build_layer_image,
 ) -> MaterializedLayer:
     """Make ``layers/<diff_id>.erofs`` from a (compressed) layer blob, unless it is valid.
 
@@ -106,6 +68,9 @@ def materialize_layer(
     verified against ``diff_id`` while it is read; a mismatch raises ``DigestMismatch``
     and publishes nothing. Held: ``layers/<d>.erofs.lock`` (exclusive). ``force`` rebuilds
     a valid layer too (renamed over it, so readers holding the old file keep it).
+
+    ``build`` makes the image from the blob (a worker process's stand-in for
+    :func:`~cachefs.ingest.image.build_layer_image`, see :mod:`cachefs.pipeline.workers`).
     """
     final = cache.layer_erofs_path(diff_id)
     if not force and cache.is_layer_materialized(diff_id):
@@ -117,23 +82,14 @@ def materialize_layer(
             return MaterializedLayer(diff_id, final, None)  # finished while we waited
         spool_path, part = cache.spool_path(diff_id), cache.layer_part_path(diff_id)
         try:
-            with _open_blob(blob_path) as blob, _spool(spool_path) as spool:
-                if compression is None:
-                    compression = _sniff(blob)
-                with naming(spool_path):
-                    ingested = ingest_layer(
-                        blob, compression=compression, expected_diff_id=diff_id, spool=spool,
-                        layer_label=layer_label,
-                    )
-                    spool.flush()
-                with naming(part), part.open("wb") as out:
-                    block_map = write_layer_erofs(ingested.root, spool, out, padded_spool=True)
+            root, block_map = build(blob_path, compression=compression, diff_id=diff_id,
+                                    layer_label=layer_label, spool_path=spool_path, part=part)
             publish_file(part, final)
         finally:
             remove_quietly(spool_path)
             remove_quietly(part)
     log.debug("materialized layer %s (%d blocks)", diff_id, block_map.total_blocks)
-    return MaterializedLayer(diff_id, final, block_map, ingested.root)
+    return MaterializedLayer(diff_id, final, block_map, root)
 
 
 def stitch_image(

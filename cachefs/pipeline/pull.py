@@ -58,6 +58,7 @@ from .progress import (
     ignore,
     reporting,
 )
+from .workers import LayerWorkers, workers_for
 
 log = logging.getLogger(__name__)
 
@@ -335,12 +336,17 @@ class _LayerBuilds:
         self._emit = emit
         self._force = force
         self._in_flight = trio.CapacityLimiter(in_flight)
+        self._parallel = min(MATERIALIZE_PARALLELISM, in_flight)  # layers built at once
         self._limiter = trio.CapacityLimiter(MATERIALIZE_PARALLELISM)
         self.transient: list[Path] = []  # downloaded files to remove once published
         self.trees: dict[Digest, tuple[Node, int]] = {}  # built here: the fsmeta needs no re-read
+        self._workers: LayerWorkers | None = None  # worker processes (issue 15), or threads
 
     async def run(self, layers: Sequence[LayerMetadata]) -> None:
         """Every distinct layer at once (bounded by ``in_flight``); the first real error."""
+        distinct = len({layer.diff_id for layer in layers})
+        if workers := workers_for(distinct, self._parallel):
+            self._workers = LayerWorkers(workers)
         try:
             async with trio.open_nursery() as nursery:
                 seen: set[str] = set()
@@ -351,6 +357,9 @@ class _LayerBuilds:
                     nursery.start_soon(self._one, i, layer)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
+        finally:
+            if self._workers is not None:
+                await self._workers.aclose()
 
     async def _one(self, i: int, layer: LayerMetadata) -> None:
         async with self._in_flight:
@@ -378,6 +387,7 @@ class _LayerBuilds:
             functools.partial(
                 materialize_layer, self._cache, blob.source, compression=blob.compression,
                 diff_id=diff, layer_label=layer.digest, force=self._force,
+                **({} if self._workers is None else {"build": self._workers.builder}),
             ),
             limiter=self._limiter,
         )
@@ -502,7 +512,7 @@ class _RegistryLayers:
                 held.pop_all(),  # the download releases it when it ends
                 functools.partial(_download_progress, emit, i, layer.diff_id, total),
             )
-            return LayerBlob(download.growing.open, compression, True, feed=download,
+            return LayerBlob(download.growing, compression, True, feed=download,
                              file=tar, discard=download.discard.set)
         finally:
             await held.aclose()
