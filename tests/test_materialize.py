@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
@@ -16,7 +17,13 @@ from cachefs.cache.locks import flock_exclusive
 from cachefs.digest import Digest
 from cachefs.errors import DigestMismatch, LayerFormatError, NotCachedError
 from cachefs.ingest.layer import Compression
-from cachefs.pipeline.materialize import MaterializedLayer, materialize_layer, stitch_image
+from cachefs.pipeline.image_write import LayerTree
+from cachefs.pipeline.materialize import (
+    MaterializedLayer,
+    materialize_layer,
+    start_layer,
+    stitch_image,
+)
 from tests.erofs.layer_cases import overlay_tars
 from tests.fixtures.images import TestImage, docker_archive, sha256
 from tests.fixtures.system import Msb, msb_binary
@@ -162,3 +169,58 @@ def test_waits_for_msbs_lock_and_rechecks(tmp_path: Path) -> None:
     thread.join()
     assert result == [MaterializedLayer(diff_ids[0], cache.layer_erofs_path(diff_ids[0]), None)]
     assert list(cache.tmp_dir().iterdir()) == []
+
+
+def test_fsmeta_built_while_the_images_are_written_equals_msbs(
+        tmp_path: Path, msb_image: tuple[Msb, Digest, list[bytes]]) -> None:
+    """The pull's path: each layer's tree is handed on once planned, the fsmeta is merged
+    and written while the images still are, and published after them; the bytes are msb's."""
+    msb, manifest, tars = msb_image
+    cache = GlobalCache.new(tmp_path / "ours")
+    blobs = write_blobs(tars, tmp_path / "blobs")
+    diff_ids = [Digest.parse(sha256(t)) for t in tars]
+    trees: dict[Digest, LayerTree] = {}
+    for i, (blob, d) in enumerate(zip(blobs, diff_ids, strict=True)):
+        built = start_layer(cache, blob, compression=None, diff_id=d, layer_label=f"#{i}")
+        assert built.tree is not None
+        trees[d] = built.tree
+    fsmeta, vmdk = stitch_image(cache, manifest, diff_ids, msb_quirks=True, trees=trees)
+    for d in diff_ids:
+        name = f"layers/{d.path_safe()}.erofs"
+        assert (cache.root / name).read_bytes() == (msb.cache / name).read_bytes()
+    assert fsmeta.read_bytes() == (msb.cache / "fsmeta" / fsmeta.name).read_bytes()
+    assert vmdk.exists()
+    assert list(cache.tmp_dir().iterdir()) == []
+
+
+def test_an_image_that_fails_after_its_tree_was_handed_on_publishes_no_fsmeta(
+        tmp_path: Path) -> None:
+    """The top layer's image cannot be renamed into place (a directory holds its name):
+    stitch reports that error, publishes neither fsmeta nor VMDK, leaves nothing in tmp/;
+    the sound bottom layer stays published (reusable, as when a later layer fails)."""
+    tars = overlay_tars()
+    cache = GlobalCache.new(tmp_path / "c")
+    blobs = write_blobs(tars, tmp_path / "blobs")
+    diff_ids = [Digest.parse(sha256(t)) for t in tars]
+    blocker = cache.layer_erofs_path(diff_ids[-1])
+    blocker.mkdir(parents=True)
+    (blocker / "occupied").touch()
+    trees: dict[Digest, LayerTree] = {}
+    for i, (blob, d) in enumerate(zip(blobs, diff_ids, strict=True)):
+        built = start_layer(cache, blob, compression=None, diff_id=d, layer_label=f"#{i}")
+        assert built.tree is not None
+        trees[d] = built.tree
+    manifest = Digest.sha256_of(b"manifest")
+    with pytest.raises(OSError) as failed:
+        stitch_image(cache, manifest, diff_ids, trees=trees)
+    assert failed.value.filename2 == str(blocker)
+    assert all(cache.is_layer_materialized(d) for d in diff_ids[:-1])
+    assert not cache.is_layer_materialized(diff_ids[-1])
+    assert not cache.fsmeta_erofs_path(manifest).exists()
+    assert not cache.vmdk_path(manifest).exists()
+    assert [p.name for p in cache.tmp_dir().iterdir() if not p.name.endswith(".lock")] == []
+    fd = os.open(cache.layer_erofs_lock_path(diff_ids[-1]), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the failed write released it
+    finally:
+        os.close(fd)

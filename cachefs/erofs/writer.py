@@ -23,7 +23,7 @@ import sys
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from ..errors import LayerFormatError
 from . import format as F
@@ -104,6 +104,8 @@ def _ibody(node: Node, path: bytes) -> bytes:
 
 def pack_dirent_names(names: list[bytes]) -> list[list[bytes]]:
     """Split sorted names into dirent blocks greedily: ``12*(k+1) + Σlen <= 4096`` (§3.8)."""
+    if F.DIRENT_SIZE * len(names) + sum(map(len, names)) <= F.BLOCK_SIZE:
+        return [names]  # most directories: one block, no loop over the names
     blocks: list[list[bytes]] = []
     cur: list[bytes] = []
     used = 0
@@ -346,6 +348,7 @@ def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
     s_ifmt = {ftype: ftype.s_ifmt for ftype in FileType}
     devices, no_block = (FileType.CHR, FileType.BLK), (FileType.FIFO, FileType.SOCK)
     data_start, no_reserved = plan.data_start, bytes(16)
+    big_endian = sys.byteorder == "big"
     for inode in plan.inodes:
         offset = inode.offset
         if offset < pos:
@@ -374,12 +377,23 @@ def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
         if layout == chunk_based:
             buf += bytes(inode.chunk_pad)
             written += inode.chunk_pad
-            for piece in _chunk_pieces(inode):
-                buf += piece
-                written += len(piece)
-                if len(buf) >= _META_PIECE:
-                    yield buf
-                    buf = bytearray()
+            content, chunks = node.content, inode.chunks
+            if (0 < chunks <= _CHUNK_PIECE and type(content) is LayerBlocks
+                    and content.start_block != NULL_BLOCK):
+                # _chunk_pieces' first case inlined: one piece, the usual file of an fsmeta
+                start = content.start_block * _CHUNK_STEP | content.device_id << 16
+                words = array("Q", range(start, start + chunks * _CHUNK_STEP, _CHUNK_STEP))
+                if big_endian:
+                    words.byteswap()
+                buf += words
+                written += chunks * F.CHUNK_INDEX_SIZE
+            else:
+                for piece in _chunk_pieces(inode):
+                    buf += piece
+                    written += len(piece)
+                    if len(buf) >= _META_PIECE:
+                        yield buf
+                        buf = bytearray()
         elif inode.tail_len:
             if inode.dir_blocks is not None:
                 after = _dirent_block(plan, inode, inode.dir_blocks[-1])
@@ -405,12 +419,17 @@ def _data_pieces(plan: Plan, inode: PlannedInode) -> Iterator[bytes]:
 
 
 class _Sink:
-    """Sequential writer that knows its position and can splice from a spool file."""
+    """Sequential writer that knows its position and can splice from a spool file.
+
+    ``skip_to`` steps over a range already in place (copied ahead by ``copy_ahead``); the
+    seek happens on the next write, so skipping many adjacent files costs one seek.
+    """
 
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
         self.pos = 0
         self._spool_flushed = False
+        self._seek_pending = False
         try:  # a pipe or socket cannot be spliced into at an offset: stay buffered
             self.base = out.tell()
             self._fast = out.seekable()
@@ -419,16 +438,29 @@ class _Sink:
             self._fast = False
 
     def write(self, data: bytes | bytearray) -> None:
+        if self._seek_pending:
+            self.finish()
         self.out.write(data)
         self.pos += len(data)
+
+    def skip_to(self, offset: int) -> None:
+        self.pos = offset
+        self._seek_pending = True
+
+    def finish(self) -> None:
+        """Leave ``out`` positioned at ``pos`` (after skips, as after writes)."""
+        if self._seek_pending:
+            self.out.seek(self.base + self.pos)
+            self._seek_pending = False
 
     def pad_to(self, offset: int) -> None:
         while self.pos < offset:
             self.write(_ZERO_BLOCK[: min(F.BLOCK_SIZE, offset - self.pos)])
 
     def copy_from(self, spool: BinaryIO, offset: int, length: int, what: bytes) -> None:
-        if length and self._fast and self._try_copy_file_range(spool, offset, length):
+        if length and self._fast and self._try_copy_file_range(spool, offset, length, self.pos):
             self.pos += length
+            self.out.seek(self.base + self.pos)
             return
         spool.seek(offset)
         left = length
@@ -441,8 +473,26 @@ class _Sink:
             self.write(chunk)
             left -= len(chunk)
 
-    def _try_copy_file_range(self, spool: BinaryIO, offset: int, length: int) -> bool:
-        """Kernel-side copy; False (and buffered from then on) if either side can't do it."""
+    def copy_ahead(self, spool: BinaryIO, runs: list[_Run]) -> bool:
+        """Copy every run to its place before anything else is written; False (nothing to
+        rely on, the runs are written in order later) if the kernel cannot copy here.
+
+        Why first: ``copy_file_range`` releases the GIL, so the kernel moves the file data
+        while Python (an fsmeta built meanwhile, or this image's metadata) runs.
+        """
+        if not self._fast:
+            return False
+        # Largest first: between two copies this thread waits for the GIL (up to the
+        # switch interval while another thread runs Python), so the bytes that overlap
+        # with that Python are the few first runs; a Debian layer has 72, 10 hold 2/3.
+        for src, length, dst, _ in sorted(runs, key=lambda run: -run[1]):
+            if not self._try_copy_file_range(spool, src, length, dst):
+                return False
+        return True
+
+    def _try_copy_file_range(self, spool: BinaryIO, offset: int, length: int, to: int) -> bool:
+        """Kernel-side copy to image offset ``to``; False (and buffered from then on) if
+        either side can't do it. Leaves ``out``'s position alone."""
         try:
             src, dst = spool.fileno(), self.out.fileno()
         except (OSError, ValueError, AttributeError):
@@ -452,7 +502,7 @@ class _Sink:
             spool.flush()
             self._spool_flushed = True
         self.out.flush()
-        dst_off = self.base + self.pos
+        dst_off = self.base + to
         done = 0
         try:
             while done < length:
@@ -467,22 +517,49 @@ class _Sink:
                 raise
             self._fast = False
             return False
-        self.out.seek(dst_off + length)
         return True
 
 
-def write_image(
-    plan: Plan, superblock: F.Superblock, header_extra: bytes, spool: BinaryIO | None,
-    out: BinaryIO, *, padded_spool: bool = False,
-) -> None:
-    """Emit an image for ``plan``: header blocks (superblock + ``header_extra`` at 1152),
-    metadata area, data area, in one forward pass. The superblock crc is filled in here.
+# A padded-spool run: (spool offset, length, image offset, first file's path).
+_Run = tuple[int, int, int, bytes]
 
-    ``padded_spool``: every file's bytes in ``spool`` are followed by zeros up to the next
-    block boundary (as :func:`cachefs.ingest.layer.ingest_layer` writes them). Files that are
-    adjacent both in the spool and in the data area are then copied as one run, padding
-    included: for a tar in walk order that is a handful of copies instead of one per file.
-    """
+
+def _spool_content(inode: PlannedInode, spool: BinaryIO | None) -> SpoolExtent:
+    node = inode.node
+    if node.size and spool is None:
+        raise LayerFormatError("regular file data but no spool",
+                               entry=inode.path.decode(errors="replace"))
+    if not isinstance(node.content, SpoolExtent):
+        raise LayerFormatError(
+            "regular file without spool content", entry=inode.path.decode(errors="replace")
+        )
+    return node.content
+
+
+def _padded_runs(plan: Plan, spool: BinaryIO | None) -> list[_Run]:
+    """The data area's regular files as copies from a padded spool: files adjacent both in
+    the spool and in the data area make one run, their padding included."""
+    runs: list[_Run] = []
+    REG, BLOCK, data_start = FileType.REG, F.BLOCK_SIZE, plan.data_start
+    src_end = dst_end = -1
+    for inode in plan.inodes:
+        if not inode.data_blocks or inode.rel_block is None or inode.node.type is not REG:
+            continue
+        src = _spool_content(inode, spool).offset
+        length = inode.data_blocks * BLOCK
+        dst = (data_start + inode.rel_block) * BLOCK
+        if src == src_end and dst == dst_end:
+            first_src, first_len, first_dst, path = runs[-1]
+            runs[-1] = (first_src, first_len + length, first_dst, path)
+        else:
+            runs.append((src, length, dst, inode.path))
+        src_end, dst_end = src + length, dst + length
+    return runs
+
+
+def _header_blocks(plan: Plan, superblock: F.Superblock, header_extra: bytes) -> bytes:
+    """Block 0 up to ``meta_blkaddr``: superblock (its crc filled in) and ``header_extra``
+    at 1152."""
     header = bytearray(plan.meta_blkaddr * F.BLOCK_SIZE)
     extra_at = F.SUPERBLOCK_OFFSET + F.SUPERBLOCK_SIZE
     if extra_at + len(header_extra) > len(header):
@@ -492,70 +569,115 @@ def write_image(
     header[F.SUPERBLOCK_OFFSET:extra_at] = superblock.pack()
     superblock.checksum = F.superblock_checksum(bytes(header[: F.BLOCK_SIZE]))
     header[F.SUPERBLOCK_OFFSET:extra_at] = superblock.pack()
+    return bytes(header)
+
+
+def write_image(
+    plan: Plan, superblock: F.Superblock, header_extra: bytes, spool: BinaryIO | None,
+    out: BinaryIO, *, padded_spool: bool = False,
+) -> None:
+    """Emit an image for ``plan``: header blocks (superblock + ``header_extra`` at 1152),
+    metadata area, data area. The superblock crc is filled in here.
+
+    ``padded_spool``: every file's bytes in ``spool`` are followed by zeros up to the next
+    block boundary (as :func:`cachefs.ingest.layer.ingest_layer` writes them). Files that are
+    adjacent both in the spool and in the data area are then copied as one run, padding
+    included: for a tar in walk order that is a handful of copies instead of one per file,
+    and when ``out`` is a file they are copied first (``_Sink.copy_ahead``).
+    """
     sink = _Sink(out)
-    sink.write(bytes(header))
+    runs = _padded_runs(plan, spool) if padded_spool else None
+    ahead = runs is not None and spool is not None and sink.copy_ahead(spool, runs)
+    sink.write(_header_blocks(plan, superblock, header_extra))
     for piece in metadata_pieces(plan):
         sink.write(piece)
     sink.pad_to(plan.data_start * F.BLOCK_SIZE)
-    run: list[Any] = []  # pending padded-spool run: [spool offset, length, dst offset, path]
-
-    def flush_run() -> None:
-        if run:
-            assert spool is not None
-            sink.pad_to(run[2])
-            sink.copy_from(spool, run[0], run[1], run[3])
-            run.clear()
-
+    next_run = 0
     for inode in plan.inodes:
         if not inode.data_blocks or inode.rel_block is None:
             continue
-        node = inode.node
-        if node.type is FileType.REG:
-            if node.size and spool is None:
-                raise LayerFormatError("regular file data but no spool", entry=inode.path.decode(
-                    errors="replace"))
-            if not isinstance(node.content, SpoolExtent):
-                raise LayerFormatError(
-                    "regular file without spool content", entry=inode.path.decode(errors="replace")
-                )
-            assert spool is not None
-            if padded_spool:
-                src, length = node.content.offset, inode.data_blocks * F.BLOCK_SIZE
-                dst = (plan.data_start + inode.rel_block) * F.BLOCK_SIZE
-                if run and run[0] + run[1] == src and run[2] + run[1] == dst:
-                    run[1] += length
+        start = (plan.data_start + inode.rel_block) * F.BLOCK_SIZE
+        if inode.node.type is FileType.REG:
+            if runs is None:
+                content = _spool_content(inode, spool)
+                assert spool is not None
+                sink.copy_from(spool, content.offset, inode.node.size, inode.path)
+            elif next_run < len(runs) and runs[next_run][2] == start:  # else inside a run
+                src, length, dst, path = runs[next_run]
+                next_run += 1
+                if ahead:
+                    sink.skip_to(dst + length)
                 else:
-                    flush_run()
-                    run.extend((src, length, dst, inode.path))
-                continue
-            sink.copy_from(spool, node.content.offset, node.size, inode.path)
+                    assert spool is not None
+                    sink.pad_to(dst)
+                    sink.copy_from(spool, src, length, path)
         else:
-            flush_run()
             for data in _data_pieces(plan, inode):
                 sink.write(data)
                 sink.pad_to(-(-sink.pos // F.BLOCK_SIZE) * F.BLOCK_SIZE)
-        sink.pad_to((plan.data_start + inode.rel_block + inode.data_blocks) * F.BLOCK_SIZE)
-    flush_run()
+        sink.pad_to(start + inode.data_blocks * F.BLOCK_SIZE)
     sink.pad_to(plan.total_blocks * F.BLOCK_SIZE)
+    sink.finish()
+
+
+@dataclass(slots=True)
+class LayerLayout:
+    """A layer image decided, not yet written: every regular file's ``block`` is set on
+    its node and ``total_blocks`` is final, which is all an fsmeta needs of the layer.
+    So the fsmeta can be built while the image is written (``write_layer``)."""
+
+    root: Node
+    plan: Plan
+
+    @property
+    def total_blocks(self) -> int:
+        return self.plan.total_blocks
+
+    def block_map(self) -> BlockMap:
+        return block_map_of(self.root, self.plan.total_blocks)
+
+
+def block_map_of(root: Node, total_blocks: int) -> BlockMap:
+    """Every regular file's (start block, size) by path, from a tree whose layer image was
+    planned (:func:`plan_layer` set the blocks)."""
+    files: dict[bytes, tuple[int, int]] = {}
+    for path, node in walk(root):
+        if node.type is FileType.REG:
+            files[path] = (node.block if node.block is not None else NULL_BLOCK, node.size)
+    return BlockMap(total_blocks, files)
+
+
+def plan_layer(root: Node) -> LayerLayout:
+    """The layout of the layer EROFS for ``root`` (FORMATS.md §3). Sets ``node.block`` on
+    every regular file (NULL_BLOCK when empty)."""
+    plan = plan_layout(root)
+    REG, data_start = FileType.REG, plan.data_start
+    for inode in plan.inodes:
+        node = inode.node
+        if node.type is REG:
+            node.block = NULL_BLOCK if inode.rel_block is None else data_start + inode.rel_block
+    return LayerLayout(root, plan)
+
+
+def write_layer(layout: LayerLayout, spool: BinaryIO | None, out: BinaryIO, *,
+                padded_spool: bool = False) -> None:
+    """Write the planned layer image, byte-identical to msb's.
+
+    Regular-file bytes come from ``spool`` at each node's ``SpoolExtent`` offset and are
+    copied in the kernel when both sides are real files.
+    """
+    plan = layout.plan
+    sb = F.Superblock(inos=len(plan.inodes), blocks=plan.total_blocks, meta_blkaddr=1)
+    write_image(plan, sb, b"", spool, out, padded_spool=padded_spool)
 
 
 def write_layer_erofs(
     root: Node, spool: BinaryIO | None, out: BinaryIO, *, padded_spool: bool = False
 ) -> BlockMap:
-    """Write the layer EROFS for ``root`` (FORMATS.md §3), byte-identical to msb.
+    """Plan and write the layer EROFS for ``root``; returns the block map fsmeta needs.
 
-    Regular-file bytes come from ``spool`` at each node's ``SpoolExtent`` offset and are
-    copied in the kernel when both sides are real files. Sets ``node.block`` on every
-    regular file (NULL_BLOCK when empty) and returns the block map fsmeta needs.
+    Sets ``node.block`` on every regular file (NULL_BLOCK when empty).
     """
-    plan = plan_layout(root)
-    sb = F.Superblock(inos=len(plan.inodes), blocks=plan.total_blocks, meta_blkaddr=1)
-    write_image(plan, sb, b"", spool, out, padded_spool=padded_spool)
-    files: dict[bytes, tuple[int, int]] = {}
-    for inode in plan.inodes:
-        if inode.node.type is FileType.REG:
-            inode.node.block = plan.abs_block(inode)
-    for path, node in walk(root):
-        if node.type is FileType.REG:
-            files[path] = (node.block if node.block is not None else NULL_BLOCK, node.size)
-    return BlockMap(plan.total_blocks, files)
+    layout = plan_layer(root)
+    write_layer(layout, spool, out, padded_spool=padded_spool)
+    return layout.block_map()

@@ -9,14 +9,15 @@ cache store (pydantic), no trio, no httpx.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ..cache.publish import naming
 from ..digest import Digest
 from ..erofs.tree import BlockMap, Node
-from ..erofs.writer import write_layer_erofs
+from ..erofs.writer import LayerLayout, plan_layer, write_layer
 from .layer import Compression, detect_compression, ingest_layer
 
 BlobOpener = Callable[[], BinaryIO]
@@ -48,24 +49,83 @@ def sniff(stream: BinaryIO) -> Compression:
     return detect_compression(peek(4)[:4])
 
 
-@contextlib.contextmanager
-def _spool(path: Path) -> Iterator[BinaryIO]:
-    """The spool file, whose close never hides the error that is failing the layer.
-
-    Closing flushes the buffer: after an ENOSPC that flush fails again, and its bare
-    error (no file name) would replace the first one, which names the spool.
+def anonymous_spool(path: Path) -> BinaryIO:
+    """The spool file, unlinked as soon as it is open: a crash leaves nothing in ``tmp/``,
+    and giving its pages back (~10 ms for a 170 MB layer) happens at the last ``close``,
+    which the pipeline does after the layer is published, off its path. ``path`` only
+    names it in errors.
     """
     # A large buffer: most files are small, and each flush releases the GIL the
     # decompressing thread then competes for.
-    spool = path.open("wb+", buffering=4 << 20)
-    try:
-        yield spool
-    except BaseException:
-        with contextlib.suppress(OSError):
-            spool.close()
-        raise
     with naming(path):
+        spool = path.open("wb+", buffering=4 << 20)
+    try:
+        path.unlink()
+    except BaseException:
         spool.close()
+        raise
+    return spool
+
+
+def close_quietly(spool: BinaryIO) -> None:
+    """Close a spool whose bytes are no longer needed (or whose layer failed): a failing
+    close has nothing left to lose and must not replace the error being reported."""
+    with contextlib.suppress(OSError):
+        spool.close()
+
+
+def _unbuffered(spool: BinaryIO) -> BinaryIO:
+    """The spool's raw file, once ingest has written (and flushed) it: the image only copies
+    from its descriptor, so the 4 MiB write buffer is freed now rather than after the image
+    is written, while the next layer's ingest already runs (peak RSS of a parallel load)."""
+    detach = getattr(spool, "detach", None)
+    if detach is None:
+        return spool
+    raw: BinaryIO = detach()
+    return raw
+
+
+@dataclass(frozen=True, eq=False)
+class PlannedImage:
+    """A layer blob ingested and its image laid out, not yet written: ``root`` carries every
+    regular file's block, which is all an fsmeta needs; ``spool`` holds the file bytes
+    (the caller closes it once the image is written)."""
+
+    root: Node
+    layout: LayerLayout
+    spool: BinaryIO
+
+
+def plan_layer_image(
+    blob: Path | BlobOpener, *, compression: Compression | None, diff_id: Digest,
+    layer_label: str, spool_path: Path,
+) -> PlannedImage:
+    """Ingest ``blob`` (verified against ``diff_id``) into a spool and plan its image.
+
+    ``compression=None`` sniffs the magic bytes. On failure nothing is left open.
+    """
+    spool = anonymous_spool(spool_path)
+    try:
+        with open_blob(blob) as stream:
+            if compression is None:
+                compression = sniff(stream)
+            with naming(spool_path):
+                ingested = ingest_layer(
+                    stream, compression=compression, expected_diff_id=diff_id, spool=spool,
+                    layer_label=layer_label,
+                )
+                spool.flush()
+        spool = _unbuffered(spool)
+        return PlannedImage(ingested.root, plan_layer(ingested.root), spool)
+    except BaseException:
+        close_quietly(spool)
+        raise
+
+
+def write_planned_image(planned: PlannedImage, part: Path) -> None:
+    """Write the planned image to ``part`` (the caller publishes and removes it)."""
+    with naming(part), part.open("wb") as out:
+        write_layer(planned.layout, planned.spool, out, padded_spool=True)
 
 
 def build_layer_image(
@@ -76,17 +136,13 @@ def build_layer_image(
     image ``part``; the tree it was written from and its block map.
 
     ``compression=None`` sniffs the magic bytes. The caller owns both files: it removes
-    them whatever happens and publishes ``part`` only after this returned.
+    them whatever happens and publishes ``part`` only after this returned. (The pull's own
+    process runs the two halves apart instead: ``materialize.start_layer``.)
     """
-    with open_blob(blob) as stream, _spool(spool_path) as spool:
-        if compression is None:
-            compression = sniff(stream)
-        with naming(spool_path):
-            ingested = ingest_layer(
-                stream, compression=compression, expected_diff_id=diff_id, spool=spool,
-                layer_label=layer_label,
-            )
-            spool.flush()
-        with naming(part), part.open("wb") as out:
-            block_map = write_layer_erofs(ingested.root, spool, out, padded_spool=True)
-    return ingested.root, block_map
+    planned = plan_layer_image(blob, compression=compression, diff_id=diff_id,
+                               layer_label=layer_label, spool_path=spool_path)
+    try:
+        write_planned_image(planned, part)
+    finally:
+        close_quietly(planned.spool)
+    return planned.root, planned.layout.block_map()

@@ -130,6 +130,24 @@ class GrowingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes straight into a new ``bytes`` (``RawIOBase.read`` would read
+        into a bytearray and copy it: 60 MB more memcpy per Debian layer)."""
+        if size < 0:
+            return self.readall()
+        if size == 0:
+            return b""
+        while True:
+            seen = self._blob.updates
+            avail = self._blob.wait(self._pos)
+            if not avail:
+                return b""
+            data = os.pread(self._fd, min(size, avail), self._pos)
+            if data:
+                self._pos += len(data)
+                return data
+            self._blob.wait_update(seen)  # truncated by a restart: see readinto
+
     def readinto(self, b: Any) -> int:
         while True:
             seen = self._blob.updates

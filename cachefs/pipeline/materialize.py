@@ -11,8 +11,11 @@ the fsmeta is always published before the VMDK that points at it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import shutil
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,31 +28,58 @@ from ..digest import Digest
 from ..erofs.fsmeta import fsmeta_from_layer_images, write_fsmeta
 from ..erofs.merge import merge_layers
 from ..erofs.tree import BlockMap, Node
+from ..erofs.writer import block_map_of
 from ..errors import NotCachedError
 from ..ingest.image import BlobOpener as BlobOpener  # its old home: re-exported
-from ..ingest.image import LayerImageBuilder, build_layer_image
+from ..ingest.image import (
+    LayerImageBuilder,
+    PlannedImage,
+    close_quietly,
+    plan_layer_image,
+    write_planned_image,
+)
 from ..ingest.layer import Compression
 from ..vmdk import descriptor_for_paths
+from .image_write import BackgroundWrite, LayerTree, Written, raise_first, settle
 
 log = logging.getLogger(__name__)
 
 
+# Layers being ingested or written at once in this process. A layer holds its slot until
+# its image is written, not only until its tree is handed on: each holds buffers and a plan
+# (a 3-layer load peaked ~8 MiB higher when a third ingest could start beside two images
+# still being written), and ingest is CPU-bound, so more than the cores only contend.
+BUILDS_AT_ONCE = max(1, min(4, os.cpu_count() or 1))
+BUILD_SLOTS = threading.BoundedSemaphore(BUILDS_AT_ONCE)
+
+
 @dataclass(frozen=True, slots=True)
 class MaterializedLayer:
-    """A layer image in the cache. ``block_map`` is None when it was already there.
+    """A layer image in the cache. ``tree`` is None when it was already there.
 
-    ``root`` is the tree the image was written from (regular files carry their ``block``),
-    kept so :func:`stitch_image` can merge it without reading the image back.
+    ``tree`` holds what the layer was built from (regular files carry their ``block``), kept
+    so :func:`stitch_image` can merge it without reading the image back; from
+    :func:`start_layer` its ``image`` may still be being written.
     """
 
     diff_id: Digest
     path: Path
-    block_map: BlockMap | None
-    root: Node | None = field(default=None, compare=False, repr=False)
+    tree: LayerTree | None = field(default=None, compare=False, repr=False)
 
     @property
     def created(self) -> bool:
-        return self.block_map is not None
+        return self.tree is not None
+
+    @property
+    def root(self) -> Node | None:
+        return None if self.tree is None else self.tree.root
+
+    @property
+    def block_map(self) -> BlockMap | None:
+        """Every regular file's (block, size), walked from the tree (for tools and tests;
+        the pipeline needs only ``tree.total_blocks``)."""
+        return None if self.tree is None else block_map_of(self.tree.root,
+                                                           self.tree.total_blocks)
 
 
 def materialize_layer(
@@ -60,7 +90,7 @@ def materialize_layer(
     diff_id: Digest,
     layer_label: str,
     force: bool = False,
-    build: LayerImageBuilder = build_layer_image,
+    build: LayerImageBuilder | None = None,
 ) -> MaterializedLayer:
     """Make ``layers/<diff_id>.erofs`` from a (compressed) layer blob, unless it is valid.
 
@@ -68,28 +98,80 @@ def materialize_layer(
     verified against ``diff_id`` while it is read; a mismatch raises ``DigestMismatch``
     and publishes nothing. Held: ``layers/<d>.erofs.lock`` (exclusive). ``force`` rebuilds
     a valid layer too (renamed over it, so readers holding the old file keep it).
+    Returns once the layer is published (:func:`start_layer` returns before).
 
-    ``build`` makes the image from the blob (a worker process's stand-in for
-    :func:`~cachefs.ingest.image.build_layer_image`, see :mod:`cachefs.pipeline.workers`).
+    ``build`` makes the whole image from the blob (a worker process's stand-in for
+    :func:`~cachefs.ingest.image.build_layer_image`, see :mod:`cachefs.pipeline.workers`);
+    without it the image is built here, in two halves (:func:`start_layer`).
+    """
+    built = start_layer(cache, blob_path, compression=compression, diff_id=diff_id,
+                        layer_label=layer_label, force=force, build=build)
+    if built.tree is not None:
+        built.tree.image.wait()
+    return built
+
+
+def start_layer(
+    cache: GlobalCache,
+    blob_path: Path | BlobOpener,
+    *,
+    compression: Compression | None,
+    diff_id: Digest,
+    layer_label: str,
+    force: bool = False,
+    build: LayerImageBuilder | None = None,
+) -> MaterializedLayer:
+    """:func:`materialize_layer` up to the planned layout: returns the layer's tree while
+    its image is still written and published by a thread of its own (``tree.image``),
+    which holds the layer lock and removes the temporary files whatever happens.
+
+    With ``build`` (a worker process) the image is complete and published on return.
     """
     final = cache.layer_erofs_path(diff_id)
     if not force and cache.is_layer_materialized(diff_id):
         return MaterializedLayer(diff_id, final, None)
     cache.layers_dir().mkdir(parents=True, exist_ok=True)
     cache.tmp_dir().mkdir(parents=True, exist_ok=True)
-    with flock_exclusive(cache.layer_erofs_lock_path(diff_id)):
+    with contextlib.ExitStack() as held:  # handed to the image's thread once planned
+        # taken before the lock: never wait for this process's slots holding a lock
+        BUILD_SLOTS.acquire()
+        held.callback(BUILD_SLOTS.release)
+        held.enter_context(flock_exclusive(cache.layer_erofs_lock_path(diff_id)))
         if not force and cache.is_layer_materialized(diff_id):
             return MaterializedLayer(diff_id, final, None)  # finished while we waited
         spool_path, part = cache.spool_path(diff_id), cache.layer_part_path(diff_id)
-        try:
+        held.callback(remove_quietly, part)
+        held.callback(remove_quietly, spool_path)  # a builder elsewhere may leave it named
+        if build is not None:
             root, block_map = build(blob_path, compression=compression, diff_id=diff_id,
                                     layer_label=layer_label, spool_path=spool_path, part=part)
             publish_file(part, final)
-        finally:
-            remove_quietly(spool_path)
-            remove_quietly(part)
-    log.debug("materialized layer %s (%d blocks)", diff_id, block_map.total_blocks)
-    return MaterializedLayer(diff_id, final, block_map, root)
+            return MaterializedLayer(diff_id, final,
+                                     LayerTree(root, block_map.total_blocks, Written()))
+        planned = plan_layer_image(blob_path, compression=compression, diff_id=diff_id,
+                                   layer_label=layer_label, spool_path=spool_path)
+        handed = held.pop_all()
+    try:
+        image = BackgroundWrite(
+            functools.partial(_write_and_publish, planned, handed, part, final),
+            f"image {layer_label}", then=functools.partial(close_quietly, planned.spool),
+        )
+    except BaseException:  # no thread: nobody else will clean up
+        handed.close()
+        close_quietly(planned.spool)
+        raise
+    return MaterializedLayer(diff_id, final, LayerTree(planned.root,
+                                                       planned.layout.total_blocks, image))
+
+
+def _write_and_publish(planned: PlannedImage, held: contextlib.ExitStack, part: Path,
+                       final: Path) -> None:
+    """The second half of :func:`start_layer`; ``held`` releases the lock and the build
+    slot and removes the part file on the way out, on success and failure alike."""
+    with held:
+        write_planned_image(planned, part)
+        publish_file(part, final)
+    log.debug("materialized layer %s (%d blocks)", final.name, planned.layout.total_blocks)
 
 
 def stitch_image(
@@ -98,7 +180,7 @@ def stitch_image(
     diff_ids: Sequence[Digest],
     *,
     msb_quirks: bool = False,
-    trees: Mapping[Digest, tuple[Node, int]] | None = None,
+    trees: Mapping[Digest, LayerTree] | None = None,
     force: bool = False,
 ) -> tuple[Path, Path]:
     """Make ``fsmeta/<m>.erofs`` and ``vmdk/<m>.vmdk`` for an image whose layers are cached.
@@ -113,15 +195,17 @@ def stitch_image(
     merge quirks (byte-identical fsmeta); the default merge is OCI-correct. Held:
     ``fsmeta/<m>.erofs.lock`` (exclusive) around both files.
 
-    ``trees`` maps diff_ids to the (tree, total blocks) their layer images were just
-    written from (:attr:`MaterializedLayer.root`): when it covers every layer, the fsmeta
-    is merged from those trees, which are exactly what the images hold, instead of
-    reading every image back; otherwise it is rebuilt from the images.
+    ``trees`` maps diff_ids to the layers just built (:attr:`MaterializedLayer.tree`): when
+    it covers every layer, the fsmeta is merged from those trees, which are exactly what
+    the images hold, instead of reading every image back, and it is written while the
+    images still are; it is checked and published only once every image is. Otherwise it
+    is rebuilt from the images.
 
     ``force`` rebuilds both even when valid (renamed over them, never absent meanwhile).
     """
     fsmeta, vmdk = cache.fsmeta_erofs_path(manifest_digest), cache.vmdk_path(manifest_digest)
     layers = [cache.layer_erofs_path(d) for d in diff_ids]
+    fresh = trees is not None and all(d in trees for d in diff_ids)
 
     def fsmeta_sound() -> bool:
         return not force and not fsmeta_problems(fsmeta, layers)
@@ -129,15 +213,11 @@ def stitch_image(
     def vmdk_sound() -> bool:
         return not force and not vmdk_problems(vmdk, [fsmeta, *layers])
 
-    if fsmeta_sound() and vmdk_sound():
-        return fsmeta, vmdk
-    missing = [str(d) for d in diff_ids if not cache.is_layer_materialized(d)]
-    if missing:
-        raise NotCachedError(
-            f"image {manifest_digest}: cannot stitch, layer images missing or invalid: "
-            + ", ".join(missing),
-            hint="pull the image again",
-        )
+    if not fresh:
+        # layers built here, but not all of them: wait for their images, then read back
+        raise_first(settle(t.image for t in (trees or {}).values()))
+        if fsmeta_sound() and vmdk_sound():
+            return fsmeta, vmdk
     for sub in (cache.fsmeta_dir(), cache.vmdk_dir(), cache.tmp_dir()):
         sub.mkdir(parents=True, exist_ok=True)
     with flock_exclusive(cache.fsmeta_erofs_lock_path(manifest_digest)):
@@ -145,17 +225,17 @@ def stitch_image(
         shutil.rmtree(work, ignore_errors=True)  # leftovers of a crashed run of ours
         work.mkdir()
         try:
+            built = work / "fsmeta.erofs"
+            if fresh:
+                assert trees is not None
+                _fsmeta_beside_images(built, [trees[d] for d in diff_ids], msb_quirks)
+            _require_layers(cache, manifest_digest, diff_ids)
             rebuilt = False
             if not fsmeta_sound():
-                tmp = work / "fsmeta.erofs"
-                with naming(tmp), tmp.open("wb") as out:
-                    if trees is not None and all(d in trees for d in diff_ids):
-                        roots = [trees[d][0] for d in diff_ids]
-                        merged = merge_layers(roots, leak_nested_whiteouts=msb_quirks)
-                        write_fsmeta(merged, [trees[d][1] for d in diff_ids], out)
-                    else:
+                if not fresh:
+                    with naming(built), built.open("wb") as out:
                         fsmeta_from_layer_images(layers, out, msb_quirks=msb_quirks)
-                publish_file(tmp, fsmeta)
+                publish_file(built, fsmeta)
                 rebuilt = True
             if rebuilt or not vmdk_sound():
                 tmp = work / "rootfs.vmdk"
@@ -166,3 +246,28 @@ def stitch_image(
             with contextlib.suppress(OSError):
                 shutil.rmtree(work)
     return fsmeta, vmdk
+
+
+def _require_layers(cache: GlobalCache, manifest_digest: Digest, diff_ids: Sequence[Digest]
+                    ) -> None:
+    missing = [str(d) for d in diff_ids if not cache.is_layer_materialized(d)]
+    if missing:
+        raise NotCachedError(
+            f"image {manifest_digest}: cannot stitch, layer images missing or invalid: "
+            + ", ".join(missing),
+            hint="pull the image again",
+        )
+
+
+def _fsmeta_beside_images(tmp: Path, trees: Sequence[LayerTree], msb_quirks: bool) -> None:
+    """Write the fsmeta of ``trees`` to ``tmp`` while their images are still written, then
+    wait for every image: on return all are published, else the first real error of
+    either half is raised (and the caller removes ``tmp``)."""
+    errors: list[BaseException] = []
+    try:
+        with naming(tmp), tmp.open("wb") as out:
+            merged = merge_layers([t.root for t in trees], leak_nested_whiteouts=msb_quirks)
+            write_fsmeta(merged, [t.total_blocks for t in trees], out)
+    except BaseException as err:
+        errors.append(err)
+    raise_first([*settle(t.image for t in trees), *errors])

@@ -20,7 +20,7 @@ import enum
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,6 @@ from ..cache.blobs import drop_leftovers, reusable_blob
 from ..cache.locks import Leases, flock_exclusive, flock_exclusive_async, publication_gate_path
 from ..cache.publish import remove_quietly
 from ..digest import Digest
-from ..erofs.tree import Node
 from ..errors import CachefsError, NotCachedError, UsageError
 from ..heap import frozen_heap
 from ..ingest.layer import Compression, compression_from_media_type
@@ -46,7 +45,8 @@ from ..models import (
 from ..openfiles import ensure_open_files, files_needed
 from ..reference import Reference
 from .growing import GrowingBlob
-from .materialize import BlobOpener, materialize_layer, stitch_image
+from .image_write import LayerTree, settle
+from .materialize import BUILDS_AT_ONCE, BlobOpener, start_layer, stitch_image
 from .progress import (
     Event,
     Finished,
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 # a few files and a connection (README "Limits"; CACHEFS_LAYERS_IN_FLIGHT).
 DOWNLOAD_PARALLELISM = 4
 # Ingest is CPU-bound Python; more threads than cores only adds GIL contention.
-MATERIALIZE_PARALLELISM = max(1, min(4, os.cpu_count() or 1))
+MATERIALIZE_PARALLELISM = BUILDS_AT_ONCE
 
 
 class PullPolicy(enum.StrEnum):
@@ -236,14 +236,18 @@ def _record_in_msb_db(cache: GlobalCache, typed: str, meta: CachedImageMetadata,
                       enabled: bool) -> None:
     """So ``msb image ls`` lists it (blocking: it may wait out msb's write lock)."""
     if enabled:
-        from ..cache.index import default_msb_db
+        from ..cache.msb_index import default_msb_db
+
+        db = default_msb_db(cache)
+        if not db.is_file():  # no msb here: spare the pull importing the writer (~5 ms)
+            return
         from ..cache.msb_db import record_image
 
-        record_image(default_msb_db(cache), typed, meta)
+        record_image(db, typed, meta)
 
 
 async def _stitch(cache: GlobalCache, manifest: Digest, diff_ids: Sequence[Digest],
-                  trees: dict[Digest, tuple[Node, int]] | None = None, *,
+                  trees: dict[Digest, LayerTree] | None = None, *,
                   force: bool = False) -> tuple[Path, Path]:
     fsmeta, vmdk = await trio.to_thread.run_sync(
         functools.partial(stitch_image, cache, manifest, list(diff_ids), trees=trees,
@@ -315,14 +319,44 @@ async def materialize_plan(
                                      [layer.diff_digest for layer in plan.layers], builds.trees,
                                      force=force)
         builds.trees.clear()
-        meta = await trio.to_thread.run_sync(_publish, cache, plan, source, msb_db)
+        meta = await _publish_dropping_blobs(cache, plan, source, msb_db, builds.transient)
+    except BaseException:
+        await _settle_images(builds.trees.values())
+        raise
     finally:
         leases.release()
-    for path in builds.transient:
-        remove_quietly(path)
-    await trio.to_thread.run_sync(drop_leftovers, cache, _blobs(plan.layers))
     emit(Finished(str(plan.reference), str(plan.manifest_digest), cached=False))
     return PullResult(plan.reference, plan.manifest_digest, False, meta, fsmeta, vmdk)
+
+
+async def _publish_dropping_blobs(cache: GlobalCache, plan: ImagePlan, source: str,
+                                  msb_db: bool, transient: list[Path]) -> CachedImageMetadata:
+    """:func:`_publish`, while the downloaded blobs go: every layer is published, so they
+    are no longer needed (msb removes them then too)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, _drop_blobs, cache, plan, transient)
+            return await trio.to_thread.run_sync(_publish, cache, plan, source, msb_db)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+
+
+def _drop_blobs(cache: GlobalCache, plan: ImagePlan, transient: list[Path]) -> None:
+    """The downloaded blobs of a pull whose layers are all published, and leftovers.
+    (Unlinking a 60 MB file takes ~15 ms: never on the trio thread.)"""
+    for path in transient:
+        remove_quietly(path)
+    drop_leftovers(cache, _blobs(plan.layers))
+
+
+async def _settle_images(trees: Iterable[LayerTree]) -> None:
+    """After a failure: wait for the layer images still being written (they clean up after
+    themselves), so nothing of this pull runs on; their errors only go to the log."""
+    with trio.CancelScope(shield=True):
+        errors = await trio.to_thread.run_sync(settle, [t.image for t in trees])
+    for err in errors:
+        log.info("also failed in parallel: %s", _one_line(err),
+                 exc_info=(type(err), err, err.__traceback__))
 
 
 class _LayerBuilds:
@@ -339,7 +373,7 @@ class _LayerBuilds:
         self._parallel = min(MATERIALIZE_PARALLELISM, in_flight)  # layers built at once
         self._limiter = trio.CapacityLimiter(MATERIALIZE_PARALLELISM)
         self.transient: list[Path] = []  # downloaded files to remove once published
-        self.trees: dict[Digest, tuple[Node, int]] = {}  # built here: the fsmeta needs no re-read
+        self.trees: dict[Digest, LayerTree] = {}  # built here: the fsmeta needs no re-read
         self._workers: LayerWorkers | None = None  # worker processes (issue 15), or threads
 
     async def run(self, layers: Sequence[LayerMetadata]) -> None:
@@ -385,7 +419,7 @@ class _LayerBuilds:
         build = functools.partial(
             trio.to_thread.run_sync,
             functools.partial(
-                materialize_layer, self._cache, blob.source, compression=blob.compression,
+                start_layer, self._cache, blob.source, compression=blob.compression,
                 diff_id=diff, layer_label=layer.digest, force=self._force,
                 **({} if self._workers is None else {"build": self._workers.builder}),
             ),
@@ -395,8 +429,8 @@ class _LayerBuilds:
             built = await build()
         else:  # ingest follows the download
             built = await _ingest_while_downloading(build, blob.feed, blob.discard)
-        if built.root is not None and built.block_map is not None:
-            self.trees[diff] = (built.root, built.block_map.total_blocks)
+        if built.tree is not None:  # its image may still be being written
+            self.trees[diff] = built.tree
         emit(LayerProgress(i, layer.diff_id, "done"))
 
 
