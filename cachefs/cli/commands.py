@@ -91,7 +91,7 @@ class Context:
             raise UsageError(f"cache directory {self.cache_dir} does not exist",
                              hint="check --cache or $CACHEFS_CACHE_DIR; pull or load "
                                   "creates it")
-        from ..cache.store import GlobalCache  # lazily: pydantic, not for --version
+        from ..cache.store import GlobalCache  # lazily: not for --version
 
         return GlobalCache(self.cache_dir)
 

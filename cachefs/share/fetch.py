@@ -292,7 +292,7 @@ async def _download_and_inflate(client: RegistryClient, ref: Reference, cand: _C
     async def download() -> None:
         ok = False
         try:
-            descriptor = Descriptor(mediaType=LAYER_MEDIA_TYPE, digest=str(blob.digest),
+            descriptor = Descriptor(media_type=LAYER_MEDIA_TYPE, digest=str(blob.digest),
                                     size=blob.size)
             async with downloads:
                 started.set()
