@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .store import GlobalCache
 
 
 def default_cache_dir(environ: dict[str, str] | None = None) -> Path:
@@ -20,3 +24,11 @@ def default_cache_dir(environ: dict[str, str] | None = None) -> Path:
         return Path(env["MSB_HOME"]) / "cache"
     home = env.get("HOME") or str(Path.home())
     return Path(home) / ".microsandbox" / "cache"
+
+
+def default_msb_db(cache: GlobalCache) -> Path:
+    """``<cache>/../db/msb.db``: msb keeps cache/ and db/ side by side (FORMATS.md §1.1).
+
+    Here, not with the database reader, so a pull can ask whether msb's database exists
+    without loading sqlite3 and the reader when it does not."""
+    return cache.root.parent / "db" / "msb.db"

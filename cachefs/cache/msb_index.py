@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CacheCorrupt
-from .store import GlobalCache
+from .location import default_msb_db as default_msb_db  # its old home: re-exported
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,6 @@ class DbImage:
     typed: str
     manifest_digest: str
     layers: list[str] = field(default_factory=list)
-
-
-def default_msb_db(cache: GlobalCache) -> Path:
-    """``<cache>/../db/msb.db``: msb keeps cache/ and db/ side by side (FORMATS.md §1.1)."""
-    return cache.root.parent / "db" / "msb.db"
 
 
 def read_msb_db(
