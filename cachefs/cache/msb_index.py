@@ -10,7 +10,6 @@ again) or, for callers that must not guess (deleters, listings), raised.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +56,7 @@ def read_msb_db(
     """
     if not path.exists():
         return []
+    import sqlite3  # here: without msb's database, listing never loads it
 
     def fail(text: str) -> list[DbImage]:
         if strict:
