@@ -41,7 +41,10 @@ def leave(code: object) -> NoReturn:
 
 
 def run() -> NoReturn:
-    from .cli import main
+    from .heap import imports_uncollected
+
+    with imports_uncollected():
+        from .cli import main
 
     try:
         main()

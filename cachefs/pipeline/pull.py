@@ -35,7 +35,7 @@ from ..cache.publish import remove_quietly
 from ..digest import Digest
 from ..erofs.tree import Node
 from ..errors import CachefsError, NotCachedError, UsageError
-from ..heap import frozen_heap
+from ..heap import frozen_heap, imports_uncollected
 from ..ingest.layer import Compression, compression_from_media_type
 from ..models import (
     CachedImageMetadata,
@@ -444,7 +444,8 @@ async def pull(
     see :mod:`cachefs.share.settings`): whether converted layers may come from the
     registry's EROFS artifact instead of being converted here.
     """
-    from ..oci.registry import RegistryClient
+    with imports_uncollected():
+        from ..oci.registry import RegistryClient
 
     ref = reference if isinstance(reference, Reference) else Reference.parse(reference)
     typed = str(reference)
