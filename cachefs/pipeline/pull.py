@@ -466,14 +466,24 @@ async def pull(
             registries=registries if registries is not None else _registries_conf(),
         )
         try:
-            plan, descriptors = await _resolve_plan(registry, ref, typed, platform)
-            if not force:  # EROFS artifacts: layers fetched here count as cached below
-                from ..share.fetch import fetch_erofs
-                from ..share.settings import artifact_policy
+            try:
+                async with trio.open_nursery() as nursery:
+                    artifacts = None
+                    if not force:  # EROFS artifacts: layers fetched there count as cached
+                        from ..share.fetch import ArtifactStage
+                        from ..share.settings import artifact_policy
 
-                await fetch_erofs(cache, registry, ref, plan.manifest_digest,
-                                  [layer.diff_digest for layer in plan.layers],
-                                  policy=artifact_policy(erofs_artifacts), emit=emit)
+                        artifacts = ArtifactStage(nursery, registry, ref,
+                                                  artifact_policy(erofs_artifacts))
+                    plan, descriptors = await _resolve_plan(
+                        registry, ref, typed, platform,
+                        artifacts.manifest_known if artifacts is not None else None)
+                    if artifacts is not None:
+                        await artifacts.fetch(cache, plan.manifest_digest,
+                                              [layer.diff_digest for layer in plan.layers], emit)
+                    nursery.cancel_scope.cancel()  # a lookup nobody needed (layers cached)
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
             provide = _RegistryLayers(cache, registry, ref, descriptors, force)
             with frozen_heap():
                 return await materialize_plan(cache, plan, provide, emit=emit, force=force,
@@ -485,12 +495,13 @@ async def pull(
 
 async def _resolve_plan(
     registry: RegistryClient, ref: Reference, typed: str, platform: str | None,
+    manifest_known: Callable[[Digest], None] | None = None,
 ) -> tuple[ImagePlan, dict[str, Descriptor]]:
     """The registry's manifest and config as a plan, and each layer's descriptor by digest."""
     from ..oci.platform import parse_platform
 
     wanted = parse_platform(platform) if platform else None
-    resolved = await registry.resolve(ref, wanted)
+    resolved = await registry.resolve(ref, wanted, manifest_known=manifest_known)
     descriptors = {d.digest: d for d in resolved.layers}
     return ImagePlan.from_source(ref, typed, resolved.source_image()), descriptors
 
