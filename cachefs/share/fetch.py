@@ -4,7 +4,9 @@ Runs after the manifest is resolved and before the per-layer stages. It publishe
 ``layers/`` only layer images that passed every check, so the per-layer stages find them
 cached and convert only the rest, exactly as today:
 
-1. look the artifact up (one round trip, :mod:`.lookup`); none → nothing changes;
+1. look the artifact up (one round trip, :mod:`.lookup`; it starts once the manifest
+   digest is known, beside the config fetch: :class:`ArtifactStage`); none → nothing
+   changes;
 2. per missing layer, in parallel: download the zstd blob to ``tmp/<blob>.part`` under its
    download lock (resumable, digest-verified by the registry client, as layer blobs are),
    decompress it under ``cachefs/tmp/`` checking the EROFS digest and size the artifact
