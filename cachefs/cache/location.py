@@ -1,8 +1,8 @@
 """Where the cache lives by default, without importing the cache store.
 
 A module of its own because the CLI needs this answer for every command, ``--version``
-and ``images`` included, and the store brings pydantic and trio with it (~0.1 s of start-up
-that such commands should not pay).
+and ``images`` included, and the store brings the models with it (start-up that such
+commands should not pay).
 """
 
 from __future__ import annotations
