@@ -13,12 +13,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from cachefs.heap import imports_uncollected
 from cachefs.pipeline.worker_spawn import prestarted
 
 
 async def _main(op: str, cache_dir: str, arg: str) -> None:
-    from cachefs.cache import GlobalCache
-    from cachefs.pipeline.pull import load, pull
+    with imports_uncollected():  # as the cachefs console script imports (cachefs.entry)
+        from cachefs.cache import GlobalCache
+        from cachefs.pipeline.pull import load, pull
 
     cache = GlobalCache.new(Path(cache_dir))
     if op == "pull":
@@ -32,9 +34,10 @@ async def _main(op: str, cache_dir: str, arg: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise SystemExit("usage: python -m bench.worker pull CACHE REF | load CACHE PATH")
-    # as `cachefs pull` does: layer workers start while trio, httpx, pydantic import
+    # as `cachefs pull` does: layer workers start while trio and httpx import
     with prestarted(None if argv[0] == "pull" else 0):
-        import trio
+        with imports_uncollected():
+            import trio
 
         trio.run(_main, argv[0], argv[1], argv[2])
     from cachefs.entry import leave

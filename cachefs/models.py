@@ -1,4 +1,5 @@
-"""Pydantic models of the JSON documents cachefs reads and writes.
+"""Models of the JSON documents cachefs reads and writes (dataclasses checked by
+:mod:`cachefs.jsonmodel`).
 
 Two families live here:
 
@@ -13,12 +14,12 @@ Two families live here:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .digest import Digest
 from .errors import DigestError
+from .jsonmodel import JsonModel, ValidationError, json_name
 
 # Media types -----------------------------------------------------------------
 
@@ -52,41 +53,36 @@ def compact_json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _checked_digest(v: str) -> str:
-    """Validator body: pydantic only turns ValueError into a validation failure."""
+def _check_digest(model: JsonModel, name: str) -> None:
+    """A digest field must parse (checked whenever a model is made, as it was parsed)."""
     try:
-        Digest.parse(v)
+        Digest.parse(getattr(model, name))
     except DigestError as err:
-        raise ValueError(str(err)) from None
-    return v
+        raise ValidationError(type(model).__name__, (name,), str(err)) from None
 
 
 # OCI documents -----------------------------------------------------------------
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=False)
-
-
-class Platform(_Lenient):
+@dataclass(kw_only=True)
+class Platform(JsonModel):
     architecture: str
     os: str
     variant: str | None = None
-    os_version: str | None = Field(default=None, alias="os.version")
+    os_version: str | None = field(default=None, metadata=json_name("os.version"))
 
 
-class Descriptor(_Lenient):
-    media_type: str = Field(default="", alias="mediaType")
+@dataclass(kw_only=True)
+class Descriptor(JsonModel):
+    media_type: str = field(default="", metadata=json_name("mediaType"))
     digest: str
     size: int = 0
     urls: list[str] | None = None
     annotations: dict[str, str] | None = None
     platform: Platform | None = None
 
-    @field_validator("digest")
-    @classmethod
-    def _valid_digest(cls, v: str) -> str:
-        return _checked_digest(v)
+    def __post_init__(self) -> None:
+        _check_digest(self, "digest")
 
     @property
     def parsed_digest(self) -> Digest:
@@ -106,13 +102,14 @@ class Descriptor(_Lenient):
         return out
 
 
-class ImageManifest(_Lenient):
-    schema_version: int = Field(default=2, alias="schemaVersion")
-    media_type: str | None = Field(default=None, alias="mediaType")
+@dataclass(kw_only=True)
+class ImageManifest(JsonModel):
+    schema_version: int = field(default=2, metadata=json_name("schemaVersion"))
+    media_type: str | None = field(default=None, metadata=json_name("mediaType"))
     config: Descriptor
     layers: list[Descriptor]
     subject: Descriptor | None = None
-    artifact_type: str | None = Field(default=None, alias="artifactType")
+    artifact_type: str | None = field(default=None, metadata=json_name("artifactType"))
     annotations: dict[str, str] | None = None
 
     def to_oci_client_json(self) -> str:
@@ -136,37 +133,41 @@ class ImageManifest(_Lenient):
         return compact_json(out).decode()
 
 
-class ImageIndex(_Lenient):
-    schema_version: int = Field(default=2, alias="schemaVersion")
-    media_type: str | None = Field(default=None, alias="mediaType")
+@dataclass(kw_only=True)
+class ImageIndex(JsonModel):
+    schema_version: int = field(default=2, metadata=json_name("schemaVersion"))
+    media_type: str | None = field(default=None, metadata=json_name("mediaType"))
     manifests: list[Descriptor]
 
 
-class ContainerConfig(_Lenient):
-    env: list[str] | None = Field(default=None, alias="Env")
-    cmd: list[str] | None = Field(default=None, alias="Cmd")
-    entrypoint: list[str] | None = Field(default=None, alias="Entrypoint")
-    working_dir: str | None = Field(default=None, alias="WorkingDir")
-    user: str | None = Field(default=None, alias="User")
-    exposed_ports: dict[str, Any] | None = Field(default=None, alias="ExposedPorts")
-    volumes: dict[str, Any] | None = Field(default=None, alias="Volumes")
-    labels: dict[str, str] | None = Field(default=None, alias="Labels")
-    stop_signal: str | None = Field(default=None, alias="StopSignal")
+@dataclass(kw_only=True)
+class ContainerConfig(JsonModel):
+    env: list[str] | None = field(default=None, metadata=json_name("Env"))
+    cmd: list[str] | None = field(default=None, metadata=json_name("Cmd"))
+    entrypoint: list[str] | None = field(default=None, metadata=json_name("Entrypoint"))
+    working_dir: str | None = field(default=None, metadata=json_name("WorkingDir"))
+    user: str | None = field(default=None, metadata=json_name("User"))
+    exposed_ports: dict[str, Any] | None = field(default=None, metadata=json_name("ExposedPorts"))
+    volumes: dict[str, Any] | None = field(default=None, metadata=json_name("Volumes"))
+    labels: dict[str, str] | None = field(default=None, metadata=json_name("Labels"))
+    stop_signal: str | None = field(default=None, metadata=json_name("StopSignal"))
 
 
-class RootFs(_Lenient):
+@dataclass(kw_only=True)
+class RootFs(JsonModel):
     type: str = "layers"
-    diff_ids: list[str] = Field(default_factory=list)
+    diff_ids: list[str] = field(default_factory=list)
 
 
-class ImageConfigFile(_Lenient):
+@dataclass(kw_only=True)
+class ImageConfigFile(JsonModel):
     """The image config blob (``application/vnd.oci.image.config.v1+json``)."""
 
     architecture: str = ""
     os: str = ""
     variant: str | None = None
     config: ContainerConfig | None = None
-    rootfs: RootFs = Field(default_factory=RootFs)
+    rootfs: RootFs = field(default_factory=RootFs)
 
     @property
     def diff_ids(self) -> list[Digest]:
@@ -176,10 +177,9 @@ class ImageConfigFile(_Lenient):
 # msb's manifests/<key>.json ---------------------------------------------------------
 
 
-class ImageConfig(BaseModel):
+@dataclass(kw_only=True)
+class ImageConfig(JsonModel):
     """msb's ``ImageConfig``: the runtime-relevant part of the image config."""
-
-    model_config = ConfigDict(extra="ignore")
 
     env: list[str]
     cmd: list[str] | None = None
@@ -207,9 +207,8 @@ class ImageConfig(BaseModel):
         )
 
 
-class LayerMetadata(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+@dataclass(kw_only=True)
+class LayerMetadata(JsonModel):
     digest: str
     media_type: str | None = None
     size_bytes: int | None = None
@@ -224,10 +223,9 @@ class LayerMetadata(BaseModel):
         return Digest.parse(self.digest)
 
 
-class CachedImageMetadata(BaseModel):
+@dataclass(kw_only=True)
+class CachedImageMetadata(JsonModel):
     """msb's ``CachedImageMetadata`` (FORMATS.md §2.2), serialised byte-exactly."""
-
-    model_config = ConfigDict(extra="ignore")
 
     manifest_digest: str
     config_digest: str
@@ -236,10 +234,9 @@ class CachedImageMetadata(BaseModel):
     config: ImageConfig
     layers: list[LayerMetadata]
 
-    @field_validator("manifest_digest", "config_digest")
-    @classmethod
-    def _valid_digest(cls, v: str) -> str:
-        return _checked_digest(v)
+    def __post_init__(self) -> None:
+        _check_digest(self, "manifest_digest")
+        _check_digest(self, "config_digest")
 
     @property
     def manifest(self) -> Digest:
@@ -283,7 +280,7 @@ class CachedImageMetadata(BaseModel):
     def from_json_bytes(cls, data: bytes) -> CachedImageMetadata:
         """Parse like msb: required fields must be present and non-null.
 
-        Raises ``pydantic.ValidationError`` or ``ValueError`` for what msb would call corrupt.
+        Raises :class:`ValidationError` (a ``ValueError``) for what msb would call corrupt.
         """
         return cls.model_validate_json(data)
 

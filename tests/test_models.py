@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from pydantic import ValidationError
 
 from cachefs.models import (
     CachedImageMetadata,
@@ -11,6 +10,7 @@ from cachefs.models import (
     ImageConfig,
     ImageConfigFile,
     ImageManifest,
+    ValidationError,
     compact_json,
 )
 

@@ -157,6 +157,25 @@ async def test_registry_without_artifact_behaves_as_today(
         await pull_with(world.fresh("only"), ref, erofs_artifacts="only")
 
 
+async def test_the_lookup_runs_beside_the_config_fetch(
+    tmp_path: Path, registry_factory: Any, flaky_proxy_factory: Any  # noqa: F811
+) -> None:
+    """The lookup needs only the manifest digest: its round trip overlaps the config's.
+    The proxy holds the config blob until the lookup's request has arrived (10 s at most);
+    a lookup that waited for the config would only arrive after that deadline."""
+    world = await make_world(tmp_path, registry_factory, push=False)
+    meta = world.a.read_image_metadata(world.ref)
+    assert meta is not None
+    proxy = flaky_proxy_factory(world.registry,
+                                hold=(f"/blobs/{meta.config_digest}", "/referrers/"))
+    ref = f"{proxy.host}/app/img:v1"
+    b = world.fresh()
+    await pull_with(b, ref)
+    assert proxy.held_released == [True]
+    assert origins(b, ref) == ["converted"] * 3
+    assert len(proxy.log) == 2 + 1 + 1 + 3  # the same requests: lookup, manifest, config, blobs
+
+
 # tampering ------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The msb-compatible on-disk cache: paths, metadata, locks, leases, publication.
 
 Names load on first use: importing ``cachefs.cache.locks`` (or ``.location``) must not
-import the store, which brings pydantic and trio.
+import the store, which brings the models and trio.
 """
 
 from __future__ import annotations

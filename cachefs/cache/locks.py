@@ -21,8 +21,6 @@ import os
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
-import trio
-
 from ..errors import LockBusy
 
 LEASE_DIR = ".msb-leases"
@@ -133,6 +131,8 @@ async def flock_exclusive_async(path: Path) -> AsyncIterator[FileLock]:
     """
     lock = FileLock(path)
     if not lock.acquire(blocking=False):
+        import trio  # here: listing and checking commands use the blocking locks only
+
         await trio.to_thread.run_sync(lock.acquire)
     try:
         yield lock

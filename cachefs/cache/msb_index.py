@@ -10,13 +10,12 @@ again) or, for callers that must not guess (deleters, listings), raised.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CacheCorrupt
-from .store import GlobalCache
+from .location import default_msb_db as default_msb_db  # its old home: re-exported
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,6 @@ class DbImage:
     layers: list[str] = field(default_factory=list)
 
 
-def default_msb_db(cache: GlobalCache) -> Path:
-    """``<cache>/../db/msb.db``: msb keeps cache/ and db/ side by side (FORMATS.md §1.1)."""
-    return cache.root.parent / "db" / "msb.db"
-
-
 def read_msb_db(
     path: Path,
     problems: list[str] | None = None,
@@ -62,6 +56,7 @@ def read_msb_db(
     """
     if not path.exists():
         return []
+    import sqlite3  # here: without msb's database, listing never loads it
 
     def fail(text: str) -> list[DbImage]:
         if strict:

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
-
 from ..digest import Digest
 from ..errors import CacheUnreadable, UsageError
+from ..jsonmodel import JsonModel, ValidationError
 from ..models import CachedImageMetadata, compact_json
 from ..reference import Reference
 from .location import default_cache_dir as default_cache_dir  # its old home: re-exported
@@ -49,7 +48,8 @@ def _reference(r: Reference | str) -> Reference:
     return r if isinstance(r, Reference) else Reference.parse(r)
 
 
-class RefRecord(BaseModel):
+@dataclass(kw_only=True)
+class RefRecord(JsonModel):
     """cachefs's note of which reference a ``manifests/<key>.json`` belongs to."""
 
     reference: str  # normalised (FORMATS.md §2.1)

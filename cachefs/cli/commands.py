@@ -91,7 +91,7 @@ class Context:
             raise UsageError(f"cache directory {self.cache_dir} does not exist",
                              hint="check --cache or $CACHEFS_CACHE_DIR; pull or load "
                                   "creates it")
-        from ..cache.store import GlobalCache  # lazily: pydantic, not for --version
+        from ..cache.store import GlobalCache  # lazily: not for --version
 
         return GlobalCache(self.cache_dir)
 
@@ -335,17 +335,20 @@ def pull(ctx: click.Context, reference: str, policy: str, force: bool, insecure:
     no network. Mirrors, blocked registries and short-name aliases come from
     registries.conf (see README, Configuration); the image keeps the name you asked for.
     """
+    from ..heap import imports_uncollected
     from ..pipeline.worker_spawn import discard_prestarted, prestart
 
-    prestart()  # layer workers start while trio, httpx and pydantic import (issue 15)
+    prestart()  # layer workers start while trio and httpx import (issue 15)
     ctx.call_on_close(discard_prestarted)
-    import trio
 
-    from ..oci.platform import format_platform, other_platform, parse_platform
-    from ..oci.registries_conf import load_registries_conf
-    from ..pipeline.pull import PullPolicy
-    from ..reference import Reference
-    from ..short_names import pull_short_name
+    with imports_uncollected():
+        import trio
+
+        from ..oci.platform import format_platform, other_platform, parse_platform
+        from ..oci.registries_conf import load_registries_conf
+        from ..pipeline.pull import PullPolicy
+        from ..reference import Reference
+        from ..short_names import pull_short_name
 
     c = _ctx(ctx)
     wanted = parse_platform(platform) if platform is not None else None  # before anything

@@ -242,7 +242,7 @@ class ArchiveLayer:
 
     @property
     def descriptor(self) -> Descriptor:
-        return Descriptor(mediaType=self.media_type, digest=str(self.digest), size=self.size)
+        return Descriptor(media_type=self.media_type, digest=str(self.digest), size=self.size)
 
     def open(self, *, verify: bool = True) -> BinaryIO:
         """Stream the blob's bytes; DigestMismatch is raised on reading past a bad end.

@@ -30,7 +30,6 @@ Hub names carry their ``library/`` (``docker.io/library/debian``), so a prefix o
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,6 +301,8 @@ def _read_toml(path: Path, required: bool) -> dict[str, Any] | None:
         raise ConfigError(f"cannot read {path}: {err.strerror}") from None
     if len(data) > MAX_CONF_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONF_BYTES} bytes; refusing it")
+    import tomllib  # here: a machine without these files never loads the parser
+
     try:
         return tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:

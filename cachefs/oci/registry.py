@@ -521,7 +521,8 @@ class RegistryClient:
         digest = wanted or claimed or Digest.sha256_of(body)
         return body, resp.headers.get("Content-Type", ""), digest
 
-    async def resolve(self, ref: Reference, platform: Platform | None = None) -> ResolvedImage:
+    async def resolve(self, ref: Reference, platform: Platform | None = None, *,
+                      manifest_known: Callable[[Digest], None] | None = None) -> ResolvedImage:
         """Tag or digest → the platform manifest, its digest and its verified config.
 
         An index (OCI or Docker manifest list) is narrowed to ``platform`` (default:
@@ -529,13 +530,17 @@ class RegistryClient:
         Each location registries.conf gives for ``ref`` is tried in order (mirrors, then
         the primary); the first that serves the image also serves its blobs. When all fail,
         the primary's error is raised with the mirrors' errors in its message (podman's way).
+
+        ``manifest_known(digest)`` is called with the platform manifest's digest before its
+        config is fetched (per location tried), so work that needs only the digest can run
+        beside that round trip.
         """
         sources = self.registries.pull_sources(ref)
         failures: list[tuple[PullSource, CachefsError]] = []
         for source in sources:
             self._routes[ref] = source
             try:
-                return await self._resolve_at(ref, platform)
+                return await self._resolve_at(ref, platform, manifest_known)
             except CachefsError as err:
                 if len(sources) == 1:
                     raise
@@ -545,7 +550,9 @@ class RegistryClient:
         primary.args = (f"{primary} (at {where.reference}; mirrors also failed: {others})",)
         raise primary
 
-    async def _resolve_at(self, ref: Reference, platform: Platform | None) -> ResolvedImage:
+    async def _resolve_at(self, ref: Reference, platform: Platform | None,
+                          manifest_known: Callable[[Digest], None] | None = None,
+                          ) -> ResolvedImage:
         target = str(ref.digest) if ref.digest is not None else (ref.tag or "latest")
         body, ctype, digest = await self.fetch_manifest(ref, target)
         kind, media_type = _manifest_kind(body, ctype, f"{ref}")
@@ -571,6 +578,8 @@ class RegistryClient:
             check_layer_descriptor(layer, f"{ref}")
             check_blob_descriptor(layer, f"{ref}", self.limits)
         verifiable(manifest.config.parsed_digest, f"{ref}: config")
+        if manifest_known is not None:
+            manifest_known(digest)
         config_bytes = await self.fetch_config(ref, manifest.config)
         try:
             config = ImageConfigFile.model_validate_json(config_bytes)

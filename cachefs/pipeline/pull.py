@@ -3,7 +3,8 @@
 Order (FORMATS.md §1.4, msb's contract for the layered target): resolve → for each layer,
 in parallel: reuse a valid layer EROFS, else download the blob to ``tmp/<blob>.part``
 under its download lock (resuming), verify it, ingest + verify the diff_id, publish the
-layer → stitch fsmeta, then VMDK → publish the metadata json → remove transient blobs.
+layer → stitch fsmeta, then VMDK → publish the metadata json (the spent downloaded blobs
+are removed meanwhile).
 Everything is published by rename after it is complete, so a failure at any point leaves
 the cache valid: at worst with extra, reusable layers.
 
@@ -33,7 +34,7 @@ from ..cache.locks import Leases, flock_exclusive, flock_exclusive_async, public
 from ..cache.publish import remove_quietly
 from ..digest import Digest
 from ..errors import CachefsError, NotCachedError, UsageError
-from ..heap import frozen_heap
+from ..heap import frozen_heap, imports_uncollected
 from ..ingest.layer import Compression, compression_from_media_type
 from ..models import (
     CachedImageMetadata,
@@ -235,12 +236,12 @@ def _publish(cache: GlobalCache, plan: ImagePlan, source: str,
 def _record_in_msb_db(cache: GlobalCache, typed: str, meta: CachedImageMetadata,
                       enabled: bool) -> None:
     """So ``msb image ls`` lists it (blocking: it may wait out msb's write lock)."""
-    if enabled:
-        from ..cache.msb_index import default_msb_db
+    if not enabled:
+        return
+    from ..cache.location import default_msb_db
 
-        db = default_msb_db(cache)
-        if not db.is_file():  # no msb here: spare the pull importing the writer (~5 ms)
-            return
+    db = default_msb_db(cache)
+    if db.is_file():  # without msb's database, sqlite3 and the writer are never loaded
         from ..cache.msb_db import record_image
 
         record_image(db, typed, meta)
@@ -329,10 +330,20 @@ async def materialize_plan(
     return PullResult(plan.reference, plan.manifest_digest, False, meta, fsmeta, vmdk)
 
 
+async def _settle_images(trees: Iterable[LayerTree]) -> None:
+    """After a failure: wait for the layer images still being written (they clean up after
+    themselves), so nothing of this pull runs on; their errors only go to the log."""
+    with trio.CancelScope(shield=True):
+        errors = await trio.to_thread.run_sync(settle, [t.image for t in trees])
+    for err in errors:
+        log.info("also failed in parallel: %s", _one_line(err),
+                 exc_info=(type(err), err, err.__traceback__))
+
+
 async def _publish_dropping_blobs(cache: GlobalCache, plan: ImagePlan, source: str,
                                   msb_db: bool, transient: list[Path]) -> CachedImageMetadata:
-    """:func:`_publish`, while the downloaded blobs go: every layer is published, so they
-    are no longer needed (msb removes them then too)."""
+    """:func:`_publish`, while the downloaded blobs go: every layer image is published (the
+    stitch waited for them), so they are no longer needed (msb removes them then too)."""
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.to_thread.run_sync, _drop_blobs, cache, plan, transient)
@@ -347,16 +358,6 @@ def _drop_blobs(cache: GlobalCache, plan: ImagePlan, transient: list[Path]) -> N
     for path in transient:
         remove_quietly(path)
     drop_leftovers(cache, _blobs(plan.layers))
-
-
-async def _settle_images(trees: Iterable[LayerTree]) -> None:
-    """After a failure: wait for the layer images still being written (they clean up after
-    themselves), so nothing of this pull runs on; their errors only go to the log."""
-    with trio.CancelScope(shield=True):
-        errors = await trio.to_thread.run_sync(settle, [t.image for t in trees])
-    for err in errors:
-        log.info("also failed in parallel: %s", _one_line(err),
-                 exc_info=(type(err), err, err.__traceback__))
 
 
 class _LayerBuilds:
@@ -462,7 +463,8 @@ async def pull(
     see :mod:`cachefs.share.settings`): whether converted layers may come from the
     registry's EROFS artifact instead of being converted here.
     """
-    from ..oci.registry import RegistryClient
+    with imports_uncollected():
+        from ..oci.registry import RegistryClient
 
     ref = reference if isinstance(reference, Reference) else Reference.parse(reference)
     typed = str(reference)
@@ -483,14 +485,24 @@ async def pull(
             registries=registries if registries is not None else _registries_conf(),
         )
         try:
-            plan, descriptors = await _resolve_plan(registry, ref, typed, platform)
-            if not force:  # EROFS artifacts: layers fetched here count as cached below
-                from ..share.fetch import fetch_erofs
-                from ..share.settings import artifact_policy
+            try:
+                async with trio.open_nursery() as nursery:
+                    artifacts = None
+                    if not force:  # EROFS artifacts: layers fetched there count as cached
+                        from ..share.fetch import ArtifactStage
+                        from ..share.settings import artifact_policy
 
-                await fetch_erofs(cache, registry, ref, plan.manifest_digest,
-                                  [layer.diff_digest for layer in plan.layers],
-                                  policy=artifact_policy(erofs_artifacts), emit=emit)
+                        artifacts = ArtifactStage(nursery, registry, ref,
+                                                  artifact_policy(erofs_artifacts))
+                    plan, descriptors = await _resolve_plan(
+                        registry, ref, typed, platform,
+                        artifacts.manifest_known if artifacts is not None else None)
+                    if artifacts is not None:
+                        await artifacts.fetch(cache, plan.manifest_digest,
+                                              [layer.diff_digest for layer in plan.layers], emit)
+                    nursery.cancel_scope.cancel()  # a lookup nobody needed (layers cached)
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
             provide = _RegistryLayers(cache, registry, ref, descriptors, force)
             with frozen_heap():
                 return await materialize_plan(cache, plan, provide, emit=emit, force=force,
@@ -502,12 +514,13 @@ async def pull(
 
 async def _resolve_plan(
     registry: RegistryClient, ref: Reference, typed: str, platform: str | None,
+    manifest_known: Callable[[Digest], None] | None = None,
 ) -> tuple[ImagePlan, dict[str, Descriptor]]:
     """The registry's manifest and config as a plan, and each layer's descriptor by digest."""
     from ..oci.platform import parse_platform
 
     wanted = parse_platform(platform) if platform else None
-    resolved = await registry.resolve(ref, wanted)
+    resolved = await registry.resolve(ref, wanted, manifest_known=manifest_known)
     descriptors = {d.digest: d for d in resolved.layers}
     return ImagePlan.from_source(ref, typed, resolved.source_image()), descriptors
 

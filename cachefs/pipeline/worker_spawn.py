@@ -1,7 +1,7 @@
 """Starting layer-building worker processes, early (issue 15).
 
 A worker (:mod:`cachefs.ingest.worker_main`) takes ~50 ms to start: an interpreter and
-the ingest code. A pull spends its first ~0.2 s importing trio, httpx and pydantic on
+the ingest code. A pull spends its first ~0.2 s importing trio and httpx on
 one core while the other idles, so a worker started before those imports is ready when
 the first layer's bytes arrive, at no cost in wall time. This module therefore imports
 nothing heavy: ``cachefs pull`` (and the benchmark's worker) runs in :func:`prestarted`,

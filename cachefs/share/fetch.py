@@ -4,7 +4,9 @@ Runs after the manifest is resolved and before the per-layer stages. It publishe
 ``layers/`` only layer images that passed every check, so the per-layer stages find them
 cached and convert only the rest, exactly as today:
 
-1. look the artifact up (one round trip, :mod:`.lookup`); none → nothing changes;
+1. look the artifact up (one round trip, :mod:`.lookup`; it starts once the manifest
+   digest is known, beside the config fetch: :class:`ArtifactStage`); none → nothing
+   changes;
 2. per missing layer, in parallel: download the zstd blob to ``tmp/<blob>.part`` under its
    download lock (resumable, digest-verified by the registry client, as layer blobs are),
    decompress it under ``cachefs/tmp/`` checking the EROFS digest and size the artifact
@@ -54,7 +56,7 @@ from ..pipeline.growing import GrowingBlob
 from ..pipeline.progress import LayerProgress, ProgressCallback
 from ..reference import Reference
 from .check import check_layer_image
-from .lookup import find_artifacts
+from .lookup import PendingLookup, find_artifacts
 from .provenance import record_fetched
 from .transfer import decompress
 
@@ -116,8 +118,12 @@ async def fetch_erofs(
     policy: ArtifactPolicy = ArtifactPolicy.AUTO,
     emit: ProgressCallback = lambda _: None,
     warn: Callable[[str], None] | None = None,
+    lookup: PendingLookup | None = None,
 ) -> FetchOutcome:
-    """Publish every layer of the image the registry's EROFS artifact provides soundly."""
+    """Publish every layer of the image the registry's EROFS artifact provides soundly.
+
+    ``lookup``: the artifact lookup for ``manifest_digest``, already under way
+    (:class:`ArtifactStage`); else it is made here."""
     outcome = FetchOutcome()
 
     def warning(text: str) -> None:
@@ -134,7 +140,10 @@ async def fetch_erofs(
     if not needed:
         return outcome
     try:
-        found = await find_artifacts(RepoWriter(client, ref, push=False), manifest_digest)
+        if lookup is not None and lookup.subject == manifest_digest:
+            found = await lookup.result()
+        else:
+            found = await find_artifacts(RepoWriter(client, ref, push=False), manifest_digest)
     except CachefsError as err:
         if policy is ArtifactPolicy.ONLY:
             raise
@@ -160,6 +169,39 @@ async def fetch_erofs(
                  len(outcome.fetched), len(needed), artifact_digest, found.mechanism)
     _require_all(policy, ref, needed, outcome)
     return outcome
+
+
+class ArtifactStage:
+    """A pull's EROFS-artifact stage, its lookup started as early as it can be.
+
+    The lookup needs only the manifest digest, so :meth:`manifest_known` (the resolve's
+    hook) starts it in ``nursery`` and its round trip runs beside the config fetch instead
+    of after it: ~30 ms of a pull over a 20 ms link (issue 15). Only for a reference with
+    one location: with registries.conf mirrors, the location that serves the image is
+    known only once the resolve ends, and the lookup asks that one (in :meth:`fetch`).
+    """
+
+    def __init__(self, nursery: trio.Nursery, client: RegistryClient, ref: Reference,
+                 policy: ArtifactPolicy) -> None:
+        self._nursery = nursery
+        self._client = client
+        self._ref = ref
+        self.policy = policy
+        self._lookup: PendingLookup | None = None
+
+    def manifest_known(self, digest: Digest) -> None:
+        if (self._lookup is not None or self.policy is ArtifactPolicy.NEVER
+                or len(self._client.registries.pull_sources(self._ref)) != 1):
+            return
+        self._lookup = PendingLookup(digest)
+        self._nursery.start_soon(self._lookup.run,
+                                 RepoWriter(self._client, self._ref, push=False))
+
+    async def fetch(self, cache: GlobalCache, manifest_digest: Digest,
+                    diff_ids: Sequence[Digest], emit: ProgressCallback) -> FetchOutcome:
+        """:func:`fetch_erofs` with the lookup already under way."""
+        return await fetch_erofs(cache, self._client, self._ref, manifest_digest, diff_ids,
+                                 policy=self.policy, emit=emit, lookup=self._lookup)
 
 
 @dataclass
@@ -292,7 +334,7 @@ async def _download_and_inflate(client: RegistryClient, ref: Reference, cand: _C
     async def download() -> None:
         ok = False
         try:
-            descriptor = Descriptor(mediaType=LAYER_MEDIA_TYPE, digest=str(blob.digest),
+            descriptor = Descriptor(media_type=LAYER_MEDIA_TYPE, digest=str(blob.digest),
                                     size=blob.size)
             async with downloads:
                 started.set()

@@ -85,3 +85,29 @@ async def find_artifacts(session: RepoWriter, subject: Digest) -> Found:
         except CachefsError as err:
             found.problems.append(f"artifact {digest}: {err.one_line()}")
     return found
+
+
+class PendingLookup:
+    """One :func:`find_artifacts` in flight, started before anyone needs its answer; the
+    answer (or the error, raised as if asked then) goes to whoever waits for it."""
+
+    def __init__(self, subject: Digest) -> None:
+        self.subject = subject
+        self._done = trio.Event()
+        self._found: Found | None = None
+        self._error: Exception | None = None
+
+    async def run(self, session: RepoWriter) -> None:
+        try:
+            self._found = await find_artifacts(session, self.subject)
+        except Exception as err:  # for result(): its caller decides what an error means
+            self._error = err
+        finally:
+            self._done.set()
+
+    async def result(self) -> Found:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._found is not None
+        return self._found

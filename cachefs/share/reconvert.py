@@ -133,7 +133,7 @@ async def _blob(cache: GlobalCache, ref: Reference, layer: LayerMetadata, dest: 
     kept = cache.tar_path(layer.blob_digest)
     if kept.exists() and (layer.size_bytes is None or kept.stat().st_size == layer.size_bytes):
         return kept
-    descriptor = Descriptor(mediaType=layer.media_type or "", digest=layer.digest,
+    descriptor = Descriptor(media_type=layer.media_type or "", digest=layer.digest,
                             size=layer.size_bytes or 0)
     await client.fetch_blob(ref, descriptor, dest, resume=False)
     return dest

@@ -10,7 +10,6 @@ UsageError naming where it was found, never silently ``auto``.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,10 +34,16 @@ def artifact_policy(option: str | None = None,
         return ArtifactPolicy.parse(env[ENV], f"${ENV}")
     for path in config_files(env):
         try:
-            doc = tomllib.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             continue
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read config {path}: {err}") from None
+        import tomllib  # here: without a config file the parser is never loaded
+
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
             raise UsageError(f"cannot read config {path}: {err}") from None
         table = doc.get("pull")
         value = table.get("erofs-artifacts") if isinstance(table, dict) else None

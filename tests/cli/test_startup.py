@@ -53,3 +53,23 @@ def test_the_probe_sees_a_heavy_import(tmp_path: Path) -> None:
     """The probe itself works: a command that reads the cache does load the store."""
     loaded = _loaded_after("--cache", str(tmp_path), "images", "--json")
     assert "cachefs.cache.store" in loaded
+
+
+def test_images_lists_a_cache_without_the_event_loop_or_the_network_stack(
+        tmp_path: Path) -> None:
+    """``cachefs images`` reads files: trio (~60 ms, once loaded by the lock module),
+    httpx and sqlite3 (when msb's database is absent) stay out of its start-up."""
+    from cachefs.cache import GlobalCache
+    from cachefs.models import CachedImageMetadata
+    from tests.test_models import WH1
+
+    cache = GlobalCache.new(tmp_path / "cache")
+    cache.write_image_metadata("docker.io/library/listed:1",
+                               CachedImageMetadata.from_json_bytes(WH1))
+    names = ("trio", "httpx", "httpcore", "pydantic", "sqlite3", "cachefs.cache.store",
+             "cachefs.cache.health")
+    probe = _PROBE.replace("{heavy!r}", repr(names))
+    proc = subprocess.run([sys.executable, "-c", probe, "--cache", str(cache.root), "images",
+                           "--json"], capture_output=True, text=True, timeout=60, check=True)
+    # the store and the health check did run (the image was listed), nothing heavier
+    assert proc.stdout.split() == ["cachefs.cache.health", "cachefs.cache.store"]

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.system
 BASE = "docker.io/library/base:0"
 CYCLES = 10_000
 WARM_UP = 1_000  # tables
-# RSS: pydantic-core's JSON string cache (a fixed 16,384 entries) fills over the first
-# few thousand cycles (every reference is a new string); bounded, so measured after it.
+# RSS: caches and allocator arenas grow over the first few thousand cycles (every
+# reference is a new string), bounded; so measured after a warm-up.
 RSS_WARM_UP = 5_000
 
 
