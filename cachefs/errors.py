@@ -31,6 +31,8 @@ without parsing text. Every class lives here; the tree, with exit codes::
     └── WorkerFailed (26)
 
     DownloadFailed (an Exception, not a CachefsError: never reported, see its docstring)
+    ValidationError (a ValueError, not a CachefsError: a JSON document of the wrong shape,
+      which the reader turns into its own error; see cachefs.jsonmodel)
 
 A code belongs to one family: a subclass either takes a code of its own (scripts must
 tell ``AuthError`` from other registry failures) or inherits its parent's (a
@@ -40,6 +42,8 @@ classes, so they cannot drift from this tree (``tests/test_errors.py`` checks bo
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class CachefsError(Exception):
@@ -237,6 +241,22 @@ class DownloadFailed(Exception):
     Not a CachefsError: the download's own error is the one to report (``first_error``),
     and a ``CachefsError`` here could be reported in its place.
     """
+
+
+class ValidationError(ValueError):
+    """A document that does not have the shape its model needs."""
+
+    def __init__(self, model: str, loc: tuple[str | int, ...], msg: str) -> None:
+        self.model = model
+        self.loc = loc
+        self.msg = msg
+        where = ".".join(str(part) for part in loc)
+        super().__init__(f"{model}: {where}: {msg}" if where else f"{model}: {msg}")
+
+    def errors(self) -> list[dict[str, Any]]:
+        """The first (and only) problem, as ``{"loc": ..., "msg": ...}``: what callers
+        format into their one-line errors."""
+        return [{"loc": self.loc, "msg": self.msg}]
 
 
 class WorkerFailed(CachefsError):

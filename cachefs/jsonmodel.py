@@ -27,25 +27,13 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
+from .errors import ValidationError
+
+__all__ = ["JsonModel", "ValidationError", "json_name"]
+
 M = TypeVar("M", bound="JsonModel")
 _ALIAS = "json_name"
 _Loc = tuple[str | int, ...]
-
-
-class ValidationError(ValueError):
-    """A document that does not have the shape its model needs."""
-
-    def __init__(self, model: str, loc: _Loc, msg: str) -> None:
-        self.model = model
-        self.loc = loc
-        self.msg = msg
-        where = ".".join(str(part) for part in loc)
-        super().__init__(f"{model}: {where}: {msg}" if where else f"{model}: {msg}")
-
-    def errors(self) -> list[dict[str, Any]]:
-        """The first (and only) problem, as ``{"loc": ..., "msg": ...}``: what callers
-        format into their one-line errors."""
-        return [{"loc": self.loc, "msg": self.msg}]
 
 
 def json_name(name: str) -> dict[str, str]:
