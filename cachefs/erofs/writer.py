@@ -185,7 +185,8 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
         path, node, parent = pop()
         ntype = node.type
         is_dir = ntype is DIR
-        seen = by_node.get(id(node))
+        key = id(node)
+        seen = by_node.get(key)
         if seen is not None:
             if is_dir:
                 raise LayerFormatError(
@@ -195,6 +196,28 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
             # a later name of a hardlink group: same NID, no slot; nlink counts the names
             # (§3.11), each met once in this walk
             seen.nlink += 1
+            continue
+        if ntype is REG and not node.xattrs:
+            # most inodes: a regular file without xattrs, what the general case below
+            # decides for it, in one branch
+            size = node.size
+            if chunked:
+                chunks = -(-size // BLOCK)
+                inode = PlannedInode(
+                    node, path, (cursor - meta_start) // SLOT, cursor, CHUNK_BASED, size, b"",
+                    1, 0, None, 0, 0, chunks, 0, None,
+                )
+                cursor += -(-(64 + CHUNK_INDEX_SIZE * chunks) // SLOT) * SLOT
+            else:
+                data_blocks = -(-size // BLOCK)
+                inode = PlannedInode(
+                    node, path, (cursor - meta_start) // SLOT, cursor, FLAT_PLAIN, size, b"",
+                    1, data_blocks, next_block if data_blocks else None, 0, 0, 0, 0, None,
+                )
+                next_block += data_blocks
+                cursor += 64
+            inodes.append(inode)
+            by_node[key] = inode
             continue
         kids = node.children
         kid_names = _queue_children(stack, path, node, kids) if kids else []
@@ -241,7 +264,7 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
         )
         cursor += -(-(fixed + extra) // SLOT) * SLOT
         inodes.append(inode)
-        by_node[id(node)] = inode
+        by_node[key] = inode
     return Plan(
         inodes=inodes, by_node=by_node, meta_blkaddr=meta_blkaddr, meta_end=cursor,
         data_start=F.blocks_for(cursor), data_blocks=next_block, chunked=chunked,
