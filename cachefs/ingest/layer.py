@@ -316,7 +316,7 @@ _SIMPLE_TYPES = {
 
 
 # A path of at most this many bytes is within every path limit: MAX_PATH bytes, MAX_NAME
-# bytes a name, MAX_DEPTH components (which need 2 * MAX_DEPTH - 1 bytes at least).
+# bytes a name, MAX_DEPTH components (more take 2 * MAX_DEPTH + 1 bytes at least).
 _SHORT = min(MAX_PATH, MAX_NAME, 2 * MAX_DEPTH - 1)
 _ODD_NAMES = (b"", b".", b"..")  # a last component that ``_place`` has to look at
 
