@@ -196,6 +196,20 @@ def test_leading_dot_slash_and_slashes_stripped() -> None:
     assert paths(root) == [b"a", b"b", b"c", b"c/d", b"c/d/e"]
 
 
+def test_paths_under_a_known_directory_normalise_as_any_other() -> None:
+    # "a" is known (an entry made it) before each odd path below, so each is looked up
+    # by its parent first: the lookup must not take "a/." or "a/.." for a name in "a"
+    root = tree_of([
+        dir_("a/"), reg("a/f", b"1"), reg("a/./g", b"2"), reg("a//h", b"3"),
+        reg("./a/i/", b"4"), dir_("a/.", mode=0o700), reg("a/j/k", b"5"), reg("/a/j/l", b"6"),
+    ])
+    assert paths(root) == [b"a", b"a/f", b"a/g", b"a/h", b"a/i", b"a/j", b"a/j/k", b"a/j/l"]
+    assert at(root, b"a").mode == 0o700
+    fails([dir_("a/"), reg("a/f"), reg("a/..")], "'..' component", "a/..")
+    fails([dir_("a/"), reg("a/f"), reg("a/../f")], "'..' component", "a/../f")
+    fails([dir_("a/"), reg("a/f"), reg("a/f/g")], "not a directory", "a/f/g")
+
+
 def test_root_entry_skipped_root_keeps_defaults() -> None:
     root = tree_of([dir_("./", mode=0o700, uid=5, gid=6, mtime=99), reg("f")])
     assert (root.mode, root.uid, root.gid, root.mtime, root.xattrs) == (0o755, 0, 0, 0, [])
@@ -407,7 +421,9 @@ def test_path_longer_than_4096_fails() -> None:
 def test_depth_over_128_fails() -> None:
     deep = "/".join(["d"] * 129)
     fails([reg(deep)], "deeper than 128", deep)
-    tree_of([reg("/".join(["d"] * 128))])
+    ok = "/".join(["d"] * 128)  # 255 bytes; its sibling finds the parent known
+    sibling = ok[:-1] + "e"
+    assert paths(tree_of([reg(ok), reg(sibling)]))[-2:] == [ok.encode(), sibling.encode()]
 
 
 def test_symlink_target_over_4096_fails() -> None:

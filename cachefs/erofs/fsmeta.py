@@ -59,8 +59,10 @@ def write_fsmeta(merged_root: Node, layer_blocks: Sequence[int], out: BinaryIO) 
         raise ErofsFormatError(f"fsmeta cannot address {n} layers (at most 65535)")
     plan = plan_layout(merged_root, meta_blkaddr=fsmeta_meta_blkaddr(n), chunked=True)
     for inode in plan.inodes:
+        if not inode.chunks:  # a directory, symlink, device or empty file: nothing to check
+            continue
         content = inode.node.content
-        if isinstance(content, LayerBlocks) and inode.chunks and not 1 <= content.device_id <= n:
+        if isinstance(content, LayerBlocks) and not 1 <= content.device_id <= n:
             raise ErofsFormatError(
                 f"fsmeta: {inode.path.decode(errors='replace')!r} points at device "
                 f"{content.device_id}, but the image has {n} layers"

@@ -123,20 +123,6 @@ def _dir_block_len(names: list[bytes]) -> int:
     return F.DIRENT_SIZE * len(names) + sum(map(len, names))
 
 
-def _count_names(root: Node) -> dict[int, int]:
-    """How many names each non-directory inode has in this tree (its nlink, §3.11)."""
-    counts: dict[int, int] = {}
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        for child in (node.children or {}).values():
-            if child.type is FileType.DIR:
-                stack.append(child)
-            else:
-                counts[id(child)] = counts.get(id(child), 0) + 1
-    return counts
-
-
 def _reject_names(sep: bytes, names: list[bytes]) -> None:
     for name in names:
         if len(name) > _MAX_NAME or not name or b"/" in name or name in (b".", b".."):
@@ -163,27 +149,16 @@ def _queue_children(stack: list[tuple[bytes, Node, Node | None]], path: bytes, n
     return kid_names
 
 
-def _directory_shape(kids: dict[bytes, Node] | None, kid_names: list[bytes],
-                     is_root: bool) -> tuple[int, list[list[bytes]], int]:
-    """A directory's (nlink, packed dirent blocks, size)."""
-    DIR = FileType.DIR  # a local: runs once per child
-    child_dirs = sum(1 for c in kids.values() if c.type is DIR) if kids else 0
-    nlink = 2 if is_root else 2 + child_dirs
-    entries = sorted([b".", b"..", *kid_names])  # nearly sorted already: linear
+def _directory_shape(kid_names: list[bytes]) -> tuple[list[list[bytes]], int]:
+    """A directory's (packed dirent blocks, size)."""
+    # "." and ".." sort first unless a name starts with a byte below "." (rare): then sort
+    if not kid_names or kid_names[0] > b"..":
+        entries = [b".", b"..", *kid_names]
+    else:
+        entries = sorted([b".", b"..", *kid_names])
     dir_blocks = pack_dirent_names(entries)
     size = (len(dir_blocks) - 1) * F.BLOCK_SIZE + _dir_block_len(dir_blocks[-1])
-    return nlink, dir_blocks, size
-
-
-def _link_parents(inodes: list[PlannedInode], by_node: dict[int, PlannedInode]) -> None:
-    """Each directory's ".." NID: its parent's."""
-    DIR = FileType.DIR  # a local: runs once per inode
-    for inode in inodes:
-        kids = inode.node.children
-        if kids:
-            for child in kids.values():
-                if child.type is DIR:
-                    by_node[id(child)].parent_nid = inode.nid
+    return dir_blocks, size
 
 
 def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> Plan:
@@ -194,7 +169,6 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
     """
     if not root.is_dir:
         raise LayerFormatError("the root of an EROFS image must be a directory")
-    names = _count_names(root)
     meta_start = meta_blkaddr * F.BLOCK_SIZE
     cursor = meta_start
     next_block = 0
@@ -211,13 +185,40 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
         path, node, parent = pop()
         ntype = node.type
         is_dir = ntype is DIR
-        if id(node) in by_node:
+        key = id(node)
+        seen = by_node.get(key)
+        if seen is not None:
             if is_dir:
                 raise LayerFormatError(
                     "a directory appears under two names (directories cannot be hardlinked)",
                     entry=path.decode(errors="replace"),
                 )
-            continue  # a later name of a hardlink group: same NID, no slot
+            # a later name of a hardlink group: same NID, no slot; nlink counts the names
+            # (§3.11), each met once in this walk
+            seen.nlink += 1
+            continue
+        if ntype is REG and not node.xattrs:
+            # most inodes: a regular file without xattrs, what the general case below
+            # decides for it, in one branch
+            size = node.size
+            if chunked:
+                chunks = -(-size // BLOCK)
+                inode = PlannedInode(
+                    node, path, (cursor - meta_start) // SLOT, cursor, CHUNK_BASED, size, b"",
+                    1, 0, None, 0, 0, chunks, 0, None,
+                )
+                cursor += -(-(64 + CHUNK_INDEX_SIZE * chunks) // SLOT) * SLOT
+            else:
+                data_blocks = -(-size // BLOCK)
+                inode = PlannedInode(
+                    node, path, (cursor - meta_start) // SLOT, cursor, FLAT_PLAIN, size, b"",
+                    1, data_blocks, next_block if data_blocks else None, 0, 0, 0, 0, None,
+                )
+                next_block += data_blocks
+                cursor += 64
+            inodes.append(inode)
+            by_node[key] = inode
+            continue
         kids = node.children
         kid_names = _queue_children(stack, path, node, kids) if kids else []
         ibody = _ibody(node, path) if node.xattrs else b""
@@ -225,10 +226,19 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
         # Locals, then one positional constructor call: this body runs once per inode.
         layout, data_blocks, rel_block, tail_len, chunk_pad, chunks = FLAT_PLAIN, 0, None, 0, 0, 0
         dir_blocks = None
+        parent_nid = 0
         if is_dir:
-            nlink, dir_blocks, size = _directory_shape(kids, kid_names, parent is None)
+            # nlink: 2, plus 1 per subdirectory (counted as each is planned below), but
+            # always 2 for the root (msb's value)
+            nlink = 2
+            dir_blocks, size = _directory_shape(kid_names)
+            if parent is not None:
+                above = by_node[id(parent)]  # planned already: the walk is pre-order
+                parent_nid = above.nid
+                if parent is not root:
+                    above.nlink += 1
         else:
-            nlink = names.get(id(node), 1)
+            nlink = 1  # and 1 per later name of a hardlink group (above)
             size = node.size if ntype is REG else len(node.target) if ntype is SYMLINK else 0
         extra = 0  # bytes after the ibody inside the inode's slots
         if ntype is REG and chunked:
@@ -250,12 +260,11 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
                 next_block += data_blocks
         inode = PlannedInode(
             node, path, (cursor - meta_start) // SLOT, cursor, layout, size, ibody, nlink,
-            data_blocks, rel_block, tail_len, chunk_pad, chunks, 0, dir_blocks,
+            data_blocks, rel_block, tail_len, chunk_pad, chunks, parent_nid, dir_blocks,
         )
         cursor += -(-(fixed + extra) // SLOT) * SLOT
         inodes.append(inode)
-        by_node[id(node)] = inode
-    _link_parents(inodes, by_node)
+        by_node[key] = inode
     return Plan(
         inodes=inodes, by_node=by_node, meta_blkaddr=meta_blkaddr, meta_end=cursor,
         data_start=F.blocks_for(cursor), data_blocks=next_block, chunked=chunked,
@@ -295,6 +304,9 @@ assert array("Q").itemsize == 8, "chunk indexes are built as arrays of 64-bit wo
 _CHUNK_PIECE = 1 << 16  # chunk indexes per piece (512 KiB)
 _META_PIECE = 1 << 20  # metadata is handed to the sink in pieces of about this size
 _CHUNK_STEP = 1 << 32  # one block further: blkaddr is the high half of the 64-bit word
+# An extended inode followed by one chunk index as a little-endian 64-bit word
+_INODE_ONE_CHUNK = struct.Struct(F.INODE_EXTENDED.format + "Q")
+assert _INODE_ONE_CHUNK.size == 64 + F.CHUNK_INDEX_SIZE
 
 
 def _chunk_pieces(inode: PlannedInode) -> Iterator[bytes]:
@@ -349,6 +361,7 @@ def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
     devices, no_block = (FileType.CHR, FileType.BLK), (FileType.FIFO, FileType.SOCK)
     data_start, no_reserved = plan.data_start, bytes(16)
     big_endian = sys.byteorder == "big"
+    pack_one_chunk, i_format_chunked = _INODE_ONE_CHUNK.pack, i_formats[chunk_based]
     for inode in plan.inodes:
         offset = inode.offset
         if offset < pos:
@@ -365,6 +378,21 @@ def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
             i_u = NULL_BLOCK if inode.rel_block is None else data_start + inode.rel_block
         if offset > pos:
             buf += bytes(offset - pos)
+        if layout == chunk_based and inode.chunks == 1 and not ibody:
+            # the usual file of an fsmeta: one block, no xattrs: inode and its one chunk
+            # index in one call (the index read as a little-endian u64, as below)
+            content = node.content
+            if type(content) is LayerBlocks and content.start_block != NULL_BLOCK:
+                buf += pack_one_chunk(
+                    i_format_chunked, 0, s_ifmt[ftype] | (node.mode & 0o7777), 0, inode.size,
+                    chunk_format, inode.nid, node.uid, node.gid, node.mtime, 0, inode.nlink,
+                    no_reserved, content.start_block << 32 | content.device_id << 16,
+                )
+                pos = offset + 64 + F.CHUNK_INDEX_SIZE
+                if len(buf) >= _META_PIECE:
+                    yield buf
+                    buf = bytearray()
+                continue
         buf += pack(
             i_formats[layout], (len(ibody) - 12) // 4 + 1 if ibody else 0,
             s_ifmt[ftype] | (node.mode & 0o7777), 0, inode.size, i_u, inode.nid, node.uid,

@@ -315,6 +315,12 @@ _SIMPLE_TYPES = {
 }
 
 
+# A path of at most this many bytes is within every path limit: MAX_PATH bytes, MAX_NAME
+# bytes a name, MAX_DEPTH components (more take 2 * MAX_DEPTH + 1 bytes at least).
+_SHORT = min(MAX_PATH, MAX_NAME, 2 * MAX_DEPTH - 1)
+_ODD_NAMES = (b"", b".", b"..")  # a last component that ``_place`` has to look at
+
+
 class _Builder:
     """Applies tar entries to a layer tree per FORMATS.md §3.12."""
 
@@ -379,10 +385,27 @@ class _Builder:
         kind = entry.kind
         if kind is ts.OTHER:
             return  # GNU sparse, volume headers, …: skipped with their data, as msb does
-        place = self._place(entry)
-        if place is None:
-            return  # "./" — the layer root keeps its defaults
-        parent, name = place
+        # Fast path (this runs once per member, holding the GIL beside the inflate and hash
+        # threads): "./usr/bin/x" or "usr/share/" whose parent directory was seen before.
+        # ``_dirs`` holds only normalised paths, so a hit means the parent part has no "",
+        # "." or ".." component; a path of at most ``_SHORT`` bytes is within every path
+        # limit. Anything else goes through ``_place``, which checks it all in order.
+        path = entry.name
+        if path[:2] == b"./":
+            path = path[2:]
+        path = path.rstrip(b"/")
+        slash = path.rfind(b"/")
+        parent = self._dirs.get(path[:slash]) if slash > 0 else self.root if slash < 0 else None
+        name = path[slash + 1 :]
+        normal: bytes | None = path  # the normalised path, when the fast path knows it
+        if parent is None or name in _ODD_NAMES or len(path) > _SHORT:
+            place = self._place(entry)
+            if place is None:
+                return  # "./" — the layer root keeps its defaults
+            parent, name = place
+            normal = None
+        elif (entry.uid | entry.gid) > MAX_ID or entry.mtime > MAX_MTIME:
+            raise self._fail(entry, self._out_of_range(entry))
         mode = entry.mode & 0o7777
         if ((kind is ts.REGULAR or kind is ts.SYMLINK) and name.startswith(b".wh.")
                 and self._whiteout(entry, parent, name, mode)):
@@ -390,7 +413,9 @@ class _Builder:
         if kind is ts.REGULAR:
             self._add_file(entry, parent, name, mode)
         elif kind is ts.DIRECTORY:
-            self._add_directory(entry, parent, name, mode)
+            node = self._add_directory(entry, parent, name, mode)
+            if normal is not None:  # its children find it by one lookup (see _parent)
+                self._dirs[normal] = node
         elif kind is ts.HARDLINK:
             self._put(entry, parent, name, self._link_target(entry))
         else:
@@ -464,17 +489,19 @@ class _Builder:
                 self._write(_ZEROS[:pad])
                 self._offset += pad
 
-    def _add_directory(self, entry: ts.TarEntry, parent: Node, name: bytes, mode: int) -> None:
+    def _add_directory(self, entry: ts.TarEntry, parent: Node, name: bytes, mode: int
+                       ) -> Node:
         """A directory entry: a directory already there keeps its children, takes the
-        entry's attributes."""
+        entry's attributes. Returns the directory."""
         children = parent.children
         assert children is not None
         old = children.get(name)
         if old is not None and old.type is FileType.DIR:
             old.mode, old.uid, old.gid, old.mtime = mode, entry.uid, entry.gid, entry.mtime
             old.xattrs = []
-        else:
-            children[name] = Node.directory(mode, entry.uid, entry.gid, entry.mtime)
+            return old
+        node = children[name] = Node.directory(mode, entry.uid, entry.gid, entry.mtime)
+        return node
 
     def _add_special(self, entry: ts.TarEntry, parent: Node, name: bytes, mode: int) -> None:
         """A symlink, device node or FIFO."""

@@ -371,16 +371,41 @@ class TarReader:
         return data[:size]
 
     def __iter__(self) -> Iterator[TarEntry]:
-        # This loop runs once per member and bounds pull/load CPU time: the common cases
-        # stay inline or one call away, the rare ones (bad checksum, PAX/GNU records) are
-        # out of line.
+        # This loop runs once per member and bounds pull/load CPU time (it holds the GIL
+        # beside the inflate and hash threads): a plain header (octal numbers as every
+        # common writer emits them, no pending PAX/GNU record) is parsed inline with no
+        # call but the C ones; the rare cases (bad checksum, base-256 or odd numbers,
+        # PAX/GNU records) are out of line, with their error messages and their order.
         meta = _PendingMeta()
         plain_numbers = _PLAIN_NUMBERS.match
         byte_sum = _byte_sum
+        type_kind = _TYPE_KIND.get
+        meta_types = _META_TYPES
         while True:
-            hdr = self._next_header()
-            if hdr is None:
-                return  # clean EOF on a header boundary
+            # the rest of the previous entry, then the next header block (both usually
+            # inside the buffer)
+            cur = self._current
+            if cur is not None:
+                rest = cur.remaining + (-cur.size % BLOCK)
+                pos = self._pos
+                if 0 <= rest <= len(self._buf) - pos:  # (a "-1" size field gives rest < 0)
+                    self._pos = pos + rest
+                    self.offset += rest
+                else:
+                    self._skip(rest)
+                cur.remaining = 0
+                self._current = None
+            self._current_name = b""
+            buf, pos = self._buf, self._pos
+            if len(buf) - pos >= BLOCK:
+                self._pos = end = pos + BLOCK
+                self.offset += BLOCK
+                hdr = buf[pos:end]
+            else:
+                hdr_ = self._take(BLOCK)
+                if hdr_ is None:
+                    return  # clean EOF on a header boundary
+                hdr = hdr_
             total = byte_sum(hdr)
             if not total:
                 return  # end-of-archive marker (all zero); the caller drains the rest
@@ -391,47 +416,64 @@ class TarReader:
                 # the very first block is no tar header: say that, not "entry <garbage>"
                 raise LayerFormatError("not a tar archive (no valid tar header at offset 0)")
             numbers = plain_numbers(hdr, 100)
-            fields = numbers.groups() if numbers is not None else None
-            if fields is not None:
-                stored = int(fields[5], 8)
+            if numbers is None:
+                entry = self._odd_header(hdr, raw_name, total, meta)
+                if entry is None:
+                    continue
             else:
-                stored = parse_number(hdr[148:156], "checksum", raw_name)
-            unsigned = total - sum(hdr[148:156]) + 8 * 0x20
-            if stored != unsigned:
-                _check_signed_checksum(hdr, stored, unsigned, raw_name)
-            typeflag = hdr[156]
-            if fields is not None:
-                size = int(fields[3], 8)
-            else:
-                size = parse_number(hdr[124:136], "size", raw_name)
-            if typeflag in _META_TYPES:
-                self._take_meta(meta, typeflag, size, raw_name)
-                continue
-            entry = self._entry(hdr, raw_name, fields, typeflag, size, meta)
+                mode_, uid_, gid_, size_, mtime_, stored_ = numbers.groups()
+                stored = int(stored_, 8)
+                # the checksum field is 6 digits and 2 of NUL/space: the sum of the block
+                # with it read as 8 spaces
+                unsigned = total - sum(hdr[148:156]) + 8 * 0x20
+                if stored != unsigned:
+                    _check_signed_checksum(hdr, stored, unsigned, raw_name)
+                typeflag = hdr[156]
+                size = int(size_, 8)
+                if typeflag in meta_types:
+                    self._take_meta(meta, typeflag, size, raw_name)
+                    continue
+                if (meta.pax is not None or meta.global_pax or meta.gnu_name is not None
+                        or meta.gnu_link is not None):
+                    entry = self._entry(hdr, raw_name, numbers.groups(), typeflag, size, meta)
+                else:
+                    name = raw_name
+                    if hdr[257:263] == b"ustar\0" and hdr[345]:
+                        nul = hdr.find(0, 345, 500)
+                        name = (hdr[345:nul] if nul >= 0 else hdr[345:500]) + b"/" + name
+                        self._current_name = name
+                    if hdr[157]:
+                        nul = hdr.find(0, 157, 257)
+                        linkname = hdr[157:nul] if nul >= 0 else hdr[157:257]
+                    else:
+                        linkname = b""
+                    kind = type_kind(typeflag, OTHER)
+                    if kind is CHAR or kind is BLOCKDEV:
+                        devmajor = parse_number(hdr[329:337], "devmajor", name)
+                        devminor = parse_number(hdr[337:345], "devminor", name)
+                    else:
+                        devmajor = devminor = 0
+                    entry = TarEntry(
+                        name, kind, typeflag, int(mode_, 8), int(uid_, 8), int(gid_, 8), size,
+                        int(mtime_, 8), linkname, devmajor, devminor, [],
+                    )
             self._current = entry.data = EntryData(self, entry.size)
             yield entry
 
-    def _next_header(self) -> bytes | None:
-        """Skip the rest of the previous entry, then take the next header block (None at
-        EOF). The common cases (both inside the buffer) inline."""
-        cur = self._current
-        if cur is not None:
-            rest = cur.remaining + (-cur.size % BLOCK)
-            pos = self._pos
-            if 0 <= rest <= len(self._buf) - pos:  # (a "-1" size field gives rest < 0)
-                self._pos = pos + rest
-                self.offset += rest
-            else:
-                self._skip(rest)
-            cur.remaining = 0
-            self._current = None
-        self._current_name = b""
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos >= BLOCK:
-            self._pos = end = pos + BLOCK
-            self.offset += BLOCK
-            return buf[pos:end]
-        return self._take(BLOCK)
+    def _odd_header(self, hdr: bytes, raw_name: bytes, total: int, meta: _PendingMeta
+                    ) -> TarEntry | None:
+        """A header whose numbers are not plain octal: each parsed by ``parse_number`` in
+        header order, so the first bad one is reported. None: it was a PAX/GNU record."""
+        stored = parse_number(hdr[148:156], "checksum", raw_name)
+        unsigned = total - sum(hdr[148:156]) + 8 * 0x20
+        if stored != unsigned:
+            _check_signed_checksum(hdr, stored, unsigned, raw_name)
+        typeflag = hdr[156]
+        size = parse_number(hdr[124:136], "size", raw_name)
+        if typeflag in _META_TYPES:
+            self._take_meta(meta, typeflag, size, raw_name)
+            return None
+        return self._entry(hdr, raw_name, None, typeflag, size, meta)
 
     def _take_meta(self, meta: _PendingMeta, typeflag: int, size: int, raw_name: bytes) -> None:
         """A PAX or GNU long-name/link record: kept for the next real entry."""
