@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -86,6 +86,7 @@ MAX_CONFIG_BYTES = 32 << 20
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 Progress = Callable[[int], None]
+Tee = Callable[[int, bytes], Awaitable[None]]  # (offset in the blob, chunk written there)
 
 
 @dataclass(frozen=True)
@@ -631,13 +632,16 @@ class RegistryClient:
         resume: bool = True,
         progress: Progress | None = None,
         written: Progress | None = None,
+        tee: Tee | None = None,
     ) -> None:
         """Download a blob into ``dest`` (the ``.part`` file) and verify it.
 
         ``written(n)`` is called whenever ``dest`` holds ``n`` bytes of the blob (flushed,
         so another reader sees them): once the kept prefix is known, after each chunk, and
         with 0 when a restart truncates it. A reader may follow the file with it; the bytes
-        are verified only when this returns.
+        are verified only when this returns. ``await tee(offset, chunk)`` then gets the
+        chunk itself (a reader in this process may take it from memory; it may also make
+        the download wait for it).
 
         ``progress(n)`` is called with the number of bytes *newly received* from the network
         for each chunk (bytes reused from an existing partial file are not reported). On
@@ -656,7 +660,7 @@ class RegistryClient:
             written(have)
         if done:
             return
-        fetch = _BlobFetch(self, ref, descriptor, dest, hasher, have, progress, written)
+        fetch = _BlobFetch(self, ref, descriptor, dest, hasher, have, progress, written, tee)
         await fetch.run()
         actual = f"{digest.algorithm}:{fetch.hasher.hexdigest()}"
         if actual != str(digest):
@@ -671,7 +675,7 @@ class _BlobFetch:
 
     def __init__(self, client: RegistryClient, ref: Reference, descriptor: Descriptor,
                  dest: Path, hasher: Any, have: int, progress: Progress | None,
-                 written: Progress | None) -> None:
+                 written: Progress | None, tee: Tee | None = None) -> None:
         self._client = client
         self._ref = ref
         self._digest = descriptor.parsed_digest
@@ -680,6 +684,7 @@ class _BlobFetch:
         self._dest = dest
         self._progress = progress
         self._written = written
+        self._tee = tee
         self.hasher = hasher  # over the bytes in ``dest``
         self.have = have  # bytes in ``dest``
         self._got = 0  # bytes the current attempt received
@@ -743,7 +748,7 @@ class _BlobFetch:
         part = _Part(self.hasher, self.have)
         try:
             await _receive(resp, clock, self._dest, part, self._expected, self._progress,
-                           self._written)
+                           self._written, self._tee)
         finally:
             self._got, self.have = part.size - self.have, part.size  # even on an error
 
@@ -810,7 +815,8 @@ class _Part:
 
 
 async def _receive(resp: httpx.Response, clock: Deadline, dest: Path, part: _Part,
-                   expected: int, progress: Progress | None, written: Progress | None) -> None:
+                   expected: int, progress: Progress | None, written: Progress | None,
+                   tee: Tee | None = None) -> None:
     """Append the body to ``dest`` at ``part.size``, never past ``expected`` bytes: whatever
     a server sends beyond the descriptor's size is not read."""
     with naming(dest), dest.open("r+b" if dest.exists() else "wb") as f:
@@ -825,6 +831,8 @@ async def _receive(resp: httpx.Response, clock: Deadline, dest: Path, part: _Par
             if written is not None:
                 f.flush()
                 written(part.size)
+            if tee is not None:
+                await tee(part.size - len(chunk), chunk)
             if progress is not None:
                 progress(len(chunk))
             if part.size >= expected:
