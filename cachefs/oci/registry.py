@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -86,7 +86,7 @@ MAX_CONFIG_BYTES = 32 << 20
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 Progress = Callable[[int], None]
-Tee = Callable[[int, bytes], Awaitable[None]]  # (offset in the blob, chunk written there)
+Tee = Callable[[int, bytes], None]  # (offset in the blob, chunk written there)
 
 
 @dataclass(frozen=True)
@@ -639,9 +639,8 @@ class RegistryClient:
         ``written(n)`` is called whenever ``dest`` holds ``n`` bytes of the blob (flushed,
         so another reader sees them): once the kept prefix is known, after each chunk, and
         with 0 when a restart truncates it. A reader may follow the file with it; the bytes
-        are verified only when this returns. ``await tee(offset, chunk)`` then gets the
-        chunk itself (a reader in this process may take it from memory; it may also make
-        the download wait for it).
+        are verified only when this returns. ``tee(offset, chunk)`` gets each chunk itself
+        just before ``written`` reports it (a reader in this process takes it from memory).
 
         ``progress(n)`` is called with the number of bytes *newly received* from the network
         for each chunk (bytes reused from an existing partial file are not reported). On
@@ -828,11 +827,11 @@ async def _receive(resp: httpx.Response, clock: Deadline, dest: Path, part: _Par
             f.write(chunk)
             part.hasher.update(chunk)
             part.size += len(chunk)
+            if tee is not None:
+                tee(part.size - len(chunk), chunk)
             if written is not None:
                 f.flush()
                 written(part.size)
-            if tee is not None:
-                await tee(part.size - len(chunk), chunk)
             if progress is not None:
                 progress(len(chunk))
             if part.size >= expected:

@@ -9,6 +9,7 @@ after verification. A failed download makes the reader raise instead.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import threading
 from collections import deque
@@ -18,12 +19,11 @@ from typing import Any, BinaryIO
 
 from ..errors import DownloadFailed
 
-# Downloaded bytes kept in memory for the in-process reader, at most (the oldest go first:
-# the reader then reads them from the file). The download waits for the reader
-# (:mod:`cachefs.pipeline.handoff`) once it is AHEAD bytes ahead, until it is BEHIND.
+# Downloaded bytes kept in memory for the in-process reader, at most. The download never
+# waits for the reader: a reader further behind reads the file (the oldest chunks go
+# first). Making the download wait instead (backpressure) cost a loopback pull ~0.025
+# CPU-s in wakeups and GIL hand-offs, more than the read-back it saved.
 MEMORY_BYTES = 8 << 20
-AHEAD = 4 << 20
-BEHIND = 2 << 20
 
 
 class GrowingBlob:
@@ -51,7 +51,6 @@ class GrowingBlob:
         self._mem_bytes = 0
         self._mem_end = -1  # where the next chunk continues the kept ones
         self._reader = -1  # the attached reader's position
-        self._room: Callable[[], None] | None = None
 
     @property
     def path(self) -> Path:
@@ -68,16 +67,15 @@ class GrowingBlob:
             self._cond.notify_all()
         self._notify()
 
-    def arrived(self, offset: int, chunk: bytes) -> int:
-        """The download wrote ``chunk`` at ``offset`` (and reported it with ``written``):
-        kept for the reader in this process if one is attached and near. Returns how many
-        bytes the download is ahead of that reader through memory (0: no reader there)."""
+    def arrived(self, offset: int, chunk: bytes) -> None:
+        """The download wrote ``chunk`` at ``offset`` (before reporting it with
+        ``written``): kept for the reader in this process if one is attached and near."""
         with self._cond:
             pos = self._reader
             end = offset + len(chunk)
             if pos < 0 or end <= pos or offset - pos > MEMORY_BYTES:
                 self._drop_memory()
-                return 0
+                return
             mem = self._mem
             if offset != self._mem_end:  # a restart, or the first chunk kept
                 self._drop_memory()
@@ -86,18 +84,6 @@ class GrowingBlob:
             self._mem_bytes += len(chunk)
             while self._mem_bytes > MEMORY_BYTES:
                 self._mem_bytes -= len(mem.popleft()[1])
-            return end - pos
-
-    def on_room(self, callback: Callable[[], None] | None) -> bool:
-        """Call ``callback`` (once, in the reader's thread) when the reader is within
-        ``BEHIND`` bytes of the download, or detaches; False (and no call) if it already
-        is. None unregisters."""
-        with self._cond:
-            if callback is not None and (self._reader < 0
-                                         or self._mem_end - self._reader <= BEHIND):
-                return False
-            self._room = callback
-            return True
 
     def _drop_memory(self) -> None:
         self._mem.clear()
@@ -115,9 +101,6 @@ class GrowingBlob:
         with self._cond:
             self._reader = -1
             self._drop_memory()
-            room, self._room = self._room, None
-        if room is not None:
-            room()
 
     def _take(self, pos: int, size: int) -> bytes | None:
         """Up to ``size`` bytes at ``pos`` from memory (None: not there, read the file);
@@ -131,18 +114,22 @@ class GrowingBlob:
                 return None
             offset, chunk = mem[0]
             start = pos - offset
-            if start == 0 and len(chunk) <= size:
+            if start == 0 and len(chunk) == size:
                 return chunk
-            return chunk[start : start + size]
+            if len(chunk) - start >= size or len(mem) == 1:
+                return chunk[start : start + size]
+            # small chunks (a paced link): as much as asked for, as one read would give
+            pieces, have = [memoryview(chunk)[start:]], len(chunk) - start
+            for _, more in itertools.islice(mem, 1, None):
+                if have >= size:
+                    break
+                pieces.append(memoryview(more)[: size - have])
+                have += len(pieces[-1])
+            return b"".join(pieces)
 
     def _consumed(self, pos: int) -> None:
         with self._cond:
             self._reader = pos
-            room = self._room
-            if room is None or self._mem_end - pos > BEHIND:
-                return
-            self._room = None
-        room()
 
     def finish(self, ok: bool) -> None:
         with self._cond:

@@ -46,7 +46,6 @@ from ..models import (
 from ..openfiles import ensure_open_files, files_needed
 from ..reference import Reference
 from .growing import GrowingBlob
-from .handoff import ChunkHandoff
 from .image_write import LayerTree, settle
 from .materialize import BUILDS_AT_ONCE, BlobOpener, start_layer, stitch_image
 from .progress import (
@@ -603,7 +602,7 @@ class _Download:
             try:
                 await self._registry.fetch_blob(
                     self._ref, self._descriptor, self._part, resume=True, written=self._on_disk,
-                    tee=ChunkHandoff(self.growing),
+                    tee=self.growing.arrived,
                 )
                 self._report("verify", self._done)
                 os.rename(self._part, self._tar)
