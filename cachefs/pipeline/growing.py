@@ -23,7 +23,7 @@ from ..errors import DownloadFailed
 # waits for the reader: a reader further behind reads the file (the oldest chunks go
 # first). Making the download wait instead (backpressure) cost a loopback pull ~0.025
 # CPU-s in wakeups and GIL hand-offs, more than the read-back it saved.
-MEMORY_BYTES = 8 << 20
+MEMORY_BYTES = 4 << 20
 
 
 class GrowingBlob:
