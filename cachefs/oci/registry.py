@@ -86,7 +86,6 @@ MAX_CONFIG_BYTES = 32 << 20
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 Progress = Callable[[int], None]
-Tee = Callable[[int, bytes], None]  # (offset in the blob, chunk written there)
 
 
 @dataclass(frozen=True)
@@ -632,15 +631,13 @@ class RegistryClient:
         resume: bool = True,
         progress: Progress | None = None,
         written: Progress | None = None,
-        tee: Tee | None = None,
     ) -> None:
         """Download a blob into ``dest`` (the ``.part`` file) and verify it.
 
         ``written(n)`` is called whenever ``dest`` holds ``n`` bytes of the blob (flushed,
         so another reader sees them): once the kept prefix is known, after each chunk, and
         with 0 when a restart truncates it. A reader may follow the file with it; the bytes
-        are verified only when this returns. ``tee(offset, chunk)`` gets each chunk itself
-        just before ``written`` reports it (a reader in this process takes it from memory).
+        are verified only when this returns.
 
         ``progress(n)`` is called with the number of bytes *newly received* from the network
         for each chunk (bytes reused from an existing partial file are not reported). On
@@ -659,7 +656,7 @@ class RegistryClient:
             written(have)
         if done:
             return
-        fetch = _BlobFetch(self, ref, descriptor, dest, hasher, have, progress, written, tee)
+        fetch = _BlobFetch(self, ref, descriptor, dest, hasher, have, progress, written)
         await fetch.run()
         actual = f"{digest.algorithm}:{fetch.hasher.hexdigest()}"
         if actual != str(digest):
@@ -674,7 +671,7 @@ class _BlobFetch:
 
     def __init__(self, client: RegistryClient, ref: Reference, descriptor: Descriptor,
                  dest: Path, hasher: Any, have: int, progress: Progress | None,
-                 written: Progress | None, tee: Tee | None = None) -> None:
+                 written: Progress | None) -> None:
         self._client = client
         self._ref = ref
         self._digest = descriptor.parsed_digest
@@ -683,7 +680,6 @@ class _BlobFetch:
         self._dest = dest
         self._progress = progress
         self._written = written
-        self._tee = tee
         self.hasher = hasher  # over the bytes in ``dest``
         self.have = have  # bytes in ``dest``
         self._got = 0  # bytes the current attempt received
@@ -747,7 +743,7 @@ class _BlobFetch:
         part = _Part(self.hasher, self.have)
         try:
             await _receive(resp, clock, self._dest, part, self._expected, self._progress,
-                           self._written, self._tee)
+                           self._written)
         finally:
             self._got, self.have = part.size - self.have, part.size  # even on an error
 
@@ -814,8 +810,7 @@ class _Part:
 
 
 async def _receive(resp: httpx.Response, clock: Deadline, dest: Path, part: _Part,
-                   expected: int, progress: Progress | None, written: Progress | None,
-                   tee: Tee | None = None) -> None:
+                   expected: int, progress: Progress | None, written: Progress | None) -> None:
     """Append the body to ``dest`` at ``part.size``, never past ``expected`` bytes: whatever
     a server sends beyond the descriptor's size is not read."""
     with naming(dest), dest.open("r+b" if dest.exists() else "wb") as f:
@@ -827,8 +822,6 @@ async def _receive(resp: httpx.Response, clock: Deadline, dest: Path, part: _Par
             f.write(chunk)
             part.hasher.update(chunk)
             part.size += len(chunk)
-            if tee is not None:
-                tee(part.size - len(chunk), chunk)
             if written is not None:
                 f.flush()
                 written(part.size)

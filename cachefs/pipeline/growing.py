@@ -9,21 +9,13 @@ after verification. A failed download makes the reader raise instead.
 from __future__ import annotations
 
 import io
-import itertools
 import os
 import threading
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import DownloadFailed
-
-# Downloaded bytes kept in memory for the in-process reader, at most. The download never
-# waits for the reader: a reader further behind reads the file (the oldest chunks go
-# first). Making the download wait instead (backpressure) cost a loopback pull ~0.025
-# CPU-s in wakeups and GIL hand-offs, more than the read-back it saved.
-MEMORY_BYTES = 4 << 20
 
 
 class GrowingBlob:
@@ -46,11 +38,6 @@ class GrowingBlob:
         self._done = False
         self._failed = False
         self._watcher: Callable[[], None] | None = None
-        # chunks (offset, bytes) for the in-process reader; _reader < 0: none attached
-        self._mem: deque[tuple[int, bytes]] = deque()
-        self._mem_bytes = 0
-        self._mem_end = -1  # where the next chunk continues the kept ones
-        self._reader = -1  # the attached reader's position
 
     @property
     def path(self) -> Path:
@@ -66,70 +53,6 @@ class GrowingBlob:
             self._updates += 1
             self._cond.notify_all()
         self._notify()
-
-    def arrived(self, offset: int, chunk: bytes) -> None:
-        """The download wrote ``chunk`` at ``offset`` (before reporting it with
-        ``written``): kept for the reader in this process if one is attached and near."""
-        with self._cond:
-            pos = self._reader
-            end = offset + len(chunk)
-            if pos < 0 or end <= pos or offset - pos > MEMORY_BYTES:
-                self._drop_memory()
-                return
-            mem = self._mem
-            if offset != self._mem_end:  # a restart, or the first chunk kept
-                self._drop_memory()
-            mem.append((offset, chunk))
-            self._mem_end = end
-            self._mem_bytes += len(chunk)
-            while self._mem_bytes > MEMORY_BYTES:
-                self._mem_bytes -= len(mem.popleft()[1])
-
-    def _drop_memory(self) -> None:
-        self._mem.clear()
-        self._mem_bytes = 0
-        self._mem_end = -1
-
-    def _attach(self) -> bool:
-        with self._cond:
-            if self._reader >= 0:
-                return False  # one reader gets the memory; another reads the file
-            self._reader = 0
-            return True
-
-    def _detach(self) -> None:
-        with self._cond:
-            self._reader = -1
-            self._drop_memory()
-
-    def _take(self, pos: int, size: int) -> bytes | None:
-        """Up to ``size`` bytes at ``pos`` from memory (None: not there, read the file);
-        ``pos`` is where the attached reader is now."""
-        with self._cond:
-            self._reader = pos
-            mem = self._mem
-            while mem and mem[0][0] + len(mem[0][1]) <= pos:
-                self._mem_bytes -= len(mem.popleft()[1])
-            if not mem or mem[0][0] > pos:
-                return None
-            offset, chunk = mem[0]
-            start = pos - offset
-            if start == 0 and len(chunk) == size:
-                return chunk
-            if len(chunk) - start >= size or len(mem) == 1:
-                return chunk[start : start + size]
-            # small chunks (a paced link): as much as asked for, as one read would give
-            pieces, have = [memoryview(chunk)[start:]], len(chunk) - start
-            for _, more in itertools.islice(mem, 1, None):
-                if have >= size:
-                    break
-                pieces.append(memoryview(more)[: size - have])
-                have += len(pieces[-1])
-            return b"".join(pieces)
-
-    def _consumed(self, pos: int) -> None:
-        with self._cond:
-            self._reader = pos
 
     def finish(self, ok: bool) -> None:
         with self._cond:
@@ -195,42 +118,35 @@ class GrowingBlob:
                 raise DownloadFailed(f"download of {self._path.name} failed") from None
             fd = os.open(self._final, os.O_RDONLY)
         # a RawIOBase reads like a binary file, but typeshed does not count it a BinaryIO
-        return GrowingReader(self, fd, self._attach())  # type: ignore[return-value]
+        return GrowingReader(self, fd)  # type: ignore[return-value]
 
 
 class GrowingReader(io.RawIOBase):
-    def __init__(self, blob: GrowingBlob, fd: int, attached: bool = False) -> None:
+    def __init__(self, blob: GrowingBlob, fd: int) -> None:
         self._blob = blob
         self._fd = fd
         self._pos = 0
-        self._attached = attached  # gets the downloaded chunks from memory
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1, /) -> bytes:
-        """Up to ``size`` bytes: the downloaded chunk itself when memory holds it, else
-        straight from the file into a new ``bytes`` (``RawIOBase.read`` would read into a
-        bytearray and copy it: 60 MB more memcpy per Debian layer)."""
+        """Up to ``size`` bytes straight into a new ``bytes`` (``RawIOBase.read`` would read
+        into a bytearray and copy it: 60 MB more memcpy per Debian layer)."""
         if size < 0:
             return self.readall()
         if size == 0:
             return b""
-        blob = self._blob
         while True:
-            seen = blob.updates
-            avail = blob.wait(self._pos)
+            seen = self._blob.updates
+            avail = self._blob.wait(self._pos)
             if not avail:
                 return b""
-            data = blob._take(self._pos, min(size, avail)) if self._attached else None
-            if data is None:
-                data = os.pread(self._fd, min(size, avail), self._pos)
+            data = os.pread(self._fd, min(size, avail), self._pos)
             if data:
                 self._pos += len(data)
-                if self._attached:
-                    blob._consumed(self._pos)
                 return data
-            blob.wait_update(seen)  # truncated by a restart: see readinto
+            self._blob.wait_update(seen)  # truncated by a restart: see readinto
 
     def readinto(self, b: Any) -> int:
         while True:
@@ -242,8 +158,6 @@ class GrowingReader(io.RawIOBase):
                 n = os.preadv(self._fd, [view[: min(len(view), avail)]], self._pos)
             if n:
                 self._pos += n
-                if self._attached:
-                    self._blob._consumed(self._pos)
                 return n
             # The file is shorter than reported: a restart truncated it after ``seen``;
             # the same bytes come again at the same offsets. Not an end of file.
@@ -252,6 +166,4 @@ class GrowingReader(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             os.close(self._fd)
-            if self._attached:
-                self._blob._detach()
         super().close()

@@ -602,7 +602,6 @@ class _Download:
             try:
                 await self._registry.fetch_blob(
                     self._ref, self._descriptor, self._part, resume=True, written=self._on_disk,
-                    tee=self.growing.arrived,
                 )
                 self._report("verify", self._done)
                 os.rename(self._part, self._tar)
