@@ -41,7 +41,6 @@ from ..digest import Digest
 from ..erofs.tree import OPAQUE_XATTR, FileType, Node, SpoolExtent
 from ..errors import DigestMismatch, LayerFormatError, UsageError
 from . import tarstream as ts
-from .spool import spool_sink
 from .zstd_stream import zstd_chunks
 
 # ISA-L inflate (a declared dependency): the same API and output as zlib, about twice as fast.
@@ -70,7 +69,7 @@ _OUT_CHUNK = 1 << 20  # gzip output bound per call
 # in the layer EROFS's data area: files that follow each other in both (a tar in walk
 # order, the usual case) then reach the image in one kernel copy instead of one per file.
 SPOOL_ALIGN = 4096
-_ZEROS = memoryview(bytes(SPOOL_ALIGN))  # sliced without copying
+_ZEROS = bytes(SPOOL_ALIGN)
 _PREFETCH_DEPTH = 4  # decompressed chunks (≤ _OUT_CHUNK each) queued ahead of the tar parser
 
 
@@ -329,8 +328,8 @@ class _Builder:
         self.root = Node.directory()
         self._cap = cap
         self.label = label
+        self._write = spool.write
         self._offset = spool.tell()
-        self._write, self.flush = spool_sink(spool)
         self._total = 0
         self.entries = 0
         # every parent directory resolved so far, by its '/'-joined path (b"" is the root)
@@ -575,7 +574,6 @@ def ingest_layer(
         for entry in reader:
             builder.add(entry)
         reader.drain()
-        builder.flush()
     except LayerFormatError as e:
         if e.layer is not None:
             raise
