@@ -18,6 +18,7 @@ from ..cache.publish import naming
 from ..digest import Digest
 from ..erofs.tree import BlockMap, Node
 from ..erofs.writer import LayerLayout, plan_layer, write_layer
+from .allocator import reuse_large_buffers
 from .layer import Compression, detect_compression, ingest_layer
 
 BlobOpener = Callable[[], BinaryIO]
@@ -96,6 +97,7 @@ def plan_layer_image(
 
     ``compression=None`` sniffs the magic bytes. On failure nothing is left open.
     """
+    reuse_large_buffers()
     spool = open_spool(spool_path)
     try:
         with open_blob(blob) as stream:
