@@ -50,3 +50,24 @@ def test_run_copies_write_the_same_image(tmp_path: Path) -> None:
     per_file, runs = _image(False, tmp_path), _image(True, tmp_path)
     assert len(runs) % 4096 == 0 and len(runs) > 400 * 1024
     assert runs == per_file
+
+
+def test_files_spread_over_directories_write_the_same_image(tmp_path: Path) -> None:
+    """A tar that visits directories round robin (file i in d{i % 7}) leaves one run per
+    file (plus one large run): the run-copied image must still equal the per-file one."""
+    entries = [dir_(f"d{d}") for d in range(7)]
+    entries += [reg(f"d{i % 7}/f{i:04d}", bytes([i % 251]) * (i * 131 % 9000))
+                for i in range(700)]
+    entries += [reg("d3/large", b"L" * (300 << 10))]
+
+    def image(padded: bool) -> bytes:
+        blob = io.BytesIO(layer_tar(entries))
+        with tempfile.TemporaryFile(dir=tmp_path) as spool:
+            layer = ingest_layer(blob, compression=Compression.NONE, expected_diff_id=None,
+                                 spool=spool, layer_label="t")
+            path = tmp_path / f"spread-{padded}.erofs"
+            with path.open("wb") as f:
+                write_layer_erofs(layer.root, spool, f, padded_spool=padded)
+        return path.read_bytes()
+
+    assert image(True) == image(False)
