@@ -3,7 +3,7 @@ lock and its rename (:func:`cachefs.pipeline.materialize.materialize_layer` hold
 
 A module of its own so a layer-building worker process (:mod:`cachefs.ingest.worker_main`)
 can run exactly this code while importing only the ingest and EROFS writer code: no
-cache store (pydantic), no trio, no httpx.
+cache store (its models, the cache layout), no trio, no httpx.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ threads of one process take turns on one GIL; a worker per core builds them side
 side (issue 15). The parent (:mod:`cachefs.pipeline.workers`) keeps the download, the
 cache's locks and the publication; a worker runs only
 :func:`cachefs.ingest.image.build_layer_image` and imports only what that needs (no
-trio, httpx, pydantic or cache store), so it starts in a few tens of milliseconds.
+trio, httpx or cache store), so it starts in a few tens of milliseconds.
 
 The protocol, on the worker's stdin (from the parent) and stdout (to it), integers
 little-endian::
