@@ -35,17 +35,19 @@ def _large_files_tar(path: Path, total: int) -> None:
             tf.addfile(ti, io.BytesIO(payload))
 
 
-def _small_files_tar(path: Path, count: int) -> None:
-    rng = random.Random(2)
+def _small_files_tar(path: Path, count: int, *, top: str = "tree", seed: int = 2) -> None:
+    """``count`` files of 0–9 KB in ``count // 1000`` directories under ``top``, visited
+    round robin (file i in directory i mod n): a tar far from the image's walk order."""
+    rng = random.Random(seed)
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
         for d in range(count // 1000):
-            ti = tarfile.TarInfo(f"tree/d{d:03d}")
+            ti = tarfile.TarInfo(f"{top}/d{d:03d}")
             ti.type = tarfile.DIRTYPE
             ti.mode = 0o755
             tf.addfile(ti)
         for i in range(count):
             size = rng.choice((0, 12, 100, 700, 3000, 5000, 9000))
-            ti = tarfile.TarInfo(f"tree/d{i % max(1, count // 1000):03d}/file-{i:06d}")
+            ti = tarfile.TarInfo(f"{top}/d{i % max(1, count // 1000):03d}/file-{i:06d}")
             ti.size = size
             ti.mtime = 1700000000
             tf.addfile(ti, io.BytesIO(rng.randbytes(size)))

@@ -14,7 +14,8 @@ Issue 15 adds the pulls through a modelled link (:class:`bench.link.Link`: ~40 M
 round trips, a proxy on 127.0.0.1), the CPU seconds (user + system, from ``wait4``) beside
 the wall time (on a machine shared with other work the CPU ratio is the steadier one), and
 each row's target ratio: ≤ 1.0× msb on loopback and for ``load``, ≤ 0.9× on the link, peak
-RSS ≤ msb's.
+RSS ≤ msb's. A last pull row (not with ``--quick``) is an image of 60,000 small files,
+where per-entry work, not bytes, sets the pace.
 """
 
 from __future__ import annotations
@@ -224,6 +225,7 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
                         TARGETS[network],
                     ))
         if not quick:
+            results.append(_small_files_row(registry, work, msb, rounds))
             archive = str(inputs.archive)
             results.append(_compare(
                 "load, debian bookworm minbase, docker archive, 3 layers",
@@ -234,6 +236,53 @@ def run(msb: str, *, quick: bool, rounds: int) -> list[dict[str, object]]:
                 TARGETS["load"],
             ))
     return results
+
+
+SMALL_FILES = (2, 30_000)  # layers, files per layer
+
+
+def small_files_layout() -> Path:
+    """An OCI layout of SMALL_FILES (gzip layers of 0–9 KB files, tar order round robin
+    over directories: :func:`bench.layers._small_files_tar`), cached beside the Debian
+    inputs. Why: the Debian image has 8,743 entries; images of many small files (a
+    node_modules, a site-packages) weigh per-entry work far more."""
+    from tests.fixtures.images import TestImage
+    from tests.fixtures.registry import oci_layout
+
+    from .layers import _small_files_tar
+
+    layers, files = SMALL_FILES
+    out = debian.BENCH_DIR / f"smallfiles-{layers}x{files}-v1-oci"
+    if not (out / "index.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        tmp = out.with_name(out.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tars = []
+        with tempfile.TemporaryDirectory(dir=debian.BENCH_DIR) as scratch:
+            for n in range(layers):
+                tar = Path(scratch) / f"{n}.tar"
+                _small_files_tar(tar, files, top=f"tree{n}", seed=n + 1)
+                tars.append(tar.read_bytes())
+        oci_layout(TestImage(tars), tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def _small_files_row(registry: LocalRegistry, work: Path, msb: str,
+                     rounds: int) -> dict[str, object]:
+    layers, files = SMALL_FILES
+    layout = small_files_layout()
+    registry.push_oci_layout(layout, "bench/smallfiles", f"{layers}layers")
+    ref = f"127.0.0.1:{registry.port}/bench/smallfiles:{layers}layers"
+    py = sys.executable
+    return _compare(
+        f"pull, {layers * files} small files, {layers} gzip layers", rounds, work,
+        lambda cache: [py, "-m", "bench.worker", "pull", str(cache), ref],
+        lambda _home: [msb, "pull", "--quiet", "--insecure", ref],
+        {"network": "loopback", "entries": layers * files,
+         "download_mb": round(_dir_mb(layout / "blobs"), 1)},
+        TARGETS["loopback"],
+    )
 
 
 @contextlib.contextmanager
