@@ -36,7 +36,7 @@ identity tests):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .tree import NULL_BLOCK, OPAQUE_XATTR, FileType, LayerBlocks, Node
 
@@ -106,6 +106,7 @@ class _Merger:
             children = out.children
             assert children is not None
             leak, copy, memo, device_id = self.leak, self.copy, self.memo, self.device_id
+            new_blocks, set_device, set_start = object.__new__, _SET_DEVICE, _SET_START
             for name, child in (lnode.children or {}).items():
                 ctype = child.type
                 if ctype is _REG:
@@ -114,10 +115,12 @@ class _Merger:
                         block = child.block
                         if block is None:
                             block = _missing_block(child)
+                        where = new_blocks(LayerBlocks)
+                        set_device(where, device_id)
+                        set_start(where, block)
                         hit = memo[child] = Node(
                             _REG, child.mode, child.uid, child.gid, child.mtime,
-                            list(child.xattrs), None, b"", 0, 0, child.size,
-                            LayerBlocks(device_id, block),
+                            list(child.xattrs), None, b"", 0, 0, child.size, where,
                         )
                     children[name] = hit
                 elif (ctype is _CHR and not child.rdev_major and not child.rdev_minor
@@ -156,6 +159,11 @@ def _missing_block(lnode: Node) -> int:
 
 
 _DIR, _REG, _CHR = FileType.DIR, FileType.REG, FileType.CHR
+# LayerBlocks is a frozen slotted dataclass: its __init__ sets each slot through
+# object.__setattr__, half the cost of a merged file's Node. The merge fills the two slots
+# through their descriptors directly (what that __init__ ends up doing), once per file.
+_SET_DEVICE: Callable[[LayerBlocks, int], None] = vars(LayerBlocks)["device_id"].__set__
+_SET_START: Callable[[LayerBlocks, int], None] = vars(LayerBlocks)["start_block"].__set__
 
 
 def _strip_opaque(root: Node) -> None:
