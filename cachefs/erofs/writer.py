@@ -63,7 +63,7 @@ class Plan:
     """The complete layout of an image except the bytes of file data."""
 
     inodes: list[PlannedInode]  # in NID (= allocation) order, one per distinct inode
-    by_node: dict[int, PlannedInode]  # id(node) → planned inode
+    by_node: dict[Node, PlannedInode]  # node (hashed by identity) → planned inode
     meta_blkaddr: int
     meta_end: int  # absolute byte offset just after the last inode slot
     data_start: int  # D: first block of the data area
@@ -177,7 +177,7 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
     cursor = meta_start
     next_block = 0
     inodes: list[PlannedInode] = []
-    by_node: dict[int, PlannedInode] = {}
+    by_node: dict[Node, PlannedInode] = {}
     # Pre-order walk that remembers each directory's parent for "..".
     stack: list[tuple[bytes, Node, Node | None]] = [(b"", root, None)]
     DIR, REG, SYMLINK = FileType.DIR, FileType.REG, FileType.SYMLINK  # locals: hot loop
@@ -189,8 +189,7 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
         path, node, parent = pop()
         ntype = node.type
         is_dir = ntype is DIR
-        key = id(node)
-        seen = by_node.get(key)
+        seen = by_node.get(node)
         if seen is not None:
             if is_dir:
                 raise LayerFormatError(
@@ -221,7 +220,7 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
                 next_block += data_blocks
                 cursor += 64
             inodes.append(inode)
-            by_node[key] = inode
+            by_node[node] = inode
             continue
         kids = node.children
         kid_names = _queue_children(stack, path, node, kids) if kids else []
@@ -237,7 +236,7 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
             nlink = 2
             dir_blocks, size = _directory_shape(kid_names)
             if parent is not None:
-                above = by_node[id(parent)]  # planned already: the walk is pre-order
+                above = by_node[parent]  # planned already: the walk is pre-order
                 parent_nid = above.nid
                 if parent is not root:
                     above.nlink += 1
@@ -268,7 +267,7 @@ def plan_layout(root: Node, *, meta_blkaddr: int = 1, chunked: bool = False) -> 
         )
         cursor += -(-(fixed + extra) // SLOT) * SLOT
         inodes.append(inode)
-        by_node[key] = inode
+        by_node[node] = inode
     return Plan(
         inodes=inodes, by_node=by_node, meta_blkaddr=meta_blkaddr, meta_end=cursor,
         data_start=F.blocks_for(cursor), data_blocks=next_block, chunked=chunked,
@@ -296,7 +295,7 @@ def _dirent_block(plan: Plan, inode: PlannedInode, names: list[bytes]) -> bytes:
             fields += (inode.parent_nid, nameoff, dir_type, 0)
         else:
             child = children[name]
-            fields += (by_node[id(child)].nid, nameoff, child.type, 0)
+            fields += (by_node[child].nid, nameoff, child.type, 0)
         nameoff += len(name)
     layout = _DIRENTS.get(len(names))
     if layout is None:
