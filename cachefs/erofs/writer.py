@@ -373,20 +373,13 @@ def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
     pack_with_chunks, few = _INODE_WITH_CHUNKS, len(_INODE_WITH_CHUNKS)
     pack_one_chunk, slot = pack_with_chunks[1], F.SLOT_SIZE
     null_block, chunk_step, meta_piece = NULL_BLOCK, _CHUNK_STEP, _META_PIECE
+    s_ifreg = s_ifmt[FileType.REG]  # a chunk-based inode is a regular file
     for inode in plan.inodes:
         offset = inode.offset
         if offset < pos:
             raise AssertionError(f"inode {inode.nid} planned before the one preceding it")
         node = inode.node
         ftype, layout, ibody = node.type, inode.layout, inode.ibody
-        if layout == chunk_based:
-            i_u = chunk_format
-        elif ftype in devices:
-            i_u = F.encode_rdev(node.rdev_major, node.rdev_minor)
-        elif ftype in no_block:
-            i_u = 0
-        else:
-            i_u = NULL_BLOCK if inode.rel_block is None else data_start + inode.rel_block
         if offset > pos:
             buf += bytes(offset - pos)
         if layout == chunk_based and not ibody:
@@ -398,13 +391,13 @@ def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
                 start = content.start_block << 32 | content.device_id << 16
                 if chunks == 1:
                     buf += pack_one_chunk(
-                        i_format_chunked, 0, s_ifmt[ftype] | (node.mode & 0o7777), 0,
+                        i_format_chunked, 0, s_ifreg | (node.mode & 0o7777), 0,
                         inode.size, chunk_format, inode.nid, node.uid, node.gid, node.mtime, 0,
                         inode.nlink, no_reserved, start,
                     )
                 else:
                     buf += pack_with_chunks[chunks](
-                        i_format_chunked, 0, s_ifmt[ftype] | (node.mode & 0o7777), 0,
+                        i_format_chunked, 0, s_ifreg | (node.mode & 0o7777), 0,
                         inode.size, chunk_format, inode.nid, node.uid, node.gid, node.mtime, 0,
                         inode.nlink, no_reserved,
                         *range(start, start + chunks * chunk_step, chunk_step),
@@ -414,6 +407,14 @@ def metadata_pieces(plan: Plan) -> Iterator[bytearray]:
                     yield buf
                     buf = bytearray()
                 continue
+        if layout == chunk_based:
+            i_u = chunk_format
+        elif ftype in devices:
+            i_u = F.encode_rdev(node.rdev_major, node.rdev_minor)
+        elif ftype in no_block:
+            i_u = 0
+        else:
+            i_u = NULL_BLOCK if inode.rel_block is None else data_start + inode.rel_block
         buf += pack(
             i_formats[layout], (len(ibody) - 12) // 4 + 1 if ibody else 0,
             s_ifmt[ftype] | (node.mode & 0o7777), 0, inode.size, i_u, inode.nid, node.uid,
