@@ -38,8 +38,8 @@ STAGES = (
     ("cachefs.ingest.image", "ingest_layer"),
     ("cachefs.ingest.image", "plan_layer"),
     ("cachefs.ingest.image", "write_layer"),
-    ("cachefs.pipeline.materialize", "merge_layers"),
-    ("cachefs.pipeline.materialize", "write_fsmeta"),
+    ("cachefs.erofs.fsmeta", "merge_layers"),  # called by fsmeta_of_layers
+    ("cachefs.erofs.fsmeta", "write_fsmeta"),
     ("cachefs.pipeline.materialize", "publish_file"),
     ("cachefs.oci.registry", "RegistryClient.fetch_blob"),
 )

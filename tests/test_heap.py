@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gc
+import threading
 
-from cachefs.heap import frozen_heap, imports_uncollected
+from cachefs.heap import collector_paused, frozen_heap, imports_uncollected
 
 
 def test_imports_run_uncollected_and_what_they_made_is_frozen() -> None:
@@ -45,3 +46,52 @@ def test_a_pull_unfreezes_what_start_up_froze() -> None:
         assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
+
+
+def test_a_paused_collector_runs_no_collection_and_comes_back_on() -> None:
+    assert gc.isenabled()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+            _ = [[i] for i in range(5_000)]
+            assert gc.get_count()[0] > 4 * gc.get_threshold()[0]
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_overlapping_pauses_in_two_threads_end_with_the_last_one() -> None:
+    """The fsmeta of one pull may be merged while another thread's pause is open: the
+    first to end must not switch the collector back on under the other."""
+    inside, release = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def other() -> None:
+        with collector_paused():
+            inside.set()
+            assert release.wait(10)
+            seen.append(gc.isenabled())
+
+    t = threading.Thread(target=other)
+    try:
+        with collector_paused():
+            t.start()
+            assert inside.wait(10)
+        assert not gc.isenabled()  # the other thread is still inside
+        release.set()
+        t.join(10)
+        assert seen == [False]
+        assert gc.isenabled()
+    finally:
+        release.set()
+        gc.enable()
+
+
+def test_a_collector_that_was_off_stays_off_after_a_pause() -> None:
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

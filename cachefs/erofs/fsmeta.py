@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import ErofsFormatError
+from ..heap import collector_paused
 from . import format as F
 from .merge import merge_layers
 from .reader import ErofsImage
@@ -77,6 +78,21 @@ def write_fsmeta(merged_root: Node, layer_blocks: Sequence[int], out: BinaryIO) 
     return own
 
 
+def fsmeta_of_layers(
+    layer_roots: Sequence[Node], layer_blocks: Sequence[int], out: BinaryIO, *,
+    msb_quirks: bool = False,
+) -> int:
+    """Merge layer trees (bottom → top) and write their fsmeta; returns its block count.
+
+    With the cyclic collector paused (``heap.collector_paused``): the merged tree and the
+    plan are ~3 objects per entry that only reference counts free, and collections that
+    walk the layer trees meanwhile cost more than the merge itself.
+    """
+    with collector_paused():
+        merged = merge_layers(layer_roots, leak_nested_whiteouts=msb_quirks)
+        return write_fsmeta(merged, layer_blocks, out)
+
+
 def fsmeta_from_layer_images(
     layer_paths: Sequence[Path], out: BinaryIO, *, msb_quirks: bool = False
 ) -> int:
@@ -100,4 +116,4 @@ def fsmeta_from_layer_images(
                     "an fsmeta can only point at plain layer blocks"
                 )
         roots.append(root)
-    return write_fsmeta(merge_layers(roots, leak_nested_whiteouts=msb_quirks), blocks, out)
+    return fsmeta_of_layers(roots, blocks, out, msb_quirks=msb_quirks)

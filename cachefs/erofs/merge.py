@@ -36,7 +36,7 @@ identity tests):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .tree import NULL_BLOCK, OPAQUE_XATTR, FileType, LayerBlocks, Node
 
@@ -60,21 +60,24 @@ def merge_layers_msb_compatible(layer_roots: Sequence[Node]) -> Node:
 
 
 class _Merger:
-    """One layer's pass; ``memo`` maps a layer Node (by identity) to its merged copy."""
+    """One layer's pass; ``memo`` maps a layer regular file Node to its merged copy (one
+    merged Node per hardlink group; Nodes hash by identity)."""
 
     __slots__ = ("device_id", "leak", "memo")
 
     def __init__(self, device_id: int, leak: bool) -> None:
         self.device_id = device_id
         self.leak = leak
-        self.memo: dict[int, Node] = {}
+        self.memo: dict[Node, Node] = {}
 
     def merge_children(self, merged: Node, layer_dir: Node) -> None:
         mchildren = merged.children
         assert mchildren is not None
-        copy = self.copy
         for name, lnode in (layer_dir.children or {}).items():
             ltype = lnode.type  # the properties inlined: this runs once per name of a layer
+            if ltype is _REG:
+                mchildren[name] = self.copy_file(lnode)
+                continue
             if ltype is _CHR and not lnode.rdev_major and not lnode.rdev_minor:  # whiteout
                 mchildren.pop(name, None)
                 continue
@@ -87,13 +90,14 @@ class _Merger:
                 existing.xattrs = list(lnode.xattrs)
                 self.merge_children(existing, lnode)
             else:
-                mchildren[name] = copy(lnode)
+                mchildren[name] = self.copy(lnode)
 
     def copy(self, lnode: Node) -> Node:
         """A new merged Node for a layer Node (a whole subtree for a dir).
 
         Positional ``Node`` calls and inlined checks: this runs once per file of every
-        pulled layer.
+        pulled layer. A directory's regular files (most entries) are copied in its own
+        loop, without a call per file.
         """
         ltype = lnode.type
         if ltype is _DIR:
@@ -101,36 +105,65 @@ class _Merger:
                        {})
             children = out.children
             assert children is not None
-            leak, copy = self.leak, self.copy
+            leak, copy, memo, device_id = self.leak, self.copy, self.memo, self.device_id
+            new_blocks, set_device, set_start = object.__new__, _SET_DEVICE, _SET_START
             for name, child in (lnode.children or {}).items():
-                if (child.type is _CHR and not child.rdev_major and not child.rdev_minor
+                ctype = child.type
+                if ctype is _REG:
+                    hit = memo.get(child)
+                    if hit is None:
+                        block = child.block
+                        if block is None:
+                            block = _missing_block(child)
+                        where = new_blocks(LayerBlocks)
+                        set_device(where, device_id)
+                        set_start(where, block)
+                        hit = memo[child] = Node(
+                            _REG, child.mode, child.uid, child.gid, child.mtime,
+                            list(child.xattrs), None, b"", 0, 0, child.size, where,
+                        )
+                    children[name] = hit
+                elif (ctype is _CHR and not child.rdev_major and not child.rdev_minor
                         and not leak):
                     continue  # a whiteout: nothing below a new dir to hide (OCI); msb leaks it
-                children[name] = copy(child)
+                else:
+                    children[name] = copy(child)
             return out
         if ltype is _REG:
-            key = id(lnode)
-            hit = self.memo.get(key)
-            if hit is not None:
-                return hit
-            block = lnode.block
-            if block is None:
-                if lnode.size:
-                    raise ValueError("regular file without .block: write the layer EROFS first")
-                block = NULL_BLOCK
-            out = Node(
-                _REG, lnode.mode, lnode.uid, lnode.gid, lnode.mtime, list(lnode.xattrs), None,
-                b"", 0, 0, lnode.size, LayerBlocks(self.device_id, block),
-            )
-            self.memo[key] = out
-            return out
+            return self.copy_file(lnode)
         return Node(
             ltype, lnode.mode, lnode.uid, lnode.gid, lnode.mtime, list(lnode.xattrs), None,
             lnode.target, lnode.rdev_major, lnode.rdev_minor,
         )
 
+    def copy_file(self, lnode: Node) -> Node:
+        """The merged Node of a layer regular file (the same one for every name of a
+        hardlink group)."""
+        hit = self.memo.get(lnode)
+        if hit is None:
+            block = lnode.block
+            if block is None:
+                block = _missing_block(lnode)
+            hit = self.memo[lnode] = Node(
+                _REG, lnode.mode, lnode.uid, lnode.gid, lnode.mtime, list(lnode.xattrs), None,
+                b"", 0, 0, lnode.size, LayerBlocks(self.device_id, block),
+            )
+        return hit
+
+
+def _missing_block(lnode: Node) -> int:
+    """An empty file may lack ``.block`` (nothing to point at); any other cannot."""
+    if lnode.size:
+        raise ValueError("regular file without .block: write the layer EROFS first")
+    return NULL_BLOCK
+
 
 _DIR, _REG, _CHR = FileType.DIR, FileType.REG, FileType.CHR
+# LayerBlocks is a frozen slotted dataclass: its __init__ sets each slot through
+# object.__setattr__, half the cost of a merged file's Node. The merge fills the two slots
+# through their descriptors directly (what that __init__ ends up doing), once per file.
+_SET_DEVICE: Callable[[LayerBlocks, int], None] = vars(LayerBlocks)["device_id"].__set__
+_SET_START: Callable[[LayerBlocks, int], None] = vars(LayerBlocks)["start_block"].__set__
 
 
 def _strip_opaque(root: Node) -> None:

@@ -25,8 +25,7 @@ from ..cache.publish import naming, publish_file, remove_quietly
 from ..cache.store import GlobalCache
 from ..derived_check import fsmeta_problems, vmdk_problems
 from ..digest import Digest
-from ..erofs.fsmeta import fsmeta_from_layer_images, write_fsmeta
-from ..erofs.merge import merge_layers
+from ..erofs.fsmeta import fsmeta_from_layer_images, fsmeta_of_layers
 from ..erofs.tree import BlockMap, Node
 from ..erofs.writer import block_map_of
 from ..errors import NotCachedError
@@ -266,8 +265,8 @@ def _fsmeta_beside_images(tmp: Path, trees: Sequence[LayerTree], msb_quirks: boo
     errors: list[BaseException] = []
     try:
         with naming(tmp), tmp.open("wb") as out:
-            merged = merge_layers([t.root for t in trees], leak_nested_whiteouts=msb_quirks)
-            write_fsmeta(merged, [t.total_blocks for t in trees], out)
+            fsmeta_of_layers([t.root for t in trees], [t.total_blocks for t in trees], out,
+                             msb_quirks=msb_quirks)
     except BaseException as err:
         errors.append(err)
     raise_first([*settle(t.image for t in trees), *errors])

@@ -43,8 +43,7 @@ from ..cache.locks import flock_exclusive, flock_exclusive_async
 from ..cache.publish import publish_file, remove_quietly
 from ..cache.store import CACHEFS_DIR, GlobalCache
 from ..digest import Digest, sha256_file
-from ..erofs.fsmeta import write_fsmeta
-from ..erofs.merge import merge_layers
+from ..erofs.fsmeta import fsmeta_of_layers
 from ..erofs.reader import ErofsImage
 from ..erofs.tree import Node
 from ..errors import CachefsError, DownloadFailed, RegistryError, UsageError
@@ -394,7 +393,7 @@ def _cross_check(cache: GlobalCache, diff_ids: Sequence[Digest],
         blocks.append(tree[1])
     try:
         with out.open("wb") as f:
-            write_fsmeta(merge_layers(roots), blocks, f)
+            fsmeta_of_layers(roots, blocks, f)
     except CachefsError as err:
         return f"its layers do not merge into an fsmeta ({err.one_line()})"
     size = out.stat().st_size

@@ -21,8 +21,7 @@ import trio
 
 from ..cache.store import CACHEFS_DIR, GlobalCache
 from ..digest import Digest, sha256_file
-from ..erofs.fsmeta import write_fsmeta
-from ..erofs.merge import merge_layers
+from ..erofs.fsmeta import fsmeta_of_layers
 from ..erofs.tree import Node
 from ..erofs.writer import write_layer_erofs
 from ..errors import NotCachedError
@@ -114,8 +113,8 @@ async def verify_deep(cache: GlobalCache, reference: str,
 
         def build() -> None:
             with fsmeta.open("wb") as f:
-                write_fsmeta(merge_layers([trees[d][0] for d in meta.diff_ids]),
-                             [trees[d][1] for d in meta.diff_ids], f)
+                fsmeta_of_layers([trees[d][0] for d in meta.diff_ids],
+                                 [trees[d][1] for d in meta.diff_ids], f)
 
         await trio.to_thread.run_sync(build)
         report.fsmeta_identical = (await trio.to_thread.run_sync(sha256_file, str(fsmeta))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import itertools
 from collections.abc import Iterator, Sequence
@@ -398,3 +399,18 @@ def test_msb_compatible_merge_gives_msb_fsmeta_bytes(msb: Msb, tmp_path: FsPath)
     oci = merge_layers(roots)
     assert at(oci, "newdir/ghost") is None
     assert at(merge_layers_msb_compatible(roots), "newdir/ghost") is not None
+
+
+def test_a_file_in_a_new_directory_points_at_its_layer_like_any_other() -> None:
+    """Files copied with their new directory get LayerBlocks built the merge's fast way:
+    equal, hashable and frozen like ones built by the constructor."""
+    l0 = LayerBuilder()
+    f = l0.reg("d/e/f", size=5000)
+    assert f is not None and f.block is not None
+    m = check([l0.root])
+    node = at(m, "d/e/f")
+    assert node is not None and isinstance(node.content, LayerBlocks)
+    got = node.content
+    assert got == LayerBlocks(1, f.block) and hash(got) == hash(LayerBlocks(1, f.block))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.start_block = 0  # type: ignore[misc]

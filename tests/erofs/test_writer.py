@@ -123,6 +123,18 @@ def test_dirent_packing_boundary() -> None:
     assert [len(b) for b in pack_dirent_names(over)] == [4, 2]
 
 
+def test_dirent_packing_of_a_large_directory_is_greedy() -> None:
+    """Many blocks (a flat directory of 1,000+ names of mixed lengths): every block is
+    full in the §3.8 sense, i.e. it fits and the next name would not have fitted."""
+    names = sorted(b"f%06d" % i + b"x" * (i * 37 % 200) for i in range(3000))
+    blocks = pack_dirent_names(names)
+    assert [n for block in blocks for n in block] == names
+    for block, after in zip(blocks, [*blocks[1:], []], strict=True):
+        assert 12 * len(block) + sum(map(len, block)) <= 4096
+        if after:
+            assert 12 * (len(block) + 1) + sum(map(len, block)) + len(after[0]) > 4096
+
+
 def test_plan_rules() -> None:
     """Spot checks of §3.6/§3.11 decisions, made without writing anything."""
     root = Node.directory()
