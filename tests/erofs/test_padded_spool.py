@@ -31,8 +31,8 @@ def _entries() -> list:  # type: ignore[type-arg]
     return out
 
 
-def _image(padded: bool, out_dir: Path) -> bytes:
-    blob = io.BytesIO(layer_tar(_entries()))
+def _image(padded: bool, out_dir: Path, entries: list | None = None) -> bytes:  # type: ignore[type-arg]
+    blob = io.BytesIO(layer_tar(_entries() if entries is None else entries))
     with tempfile.TemporaryFile(dir=out_dir) as spool:
         layer = ingest_layer(blob, compression=Compression.NONE, expected_diff_id=None,
                              spool=spool, layer_label="t")
@@ -59,15 +59,4 @@ def test_files_spread_over_directories_write_the_same_image(tmp_path: Path) -> N
     entries += [reg(f"d{i % 7}/f{i:04d}", bytes([i % 251]) * (i * 131 % 9000))
                 for i in range(700)]
     entries += [reg("d3/large", b"L" * (300 << 10))]
-
-    def image(padded: bool) -> bytes:
-        blob = io.BytesIO(layer_tar(entries))
-        with tempfile.TemporaryFile(dir=tmp_path) as spool:
-            layer = ingest_layer(blob, compression=Compression.NONE, expected_diff_id=None,
-                                 spool=spool, layer_label="t")
-            path = tmp_path / f"spread-{padded}.erofs"
-            with path.open("wb") as f:
-                write_layer_erofs(layer.root, spool, f, padded_spool=padded)
-        return path.read_bytes()
-
-    assert image(True) == image(False)
+    assert _image(True, tmp_path, entries) == _image(False, tmp_path, entries)
