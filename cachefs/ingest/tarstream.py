@@ -318,17 +318,22 @@ class TarReader:
         self.offset += n
         return b"".join(parts)
 
+    def _buffered(self, what: str) -> int:
+        """Bytes buffered past the position, filling the buffer when there are none; an
+        archive that ends first is truncated inside the current entry's ``what``."""
+        avail = len(self._buf) - self._pos
+        while avail == 0:
+            if not self._fill():
+                raise LayerFormatError(
+                    f"truncated tar archive ({what} ends early)",
+                    entry=display_name(self._current_name),
+                )
+            avail = len(self._buf) - self._pos
+        return avail
+
     def _skip(self, n: int) -> None:
         while n > 0:
-            avail = len(self._buf) - self._pos
-            if avail == 0:
-                if not self._fill():
-                    raise LayerFormatError(
-                        "truncated tar archive (data ends early)",
-                        entry=display_name(self._current_name),
-                    )
-                continue
-            k = min(n, avail)
+            k = min(n, self._buffered("data"))
             self._pos += k
             self.offset += k
             n -= k
@@ -337,15 +342,7 @@ class TarReader:
         if data is not self._current:
             raise RuntimeError("entry data read after the reader moved on")
         while n > 0:
-            avail = len(self._buf) - self._pos
-            if avail == 0:
-                if not self._fill():
-                    raise LayerFormatError(
-                        "truncated tar archive (file data ends early)",
-                        entry=display_name(self._current_name),
-                    )
-                continue
-            k = min(n, avail)
+            k = min(n, self._buffered("file data"))
             pos = self._pos
             self._pos = pos + k
             self.offset += k
