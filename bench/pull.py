@@ -142,7 +142,7 @@ def _compare(
         shutil.rmtree(home, ignore_errors=True)
     t_ours = median([s.seconds for s in cachefs_runs])
     t_msb = median([s.seconds for s in msb_runs])
-    mem_ours, mem_msb = _tree_memory(work, ours, theirs)
+    mem_ours, mem_msb = tree_memory(work, ours, theirs)
     row: dict[str, object] = {
         "benchmark": name,
         **extra,
@@ -155,7 +155,7 @@ def _compare(
         "cpu_ratio_cachefs_over_msb": round(
             median([s.cpu_s for s in cachefs_runs]) / max(median([s.cpu_s for s in msb_runs]),
                                                           1e-9), 2),
-        # the whole process tree (cachefs's layer workers too): see _tree_memory
+        # the whole process tree (cachefs's layer workers too): see tree_memory
         "cachefs_peak_rss_mib": round(mem_ours, 1),
         "msb_peak_rss_mib": round(mem_msb, 1),
         "rss_measure": MEMORY_MEASURE,
@@ -170,7 +170,7 @@ def _compare(
 MEMORY_MEASURE = "peak sum of PSS over the process tree, sampled every 5 ms, one untimed run"
 
 
-def _tree_memory(work: Path, ours: Callable[[Path], list[str]],
+def tree_memory(work: Path, ours: Callable[[Path], list[str]],
                  theirs: Callable[[Path], list[str]]) -> tuple[float, float]:
     """Peak memory of each tool's whole process tree, in one extra run each (fresh cache
     or HOME) that is not timed: the sampling costs CPU (:func:`bench.measure.peak_tree_memory`).
