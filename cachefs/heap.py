@@ -7,8 +7,15 @@ importing trio, httpx and cachefs left behind. Measured on the Debian minbase pu
 0.033-0.043 CPU-s of collections per pull, 0.013 with this (issue 15). ``gc.freeze()``
 moves every object alive at the start into a permanent generation the collector skips;
 ``gc.unfreeze()`` at the end puts them back, so a long-running process (the FUSE view)
-still collects whatever cyclic garbage it had. Nothing is disabled: objects created
-during the pull are collected as usual.
+still collects whatever cyclic garbage it had.
+
+While a layer is built (tar → tree → plan → image) and while the fsmeta is merged, the
+collector is paused (:func:`collector_paused`): those structures are acyclic and freed by
+reference counts, and the full collections that their size triggers were the largest
+single cost of a pull of many small files. The rest of a pull (the downloads, trio, httpx)
+leaves a few thousand cyclic objects whatever the image's size (measured: ~2,700 for a
+1-layer Debian image, a 3-layer one and 60,000 small files alike), so the pause does not
+let garbage grow with the work.
 
 Before that, :func:`imports_uncollected` keeps the collector off while those imports run:
 they only create objects that stay.
@@ -73,8 +80,10 @@ def collector_paused() -> Iterator[None]:
     Merging two layer trees of 30,000 files each and planning their fsmeta creates
     ~200,000 objects that all stay alive until the fsmeta is written; every few thousand
     of them the collector runs, and each time enough survive it walks the layer trees
-    too: 2/3 of the merge's CPU (issue 15). Those objects are freed by reference counts,
-    so nothing is lost by not collecting meanwhile. Counted, so overlapping blocks in two
+    too: 2/3 of the merge's CPU (issue 15). Ingesting, planning and writing a layer image
+    are the same (on 60,000 small files, three full collections took 150-210 ms of one
+    pull, every thread stopped). Those objects are freed by reference counts, so nothing
+    is lost by not collecting meanwhile. Counted, so overlapping blocks in two
     threads leave the collector on only when the last one ends (and only if it was on).
     """
     global _paused, _paused_reenable

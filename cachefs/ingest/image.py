@@ -18,6 +18,7 @@ from ..cache.publish import naming
 from ..digest import Digest
 from ..erofs.tree import BlockMap, Node
 from ..erofs.writer import LayerLayout, plan_layer, write_layer
+from ..heap import collector_paused
 from .allocator import reuse_large_buffers
 from .layer import Compression, detect_compression, ingest_layer
 
@@ -100,7 +101,7 @@ def plan_layer_image(
     reuse_large_buffers()
     spool = open_spool(spool_path)
     try:
-        with open_blob(blob) as stream:
+        with open_blob(blob) as stream, collector_paused():  # the tree is acyclic
             if compression is None:
                 compression = sniff(stream)
             with naming(spool_path):
@@ -109,8 +110,9 @@ def plan_layer_image(
                     layer_label=layer_label,
                 )
                 spool.flush()
-        spool = _unbuffered(spool)
-        return PlannedImage(ingested.root, plan_layer(ingested.root), spool)
+            spool = _unbuffered(spool)
+            layout = plan_layer(ingested.root)
+        return PlannedImage(ingested.root, layout, spool)
     except BaseException:
         close_quietly(spool)
         raise
@@ -118,7 +120,7 @@ def plan_layer_image(
 
 def write_planned_image(planned: PlannedImage, part: Path) -> None:
     """Write the planned image to ``part`` (the caller publishes and removes it)."""
-    with naming(part), part.open("wb") as out:
+    with naming(part), part.open("wb") as out, collector_paused():
         write_layer(planned.layout, planned.spool, out, padded_spool=True)
 
 
