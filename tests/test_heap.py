@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from pathlib import Path
 
 from cachefs.heap import collector_paused, frozen_heap, imports_uncollected
 
@@ -95,3 +96,45 @@ def test_a_collector_that_was_off_stays_off_after_a_pause() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_layer_is_ingested_planned_and_written_without_a_collection(tmp_path: Path) -> None:
+    """Building a layer's tree makes ~10 objects per entry that live until the image is
+    written: the collector stays off meanwhile (its full walks of the growing tree were
+    the largest cost of a many-small-files pull), and is on again afterwards, when one
+    young collection takes what the stage left."""
+    import io
+
+    from cachefs.ingest.image import plan_layer_image, write_planned_image
+    from cachefs.ingest.layer import Compression, ingest_layer
+    from tests.fixtures.images import dir_, layer_tar, reg
+
+    tar = layer_tar([dir_(f"d{d}") for d in range(10)]
+                    + [reg(f"d{i % 10}/f{i}", b"x" * (i % 300)) for i in range(3_000)])
+    blob = tmp_path / "layer.tar"
+    blob.write_bytes(tar)
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        with (tmp_path / "unpaused").open("wb+") as spool:  # the same work, collector on
+            ingest_layer(io.BytesIO(tar), compression=Compression.NONE,
+                         expected_diff_id=None, spool=spool, layer_label="t")
+        unpaused = len(collections)
+        collections.clear()
+        planned = plan_layer_image(blob, compression=None, diff_id=None,  # type: ignore[arg-type]
+                                   layer_label="t", spool_path=tmp_path / "spool")
+        try:
+            write_planned_image(planned, tmp_path / "image.erofs")
+        finally:
+            planned.spool.close()
+        # each paused stage leaves its young objects to one collection when it ends
+        assert len(collections) <= 2 < unpaused, (collections, unpaused)
+        assert 2 not in collections  # no full walk of the tree
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(count)

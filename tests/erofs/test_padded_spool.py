@@ -11,10 +11,15 @@ symlink, and a tar order that is not the image's walk order (runs must break the
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 from pathlib import Path
 
+import pytest
+
+from cachefs.erofs import writer
 from cachefs.erofs.writer import write_layer_erofs
+from cachefs.errors import LayerFormatError
 from cachefs.ingest.layer import Compression, ingest_layer
 from tests.fixtures.images import dir_, hardlink, layer_tar, reg, symlink
 
@@ -60,3 +65,53 @@ def test_files_spread_over_directories_write_the_same_image(tmp_path: Path) -> N
                 for i in range(700)]
     entries += [reg("d3/large", b"L" * (300 << 10))]
     assert _image(True, tmp_path, entries) == _image(False, tmp_path, entries)
+
+
+def _spread_entries(files: int = 400) -> list:  # type: ignore[type-arg]
+    entries = [dir_(f"d{d}") for d in range(5)]
+    entries += [reg(f"d{i % 5}/f{i:04d}", bytes([i % 251]) * (1 + i * 97 % 7000))
+                for i in range(files)]
+    return entries
+
+
+def test_gathered_runs_break_at_the_batch_bounds(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs gathered into vectored writes (``_Sink._gather``): batches cut by the iovec
+    count and the byte cap as well as by gaps still write every byte in its place."""
+    expected = _image(False, tmp_path, _spread_entries())
+    monkeypatch.setattr(writer, "_GATHER_IOVECS", 3)
+    monkeypatch.setattr(writer, "_GATHER_BYTES", 10_000)
+    assert _image(True, tmp_path, _spread_entries()) == expected
+
+
+def test_gathered_writes_resume_after_a_short_write(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pwritev`` may write less than asked (a signal, a full disk's last blocks): the
+    rest, from the middle of a piece, is written at the right offset."""
+    expected = _image(False, tmp_path, _spread_entries())
+    real = os.pwritev
+    calls = []
+
+    def short(fd: int, buffers: list[memoryview], offset: int) -> int:
+        total = sum(len(b) for b in buffers)
+        calls.append(total)
+        if total > 5000:  # write 4999 bytes of it: ends inside a piece
+            return os.pwrite(fd, b"".join(bytes(b) for b in buffers)[:4999], offset)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(writer.os, "pwritev", short)
+    assert _image(True, tmp_path, _spread_entries()) == expected
+    assert any(n > 5000 for n in calls)
+
+
+def test_a_spool_shorter_than_its_runs_fails_naming_a_file(tmp_path: Path) -> None:
+    blob = io.BytesIO(layer_tar(_spread_entries(50)))
+    with tempfile.TemporaryFile(dir=tmp_path) as spool:
+        layer = ingest_layer(blob, compression=Compression.NONE, expected_diff_id=None,
+                             spool=spool, layer_label="t")
+        spool.flush()
+        spool.truncate(8192)
+        with (tmp_path / "x.erofs").open("wb") as f, \
+                pytest.raises(LayerFormatError, match="spool ends") as err:
+            write_layer_erofs(layer.root, spool, f, padded_spool=True)
+    assert err.value.entry is not None and err.value.entry.startswith("d")
