@@ -85,6 +85,11 @@ def collector_paused() -> Iterator[None]:
     pull, every thread stopped). Those objects are freed by reference counts, so nothing
     is lost by not collecting meanwhile. Counted, so overlapping blocks in two
     threads leave the collector on only when the last one ends (and only if it was on).
+
+    Inside a :func:`frozen_heap` block (a pull), the last one out also freezes what was
+    built meanwhile: otherwise the first young collection after the pause walks all of it
+    (59 young collections took 45 ms of a 60,000-file pull, most of it in the few right
+    after a pause).
     """
     global _paused, _paused_reenable
     with _lock:
@@ -97,5 +102,11 @@ def collector_paused() -> Iterator[None]:
     finally:
         with _lock:
             _paused -= 1
-            if _paused == 0 and _paused_reenable:
-                gc.enable()
+            if _paused == 0:
+                if _depth:
+                    # inside a pull (frozen_heap): what the block built is frozen too, so
+                    # the first collection after it does not walk it; the pull's end
+                    # unfreezes everything, as it does start-up's objects
+                    gc.freeze()
+                if _paused_reenable:
+                    gc.enable()

@@ -138,3 +138,24 @@ def test_a_layer_is_ingested_planned_and_written_without_a_collection(tmp_path: 
         assert gc.isenabled()
     finally:
         gc.callbacks.remove(count)
+
+
+def test_inside_a_pull_what_a_pause_built_is_frozen_until_the_pull_ends() -> None:
+    """So the first young collection after a layer's build does not walk its tree; outside
+    a pull (the view, a worker process) nothing is frozen behind the caller's back."""
+    gc.unfreeze()
+    try:
+        with collector_paused():
+            outside = [[i] for i in range(3_000)]
+        assert gc.get_freeze_count() == 0
+        with frozen_heap():
+            before = gc.get_freeze_count()
+            with collector_paused():
+                built = [[i] for i in range(3_000)]
+            assert gc.get_freeze_count() >= before + len(built)
+            assert gc.isenabled()
+        assert gc.get_freeze_count() == 0
+        del outside, built
+    finally:
+        gc.unfreeze()
+        gc.enable()
