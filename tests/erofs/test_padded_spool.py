@@ -77,11 +77,21 @@ def _spread_entries(files: int = 400) -> list:  # type: ignore[type-arg]
 def test_gathered_runs_break_at_the_batch_bounds(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs gathered into vectored writes (``_Sink._gather``): batches cut by the iovec
-    count and the byte cap as well as by gaps still write every byte in its place."""
+    count and by small windows of the spool, as well as by gaps, still write every byte
+    in its place; no window maps more of the spool than the bound (or one run)."""
     expected = _image(False, tmp_path, _spread_entries())
+    real_mmap = writer.mmap.mmap
+    mapped: list[int] = []
+
+    def recording_mmap(fd: int, length: int, **kwargs: int) -> object:
+        mapped.append(length)
+        return real_mmap(fd, length, **kwargs)
+
     monkeypatch.setattr(writer, "_GATHER_IOVECS", 3)
-    monkeypatch.setattr(writer, "_GATHER_BYTES", 10_000)
+    monkeypatch.setattr(writer, "_GATHER_WINDOW", 20_000)
+    monkeypatch.setattr(writer.mmap, "mmap", recording_mmap)
     assert _image(True, tmp_path, _spread_entries()) == expected
+    assert len(mapped) > 10 and max(mapped) <= 20_000
 
 
 def test_gathered_writes_resume_after_a_short_write(tmp_path: Path,
