@@ -45,6 +45,7 @@ from ..models import (
 )
 from ..openfiles import ensure_open_files, files_needed
 from ..reference import Reference
+from .admission import RankedAdmission, largest_first
 from .growing import GrowingBlob
 from .image_write import LayerTree, settle
 from .materialize import BUILDS_AT_ONCE, BlobOpener, start_layer, stitch_image
@@ -332,9 +333,18 @@ async def materialize_plan(
 
 async def _settle_images(trees: Iterable[LayerTree]) -> None:
     """After a failure: wait for the layer images still being written (they clean up after
-    themselves), so nothing of this pull runs on; their errors only go to the log."""
+    themselves, and a published layer's blob is removed), so nothing of this pull runs
+    on; their errors only go to the log."""
+    images = [t.image for t in trees]
+
+    def settle_all() -> list[BaseException]:
+        errors = settle(images)
+        for image in images:
+            image.join()
+        return errors
+
     with trio.CancelScope(shield=True):
-        errors = await trio.to_thread.run_sync(settle, [t.image for t in trees])
+        errors = await trio.to_thread.run_sync(settle_all)
     for err in errors:
         log.info("also failed in parallel: %s", _one_line(err),
                  exc_info=(type(err), err, err.__traceback__))
@@ -370,37 +380,53 @@ class _LayerBuilds:
         self._provide = provide
         self._emit = emit
         self._force = force
-        self._in_flight = trio.CapacityLimiter(in_flight)
+        self._in_flight_cap = in_flight
         self._parallel = min(MATERIALIZE_PARALLELISM, in_flight)  # layers built at once
-        self._limiter = trio.CapacityLimiter(MATERIALIZE_PARALLELISM)
         self.transient: list[Path] = []  # downloaded files to remove once published
         self.trees: dict[Digest, LayerTree] = {}  # built here: the fsmeta needs no re-read
         self._workers: LayerWorkers | None = None  # worker processes (issue 15), or threads
 
     async def run(self, layers: Sequence[LayerMetadata]) -> None:
-        """Every distinct layer at once (bounded by ``in_flight``); the first real error."""
-        distinct = len({layer.diff_id for layer in layers})
-        if workers := workers_for(distinct, self._parallel):
+        """Every distinct layer at once (bounded by ``in_flight``), started and built
+        largest first (:mod:`cachefs.pipeline.admission`); the first real error."""
+        distinct: list[tuple[int, LayerMetadata]] = []
+        seen: set[str] = set()
+        for i, layer in enumerate(layers):
+            if layer.diff_id not in seen:  # a repeated layer is built once
+                seen.add(layer.diff_id)
+                distinct.append((i, layer))
+        if workers := workers_for(len(distinct), self._parallel):
             self._workers = LayerWorkers(workers)
+        ranks = largest_first([layer.size_bytes for _, layer in distinct])
+        # both in the same order, so a layer waiting for its build turn never waits for
+        # one that is not in flight
+        in_flight = RankedAdmission(self._in_flight_cap, len(distinct))
+        builds = RankedAdmission(MATERIALIZE_PARALLELISM, len(distinct))
         try:
             async with trio.open_nursery() as nursery:
-                seen: set[str] = set()
-                for i, layer in enumerate(layers):
-                    if layer.diff_id in seen:  # a repeated layer is built once
-                        continue
-                    seen.add(layer.diff_id)
-                    nursery.start_soon(self._one, i, layer)
+                for (i, layer), rank in zip(distinct, ranks, strict=True):
+                    nursery.start_soon(self._one, i, layer, rank, in_flight, builds)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
         finally:
             if self._workers is not None:
                 await self._workers.aclose()
 
-    async def _one(self, i: int, layer: LayerMetadata) -> None:
-        async with self._in_flight:
-            await self._build_one(i, layer)
+    async def _one(self, i: int, layer: LayerMetadata, rank: int,
+                   in_flight: RankedAdmission, builds: RankedAdmission) -> None:
+        try:
+            await in_flight.acquire(rank)
+        except BaseException:
+            builds.withdraw(rank)
+            raise
+        try:
+            await self._build_one(i, layer, rank, builds)
+        finally:
+            in_flight.release()
+            builds.withdraw(rank)  # cached or failed before its turn: the next one goes
 
-    async def _build_one(self, i: int, layer: LayerMetadata) -> None:
+    async def _build_one(self, i: int, layer: LayerMetadata, rank: int,
+                         builds: RankedAdmission) -> None:
         emit = self._emit
         diff = layer.diff_digest
         if not self._force and await trio.to_thread.run_sync(
@@ -412,20 +438,30 @@ class _LayerBuilds:
         if blob is None:  # another process materialised it while we waited
             emit(LayerProgress(i, layer.diff_id, "cached"))
             return
+        downloaded = None
         if blob.transient:
             path = blob.file or blob.source
             if isinstance(path, Path):
                 self.transient.append(path)
-        emit(LayerProgress(i, layer.diff_id, "materialize"))
-        build = functools.partial(
-            trio.to_thread.run_sync,
-            functools.partial(
-                start_layer, self._cache, blob.source, compression=blob.compression,
-                diff_id=diff, layer_label=layer.digest, force=self._force,
-                **({} if self._workers is None else {"build": self._workers.builder}),
-            ),
-            limiter=self._limiter,
+                downloaded = path
+        start = functools.partial(
+            start_layer, self._cache, blob.source, compression=blob.compression,
+            diff_id=diff, layer_label=layer.digest, force=self._force,
+            # nothing needs the blob once its layer is published: gone at once, off the
+            # trio thread, so only the last layer's is left for the end of the pull
+            published=None if downloaded is None else functools.partial(remove_quietly,
+                                                                        downloaded),
+            **({} if self._workers is None else {"build": self._workers.builder}),
         )
+
+        async def build() -> Any:
+            await builds.acquire(rank)
+            try:
+                emit(LayerProgress(i, layer.diff_id, "materialize"))
+                return await trio.to_thread.run_sync(start)
+            finally:
+                builds.release()
+
         if blob.feed is None:
             built = await build()
         else:  # ingest follows the download
