@@ -122,6 +122,35 @@ async def test_ranked_admission_waits_for_the_turn_and_skips_withdrawn_ranks() -
         holds[3].set()
 
 
+async def test_ranked_admission_lends_the_spare_slot_only_while_asked() -> None:
+    gate = RankedAdmission(1, 3)
+    may = False
+    assert await gate.acquire(0) is False
+    spares: list[bool] = []
+
+    async def take(rank: int) -> None:
+        spares.append(await gate.acquire(rank, spare=lambda: may))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, 1)
+        nursery.start_soon(take, 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert spares == []  # the one slot is taken, and the spare not offered
+        may = True  # turns true elsewhere: seen at the next recheck
+        with trio.fail_after(30):
+            while not spares:
+                await trio.sleep(0.005)
+        await trio.testing.wait_all_tasks_blocked()
+        assert spares == [True]  # rank 1 in the spare; rank 2 finds none left
+        gate.release()
+        with trio.fail_after(30):
+            while len(spares) < 2:
+                await trio.sleep(0.005)
+        assert spares == [True, True]  # slot 1 of 1 still held by rank 0: the spare again
+        gate.release()
+        gate.release()
+
+
 # the blobs ---------------------------------------------------------------------------------
 
 # the small layer is built and published while the big one's blob is held back
@@ -162,12 +191,16 @@ class HeldBlob:
         ex.raw(bytes(body[half:]))
 
 
+def _slots(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    monkeypatch.setattr(pull_module, "MATERIALIZE_PARALLELISM", n)
+    monkeypatch.setattr(materialize, "BUILD_SLOTS", materialize.BuildSlots(n))
+
+
 @pytest.fixture
 def two_slots(monkeypatch: pytest.MonkeyPatch) -> None:
     """Both layers built at once whatever the core count: the small one must not wait
     for the big one, held back by the test."""
-    monkeypatch.setattr(pull_module, "MATERIALIZE_PARALLELISM", 2)
-    monkeypatch.setattr(materialize, "BUILD_SLOTS", threading.BoundedSemaphore(2))
+    _slots(monkeypatch, 2)
 
 
 def _blob_files(cache: GlobalCache) -> list[str]:
@@ -234,3 +267,40 @@ async def test_a_failing_later_layer_leaves_the_published_one_and_no_blob(
     assert not cache.layer_erofs_path(SMALL_FIRST.diff_ids()[1]).exists()
     assert _blob_files(cache) == []  # the published one's blob, and the lie's .part
     assert [p.name for p in cache.tmp_dir().iterdir() if not p.name.endswith(".lock")] == []
+
+
+async def test_a_complete_blob_takes_the_spare_slot_while_a_build_waits_for_the_network(
+        tmp_path: Path, hostile, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """One build slot: the big layer (first, being larger) has it and its ingest waits for
+    bytes the registry holds back; the small layer's blob is complete, so it is built in
+    the spare slot meanwhile instead of waiting for the big one to end."""
+    _slots(monkeypatch, 1)
+    served = ServedImage.of(SMALL_FIRST)
+    held = HeldBlob(served, served.layer_digests[1], "spare/slot")
+    server = hostile(held)
+    cache = GlobalCache.new(tmp_path / "c")
+    events: list[Event] = []
+    small_blob = cache.tar_path(Digest.parse(served.layer_digests[0]))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_hold_big_layer, cache, held, events, small_blob)
+        await cachefs_pull(cache, f"{server.host}/spare/slot:v1", progress=events.append)
+    assert _admitted(events) == [1, 0]
+    assert _blob_files(cache) == []
+
+
+def test_build_slots_lend_one_spare() -> None:
+    slots = materialize.BuildSlots(1)
+    slots.acquire()
+    slots.acquire(spare=True)  # one beyond
+    taken = threading.Event()
+
+    def third() -> None:
+        slots.acquire(spare=True)
+        taken.set()
+
+    waiter = threading.Thread(target=third)
+    waiter.start()
+    assert not taken.wait(0.2)  # a bound on a failure, not a synchronisation: no 3rd slot
+    slots.release()
+    assert taken.wait(30)
+    waiter.join()

@@ -13,13 +13,20 @@ have withdrawn (cached, failed, cancelled), even when a slot is free. Each layer
 the gate after a few milliseconds of lock and file checks, so this costs nothing in the
 usual case; a larger layer that waits for another process's download lock holds the
 smaller ones' ingest back until it gets it (their downloads go on meanwhile).
+
+The spare slot: a layer whose turn it is may be admitted beyond the capacity while its
+``spare()`` says so; the pull says so when the layer's blob is complete and a layer being
+built waits for the network (:class:`cachefs.pipeline.materialize.BuildSlots`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
+
+# How often a layer waiting for its build turn asks whether it may take the spare slot.
+SPARE_RECHECK_S = 0.01
 
 
 def largest_first(sizes: Sequence[int | None]) -> list[int]:
@@ -48,13 +55,27 @@ class RankedAdmission:
         self._turn = 0  # the lowest rank that has neither been admitted nor withdrawn
         self._lot = trio.lowlevel.ParkingLot()
 
-    async def acquire(self, rank: int) -> None:
-        while self._turn != rank or self._free == 0:
+    async def acquire(self, rank: int, *, spare: Callable[[], bool] | None = None) -> bool:
+        """Wait for ``rank``'s turn and a free slot. When none is free, the one spare slot
+        beyond the capacity will do while ``spare()`` says so (looked at every
+        ``SPARE_RECHECK_S``: it may turn true in another thread). True if admitted into
+        the spare slot."""
+        while True:
             if self._passed[rank]:
                 raise RuntimeError(f"rank {rank} already admitted or withdrawn")
-            await self._lot.park()
+            if self._turn == rank:
+                if self._free > 0:
+                    break
+                if self._free == 0 and spare is not None and spare():
+                    break
+            if self._turn == rank and self._free == 0 and spare is not None:
+                with trio.move_on_after(SPARE_RECHECK_S):
+                    await self._lot.park()
+            else:
+                await self._lot.park()
         self._free -= 1
         self._pass(rank)
+        return self._free < 0
 
     def release(self) -> None:
         self._free += 1

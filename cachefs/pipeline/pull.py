@@ -385,6 +385,9 @@ class _LayerBuilds:
         self.transient: list[Path] = []  # downloaded files to remove once published
         self.trees: dict[Digest, LayerTree] = {}  # built here: the fsmeta needs no re-read
         self._workers: LayerWorkers | None = None  # worker processes (issue 15), or threads
+        # downloads that layers being ingested follow: when their readers wait for the
+        # network, a layer whose blob is complete may take the spare build slot
+        self._following: set[GrowingBlob] = set()
 
     async def run(self, layers: Sequence[LayerMetadata]) -> None:
         """Every distinct layer at once (bounded by ``in_flight``), started and built
@@ -453,13 +456,23 @@ class _LayerBuilds:
                                                                         downloaded),
             **({} if self._workers is None else {"build": self._workers.builder}),
         )
+        growing = blob.source if isinstance(blob.source, GrowingBlob) else None
+
+        def may_take_spare() -> bool:
+            """This blob is all there, and a layer being built waits for the network."""
+            return ((growing is None or growing.ended)
+                    and any(g.starved and not g.ended for g in self._following))
 
         async def build() -> Any:
-            await builds.acquire(rank)
+            spare = await builds.acquire(rank, spare=may_take_spare)
+            if growing is not None:
+                self._following.add(growing)
             try:
                 emit(LayerProgress(i, layer.diff_id, "materialize"))
-                return await trio.to_thread.run_sync(start)
+                return await trio.to_thread.run_sync(functools.partial(start, spare_slot=spare))
             finally:
+                if growing is not None:
+                    self._following.discard(growing)
                 builds.release()
 
         if blob.feed is None:
