@@ -22,8 +22,10 @@ from cachefs.pipeline import materialize
 from cachefs.pipeline import pull as pull_module
 from cachefs.pipeline.admission import RankedAdmission, largest_first
 from cachefs.pipeline.progress import Event, Finished, LayerProgress, Resolved, Stitching
+from cachefs.pipeline.pull import load
+from cachefs.reference import Reference
 from tests.fixtures.hostile import Exchange, ServedImage, hostile  # noqa: F401  (fixture)
-from tests.fixtures.images import TestImage, layer_tar, reg
+from tests.fixtures.images import TestImage, docker_archive, layer_tar, reg
 from tests.fixtures.registry import LocalRegistry, oci_layout
 from tests.fixtures.system import system_fixture, wait_until
 from tests.test_pull import Pushed, assert_nothing_published, cachefs_pull
@@ -304,3 +306,28 @@ def test_build_slots_lend_one_spare() -> None:
     slots.release()
     assert taken.wait(30)
     waiter.join()
+
+
+# the record beside the stitch ----------------------------------------------------------------
+
+
+async def test_a_failing_stitch_takes_back_the_record_written_beside_it(tmp_path: Path) -> None:
+    """cachefs's record of the reference is written while the fsmeta is: when the stitch
+    then fails (here: the VMDK's name is taken by a directory, so its rename fails after
+    the fsmeta is written), the record is taken back and the image is not published."""
+    ref = "example.com/stitch/fails:1"
+    archive = docker_archive(TestImage([layer_tar([reg("a", b"a")])]), [ref], tmp_path / "a.tar")
+    (scratch,) = await load(GlobalCache.new(tmp_path / "scratch"), archive)
+    cache = GlobalCache.new(tmp_path / "cache")
+    in_the_way = cache.vmdk_path(scratch.manifest_digest)
+    (in_the_way / "x").mkdir(parents=True)
+    with pytest.raises(OSError) as info:
+        await load(cache, archive)
+    assert str(in_the_way) in str(info.value)
+    assert cache.ref_records() == []
+    assert not cache.image_metadata_path(Reference.parse(ref)).exists()
+    (in_the_way / "x").rmdir()
+    in_the_way.rmdir()
+    (result,) = await load(cache, archive)
+    assert result.vmdk.is_file()
+    assert [r.reference for r in cache.ref_records()] == [str(Reference.parse(ref))]

@@ -212,26 +212,35 @@ def cached_metadata(cache: GlobalCache, reference: Reference) -> CachedImageMeta
 
 
 def _publish(cache: GlobalCache, plan: ImagePlan, source: str,
-             msb_db: bool = True) -> CachedImageMetadata:
+             msb_db: bool = True, *, recorded: bool | None = None) -> CachedImageMetadata:
     """cachefs's record, then the metadata json last: msb's file is the commit point.
 
     A failure before the json (ENOSPC, say) then fails an image that is not published,
     never a published image; a record this call created is taken back. msb's database
-    hears of the image only once it is published.
+    hears of the image only once it is published. ``recorded``: :func:`_record` already
+    ran (its answer), so this call only writes the json (and takes a created record back
+    if that fails).
     """
     meta = plan.metadata()
-    had_record = cache.ref_record_path(plan.reference).exists()
-    cache.record_reference(plan.reference, plan.typed, plan.manifest_digest, source)
+    created = _record(cache, plan, source) if recorded is None else recorded
     gate = publication_gate_path(cache.manifests_dir(), plan.reference.cache_key)
     try:
         with flock_exclusive(gate):
             cache.write_image_metadata(plan.reference, meta)
     except BaseException:
-        if not had_record:
+        if created:
             cache.forget_reference(plan.reference)
         raise
     _record_in_msb_db(cache, plan.typed, meta, msb_db)
     return meta
+
+
+def _record(cache: GlobalCache, plan: ImagePlan, source: str) -> bool:
+    """cachefs's record of the reference (durable: two fsyncs); True if this call created
+    it, so a failure before the json takes it back."""
+    had_record = cache.ref_record_path(plan.reference).exists()
+    cache.record_reference(plan.reference, plan.typed, plan.manifest_digest, source)
+    return not had_record
 
 
 def _record_in_msb_db(cache: GlobalCache, typed: str, meta: CachedImageMetadata,
@@ -317,11 +326,11 @@ async def materialize_plan(
     try:
         await builds.run(plan.layers)
         emit(Stitching(str(plan.manifest_digest)))
-        fsmeta, vmdk = await _stitch(cache, plan.manifest_digest,
-                                     [layer.diff_digest for layer in plan.layers], builds.trees,
-                                     force=force)
+        fsmeta, vmdk, recorded = await _stitch_recording(
+            cache, plan, source, builds.trees, force=force)
         builds.trees.clear()
-        meta = await _publish_dropping_blobs(cache, plan, source, msb_db, builds.transient)
+        meta = await _publish_dropping_blobs(cache, plan, source, msb_db, builds.transient,
+                                             recorded)
     except BaseException:
         await _settle_images(builds.trees.values())
         raise
@@ -329,6 +338,32 @@ async def materialize_plan(
         leases.release()
     emit(Finished(str(plan.reference), str(plan.manifest_digest), cached=False))
     return PullResult(plan.reference, plan.manifest_digest, False, meta, fsmeta, vmdk)
+
+
+async def _stitch_recording(cache: GlobalCache, plan: ImagePlan, source: str,
+                            trees: dict[Digest, LayerTree], *, force: bool
+                            ) -> tuple[Path, Path, bool]:
+    """The stitch, with cachefs's record of the reference written beside it: the record's
+    fsyncs (the first of a pull, which wait for a journal commit: 2-19 ms measured) then
+    overlap the fsmeta instead of following it. The record is taken back if the stitch
+    fails and it was this pull's; the json, the commit point, still comes after both.
+    Returns the fsmeta, the VMDK and whether the record was created here."""
+    recorded: list[bool] = []
+
+    async def record() -> None:
+        recorded.append(await trio.to_thread.run_sync(_record, cache, plan, source))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(record)
+            fsmeta, vmdk = await _stitch(cache, plan.manifest_digest,
+                                         [layer.diff_digest for layer in plan.layers], trees,
+                                         force=force)
+    except BaseExceptionGroup as group:
+        if recorded and recorded[0]:
+            cache.forget_reference(plan.reference)
+        raise first_error(group) from None
+    return fsmeta, vmdk, recorded[0]
 
 
 async def _settle_images(trees: Iterable[LayerTree]) -> None:
@@ -351,13 +386,15 @@ async def _settle_images(trees: Iterable[LayerTree]) -> None:
 
 
 async def _publish_dropping_blobs(cache: GlobalCache, plan: ImagePlan, source: str,
-                                  msb_db: bool, transient: list[Path]) -> CachedImageMetadata:
+                                  msb_db: bool, transient: list[Path],
+                                  recorded: bool | None = None) -> CachedImageMetadata:
     """:func:`_publish`, while the downloaded blobs go: every layer image is published (the
     stitch waited for them), so they are no longer needed (msb removes them then too)."""
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.to_thread.run_sync, _drop_blobs, cache, plan, transient)
-            return await trio.to_thread.run_sync(_publish, cache, plan, source, msb_db)
+            return await trio.to_thread.run_sync(
+                functools.partial(_publish, cache, plan, source, msb_db, recorded=recorded))
     except BaseExceptionGroup as group:
         raise first_error(group) from None
 
