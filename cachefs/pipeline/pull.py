@@ -170,16 +170,7 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
 
     Cancellations of sibling tasks are consequences, not causes, so they rank last.
     """
-    leaves: list[BaseException] = []
-
-    def collect(g: BaseExceptionGroup) -> None:
-        for exc in g.exceptions:
-            if isinstance(exc, BaseExceptionGroup):
-                collect(exc)
-            else:
-                leaves.append(exc)
-
-    collect(group)
+    leaves = _leaves(group)
     chosen = next((exc for kind in (CachefsError, Exception) for exc in leaves
                    if isinstance(exc, kind)), leaves[0])
     for exc in leaves:  # the others are not lost: -v shows them
@@ -187,6 +178,12 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
             log.info("also failed in parallel: %s", _one_line(exc),
                      exc_info=(type(exc), exc, exc.__traceback__))
     return chosen
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The errors of a group and of the groups inside it, in order."""
+    return [leaf for exc in group.exceptions
+            for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])]
 
 
 def _one_line(err: BaseException) -> str:
@@ -347,8 +344,11 @@ async def _stitch_recording(cache: GlobalCache, plan: ImagePlan, source: str,
     fsyncs (the first of a pull, which wait for a journal commit: 2-19 ms measured) then
     overlap the fsmeta instead of following it. The record is taken back if the stitch
     fails and it was this pull's; the json, the commit point, still comes after both.
+    When both fail, the stitch's error is the one reported: a layer image that filled the
+    disk also makes the record's write fail, and the image is the cause.
     Returns the fsmeta, the VMDK and whether the record was created here."""
     recorded: list[bool] = []
+    stitch_failed: list[BaseException] = []
 
     async def record() -> None:
         recorded.append(await trio.to_thread.run_sync(_record, cache, plan, source))
@@ -356,13 +356,23 @@ async def _stitch_recording(cache: GlobalCache, plan: ImagePlan, source: str,
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(record)
-            fsmeta, vmdk = await _stitch(cache, plan.manifest_digest,
-                                         [layer.diff_digest for layer in plan.layers], trees,
-                                         force=force)
+            try:
+                fsmeta, vmdk = await _stitch(cache, plan.manifest_digest,
+                                             [layer.diff_digest for layer in plan.layers],
+                                             trees, force=force)
+            except Exception as err:
+                stitch_failed.append(err)
+                raise
     except BaseExceptionGroup as group:
         if recorded and recorded[0]:
             cache.forget_reference(plan.reference)
-        raise first_error(group) from None
+        if not stitch_failed:
+            raise first_error(group) from None
+        for err in _leaves(group):
+            if err is not stitch_failed[0] and not isinstance(err, trio.Cancelled):
+                log.info("also failed in parallel: %s", _one_line(err),
+                         exc_info=(type(err), err, err.__traceback__))
+        raise stitch_failed[0] from None
     return fsmeta, vmdk, recorded[0]
 
 
@@ -405,6 +415,17 @@ def _drop_blobs(cache: GlobalCache, plan: ImagePlan, transient: list[Path]) -> N
     for path in transient:
         remove_quietly(path)
     drop_leftovers(cache, _blobs(plan.layers))
+
+
+def _drop_published_blob(cache: GlobalCache, layer: LayerMetadata) -> None:
+    """A published layer's downloaded blob, removed as :func:`drop_leftovers` does (never
+    from under another pull holding its download lock). It runs in the layer image's
+    thread, which must not raise: a blob that cannot go now is left to the end of the
+    pull (:func:`_drop_blobs`)."""
+    try:
+        drop_leftovers(cache, _blobs([layer]))
+    except OSError as err:
+        log.debug("blob of %s left for the end of the pull: %s", layer.digest, err)
 
 
 class _LayerBuilds:
@@ -478,19 +499,21 @@ class _LayerBuilds:
         if blob is None:  # another process materialised it while we waited
             emit(LayerProgress(i, layer.diff_id, "cached"))
             return
-        downloaded = None
+        downloaded = False
         if blob.transient:
             path = blob.file or blob.source
             if isinstance(path, Path):
                 self.transient.append(path)
-                downloaded = path
+                downloaded = True
         start = functools.partial(
             start_layer, self._cache, blob.source, compression=blob.compression,
             diff_id=diff, layer_label=layer.digest, force=self._force,
             # nothing needs the blob once its layer is published: gone at once, off the
-            # trio thread, so only the last layer's is left for the end of the pull
-            published=None if downloaded is None else functools.partial(remove_quietly,
-                                                                        downloaded),
+            # trio thread, so only the last layer's is left for the end of the pull. Under
+            # its download lock, as leftovers are: another pull holding it may have found
+            # the layer not yet built and be about to reuse the blob.
+            published=functools.partial(_drop_published_blob, self._cache, layer)
+            if downloaded else None,
             **({} if self._workers is None else {"build": self._workers.builder}),
         )
         growing = blob.source if isinstance(blob.source, GrowingBlob) else None
