@@ -1,10 +1,10 @@
 """The materialisation pipeline: an image from a registry or an archive into the cache.
 
 Order (FORMATS.md §1.4, msb's contract for the layered target): resolve → for each layer,
-in parallel: reuse a valid layer EROFS, else download the blob to ``tmp/<blob>.part``
-under its download lock (resuming), verify it, ingest + verify the diff_id, publish the
-layer → stitch fsmeta, then VMDK → publish the metadata json (the spent downloaded blobs
-are removed meanwhile).
+in parallel (largest first): reuse a valid layer EROFS, else download the blob to
+``tmp/<blob>.part`` under its download lock (resuming), verify it, ingest + verify the
+diff_id, publish the layer (and remove its downloaded blob) → stitch fsmeta, then VMDK
+→ publish the metadata json.
 Everything is published by rename after it is complete, so a failure at any point leaves
 the cache valid: at worst with extra, reusable layers.
 
