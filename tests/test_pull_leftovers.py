@@ -57,9 +57,15 @@ def test_repull_after_sigkill_removes_the_blobs_the_killed_pull_left(
         assert proxy.stalled.wait(60)
         small = cache.layer_erofs_path(Digest.sha256_of(IMAGE.layers[0]))
         _wait_for(small.exists, "the small layer's image")
+        # a published layer's blob goes at once (uncompressed: blob digest = diff_id)
+        small_blob = cache.tar_path(Digest.sha256_of(IMAGE.layers[0]))
+        _wait_for(lambda: not small_blob.exists(), "the small layer's blob to go")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert len(_leftovers(cache)) == 2  # the small layer's blob, the big one's .part
+        assert len(_leftovers(cache)) == 1  # the big one's .part
+        # as if killed between the small layer's publish and its blob's unlink
+        small_blob.write_bytes(IMAGE.layers[0])
+        assert len(_leftovers(cache)) == 2
         proxy.release.set()
         again = pull_process(cache.root, ref)
         _out, err = again.communicate(timeout=120)

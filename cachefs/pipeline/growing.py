@@ -38,6 +38,7 @@ class GrowingBlob:
         self._done = False
         self._failed = False
         self._watcher: Callable[[], None] | None = None
+        self._starved = False  # a reader is waiting for bytes the download has not written
 
     @property
     def path(self) -> Path:
@@ -89,7 +90,21 @@ class GrowingBlob:
                     return self._size - pos
                 if self._done:
                     return 0
+                self._starved = True
                 self._cond.wait()
+                self._starved = False
+
+    @property
+    def starved(self) -> bool:
+        """Whether a reader is waiting for the download right now: its ingest is bound by
+        the network, not by a core (the pull's spare build slot, see ``BuildSlots``)."""
+        with self._cond:
+            return self._starved
+
+    @property
+    def ended(self) -> bool:
+        with self._cond:
+            return self._done
 
     def wait_update(self, seen: int) -> None:
         """Block until the download reports again after update number ``seen`` (or ends)."""

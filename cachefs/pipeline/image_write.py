@@ -32,6 +32,10 @@ class ImageWrite(Protocol):
     def wait(self) -> None:
         """Block until the layer image is published; raise the error that stopped it."""
 
+    def join(self) -> None:
+        """Block until nothing of the write runs any more, the work after ``wait()`` too
+        (so a failed pull reports only once every published layer's blob is gone)."""
+
 
 @dataclass(frozen=True, eq=False)
 class LayerTree:
@@ -49,37 +53,52 @@ class Written:
     def wait(self) -> None:
         return None
 
+    def join(self) -> None:
+        return None
+
 
 class BackgroundWrite:
     """``work`` (write + publish + clean up) in a thread of its own, started at once;
     ``then`` runs in that thread after ``wait()`` has been released (work nobody needs to
-    wait for, such as giving a spool's pages back; it must not raise).
+    wait for, such as giving a spool's pages back; it must not raise), preceded by
+    ``then_if_done`` when ``work`` succeeded (removing the downloaded blob the published
+    layer was built from: nothing needs it any more; it must not raise either).
 
     Not a daemon: an interpreter that exits on an error still lets the thread remove its
     temporary files and release its lock.
     """
 
     def __init__(self, work: Callable[[], None], name: str, *,
-                 then: Callable[[], None] | None = None) -> None:
+                 then: Callable[[], None] | None = None,
+                 then_if_done: Callable[[], None] | None = None) -> None:
         self._error: BaseException | None = None
         self._over = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(work, then), name=name)
+        self._thread = threading.Thread(target=self._run, args=(work, then, then_if_done),
+                                        name=name)
         self._thread.start()
 
-    def _run(self, work: Callable[[], None], then: Callable[[], None] | None) -> None:
+    def _run(self, work: Callable[[], None], then: Callable[[], None] | None,
+             then_if_done: Callable[[], None] | None) -> None:
         try:
             work()
         except BaseException as err:  # raised by wait(), in the thread that needs it
             self._error = err
         finally:
             self._over.set()
-            if then is not None:
-                then()
+            try:
+                if then_if_done is not None and self._error is None:
+                    then_if_done()
+            finally:
+                if then is not None:
+                    then()
 
     def wait(self) -> None:
         self._over.wait()
         if self._error is not None:
             raise self._error
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 def settle(images: Iterable[ImageWrite]) -> list[BaseException]:

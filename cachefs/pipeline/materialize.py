@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +49,37 @@ log = logging.getLogger(__name__)
 # (a 3-layer load peaked ~8 MiB higher when a third ingest could start beside two images
 # still being written), and ingest is CPU-bound, so more than the cores only contend.
 BUILDS_AT_ONCE = max(1, min(4, os.cpu_count() or 1))
-BUILD_SLOTS = threading.BoundedSemaphore(BUILDS_AT_ONCE)
+
+
+class BuildSlots:
+    """``BUILDS_AT_ONCE`` slots, and one spare that the pull lends to a layer whose blob is
+    complete while a layer being built waits for its download.
+
+    A layer that follows its download over a real link waits for bytes most of the time,
+    so the core it was counted for sits idle: with three layers over a 40 MB/s link, the
+    smallest one's download was complete at 1.17 s but its ingest could only start at
+    1.71 s, when one of the two larger layers' images was written, and it ended the pull
+    (docs/pull-profile.md, "Sixth round (tail)"). On loopback the downloads outrun the
+    ingest, nobody waits for the network, and the spare stays unused: a third ingest
+    beside two CPU-bound ones only made the largest layer end later.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._changed = threading.Condition()
+
+    def acquire(self, spare: bool = False) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._free + spare > 0)
+            self._free -= 1
+
+    def release(self) -> None:
+        with self._changed:
+            self._free += 1
+            self._changed.notify_all()
+
+
+BUILD_SLOTS = BuildSlots(BUILDS_AT_ONCE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,34 +149,38 @@ def start_layer(
     layer_label: str,
     force: bool = False,
     build: LayerImageBuilder | None = None,
+    published: Callable[[], None] | None = None,
+    spare_slot: bool = False,
 ) -> MaterializedLayer:
     """:func:`materialize_layer` up to the planned layout: returns the layer's tree while
     its image is still written and published by a thread of its own (``tree.image``),
     which holds the layer lock and removes the temporary files whatever happens.
 
     With ``build`` (a worker process) the image is complete and published on return.
+
+    ``published`` runs once this call's image is published, after ``tree.image.wait()``
+    has returned, in the image's thread (so never on the critical path of whoever
+    waits): the pull removes the layer's downloaded blob there. It does not run when
+    the layer was already valid or the build failed, and must not raise.
+    ``spare_slot``: the pull lent this layer the spare slot (:class:`BuildSlots`).
     """
     final = cache.layer_erofs_path(diff_id)
     if not force and cache.is_layer_materialized(diff_id):
         return MaterializedLayer(diff_id, final, None)
     cache.layers_dir().mkdir(parents=True, exist_ok=True)
     cache.tmp_dir().mkdir(parents=True, exist_ok=True)
+    if build is not None:
+        built = _build_elsewhere(cache, blob_path, build, compression=compression,
+                                 diff_id=diff_id, layer_label=layer_label, force=force,
+                                 spare_slot=spare_slot)
+        if built.created and published is not None:  # the lock and slot are released
+            published()
+        return built
     with contextlib.ExitStack() as held:  # handed to the image's thread once planned
-        # taken before the lock: never wait for this process's slots holding a lock
-        BUILD_SLOTS.acquire()
-        held.callback(BUILD_SLOTS.release)
-        held.enter_context(flock_exclusive(cache.layer_erofs_lock_path(diff_id)))
-        if not force and cache.is_layer_materialized(diff_id):
+        paths = _hold_layer(held, cache, diff_id, force, spare_slot)
+        if paths is None:
             return MaterializedLayer(diff_id, final, None)  # finished while we waited
-        spool_path, part = cache.spool_path(diff_id), cache.layer_part_path(diff_id)
-        held.callback(remove_quietly, part)
-        held.callback(remove_quietly, spool_path)  # a builder elsewhere may leave it named
-        if build is not None:
-            root, block_map = build(blob_path, compression=compression, diff_id=diff_id,
-                                    layer_label=layer_label, spool_path=spool_path, part=part)
-            publish_file(part, final)
-            return MaterializedLayer(diff_id, final,
-                                     LayerTree(root, block_map.total_blocks, Written()))
+        spool_path, part = paths
         planned = plan_layer_image(blob_path, compression=compression, diff_id=diff_id,
                                    layer_label=layer_label, spool_path=spool_path)
         handed = held.pop_all()
@@ -154,6 +188,7 @@ def start_layer(
         image = BackgroundWrite(
             functools.partial(_write_and_publish, planned, handed, part, final),
             f"image {layer_label}", then=functools.partial(close_quietly, planned.spool),
+            then_if_done=published,
         )
     except BaseException:  # no thread: nobody else will clean up
         handed.close()
@@ -161,6 +196,50 @@ def start_layer(
         raise
     return MaterializedLayer(diff_id, final, LayerTree(planned.root,
                                                        planned.layout.total_blocks, image))
+
+
+def _hold_layer(held: contextlib.ExitStack, cache: GlobalCache, diff_id: Digest,
+                force: bool, spare: bool) -> tuple[Path, Path] | None:
+    """Take a build slot (``spare``: see :class:`BuildSlots`) and the layer lock into
+    ``held``, which then also removes the spool and part files: their paths, or None when
+    the layer turned valid meanwhile."""
+    # taken before the lock: never wait for this process's slots holding a lock
+    slots = BUILD_SLOTS
+    slots.acquire(spare)
+    held.callback(slots.release)
+    held.enter_context(flock_exclusive(cache.layer_erofs_lock_path(diff_id)))
+    if not force and cache.is_layer_materialized(diff_id):
+        return None
+    spool_path, part = cache.spool_path(diff_id), cache.layer_part_path(diff_id)
+    held.callback(remove_quietly, part)
+    held.callback(remove_quietly, spool_path)  # a builder elsewhere may leave it named
+    return spool_path, part
+
+
+def _build_elsewhere(
+    cache: GlobalCache,
+    blob_path: Path | BlobOpener,
+    build: LayerImageBuilder,
+    *,
+    compression: Compression | None,
+    diff_id: Digest,
+    layer_label: str,
+    force: bool,
+    spare_slot: bool,
+) -> MaterializedLayer:
+    """:func:`start_layer` with ``build`` making the whole image (a worker process): the
+    image is published on return."""
+    final = cache.layer_erofs_path(diff_id)
+    with contextlib.ExitStack() as held:
+        paths = _hold_layer(held, cache, diff_id, force, spare_slot)
+        if paths is None:
+            return MaterializedLayer(diff_id, final, None)  # finished while we waited
+        spool_path, part = paths
+        root, block_map = build(blob_path, compression=compression, diff_id=diff_id,
+                                layer_label=layer_label, spool_path=spool_path, part=part)
+        publish_file(part, final)
+        return MaterializedLayer(diff_id, final,
+                                 LayerTree(root, block_map.total_blocks, Written()))
 
 
 def _write_and_publish(planned: PlannedImage, held: contextlib.ExitStack, part: Path,
