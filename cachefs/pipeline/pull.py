@@ -368,10 +368,10 @@ async def _stitch_recording(cache: GlobalCache, plan: ImagePlan, source: str,
             cache.forget_reference(plan.reference)
         if not stitch_failed:
             raise first_error(group) from None
-        for err in _leaves(group):
-            if err is not stitch_failed[0] and not isinstance(err, trio.Cancelled):
-                log.info("also failed in parallel: %s", _one_line(err),
-                         exc_info=(type(err), err, err.__traceback__))
+        for other in _leaves(group):
+            if other is not stitch_failed[0] and not isinstance(other, trio.Cancelled):
+                log.info("also failed in parallel: %s", _one_line(other),
+                         exc_info=(type(other), other, other.__traceback__))
         raise stitch_failed[0] from None
     return fsmeta, vmdk, recorded[0]
 
@@ -514,7 +514,7 @@ class _LayerBuilds:
             # the layer not yet built and be about to reuse the blob.
             published=functools.partial(_drop_published_blob, self._cache, layer)
             if downloaded else None,
-            **({} if self._workers is None else {"build": self._workers.builder}),
+            build=None if self._workers is None else self._workers.builder,
         )
         growing = blob.source if isinstance(blob.source, GrowingBlob) else None
 
