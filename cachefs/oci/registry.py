@@ -78,6 +78,7 @@ from .platform import format_platform, select_manifest
 from .registries_conf import PullSource, RegistriesConf
 from .source import SourceImage, SourceLayer
 from .transfer import Deadline, NetLimits, deadline, origin, read_body, send_following
+from .warmup import warm_connections
 
 ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
@@ -248,6 +249,7 @@ class RegistryClient:
         self.registries = registries or RegistriesConf()
         self._routes: dict[Reference, PullSource] = {}
         self._schemes: dict[str, str] = {}
+        self._warmed: set[str] = set()  # hosts warm_up opened connections to
         self.limits = limits or NetLimits.from_env()
         self.max_attempts = max(1, max_attempts or self.limits.attempts)
         self.backoff_s = backoff_s
@@ -404,6 +406,17 @@ class RegistryClient:
                     ) from None
         self._schemes[host] = scheme
 
+    async def warm_up(self, physical: Reference, count: int) -> None:
+        """Open up to ``count`` more keep-alive connections to the location ``physical``
+        (a reference :meth:`resolve` passed to ``location_known``), without credentials;
+        once per location. See :mod:`cachefs.oci.warmup`; failures only lose the gain."""
+        host = self.mirrors.get(physical.registry, physical.registry)
+        scheme = self._schemes.get(host)
+        if count < 1 or scheme is None or host in self._warmed:
+            return
+        self._warmed.add(host)
+        await warm_connections(self._http, f"{scheme}://{host}/v2/", count)
+
     async def check_credentials(self, registry: str) -> None:
         """``GET /v2/`` at ``registry``, answering its challenge with the client's credentials.
 
@@ -522,7 +535,9 @@ class RegistryClient:
         return body, resp.headers.get("Content-Type", ""), digest
 
     async def resolve(self, ref: Reference, platform: Platform | None = None, *,
-                      manifest_known: Callable[[Digest], None] | None = None) -> ResolvedImage:
+                      manifest_known: Callable[[Digest], None] | None = None,
+                      location_known: Callable[[Reference], None] | None = None,
+                      ) -> ResolvedImage:
         """Tag or digest → the platform manifest, its digest and its verified config.
 
         An index (OCI or Docker manifest list) is narrowed to ``platform`` (default:
@@ -533,13 +548,17 @@ class RegistryClient:
 
         ``manifest_known(digest)`` is called with the platform manifest's digest before its
         config is fetched (per location tried), so work that needs only the digest can run
-        beside that round trip.
+        beside that round trip. ``location_known(physical)`` is called with each location's
+        reference once its route and scheme are settled, just before its manifest is
+        requested: :meth:`warm_up` can then open connections beside that request.
         """
         sources = self.registries.pull_sources(ref)
         failures: list[tuple[PullSource, CachefsError]] = []
         for source in sources:
             self._routes[ref] = source
             try:
+                if location_known is not None:
+                    location_known(await self._physical(ref))
                 return await self._resolve_at(ref, platform, manifest_known)
             except CachefsError as err:
                 if len(sources) == 1:

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 # decompression and checks overlap the later downloads instead of all piling up at the
 # end; decompression itself is not limited (each follows its own download).
 FETCH_PARALLELISM = 2
+LOOKUP_REQUESTS = 2  # the referrers API and the tag schema, asked at once (.lookup)
 ENV = "CACHEFS_EROFS_ARTIFACTS"
 
 
@@ -188,9 +189,22 @@ class ArtifactStage:
         self.policy = policy
         self._lookup: PendingLookup | None = None
 
+    @property
+    def extra_connections(self) -> int:
+        """Connections the lookup will want beside the one the config fetch reuses
+        (:meth:`RegistryClient.warm_up` opens them beside the manifest request): both
+        requests at once beside the config; one more when it runs only after the resolve
+        (mirrors: the config's connection is idle again then); none without a lookup."""
+        if self.policy is ArtifactPolicy.NEVER:
+            return 0
+        return LOOKUP_REQUESTS if self._early() else LOOKUP_REQUESTS - 1
+
+    def _early(self) -> bool:
+        """Can the lookup start once the manifest digest is known (one location only)?"""
+        return len(self._client.registries.pull_sources(self._ref)) == 1
+
     def manifest_known(self, digest: Digest) -> None:
-        if (self._lookup is not None or self.policy is ArtifactPolicy.NEVER
-                or len(self._client.registries.pull_sources(self._ref)) != 1):
+        if self._lookup is not None or self.policy is ArtifactPolicy.NEVER or not self._early():
             return
         self._lookup = PendingLookup(digest)
         self._nursery.start_soon(self._lookup.run,
