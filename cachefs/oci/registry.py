@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import ssl
-from collections.abc import AsyncIterator, Callable, Container
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -88,7 +87,6 @@ MAX_CONFIG_BYTES = 32 << 20
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 Progress = Callable[[int], None]
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -252,7 +250,6 @@ class RegistryClient:
         self._routes: dict[Reference, PullSource] = {}
         self._schemes: dict[str, str] = {}
         self._warmed: set[str] = set()  # hosts warm_up opened connections to
-        self._ahead: dict[tuple[Reference, str], _SentAhead] = {}  # by (ref, path)
         self.limits = limits or NetLimits.from_env()
         self.max_attempts = max(1, max_attempts or self.limits.attempts)
         self.backoff_s = backoff_s
@@ -283,7 +280,6 @@ class RegistryClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self.drop_ahead()
         await self._http.aclose()
 
     # plumbing ------------------------------------------------------------------------------
@@ -410,67 +406,6 @@ class RegistryClient:
                     ) from None
         self._schemes[host] = scheme
 
-    # requests sent ahead of their caller ---------------------------------------------------
-
-    def request_blob_ahead(self, nursery: trio.Nursery, ref: Reference,
-                           descriptor: Descriptor) -> None:
-        """Send the GET of a whole blob now, in ``nursery``; the download that asks for the
-        whole blob later (:meth:`fetch_blob` with nothing kept) takes this answer instead of
-        sending its own request.
-
-        Why: a pull learns the layers from the manifest but starts downloading them only
-        after the config, the artifact lookup and the pipeline's checks, a round trip and
-        more later. Over a slow link the pull is bound by bandwidth once blob bytes flow,
-        so the first blob's request sent beside the config moves the end of the whole
-        download forward by that round trip (docs/pull-profile.md, "Sixth round
-        (latency)"). The request is the download's own (same path, credentials, redirects,
-        deadline); an answer nobody takes is closed by :meth:`drop_ahead` or
-        :meth:`aclose`: the bytes it let through are at most what the socket buffers held.
-        """
-        path = f"blobs/{descriptor.digest}"
-        if (ref, path) in self._ahead:
-            return
-        sent = self._ahead[(ref, path)] = _SentAhead()
-        nursery.start_soon(self._send_ahead, ref, path, sent)
-
-    async def _send_ahead(self, ref: Reference, path: str, sent: _SentAhead) -> None:
-        try:
-            with sent.scope:
-                async with deadline(self.limits, f"GET /v2/{ref.repository}/{path}") as clock:
-                    sent.resp = await self._open("GET", ref, path, {}, clock)
-        except (CachefsError, httpx.HTTPError) as err:
-            # the download asks again, and meets the error itself
-            log.debug("%s: GET %s sent ahead failed: %s", ref, path, err)
-        finally:
-            sent.done.set()
-            if sent.dropped:
-                await sent.close()
-
-    async def _taken_ahead(self, method: str, ref: Reference, path: str,
-                           headers: dict[str, str], clock: Deadline) -> httpx.Response | None:
-        """The answer to the request sent ahead for exactly this one (a GET of the whole
-        blob), waited for under ``clock``; None if there is none or it failed."""
-        if method != "GET" or headers:
-            return None
-        sent = self._ahead.pop((ref, path), None)
-        if sent is None:
-            return None
-        clock.request_sent(httpx.URL(self._url(await self._physical(ref), path)))
-        await sent.done.wait()
-        if sent.resp is None:
-            return None
-        clock.request_sent(sent.resp.url)
-        clock.headers_received()
-        return sent.resp
-
-    async def drop_ahead(self, keep: Container[str] = ()) -> None:
-        """Close the requests sent ahead that nobody took, but those of the blobs ``keep``
-        names (digests): their layers turned out cached, or the pull ended."""
-        for key, sent in list(self._ahead.items()):
-            if key[1].removeprefix("blobs/") not in keep:
-                del self._ahead[key]
-                await sent.drop()
-
     async def warm_up(self, physical: Reference, count: int) -> None:
         """Open up to ``count`` more keep-alive connections to the location ``physical``
         (a reference :meth:`resolve` passed to ``location_known``), without credentials;
@@ -514,9 +449,7 @@ class RegistryClient:
                         headers: dict[str, str]) -> AsyncIterator[tuple[httpx.Response, Deadline]]:
         """One request and its body, under a deadline (TransferTooSlow names the host)."""
         async with deadline(self.limits, f"{method} /v2/{ref.repository}/{path}") as clock:
-            resp = await self._taken_ahead(method, ref, path, headers, clock)
-            if resp is None:
-                resp = await self._open(method, ref, path, headers, clock)
+            resp = await self._open(method, ref, path, headers, clock)
             try:
                 yield resp, clock
             finally:
@@ -604,7 +537,6 @@ class RegistryClient:
     async def resolve(self, ref: Reference, platform: Platform | None = None, *,
                       manifest_known: Callable[[Digest], None] | None = None,
                       location_known: Callable[[Reference], None] | None = None,
-                      layers_known: Callable[[list[Descriptor]], None] | None = None,
                       ) -> ResolvedImage:
         """Tag or digest → the platform manifest, its digest and its verified config.
 
@@ -619,8 +551,6 @@ class RegistryClient:
         beside that round trip. ``location_known(physical)`` is called with each location's
         reference once its route and scheme are settled, just before its manifest is
         requested: :meth:`warm_up` can then open connections beside that request.
-        ``layers_known(layers)``, right after ``manifest_known``, gets the platform
-        manifest's layer descriptors, checked (:meth:`request_blob_ahead`).
         """
         sources = self.registries.pull_sources(ref)
         failures: list[tuple[PullSource, CachefsError]] = []
@@ -629,7 +559,7 @@ class RegistryClient:
             try:
                 if location_known is not None:
                     location_known(await self._physical(ref))
-                return await self._resolve_at(ref, platform, manifest_known, layers_known)
+                return await self._resolve_at(ref, platform, manifest_known)
             except CachefsError as err:
                 if len(sources) == 1:
                     raise
@@ -641,7 +571,6 @@ class RegistryClient:
 
     async def _resolve_at(self, ref: Reference, platform: Platform | None,
                           manifest_known: Callable[[Digest], None] | None = None,
-                          layers_known: Callable[[list[Descriptor]], None] | None = None,
                           ) -> ResolvedImage:
         target = str(ref.digest) if ref.digest is not None else (ref.tag or "latest")
         body, ctype, digest = await self.fetch_manifest(ref, target)
@@ -670,8 +599,6 @@ class RegistryClient:
         verifiable(manifest.config.parsed_digest, f"{ref}: config")
         if manifest_known is not None:
             manifest_known(digest)
-        if layers_known is not None:
-            layers_known(manifest.layers)
         config_bytes = await self.fetch_config(ref, manifest.config)
         try:
             config = ImageConfigFile.model_validate_json(config_bytes)
@@ -754,27 +681,6 @@ class RegistryClient:
         if actual != str(digest):
             await trio.to_thread.run_sync(_unlink, dest)
             raise DigestMismatch(f"blob of {where}", str(digest), actual)
-
-
-class _SentAhead:
-    """A request sent ahead of its caller: its answer once ``done`` (None if it failed)."""
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.scope = trio.CancelScope()
-        self.resp: httpx.Response | None = None
-        self.dropped = False
-
-    async def drop(self) -> None:
-        self.dropped = True
-        self.scope.cancel()
-        await self.close()
-
-    async def close(self) -> None:
-        resp, self.resp = self.resp, None
-        if resp is not None:
-            with trio.CancelScope(shield=True):  # also when the pull is being cancelled
-                await resp.aclose()
 
 
 class _BlobFetch:

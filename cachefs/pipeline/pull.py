@@ -46,8 +46,6 @@ from ..models import (
 from ..openfiles import ensure_open_files, files_needed
 from ..reference import Reference
 from .admission import RankedAdmission, largest_first
-from .ahead import CONNECTIONS as AHEAD_CONNECTIONS
-from .ahead import BlobAhead
 from .growing import GrowingBlob
 from .image_write import LayerTree, settle
 from .materialize import BUILDS_AT_ONCE, BlobOpener, start_layer, stitch_image
@@ -595,10 +593,7 @@ async def pull(
             insecure=insecure, ca_certs=ca_certs, credentials=credentials,
             registries=registries if registries is not None else _registries_conf(),
         )
-        # the first layer blob, requested beside the config
-        ahead = BlobAhead(registry, cache, ref, layers_in_flight())
-        owned = contextlib.aclosing(registry) if own_client else contextlib.nullcontext()
-        async with owned, ahead.running():
+        try:
             try:
                 async with trio.open_nursery() as nursery:
                     artifacts = None
@@ -608,40 +603,38 @@ async def pull(
 
                         artifacts = ArtifactStage(nursery, registry, ref,
                                                   artifact_policy(erofs_artifacts))
-                    # connections for the requests beside the config, opened beside the
-                    # manifest request: the lookup's, the blob's sent ahead
-                    warm = (artifacts.extra_connections if artifacts is not None else 0
-                            ) + AHEAD_CONNECTIONS
+                    warm = artifacts.extra_connections if artifacts is not None else 0
                     plan, descriptors = await _resolve_plan(
                         registry, ref, typed, platform,
                         artifacts.manifest_known if artifacts is not None else None,
-                        location_known=lambda at: nursery.start_soon(registry.warm_up, at, warm),
-                        layers_known=ahead.layers_known)
+                        # the lookup's connections, opened beside the manifest request
+                        location_known=lambda at: nursery.start_soon(registry.warm_up, at, warm))
                     if artifacts is not None:
                         await artifacts.fetch(cache, plan.manifest_digest,
                                               [layer.diff_digest for layer in plan.layers], emit)
                     nursery.cancel_scope.cancel()  # a lookup nobody needed (layers cached)
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
-            await ahead.drop_if_built(plan.layers, force)
             provide = _RegistryLayers(cache, registry, ref, descriptors, force)
             with frozen_heap():
                 return await materialize_plan(cache, plan, provide, emit=emit, force=force,
                                               source="pull", msb_db=msb_db)
+        finally:
+            if own_client:
+                await registry.aclose()
 
 
 async def _resolve_plan(
     registry: RegistryClient, ref: Reference, typed: str, platform: str | None,
     manifest_known: Callable[[Digest], None] | None = None,
     location_known: Callable[[Reference], None] | None = None,
-    layers_known: Callable[[list[Descriptor]], None] | None = None,
 ) -> tuple[ImagePlan, dict[str, Descriptor]]:
     """The registry's manifest and config as a plan, and each layer's descriptor by digest."""
     from ..oci.platform import parse_platform
 
     wanted = parse_platform(platform) if platform else None
     resolved = await registry.resolve(ref, wanted, manifest_known=manifest_known,
-                                      location_known=location_known, layers_known=layers_known)
+                                      location_known=location_known)
     descriptors = {d.digest: d for d in resolved.layers}
     return ImagePlan.from_source(ref, typed, resolved.source_image()), descriptors
 

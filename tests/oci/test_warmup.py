@@ -39,7 +39,7 @@ Hostile = Callable[[Callable[[Exchange], None]], HostileServer]
 
 IMAGE = TestImage([layer_tar([reg("etc/hello", b"hello\n")]),
                    layer_tar([reg("data.bin", b"x" * 100_000)])])
-WARM_UPS = 3  # beside the config fetch: the artifact lookup's two requests, a blob's
+LOOKUP_WARM_UPS = 2  # the artifact lookup's two requests beside the config fetch
 BOUND_S = 20.0
 USER, PASSWORD = "alice", "s3cret-pw"
 
@@ -120,7 +120,7 @@ async def test_config_lookup_and_blobs_use_connections_opened_beside_the_manifes
         log.request(ex)
         if "/manifests/v1" in ex.path:
             # answered once the warm-ups sent beside it were: they must not wait for it
-            log.wait_answered("warm-up answered", WARM_UPS, 10.0)
+            log.wait_answered("warm-up answered", LOOKUP_WARM_UPS, 10.0)
             ex.serve_image(image)
             log.answered(ex, "manifest answered")
             return
@@ -132,7 +132,7 @@ async def test_config_lookup_and_blobs_use_connections_opened_beside_the_manifes
     await pull_from(server, tmp_path)
     before, after = log.split_at("manifest answered")
     warm_ports = {port for port, path in before if is_warm_up(path)}
-    assert len(warm_ports) == WARM_UPS  # sent beside the manifest, each its own
+    assert len(warm_ports) == LOOKUP_WARM_UPS  # sent beside the manifest, each its own
     open_before = {port for port, _ in before}
     config = f"/blobs/{image.manifest_doc['config']['digest']}"
     blobs = [f"/blobs/{d}" for d in image.layer_digests]
@@ -164,7 +164,7 @@ async def test_warm_ups_carry_no_credentials(hostile: Hostile, tmp_path: Path) -
     assert not result.cached
     warm_ups = server.requests("/v2/")
     warm_ups = [s for s in warm_ups if s.path == "/v2/"]
-    assert len(warm_ups) == WARM_UPS
+    assert len(warm_ups) == LOOKUP_WARM_UPS
     assert all(s.authorization is None for s in warm_ups)  # answered 401, never retried
     # the credentials were configured and used where they belong
     assert basic(USER, PASSWORD) in server.authorizations()
@@ -202,7 +202,7 @@ async def test_a_registry_breaking_the_warm_ups_still_serves_the_pull(
         result = await pull_from(server, tmp_path)
     assert not result.cached and result.fsmeta.is_file()
     assert trio.current_time() - start < 10.0  # the warm-ups' own bound was not waited out
-    assert len([s for s in server.requests() if s.path == "/v2/"]) == WARM_UPS
+    assert len([s for s in server.requests() if s.path == "/v2/"]) == LOOKUP_WARM_UPS
     if warm_up_answer is not _stall:  # a stalled one is cancelled with the resolve
         assert any("warm" in r.getMessage() and r.levelno == logging.DEBUG
                    for r in caplog.records)
@@ -226,4 +226,4 @@ async def test_warm_ups_go_to_the_location_registries_conf_routes_to(
             result = await pull(cache, "example.com/hub/app:v1", client=c,
                                 erofs_artifacts="auto")
     assert not result.cached
-    assert len([s for s in server.requests() if s.path == "/v2/"]) == WARM_UPS
+    assert len([s for s in server.requests() if s.path == "/v2/"]) == LOOKUP_WARM_UPS
