@@ -132,11 +132,9 @@ async def fetch_erofs(
 
     if policy is ArtifactPolicy.NEVER:
         return outcome
-    needed: dict[Digest, int] = {}
-    for i, diff in enumerate(diff_ids):
-        if diff not in needed and not await trio.to_thread.run_sync(
-                cache.is_layer_materialized, diff):
-            needed[diff] = i
+    # one worker-thread trip for every layer: this runs between the config and the first
+    # blob request of every pull
+    needed = await trio.to_thread.run_sync(_missing_layers, cache, diff_ids)
     if not needed:
         return outcome
     try:
@@ -169,6 +167,15 @@ async def fetch_erofs(
                  len(outcome.fetched), len(needed), artifact_digest, found.mechanism)
     _require_all(policy, ref, needed, outcome)
     return outcome
+
+
+def _missing_layers(cache: GlobalCache, diff_ids: Sequence[Digest]) -> dict[Digest, int]:
+    """The layers not converted yet, each with its first index."""
+    needed: dict[Digest, int] = {}
+    for i, diff in enumerate(diff_ids):
+        if diff not in needed and not cache.is_layer_materialized(diff):
+            needed[diff] = i
+    return needed
 
 
 class ArtifactStage:
