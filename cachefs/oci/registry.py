@@ -78,7 +78,7 @@ from .platform import format_platform, select_manifest
 from .registries_conf import PullSource, RegistriesConf
 from .source import SourceImage, SourceLayer
 from .transfer import Deadline, NetLimits, deadline, origin, read_body, send_following
-from .warmup import warm_connections
+from .warmup import Warming, warm_connections
 
 ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
@@ -249,7 +249,7 @@ class RegistryClient:
         self.registries = registries or RegistriesConf()
         self._routes: dict[Reference, PullSource] = {}
         self._schemes: dict[str, str] = {}
-        self._warmed: set[str] = set()  # hosts warm_up opened connections to
+        self._warming: dict[str, Warming] = {}  # by host: what warm_up opened there
         self.limits = limits or NetLimits.from_env()
         self.max_attempts = max(1, max_attempts or self.limits.attempts)
         self.backoff_s = backoff_s
@@ -412,10 +412,23 @@ class RegistryClient:
         once per location. See :mod:`cachefs.oci.warmup`; failures only lose the gain."""
         host = self.mirrors.get(physical.registry, physical.registry)
         scheme = self._schemes.get(host)
-        if count < 1 or scheme is None or host in self._warmed:
+        if count < 1 or scheme is None or host in self._warming:
             return
-        self._warmed.add(host)
-        await warm_connections(self._http, f"{scheme}://{host}/v2/", count)
+        warming = self._warming[host] = Warming()
+        try:
+            await warm_connections(self._http, f"{scheme}://{host}/v2/", count)
+        finally:
+            warming.settled.set()
+
+    async def warmed(self, ref: Reference) -> None:
+        """Wait for the warm-ups of the location serving ``ref`` if they are still in
+        flight (see :meth:`Warming.wait`): a request about to need a connection of its own
+        takes a warmed one instead of opening another."""
+        host = self.mirrors.get(self._route(ref).reference.registry,
+                                self._route(ref).reference.registry)
+        warming = self._warming.get(host)
+        if warming is not None:
+            await warming.wait()
 
     async def check_credentials(self, registry: str) -> None:
         """``GET /v2/`` at ``registry``, answering its challenge with the client's credentials.

@@ -31,6 +31,27 @@ BODY_LIMIT = 64 << 10  # a /v2/ answer is "{}" or an error document
 TIMEOUT_S = 10.0  # a warm-up is worth nothing once the requests it prepares have gone out
 
 
+class Warming:
+    """The warm-ups of one location, for the requests that are to take their connections.
+
+    Warm-ups sent beside the manifest request are answered about when the manifest is;
+    a request sent just before their answers are read would open a connection of its own
+    (another handshake, and the warmed one idles). :meth:`wait` lets it wait for them
+    instead, but only as long again as they have been under way: a location that answers
+    them slowly, or not at all, costs the waiting request at most what its own handshake
+    would have cost, more or less, and never the warm-ups' whole :data:`TIMEOUT_S`.
+    """
+
+    def __init__(self) -> None:
+        self.started = trio.current_time()
+        self.settled = trio.Event()  # every warm-up ended, whatever its outcome
+
+    async def wait(self) -> None:
+        now = trio.current_time()
+        with trio.move_on_at(now + (now - self.started)):
+            await self.settled.wait()
+
+
 async def warm_connections(http: httpx.AsyncClient, url: str, count: int) -> int:
     """Send ``count`` warm-up requests to ``url`` at once; how many left an idle
     connection in the pool (each answer read to its end)."""
@@ -68,4 +89,4 @@ async def _warm_one(http: httpx.AsyncClient, url: str) -> bool:
     return False
 
 
-__all__ = ["warm_connections"]
+__all__ = ["Warming", "warm_connections"]

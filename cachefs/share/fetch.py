@@ -214,8 +214,12 @@ class ArtifactStage:
         if self._lookup is not None or self.policy is ArtifactPolicy.NEVER or not self._early():
             return
         self._lookup = PendingLookup(digest)
-        self._nursery.start_soon(self._lookup.run,
-                                 RepoWriter(self._client, self._ref, push=False))
+        self._nursery.start_soon(self._look_up, self._lookup)
+
+    async def _look_up(self, lookup: PendingLookup) -> None:
+        # its two requests want connections beside the config's: the warmed ones
+        await self._client.warmed(self._ref)
+        await lookup.run(RepoWriter(self._client, self._ref, push=False))
 
     async def fetch(self, cache: GlobalCache, manifest_digest: Digest,
                     diff_ids: Sequence[Digest], emit: ProgressCallback) -> FetchOutcome:

@@ -55,6 +55,13 @@ class ConnectionLog:
     def request(self, ex: Exchange) -> None:
         with self.cond:
             self.events.append(("request", ex.client_address[1], ex.path))
+            self.cond.notify_all()
+
+    def wait_requests(self, path: str, count: int, timeout_s: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(
+                lambda: sum(1 for kind, _, p in self.events if kind == "request" and p == path)
+                >= count, timeout_s)
 
     def answered(self, ex: Exchange, what: str) -> None:
         with self.cond:
@@ -142,6 +149,34 @@ async def test_config_lookup_and_blobs_use_connections_opened_beside_the_manifes
     # blobs all found one open
     assert [(p, path) for p, path in after if p not in open_before] == []
     assert not any(is_warm_up(path) for _, path in after)  # one warm-up per connection
+
+
+async def test_warm_ups_answered_after_the_manifest_still_serve_the_lookup(
+    hostile: Hostile, tmp_path: Path  # noqa: F811
+) -> None:
+    """The lookup is sent beside the config request; warm-ups answered only after that
+    are waited for (briefly) rather than raced with new connections."""
+    image = ServedImage.of(IMAGE)
+    log = ConnectionLog()
+    config = f"/v2/evil/app/blobs/{image.manifest_doc['config']['digest']}"
+
+    def registry(ex: Exchange) -> None:
+        log.request(ex)
+        if is_warm_up(ex.path):  # held until the config is asked for, after the manifest
+            log.wait_requests(config, 1, 10.0)
+        elif "/manifests/v1" in ex.path:  # answered once the warm-ups have arrived
+            log.wait_requests("/v2/", LOOKUP_WARM_UPS, 10.0)
+        ex.serve_image(image)
+        if "/manifests/v1" in ex.path:
+            log.answered(ex, "manifest answered")
+
+    server = hostile(registry)
+    await pull_from(server, tmp_path)
+    before, after = log.split_at("manifest answered")
+    warm_ports = {port for port, path in before if is_warm_up(path)}
+    assert len(warm_ports) == LOOKUP_WARM_UPS
+    lookup = [port for port, path in after if "/referrers/" in path or "sha256-" in path]
+    assert len(lookup) == 2 and set(lookup) <= {port for port, _ in before}
 
 
 def basic(user: str, password: str) -> str:
