@@ -28,6 +28,7 @@ from the artifact" into an error instead; ``never`` skips the stage (no request 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
@@ -132,14 +133,22 @@ async def fetch_erofs(
 
     if policy is ArtifactPolicy.NEVER:
         return outcome
-    # one worker-thread trip for every layer: this runs between the config and the first
-    # blob request of every pull
+    pending = lookup is not None and lookup.subject == manifest_digest
+    if pending and policy is ArtifactPolicy.AUTO:
+        # a pull: this runs between the config and the first blob request, and the lookup
+        # (sent beside the config) has usually answered "nothing here" by now
+        with contextlib.suppress(CachefsError):  # asked again below, and warned about
+            early = await lookup.result()  # type: ignore[union-attr]
+            if not early.artifacts and not early.problems:
+                outcome.mechanism = early.mechanism
+                return outcome  # nothing to fetch, whichever layers are missing
+    # one worker-thread trip for every layer
     needed = await trio.to_thread.run_sync(_missing_layers, cache, diff_ids)
     if not needed:
         return outcome
     try:
-        if lookup is not None and lookup.subject == manifest_digest:
-            found = await lookup.result()
+        if pending:
+            found = await lookup.result()  # type: ignore[union-attr]
         else:
             found = await find_artifacts(RepoWriter(client, ref, push=False), manifest_digest)
     except CachefsError as err:
