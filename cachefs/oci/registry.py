@@ -250,6 +250,7 @@ class RegistryClient:
         self._routes: dict[Reference, PullSource] = {}
         self._schemes: dict[str, str] = {}
         self._warming: dict[str, Warming] = {}  # by host: what warm_up opened there
+        self._certain: dict[str, str] = {}  # host → the only scheme it may be reached by
         self.limits = limits or NetLimits.from_env()
         self.max_attempts = max(1, max_attempts or self.limits.attempts)
         self.backoff_s = backoff_s
@@ -367,6 +368,22 @@ class RegistryClient:
         await self._settle_scheme(host, source.insecure, mirror=source.mirror)
         return source.reference
 
+    async def _announce(self, ref: Reference,
+                        location_known: Callable[[Reference], None]) -> None:
+        """``location_known(physical)`` as soon as the location's scheme is certain: before
+        the ``/v2/`` ping when only https may serve it (the ping then only checks the
+        certificate, and its round trips overlap the warm-ups'), else once settled."""
+        source = self._route(ref)
+        host = self.mirrors.get(source.reference.registry, source.reference.registry)
+        schemes = schemes_for(host, insecure_flag=self.insecure, conf_insecure=source.insecure)
+        certain = host in self._schemes or len(schemes) == 1
+        if certain:
+            self._certain.setdefault(host, self._schemes.get(host, schemes[0]))
+            location_known(source.reference)
+        physical = await self._physical(ref)
+        if not certain:
+            location_known(physical)
+
     async def _settle_scheme(self, host: str, conf_insecure: bool | None, *,
                              mirror: bool = False) -> None:
         """Ping ``https://host/v2/`` once (as podman and docker do) unless ``--insecure``.
@@ -411,7 +428,7 @@ class RegistryClient:
         (a reference :meth:`resolve` passed to ``location_known``), without credentials;
         once per location. See :mod:`cachefs.oci.warmup`; failures only lose the gain."""
         host = self.mirrors.get(physical.registry, physical.registry)
-        scheme = self._schemes.get(host)
+        scheme = self._schemes.get(host) or self._certain.get(host)
         if count < 1 or scheme is None or host in self._warming:
             return
         warming = self._warming[host] = Warming()
@@ -562,8 +579,9 @@ class RegistryClient:
         ``manifest_known(digest)`` is called with the platform manifest's digest before its
         config is fetched (per location tried), so work that needs only the digest can run
         beside that round trip. ``location_known(physical)`` is called with each location's
-        reference once its route and scheme are settled, just before its manifest is
-        requested: :meth:`warm_up` can then open connections beside that request.
+        reference once its route is chosen and its scheme certain, before its manifest
+        is requested (and before the ``/v2/`` ping when only https may serve it):
+        :meth:`warm_up` can then open connections beside those requests.
         """
         sources = self.registries.pull_sources(ref)
         failures: list[tuple[PullSource, CachefsError]] = []
@@ -571,7 +589,7 @@ class RegistryClient:
             self._routes[ref] = source
             try:
                 if location_known is not None:
-                    location_known(await self._physical(ref))
+                    await self._announce(ref, location_known)
                 return await self._resolve_at(ref, platform, manifest_known)
             except CachefsError as err:
                 if len(sources) == 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,10 +31,12 @@ from tests.fixtures.hostile import (  # noqa: F401  (fixture)
     Exchange,
     HostileServer,
     ServedImage,
+    _Server,
     hostile,
 )
 from tests.fixtures.images import TestImage, layer_tar, reg
 from tests.fixtures.registry import test_client as client
+from tests.fixtures.system import require_tool, run
 
 Hostile = Callable[[Callable[[Exchange], None]], HostileServer]
 
@@ -177,6 +180,82 @@ async def test_warm_ups_answered_after_the_manifest_still_serve_the_lookup(
     assert len(warm_ports) == LOOKUP_WARM_UPS
     lookup = [port for port, path in after if "/referrers/" in path or "sha256-" in path]
     assert len(lookup) == 2 and set(lookup) <= {port for port, _ in before}
+
+
+def _tls_context(workdir: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context for IP 127.0.0.1 and the CA that signed it (openssl CLI)."""
+    openssl = require_tool("openssl")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = workdir / "ca.pem", workdir / "ca.key"
+    key, csr, crt = workdir / "server.key", workdir / "server.csr", workdir / "server.crt"
+    run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
+         "-out", str(ca), "-days", "2", "-subj", "/CN=cachefs-warmup-test-ca"])
+    run([openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+         str(csr), "-subj", "/CN=127.0.0.1"])
+    ext = workdir / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                   "extendedKeyUsage=serverAuth\n")
+    run([openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext)])
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(crt), str(key))
+    return ctx, ca
+
+
+@dataclass
+class TlsServer(HostileServer):
+    """The hostile server, speaking HTTPS."""
+
+    context: ssl.SSLContext | None = None
+
+    def start(self) -> TlsServer:
+        assert self.context is not None
+        self._server = _Server(("127.0.0.1", 0), Exchange)
+        self._server.owner = self
+        self._server.socket = self.context.wrap_socket(self._server.socket, server_side=True)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+
+@pytest.mark.system
+async def test_https_warm_ups_go_out_beside_the_version_check(tmp_path: Path) -> None:
+    """Only https may serve the registry: the warm-ups' handshakes overlap the /v2/ ping
+    and the manifest's instead of following them. The server answers the first /v2/ only
+    once every warm-up has arrived; a warm-up sent after the ping would not have."""
+    image = ServedImage.of(IMAGE)
+    log = ConnectionLog()
+
+    def registry(ex: Exchange) -> None:
+        log.request(ex)
+        if is_warm_up(ex.path):
+            log.wait_requests("/v2/", 1 + LOOKUP_WARM_UPS, 10.0)
+        ex.serve_image(image)
+        if "/manifests/v1" in ex.path:
+            log.answered(ex, "manifest answered")
+
+    ctx, ca = _tls_context(tmp_path / "tls")
+    server = TlsServer(registry, context=ctx).start()
+    try:
+        conf_file = tmp_path / "registries.conf"
+        conf_file.write_text(f'[[registry]]\nlocation = "{server.host}"\ninsecure = false\n')
+        conf = load_registries_conf({"HOME": str(tmp_path),
+                                     "CONTAINERS_REGISTRIES_CONF": str(conf_file)})
+        cache = GlobalCache.new(tmp_path / "cache")
+        start = trio.current_time()
+        with trio.fail_after(BOUND_S):
+            async with client(registries=conf, insecure=False, ca_certs=ca) as c:
+                result = await pull(cache, f"{server.host}/evil/app:v1", client=c,
+                                    erofs_artifacts="auto")
+        assert not result.cached
+        assert trio.current_time() - start < 5.0  # no wait ran out
+    finally:
+        server.stop()
+    before, after = log.split_at("manifest answered")
+    paths = [path for _, path in before]
+    first_manifest = next(i for i, p in enumerate(paths) if "/manifests/" in p)
+    assert paths[:first_manifest].count("/v2/") == 1 + LOOKUP_WARM_UPS
+    open_before = {port for port, _ in before}
+    assert [(p, path) for p, path in after if p not in open_before] == []
 
 
 def basic(user: str, password: str) -> str:
