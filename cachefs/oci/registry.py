@@ -441,9 +441,8 @@ class RegistryClient:
         """Wait for the warm-ups of the location serving ``ref`` if they are still in
         flight (see :meth:`Warming.wait`): a request about to need a connection of its own
         takes a warmed one instead of opening another."""
-        host = self.mirrors.get(self._route(ref).reference.registry,
-                                self._route(ref).reference.registry)
-        warming = self._warming.get(host)
+        location = self._route(ref).reference.registry
+        warming = self._warming.get(self.mirrors.get(location, location))
         if warming is not None:
             await warming.wait()
 

@@ -4,9 +4,10 @@ Why: after the manifest, a pull sends the config request, the EROFS-artifact loo
 requests at once) and then one blob request per layer in flight, all to the same origin.
 Each request that finds no idle connection in httpx's pool opens one: a TCP handshake
 (one round trip), on a real registry a TLS handshake too (one or two more), before its
-request can even be sent. Opened beside the manifest request, those handshakes overlap
-its round trips instead of following them: over a 20 ms link the first blob byte came
-~45 ms sooner (docs/pull-profile.md, "Sixth round (latency)").
+request can even be sent. Opened beside the manifest request (beside the ``/v2/`` ping
+over https), those handshakes overlap its round trips instead of following them: over a
+20 ms link the first blob byte came ~20 ms sooner, ~70 ms over https
+(docs/pull-profile.md, "Sixth round (latency)").
 
 A warm-up is ``GET /v2/``, the version check docker and podman send anyway. It carries no
 ``Authorization`` (the client's default headers have none, and none is added here), its

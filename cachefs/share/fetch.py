@@ -133,12 +133,12 @@ async def fetch_erofs(
 
     if policy is ArtifactPolicy.NEVER:
         return outcome
-    pending = lookup is not None and lookup.subject == manifest_digest
-    if pending and policy is ArtifactPolicy.AUTO:
+    pending = lookup if lookup is not None and lookup.subject == manifest_digest else None
+    if pending is not None and policy is ArtifactPolicy.AUTO:
         # a pull: this runs between the config and the first blob request, and the lookup
         # (sent beside the config) has usually answered "nothing here" by now
         with contextlib.suppress(CachefsError):  # asked again below, and warned about
-            early = await lookup.result()  # type: ignore[union-attr]
+            early = await pending.result()
             if not early.artifacts and not early.problems:
                 outcome.mechanism = early.mechanism
                 return outcome  # nothing to fetch, whichever layers are missing
@@ -147,8 +147,8 @@ async def fetch_erofs(
     if not needed:
         return outcome
     try:
-        if pending:
-            found = await lookup.result()  # type: ignore[union-attr]
+        if pending is not None:
+            found = await pending.result()
         else:
             found = await find_artifacts(RepoWriter(client, ref, push=False), manifest_digest)
     except CachefsError as err:
