@@ -149,7 +149,10 @@ async def test_registry_without_artifact_behaves_as_today(
     lookups = [(m, p, s) for m, p, _, s in proxy.log
                if "/referrers/" in p or "/manifests/sha256-" in p]
     assert sorted(s for _, _, s in lookups) == [404, 404]  # one of each, both at once
-    assert len(proxy.log) == 2 + 1 + 1 + 3  # lookup, manifest, config, 3 layer blobs
+    # lookup, manifest, config, 3 layer blobs; and the lookup's two connections opened
+    # beside the manifest (GET /v2/, tests/oci/test_warmup.py)
+    assert len(proxy.log) == 2 + 1 + 1 + 3 + 2
+    assert [p for _, p, _, _ in proxy.log].count("/v2/") == 2
     a_art = {k: v for k, v in artifacts(world.a.root).items() if not k.startswith("manifests")}
     b_art = {k: v for k, v in artifacts(b.root).items() if not k.startswith("manifests")}
     assert a_art == b_art
@@ -173,7 +176,7 @@ async def test_the_lookup_runs_beside_the_config_fetch(
     await pull_with(b, ref)
     assert proxy.held_released == [True]
     assert origins(b, ref) == ["converted"] * 3
-    assert len(proxy.log) == 2 + 1 + 1 + 3  # the same requests: lookup, manifest, config, blobs
+    assert len(proxy.log) == 2 + 1 + 1 + 3 + 2  # the same requests, the same warm-ups
 
 
 # tampering ------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ from .platform import format_platform, select_manifest
 from .registries_conf import PullSource, RegistriesConf
 from .source import SourceImage, SourceLayer
 from .transfer import Deadline, NetLimits, deadline, origin, read_body, send_following
+from .warmup import Warming, warm_connections
 
 ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
@@ -248,6 +249,8 @@ class RegistryClient:
         self.registries = registries or RegistriesConf()
         self._routes: dict[Reference, PullSource] = {}
         self._schemes: dict[str, str] = {}
+        self._warming: dict[str, Warming] = {}  # by host: what warm_up opened there
+        self._certain: dict[str, str] = {}  # host → the only scheme it may be reached by
         self.limits = limits or NetLimits.from_env()
         self.max_attempts = max(1, max_attempts or self.limits.attempts)
         self.backoff_s = backoff_s
@@ -365,6 +368,22 @@ class RegistryClient:
         await self._settle_scheme(host, source.insecure, mirror=source.mirror)
         return source.reference
 
+    async def _announce(self, ref: Reference,
+                        location_known: Callable[[Reference], None]) -> None:
+        """``location_known(physical)`` as soon as the location's scheme is certain: before
+        the ``/v2/`` ping when only https may serve it (the ping then only checks the
+        certificate, and its round trips overlap the warm-ups'), else once settled."""
+        source = self._route(ref)
+        host = self.mirrors.get(source.reference.registry, source.reference.registry)
+        schemes = schemes_for(host, insecure_flag=self.insecure, conf_insecure=source.insecure)
+        certain = host in self._schemes or len(schemes) == 1
+        if certain:
+            self._certain.setdefault(host, self._schemes.get(host, schemes[0]))
+            location_known(source.reference)
+        physical = await self._physical(ref)
+        if not certain:
+            location_known(physical)
+
     async def _settle_scheme(self, host: str, conf_insecure: bool | None, *,
                              mirror: bool = False) -> None:
         """Ping ``https://host/v2/`` once (as podman and docker do) unless ``--insecure``.
@@ -403,6 +422,29 @@ class RegistryClient:
                              "registries.conf",
                     ) from None
         self._schemes[host] = scheme
+
+    async def warm_up(self, physical: Reference, count: int) -> None:
+        """Open up to ``count`` more keep-alive connections to the location ``physical``
+        (a reference :meth:`resolve` passed to ``location_known``), without credentials;
+        once per location. See :mod:`cachefs.oci.warmup`; failures only lose the gain."""
+        host = self.mirrors.get(physical.registry, physical.registry)
+        scheme = self._schemes.get(host) or self._certain.get(host)
+        if count < 1 or scheme is None or host in self._warming:
+            return
+        warming = self._warming[host] = Warming()
+        try:
+            await warm_connections(self._http, f"{scheme}://{host}/v2/", count)
+        finally:
+            warming.settled.set()
+
+    async def warmed(self, ref: Reference) -> None:
+        """Wait for the warm-ups of the location serving ``ref`` if they are still in
+        flight (see :meth:`Warming.wait`): a request about to need a connection of its own
+        takes a warmed one instead of opening another."""
+        location = self._route(ref).reference.registry
+        warming = self._warming.get(self.mirrors.get(location, location))
+        if warming is not None:
+            await warming.wait()
 
     async def check_credentials(self, registry: str) -> None:
         """``GET /v2/`` at ``registry``, answering its challenge with the client's credentials.
@@ -522,7 +564,9 @@ class RegistryClient:
         return body, resp.headers.get("Content-Type", ""), digest
 
     async def resolve(self, ref: Reference, platform: Platform | None = None, *,
-                      manifest_known: Callable[[Digest], None] | None = None) -> ResolvedImage:
+                      manifest_known: Callable[[Digest], None] | None = None,
+                      location_known: Callable[[Reference], None] | None = None,
+                      ) -> ResolvedImage:
         """Tag or digest → the platform manifest, its digest and its verified config.
 
         An index (OCI or Docker manifest list) is narrowed to ``platform`` (default:
@@ -533,13 +577,18 @@ class RegistryClient:
 
         ``manifest_known(digest)`` is called with the platform manifest's digest before its
         config is fetched (per location tried), so work that needs only the digest can run
-        beside that round trip.
+        beside that round trip. ``location_known(physical)`` is called with each location's
+        reference once its route is chosen and its scheme certain, before its manifest
+        is requested (and before the ``/v2/`` ping when only https may serve it):
+        :meth:`warm_up` can then open connections beside those requests.
         """
         sources = self.registries.pull_sources(ref)
         failures: list[tuple[PullSource, CachefsError]] = []
         for source in sources:
             self._routes[ref] = source
             try:
+                if location_known is not None:
+                    await self._announce(ref, location_known)
                 return await self._resolve_at(ref, platform, manifest_known)
             except CachefsError as err:
                 if len(sources) == 1:

@@ -603,9 +603,12 @@ async def pull(
 
                         artifacts = ArtifactStage(nursery, registry, ref,
                                                   artifact_policy(erofs_artifacts))
+                    warm = artifacts.extra_connections if artifacts is not None else 0
                     plan, descriptors = await _resolve_plan(
                         registry, ref, typed, platform,
-                        artifacts.manifest_known if artifacts is not None else None)
+                        artifacts.manifest_known if artifacts is not None else None,
+                        # the lookup's connections, opened beside the manifest request
+                        location_known=lambda at: nursery.start_soon(registry.warm_up, at, warm))
                     if artifacts is not None:
                         await artifacts.fetch(cache, plan.manifest_digest,
                                               [layer.diff_digest for layer in plan.layers], emit)
@@ -624,12 +627,14 @@ async def pull(
 async def _resolve_plan(
     registry: RegistryClient, ref: Reference, typed: str, platform: str | None,
     manifest_known: Callable[[Digest], None] | None = None,
+    location_known: Callable[[Reference], None] | None = None,
 ) -> tuple[ImagePlan, dict[str, Descriptor]]:
     """The registry's manifest and config as a plan, and each layer's descriptor by digest."""
     from ..oci.platform import parse_platform
 
     wanted = parse_platform(platform) if platform else None
-    resolved = await registry.resolve(ref, wanted, manifest_known=manifest_known)
+    resolved = await registry.resolve(ref, wanted, manifest_known=manifest_known,
+                                      location_known=location_known)
     descriptors = {d.digest: d for d in resolved.layers}
     return ImagePlan.from_source(ref, typed, resolved.source_image()), descriptors
 

@@ -28,6 +28,7 @@ from the artifact" into an error instead; ``never`` skips the stage (no request 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 # decompression and checks overlap the later downloads instead of all piling up at the
 # end; decompression itself is not limited (each follows its own download).
 FETCH_PARALLELISM = 2
+LOOKUP_REQUESTS = 2  # the referrers API and the tag schema, asked at once (.lookup)
 ENV = "CACHEFS_EROFS_ARTIFACTS"
 
 
@@ -131,16 +133,22 @@ async def fetch_erofs(
 
     if policy is ArtifactPolicy.NEVER:
         return outcome
-    needed: dict[Digest, int] = {}
-    for i, diff in enumerate(diff_ids):
-        if diff not in needed and not await trio.to_thread.run_sync(
-                cache.is_layer_materialized, diff):
-            needed[diff] = i
+    pending = lookup if lookup is not None and lookup.subject == manifest_digest else None
+    if pending is not None and policy is ArtifactPolicy.AUTO:
+        # a pull: this runs between the config and the first blob request, and the lookup
+        # (sent beside the config) has usually answered "nothing here" by now
+        with contextlib.suppress(CachefsError):  # asked again below, and warned about
+            early = await pending.result()
+            if not early.artifacts and not early.problems:
+                outcome.mechanism = early.mechanism
+                return outcome  # nothing to fetch, whichever layers are missing
+    # one worker-thread trip for every layer
+    needed = await trio.to_thread.run_sync(_missing_layers, cache, diff_ids)
     if not needed:
         return outcome
     try:
-        if lookup is not None and lookup.subject == manifest_digest:
-            found = await lookup.result()
+        if pending is not None:
+            found = await pending.result()
         else:
             found = await find_artifacts(RepoWriter(client, ref, push=False), manifest_digest)
     except CachefsError as err:
@@ -170,6 +178,15 @@ async def fetch_erofs(
     return outcome
 
 
+def _missing_layers(cache: GlobalCache, diff_ids: Sequence[Digest]) -> dict[Digest, int]:
+    """The layers not converted yet, each with its first index."""
+    needed: dict[Digest, int] = {}
+    for i, diff in enumerate(diff_ids):
+        if diff not in needed and not cache.is_layer_materialized(diff):
+            needed[diff] = i
+    return needed
+
+
 class ArtifactStage:
     """A pull's EROFS-artifact stage, its lookup started as early as it can be.
 
@@ -188,13 +205,30 @@ class ArtifactStage:
         self.policy = policy
         self._lookup: PendingLookup | None = None
 
+    @property
+    def extra_connections(self) -> int:
+        """Connections the lookup will want beside the one the config fetch reuses
+        (:meth:`RegistryClient.warm_up` opens them beside the manifest request): both
+        requests at once beside the config; one more when it runs only after the resolve
+        (mirrors: the config's connection is idle again then); none without a lookup."""
+        if self.policy is ArtifactPolicy.NEVER:
+            return 0
+        return LOOKUP_REQUESTS if self._early() else LOOKUP_REQUESTS - 1
+
+    def _early(self) -> bool:
+        """Can the lookup start once the manifest digest is known (one location only)?"""
+        return len(self._client.registries.pull_sources(self._ref)) == 1
+
     def manifest_known(self, digest: Digest) -> None:
-        if (self._lookup is not None or self.policy is ArtifactPolicy.NEVER
-                or len(self._client.registries.pull_sources(self._ref)) != 1):
+        if self._lookup is not None or self.policy is ArtifactPolicy.NEVER or not self._early():
             return
         self._lookup = PendingLookup(digest)
-        self._nursery.start_soon(self._lookup.run,
-                                 RepoWriter(self._client, self._ref, push=False))
+        self._nursery.start_soon(self._look_up, self._lookup)
+
+    async def _look_up(self, lookup: PendingLookup) -> None:
+        # its two requests want connections beside the config's: the warmed ones
+        await self._client.warmed(self._ref)
+        await lookup.run(RepoWriter(self._client, self._ref, push=False))
 
     async def fetch(self, cache: GlobalCache, manifest_digest: Digest,
                     diff_ids: Sequence[Digest], emit: ProgressCallback) -> FetchOutcome:
