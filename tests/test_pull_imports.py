@@ -9,6 +9,7 @@ a heavy module back onto the pull path.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from collections.abc import Callable
@@ -81,3 +82,92 @@ def test_the_probe_sees_msb_database_writer_when_there_is_one(pushed_ref: str,
     (cache.parent / "db" / "msb.db").write_bytes(b"")
     loaded = _loaded_after_pull(cache, pushed_ref)
     assert "sqlite3" in loaded and "cachefs.cache.msb_db" in loaded
+
+
+# The order of a pull's first request and its build modules' imports, as the process saw
+# it: an import hook notes which thread imports each module, and how many registry
+# answers had arrived by then (the client's ``send`` wrapped), without any timing.
+_ORDER_PROBE = """
+import sys
+import threading
+from pathlib import Path
+
+import trio
+
+from cachefs.cache import GlobalCache
+from cachefs.oci._httpx import httpx
+from cachefs.pipeline import pull as pull_module
+
+WATCHED = ("cachefs.erofs.writer", "cachefs.pipeline.materialize", "cachefs.ingest.layer",
+           "cachefs.pipeline.workers")
+answered = []  # the urls of the answers received so far, in order
+seen = {{}}  # module -> (importing thread, answers received before its import began)
+
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name in WATCHED and name not in seen:
+            seen[name] = (threading.current_thread().name, len(answered))
+        return None
+
+
+sys.meta_path.insert(0, Watch())
+send = httpx.AsyncClient.send
+
+
+async def recording_send(self, request, **kw):
+    response = await send(self, request, **kw)
+    answered.append(str(request.url))
+    return response
+
+
+httpx.AsyncClient.send = recording_send
+if {no_preload!r}:
+    pull_module.AFTER_RESOLVE.start = lambda: None
+
+
+async def main() -> None:
+    await pull_module.pull(GlobalCache.new(Path(sys.argv[1])), sys.argv[2], insecure=True)
+
+assert not any(m in sys.modules for m in WATCHED), "loaded before the pull"
+trio.run(main)
+print(repr((seen, answered)))
+"""
+
+
+def _import_order(cache: Path, ref: str, *, no_preload: bool = False
+                  ) -> tuple[dict[str, tuple[str, int]], list[str]]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _ORDER_PROBE.format(no_preload=no_preload), str(cache), ref],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    seen, answered = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    return seen, answered
+
+
+def test_the_build_modules_load_in_a_thread_after_the_manifest_is_answered(
+        pushed_ref: str, tmp_path: Path) -> None:
+    """The EROFS writer, ingest and the build pipeline are not imported before the first
+    request: a thread imports them once the manifest is answered, while the config and
+    the artifact lookup are in flight, and the pull then uses them."""
+    cache = tmp_path / "home" / "cache"
+    seen, answered = _import_order(cache, pushed_ref)
+    manifest = next(i for i, url in enumerate(answered) if "/manifests/v1" in url)
+    for name in ("cachefs.erofs.writer", "cachefs.pipeline.materialize",
+                 "cachefs.ingest.layer", "cachefs.pipeline.workers"):
+        thread, answers_before = seen[name]
+        assert thread == "cachefs-preload", (name, seen)
+        assert answers_before > manifest, (name, seen, answered)
+    assert any("/blobs/" in url for url in answered[manifest + 1:])
+    assert any((cache / "fsmeta").iterdir())
+
+
+def test_without_the_preload_thread_the_build_path_imports_what_it_needs(
+        pushed_ref: str, tmp_path: Path) -> None:
+    """The preload is an optimisation only: with its thread never started, the pull
+    imports the same modules itself (on its own thread) and completes."""
+    cache = tmp_path / "home" / "cache"
+    seen, answered = _import_order(cache, pushed_ref, no_preload=True)
+    assert seen["cachefs.erofs.writer"][0] == "MainThread", seen
+    assert seen["cachefs.pipeline.materialize"][0] == "MainThread", seen
+    assert any((cache / "fsmeta").iterdir()) and (cache / "manifests").is_dir()
