@@ -130,28 +130,38 @@ async def main() -> None:
     await pull_module.pull(GlobalCache.new(Path(sys.argv[1])), sys.argv[2], insecure=True)
 
 assert not any(m in sys.modules for m in WATCHED), "loaded before the pull"
-trio.run(main)
+if {cli!r}:  # the command line's pull: its own imports, the same order
+    from click.testing import CliRunner
+
+    from cachefs.cli import main as cli
+    result = CliRunner().invoke(cli, ["--cache", sys.argv[1], "pull", "--insecure", "-q",
+                                      sys.argv[2]])
+    assert result.exit_code == 0, result.output
+else:
+    trio.run(main)
 print(repr((seen, answered)))
 """
 
 
-def _import_order(cache: Path, ref: str, *, no_preload: bool = False
+def _import_order(cache: Path, ref: str, *, no_preload: bool = False, cli: bool = False
                   ) -> tuple[dict[str, tuple[str, int]], list[str]]:
+    probe = _ORDER_PROBE.format(no_preload=no_preload, cli=cli)
     proc = subprocess.run(
-        [sys.executable, "-c", _ORDER_PROBE.format(no_preload=no_preload), str(cache), ref],
+        [sys.executable, "-c", probe, str(cache), ref],
         capture_output=True, text=True, timeout=120, check=True,
     )
     seen, answered = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     return seen, answered
 
 
+@pytest.mark.parametrize("cli", [False, True], ids=["pull()", "cachefs pull"])
 def test_the_build_modules_load_in_a_thread_after_the_manifest_is_answered(
-        pushed_ref: str, tmp_path: Path) -> None:
+        pushed_ref: str, tmp_path: Path, cli: bool) -> None:
     """The EROFS writer, ingest and the build pipeline are not imported before the first
     request: a thread imports them once the manifest is answered, while the config and
     the artifact lookup are in flight, and the pull then uses them."""
     cache = tmp_path / "home" / "cache"
-    seen, answered = _import_order(cache, pushed_ref)
+    seen, answered = _import_order(cache, pushed_ref, cli=cli)
     manifest = next(i for i, url in enumerate(answered) if "/manifests/v1" in url)
     for name in ("cachefs.erofs.writer", "cachefs.pipeline.materialize",
                  "cachefs.ingest.layer", "cachefs.pipeline.workers"):
@@ -167,7 +177,7 @@ def test_without_the_preload_thread_the_build_path_imports_what_it_needs(
     """The preload is an optimisation only: with its thread never started, the pull
     imports the same modules itself (on its own thread) and completes."""
     cache = tmp_path / "home" / "cache"
-    seen, answered = _import_order(cache, pushed_ref, no_preload=True)
+    seen, _ = _import_order(cache, pushed_ref, no_preload=True)
     assert seen["cachefs.erofs.writer"][0] == "MainThread", seen
     assert seen["cachefs.pipeline.materialize"][0] == "MainThread", seen
     assert any((cache / "fsmeta").iterdir()) and (cache / "manifests").is_dir()
