@@ -84,9 +84,9 @@ def test_the_probe_sees_msb_database_writer_when_there_is_one(pushed_ref: str,
     assert "sqlite3" in loaded and "cachefs.cache.msb_db" in loaded
 
 
-# The order of a pull's first request and its build modules' imports, as the process saw
-# it: an import hook notes which thread imports each module, and how many registry
-# answers had arrived by then (the client's ``send`` wrapped), without any timing.
+# Who imports a pull's build modules, and when, as the process saw it: an import hook
+# notes the thread importing each one and how many requests the client had begun by then
+# (its ``send`` wrapped), without any timing.
 _ORDER_PROBE = """
 import sys
 import threading
@@ -100,14 +100,14 @@ from cachefs.pipeline import pull as pull_module
 
 WATCHED = ("cachefs.erofs.writer", "cachefs.pipeline.materialize", "cachefs.ingest.layer",
            "cachefs.pipeline.workers")
-answered = []  # the urls of the answers received so far, in order
-seen = {{}}  # module -> (importing thread, answers received before its import began)
+sent = []  # the urls of the requests begun so far, in order
+seen = {{}}  # module -> (importing thread, requests begun before its import began)
 
 
 class Watch:
     def find_spec(self, name, path=None, target=None):
         if name in WATCHED and name not in seen:
-            seen[name] = (threading.current_thread().name, len(answered))
+            seen[name] = (threading.current_thread().name, len(sent))
         return None
 
 
@@ -116,9 +116,8 @@ send = httpx.AsyncClient.send
 
 
 async def recording_send(self, request, **kw):
-    response = await send(self, request, **kw)
-    answered.append(str(request.url))
-    return response
+    sent.append(str(request.url))
+    return await send(self, request, **kw)
 
 
 httpx.AsyncClient.send = recording_send
@@ -139,7 +138,7 @@ if {cli!r}:  # the command line's pull: its own imports, the same order
     assert result.exit_code == 0, result.output
 else:
     trio.run(main)
-print(repr((seen, answered)))
+print(repr((seen, sent)))
 """
 
 
@@ -150,25 +149,23 @@ def _import_order(cache: Path, ref: str, *, no_preload: bool = False, cli: bool 
         [sys.executable, "-c", probe, str(cache), ref],
         capture_output=True, text=True, timeout=120, check=True,
     )
-    seen, answered = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
-    return seen, answered
+    seen, sent = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    return seen, sent
 
 
 @pytest.mark.parametrize("cli", [False, True], ids=["pull()", "cachefs pull"])
-def test_the_build_modules_load_in_a_thread_after_the_manifest_is_answered(
+def test_the_build_modules_load_beside_the_first_request_not_before_it(
         pushed_ref: str, tmp_path: Path, cli: bool) -> None:
-    """The EROFS writer, ingest and the build pipeline are not imported before the first
-    request: a thread imports them once the manifest is answered, while the config and
-    the artifact lookup are in flight, and the pull then uses them."""
+    """The EROFS writer, ingest and the build pipeline are not imported on the way to the
+    first request: the pull's thread never imports them; a thread started as the resolve
+    goes out does (its imports overlap the round trips), and the build then uses them."""
     cache = tmp_path / "home" / "cache"
-    seen, answered = _import_order(cache, pushed_ref, cli=cli)
-    manifest = next(i for i, url in enumerate(answered) if "/manifests/v1" in url)
+    seen, sent = _import_order(cache, pushed_ref, cli=cli)
     for name in ("cachefs.erofs.writer", "cachefs.pipeline.materialize",
                  "cachefs.ingest.layer", "cachefs.pipeline.workers"):
-        thread, answers_before = seen[name]
-        assert thread == "cachefs-preload", (name, seen)
-        assert answers_before > manifest, (name, seen, answered)
-    assert any("/blobs/" in url for url in answered[manifest + 1:])
+        assert seen[name][0] == "cachefs-preload", (name, seen)
+    assert any("/manifests/v1" in url for url in sent)
+    assert any("/blobs/" in url for url in sent)
     assert any((cache / "fsmeta").iterdir())
 
 
