@@ -24,8 +24,6 @@ from ..heap import collector_paused
 
 log = logging.getLogger(__name__)
 
-SWITCH_INTERVAL = 0.0005  # s; while the thread imports (see Preload._run)
-
 
 class Preload:
     """Imports ``modules`` once, in a background thread (:meth:`start`)."""
@@ -58,15 +56,9 @@ class Preload:
             thread.join()
 
     def _run(self) -> None:
-        # An answer arriving while this thread holds the interpreter lock would wait up to
-        # the switch interval (5 ms) for it; meanwhile the interval is short.
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, SWITCH_INTERVAL))
         try:
             with collector_paused():  # the modules' objects live as long as the process
                 for name in self.modules:
                     importlib.import_module(name)
         except BaseException as err:  # the user's own import reports it, where needed
             log.debug("preloading the pull's modules failed: %s: %s", type(err).__name__, err)
-        finally:
-            sys.setswitchinterval(interval)
