@@ -100,7 +100,7 @@ class PullPolicy(enum.StrEnum):
     NEVER = "never"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared nowhere: no generated __eq__/__hash__
 class ImagePlan:
     """Everything the pipeline needs to know about one image, whatever its source."""
 
@@ -137,7 +137,7 @@ class ImagePlan:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PullResult:
     reference: Reference
     manifest_digest: Digest
@@ -147,7 +147,7 @@ class PullResult:
     vmdk: Path
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class LayerBlob:
     """A layer's blob, ready to ingest: a file, or an opener streaming it from an archive.
 

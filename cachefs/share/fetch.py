@@ -83,7 +83,7 @@ class ArtifactPolicy(enum.StrEnum):
                              f"not {value!r}") from None
 
 
-@dataclass
+@dataclass(eq=False)  # compared nowhere: no generated __eq__
 class FetchOutcome:
     mechanism: str = "none"
     artifact: str | None = None
@@ -91,7 +91,7 @@ class FetchOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Candidate:
     index: int
     diff_id: Digest
@@ -237,7 +237,7 @@ class ArtifactStage:
                                  policy=self.policy, emit=emit, lookup=self._lookup)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _ArtifactJob:
     """Fetch, check, cross-check and publish the needed layers of one chosen artifact."""
 
