@@ -33,8 +33,10 @@ STAGES = (
     ("cachefs.pipeline.pull", "_resolve_plan"),
     ("cachefs.pipeline.pull", "_publish"),
     ("cachefs.pipeline.pull", "_drop_blobs"),
-    ("cachefs.pipeline.pull", "start_layer"),
-    ("cachefs.pipeline.pull", "stitch_image"),
+    # the pull imports these where it calls them (issue 15: after its first request), so
+    # they are wrapped where they live; instrumenting loads their modules before the pull
+    ("cachefs.pipeline.materialize", "start_layer"),
+    ("cachefs.pipeline.materialize", "stitch_image"),
     ("cachefs.ingest.image", "ingest_layer"),
     ("cachefs.ingest.image", "plan_layer"),
     ("cachefs.ingest.image", "write_layer"),

@@ -9,6 +9,7 @@ a heavy module back onto the pull path.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from collections.abc import Callable
@@ -81,3 +82,102 @@ def test_the_probe_sees_msb_database_writer_when_there_is_one(pushed_ref: str,
     (cache.parent / "db" / "msb.db").write_bytes(b"")
     loaded = _loaded_after_pull(cache, pushed_ref)
     assert "sqlite3" in loaded and "cachefs.cache.msb_db" in loaded
+
+
+# Who imports a pull's build modules, and when, as the process saw it: an import hook
+# notes the thread importing each one and how many requests the client had begun by then
+# (its ``send`` wrapped), without any timing.
+_ORDER_PROBE = """
+import sys
+import threading
+from pathlib import Path
+
+import trio
+
+from cachefs.cache import GlobalCache
+from cachefs.oci._httpx import httpx
+from cachefs.pipeline import pull as pull_module
+
+WATCHED = ("cachefs.erofs.writer", "cachefs.pipeline.materialize", "cachefs.ingest.layer",
+           "cachefs.pipeline.workers")
+sent = []  # the urls of the requests begun so far, in order
+seen = {{}}  # module -> (importing thread, requests begun before its import began)
+
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name in WATCHED and name not in seen:
+            seen[name] = (threading.current_thread().name, len(sent))
+        return None
+
+
+sys.meta_path.insert(0, Watch())
+send = httpx.AsyncClient.send
+
+
+async def recording_send(self, request, **kw):
+    sent.append(str(request.url))
+    return await send(self, request, **kw)
+
+
+httpx.AsyncClient.send = recording_send
+if {no_preload!r}:
+    pull_module.AFTER_RESOLVE.start = lambda: None
+
+
+async def main() -> None:
+    await pull_module.pull(GlobalCache.new(Path(sys.argv[1])), sys.argv[2], insecure=True)
+
+assert not any(m in sys.modules for m in WATCHED), "loaded before the pull"
+if {cli!r}:  # the command line's pull: its own imports, the same order
+    from click.testing import CliRunner
+
+    from cachefs.cli import main as cli
+    result = CliRunner().invoke(cli, ["--cache", sys.argv[1], "pull", "--insecure", "-q",
+                                      sys.argv[2]])
+    assert result.exit_code == 0, result.output
+else:
+    trio.run(main)
+print(repr((seen, sent)))
+"""
+
+
+def _import_order(cache: Path, ref: str, *, no_preload: bool = False, cli: bool = False
+                  ) -> tuple[dict[str, tuple[str, int]], list[str]]:
+    probe = _ORDER_PROBE.format(no_preload=no_preload, cli=cli)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, str(cache), ref],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    seen, sent = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    return seen, sent
+
+
+@pytest.mark.parametrize("cli", [False, True], ids=["pull()", "cachefs pull"])
+def test_the_build_modules_load_beside_the_first_request_not_before_it(
+        pushed_ref: str, tmp_path: Path, cli: bool) -> None:
+    """The EROFS writer, ingest and the build pipeline are not imported on the way to the
+    first request: the pull's thread never imports them; a thread started as the resolve
+    goes out does (its imports overlap the round trips), and the build then uses them."""
+    cache = tmp_path / "home" / "cache"
+    seen, sent = _import_order(cache, pushed_ref, cli=cli)
+    for name in ("cachefs.erofs.writer", "cachefs.pipeline.materialize",
+                 "cachefs.ingest.layer", "cachefs.pipeline.workers"):
+        assert seen[name][0] == "cachefs-preload", (name, seen)
+        # the thread starts only once the resolve waits, and (--insecure: no ping) its
+        # first wait is in sending the manifest request
+        assert seen[name][1] >= 1, (name, seen, sent)
+    assert "/manifests/v1" in sent[0]
+    assert any("/blobs/" in url for url in sent)
+    assert any((cache / "fsmeta").iterdir())
+
+
+def test_without_the_preload_thread_the_build_path_imports_what_it_needs(
+        pushed_ref: str, tmp_path: Path) -> None:
+    """The preload is an optimisation only: with its thread never started, the pull
+    imports the same modules itself (on its own thread) and completes."""
+    cache = tmp_path / "home" / "cache"
+    seen, _ = _import_order(cache, pushed_ref, no_preload=True)
+    assert seen["cachefs.erofs.writer"][0] == "MainThread", seen
+    assert seen["cachefs.pipeline.materialize"][0] == "MainThread", seen
+    assert any((cache / "fsmeta").iterdir()) and (cache / "manifests").is_dir()

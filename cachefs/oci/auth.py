@@ -187,7 +187,7 @@ def default_credentials_lookup(registry: str) -> Credentials | None:
 CredentialLookup = Callable[[str], "Credentials | None"]
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Token:
     value: str
     expires_at: float

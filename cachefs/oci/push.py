@@ -42,7 +42,7 @@ def push_scope(repository: str) -> str:
     return f"repository:{repository}:pull,push"
 
 
-@dataclass
+@dataclass(eq=False)  # compared nowhere: no generated __eq__
 class PushStats:
     """What a push did, for ``--json`` and for tests proving a second push is a no-op."""
 

@@ -262,7 +262,7 @@ def load_registries_conf(environ: Mapping[str, str] | None = None) -> Registries
     )
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Parsed:
     registries: dict[str, RegistryEntry]
     search: list[str] | None
@@ -270,7 +270,7 @@ class _Parsed:
     aliases: dict[str, tuple[str | None, str]]
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Merged:
     registries: dict[str, RegistryEntry] = field(default_factory=dict)
     search: list[str] = field(default_factory=list)

@@ -89,7 +89,7 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 Progress = Callable[[int], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared nowhere: no generated __eq__/__hash__
 class ResolvedImage:
     """One platform's image as the registry describes it (everything but the layer bytes)."""
 
@@ -850,7 +850,7 @@ def _range_starts_at(resp: httpx.Response, offset: int) -> bool:
         return False
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Part:
     """A ``.part`` being appended to: the hash of its bytes and their count."""
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -40,15 +39,9 @@ from ..ingest.image import (
 from ..ingest.layer import Compression
 from ..vmdk import descriptor_for_paths
 from .image_write import BackgroundWrite, LayerTree, Written, raise_first, settle
+from .parallelism import BUILDS_AT_ONCE as BUILDS_AT_ONCE  # its old home: re-exported
 
 log = logging.getLogger(__name__)
-
-
-# Layers being ingested or written at once in this process. A layer holds its slot until
-# its image is written, not only until its tree is handed on: each holds buffers and a plan
-# (a 3-layer load peaked ~8 MiB higher when a third ingest could start beside two images
-# still being written), and ingest is CPU-bound, so more than the cores only contend.
-BUILDS_AT_ONCE = max(1, min(4, os.cpu_count() or 1))
 
 
 class BuildSlots:

@@ -35,7 +35,6 @@ from ..cache.publish import remove_quietly
 from ..digest import Digest
 from ..errors import CachefsError, NotCachedError, UsageError
 from ..heap import frozen_heap, imports_uncollected
-from ..ingest.layer import Compression, compression_from_media_type
 from ..models import (
     CachedImageMetadata,
     Descriptor,
@@ -45,10 +44,8 @@ from ..models import (
 )
 from ..openfiles import ensure_open_files, files_needed
 from ..reference import Reference
-from .admission import RankedAdmission, largest_first
-from .growing import GrowingBlob
-from .image_write import LayerTree, settle
-from .materialize import BUILDS_AT_ONCE, BlobOpener, start_layer, stitch_image
+from .parallelism import BUILDS_AT_ONCE
+from .preload import Preload
 from .progress import (
     Event,
     Finished,
@@ -60,15 +57,35 @@ from .progress import (
     ignore,
     reporting,
 )
-from .workers import LayerWorkers, workers_for
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from ..ingest.layer import Compression
     from ..oci.auth import Credentials
     from ..oci.registries_conf import RegistriesConf
     from ..oci.registry import RegistryClient
     from ..oci.source import SourceImage
+    from .admission import RankedAdmission
+    from .growing import GrowingBlob
+    from .image_write import LayerTree
+    from .materialize import BlobOpener
+    from .workers import LayerWorkers
+
+# What a pull needs only once its image is resolved (~15 ms of imports: the EROFS writer,
+# ingest, the build pipeline): imported in a thread while the resolve waits for the
+# registry (issue 15). Every function below that uses one imports it itself.
+AFTER_RESOLVE = Preload((
+    "cachefs.pipeline.materialize",  # the EROFS writer and fsmeta, ingest, vmdk, checks
+    "cachefs.pipeline.workers",  # pickle, the worker processes' protocol
+    "cachefs.pipeline.admission",
+    "cachefs.pipeline.growing",
+    "cachefs.ingest.layer",
+    "cachefs.erofs.reader",
+    "cachefs.share.check",
+    "cachefs.share.transfer",
+    "cachefs.share.provenance",
+))
 
 # Layers being downloaded or ingested at once, whatever the image's layer count: each holds
 # a few files and a connection (README "Limits"; CACHEFS_LAYERS_IN_FLIGHT).
@@ -83,7 +100,7 @@ class PullPolicy(enum.StrEnum):
     NEVER = "never"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared nowhere: no generated __eq__/__hash__
 class ImagePlan:
     """Everything the pipeline needs to know about one image, whatever its source."""
 
@@ -120,7 +137,7 @@ class ImagePlan:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PullResult:
     reference: Reference
     manifest_digest: Digest
@@ -130,7 +147,7 @@ class PullResult:
     vmdk: Path
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class LayerBlob:
     """A layer's blob, ready to ingest: a file, or an opener streaming it from an archive.
 
@@ -257,6 +274,8 @@ def _record_in_msb_db(cache: GlobalCache, typed: str, meta: CachedImageMetadata,
 async def _stitch(cache: GlobalCache, manifest: Digest, diff_ids: Sequence[Digest],
                   trees: dict[Digest, LayerTree] | None = None, *,
                   force: bool = False) -> tuple[Path, Path]:
+    from .materialize import stitch_image
+
     fsmeta, vmdk = await trio.to_thread.run_sync(
         functools.partial(stitch_image, cache, manifest, list(diff_ids), trees=trees,
                           force=force)
@@ -313,6 +332,7 @@ async def materialize_plan(
     emit(Resolved(str(plan.reference), str(plan.manifest_digest),
                   tuple((layer.diff_id, layer.size_bytes) for layer in plan.layers),
                   blobs=tuple(layer.digest for layer in plan.layers)))
+    await _after_resolve_imported()
     entries = _entries(cache, plan)
     limit = layers_in_flight()
     ensure_open_files(files_needed(len(entries), limit),
@@ -335,6 +355,13 @@ async def materialize_plan(
         leases.release()
     emit(Finished(str(plan.reference), str(plan.manifest_digest), cached=False))
     return PullResult(plan.reference, plan.manifest_digest, False, meta, fsmeta, vmdk)
+
+
+async def _after_resolve_imported() -> None:
+    """The :data:`AFTER_RESOLVE` modules' thread, if still importing, waited out off the
+    trio thread: the build path then finds them loaded instead of racing the thread."""
+    if AFTER_RESOLVE.running:
+        await trio.to_thread.run_sync(AFTER_RESOLVE.wait)
 
 
 async def _stitch_recording(cache: GlobalCache, plan: ImagePlan, source: str,
@@ -380,6 +407,8 @@ async def _settle_images(trees: Iterable[LayerTree]) -> None:
     """After a failure: wait for the layer images still being written (they clean up after
     themselves, and a published layer's blob is removed), so nothing of this pull runs
     on; their errors only go to the log."""
+    from .image_write import settle
+
     images = [t.image for t in trees]
 
     def settle_all() -> list[BaseException]:
@@ -456,6 +485,9 @@ class _LayerBuilds:
             if layer.diff_id not in seen:  # a repeated layer is built once
                 seen.add(layer.diff_id)
                 distinct.append((i, layer))
+        from .admission import RankedAdmission, largest_first
+        from .workers import LayerWorkers, workers_for
+
         if workers := workers_for(len(distinct), self._parallel):
             self._workers = LayerWorkers(workers)
         ranks = largest_first([layer.size_bytes for _, layer in distinct])
@@ -488,6 +520,9 @@ class _LayerBuilds:
 
     async def _build_one(self, i: int, layer: LayerMetadata, rank: int,
                          builds: RankedAdmission) -> None:
+        from .growing import GrowingBlob
+        from .materialize import start_layer
+
         emit = self._emit
         diff = layer.diff_digest
         if not self._force and await trio.to_thread.run_sync(
@@ -608,7 +643,8 @@ async def pull(
                         registry, ref, typed, platform,
                         artifacts.manifest_known if artifacts is not None else None,
                         # the lookup's connections, opened beside the manifest request
-                        location_known=lambda at: nursery.start_soon(registry.warm_up, at, warm))
+                        location_known=_preloading(
+                            nursery, lambda at: nursery.start_soon(registry.warm_up, at, warm)))
                     if artifacts is not None:
                         await artifacts.fetch(cache, plan.manifest_digest,
                                               [layer.diff_digest for layer in plan.layers], emit)
@@ -622,6 +658,22 @@ async def pull(
         finally:
             if own_client:
                 await registry.aclose()
+
+
+def _preloading(nursery: trio.Nursery, location_known: Callable[[Reference], None]
+                ) -> Callable[[Reference], None]:
+    """``location_known``, which also starts :data:`AFTER_RESOLVE`'s imports as the first
+    request goes out: from a task, which trio runs once the resolve waits, so the thread's
+    imports overlap the handshake and the manifest's round trip. (Started once the
+    manifest was answered instead, they delayed the config's answer: over a 20 ms link the
+    first blob request came ~12 ms later than from here.)"""
+    async def start() -> None:
+        AFTER_RESOLVE.start()
+
+    def known(at: Reference) -> None:
+        location_known(at)
+        nursery.start_soon(start)
+    return known
 
 
 async def _resolve_plan(
@@ -659,6 +711,8 @@ class _RegistryLayers:
         blob = descriptor.parsed_digest
         tar = cache.tar_path(blob)
         total = descriptor.size or None
+        from ..ingest.layer import compression_from_media_type
+
         compression = compression_from_media_type(descriptor.media_type)
         held = contextlib.AsyncExitStack()
         await held.enter_async_context(flock_exclusive_async(cache.download_lock_path(blob)))
@@ -699,6 +753,8 @@ class _Download:
         self._lock = lock
         self._report = report
         self._done = 0
+        from .growing import GrowingBlob
+
         self.growing = GrowingBlob(part, tar)
         # set when ingest failed: the cancelled download then drops its partial file
         self.discard = trio.Event()

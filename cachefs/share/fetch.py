@@ -37,6 +37,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -44,21 +45,20 @@ from ..cache.locks import flock_exclusive, flock_exclusive_async
 from ..cache.publish import publish_file, remove_quietly
 from ..cache.store import CACHEFS_DIR, GlobalCache
 from ..digest import Digest, sha256_file
-from ..erofs.fsmeta import fsmeta_of_layers
-from ..erofs.reader import ErofsImage
-from ..erofs.tree import Node
 from ..errors import CachefsError, DownloadFailed, RegistryError, UsageError
 from ..models import Descriptor
 from ..oci.push import RepoWriter
 from ..oci.referrers import LAYER_MEDIA_TYPE, ErofsArtifact, ErofsBlob
 from ..oci.registry import RegistryClient
-from ..pipeline.growing import GrowingBlob
 from ..pipeline.progress import LayerProgress, ProgressCallback
 from ..reference import Reference
-from .check import check_layer_image
 from .lookup import PendingLookup, find_artifacts
-from .provenance import record_fetched
-from .transfer import decompress
+
+# The EROFS reader and fsmeta writer, the checks, zstd: used only once an artifact is
+# found, so imported where used and not before a pull's first request (issue 15;
+# cachefs.pipeline.pull.AFTER_RESOLVE loads them while the resolve waits).
+if TYPE_CHECKING:
+    from ..erofs.tree import Node
 
 log = logging.getLogger(__name__)
 # Downloads at once. Few, so that on a slow link the first blobs finish early and their
@@ -83,7 +83,7 @@ class ArtifactPolicy(enum.StrEnum):
                              f"not {value!r}") from None
 
 
-@dataclass
+@dataclass(eq=False)  # compared nowhere: no generated __eq__
 class FetchOutcome:
     mechanism: str = "none"
     artifact: str | None = None
@@ -91,7 +91,7 @@ class FetchOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Candidate:
     index: int
     diff_id: Digest
@@ -237,7 +237,7 @@ class ArtifactStage:
                                  policy=self.policy, emit=emit, lookup=self._lookup)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _ArtifactJob:
     """Fetch, check, cross-check and publish the needed layers of one chosen artifact."""
 
@@ -288,6 +288,8 @@ class _ArtifactJob:
             self.artifact, fsmeta_tmp)
 
     async def _publish(self, good: list[_Candidate], fsmeta_tmp: Path) -> list[str]:
+        from .provenance import record_fetched
+
         done = []
         for cand in good:
             if cand.path is not None and await _publish_layer(self.cache, cand.diff_id,
@@ -336,6 +338,8 @@ async def _fetch_one(cache: GlobalCache, client: RegistryClient, ref: Reference,
                 return
             await _download_and_inflate(client, ref, cand, cache.part_path(blob.digest), out,
                                         emit, limiter)
+        from .check import check_layer_image
+
         cand.tree = await trio.to_thread.run_sync(check_layer_image, out, "the EROFS")
         cand.path = out
     except CachefsError as err:
@@ -352,6 +356,9 @@ async def _download_and_inflate(client: RegistryClient, ref: Reference, cand: _C
     ``out``. ``out`` counts only
     once both finished: the download verified the blob, the decompression the EROFS digest.
     The ``.part`` is removed afterwards, unless the download broke off (kept to resume)."""
+    from ..pipeline.growing import GrowingBlob
+    from .transfer import decompress
+
     blob = cand.blob
     label = str(cand.diff_id)
     growing = GrowingBlob(part, part)
@@ -409,6 +416,8 @@ async def _download_and_inflate(client: RegistryClient, ref: Reference, cand: _C
 
 
 def _cached_tree(cache: GlobalCache, diff_id: Digest) -> tuple[Node, int]:
+    from ..erofs.reader import ErofsImage
+
     with ErofsImage.open(cache.layer_erofs_path(diff_id)) as image:
         return image.to_tree(), image.total_blocks
 
@@ -417,6 +426,8 @@ def _cross_check(cache: GlobalCache, diff_ids: Sequence[Digest],
                  fetched: dict[Digest, tuple[Node, int] | None], artifact: ErofsArtifact,
                  out: Path) -> str | None:
     """Merge the fsmeta from every layer's tree; None if it is the artifact's, else why not."""
+    from ..erofs.fsmeta import fsmeta_of_layers
+
     roots: list[Node] = []
     blocks: list[int] = []
     for diff in diff_ids:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 MAX_CANDIDATES = 4  # our artifacts tried per subject (each is one manifest GET)
 
 
-@dataclass
+@dataclass(eq=False)  # compared nowhere: no generated __eq__
 class Found:
     mechanism: str  # "referrers-api", "tag-schema" or "none"
     artifacts: list[tuple[Digest, ErofsArtifact]] = field(default_factory=list)

@@ -58,7 +58,8 @@ def test_the_probe_sees_a_heavy_import(tmp_path: Path) -> None:
 def test_images_lists_a_cache_without_the_event_loop_or_the_network_stack(
         tmp_path: Path) -> None:
     """``cachefs images`` reads files: trio (~60 ms, once loaded by the lock module),
-    httpx and sqlite3 (when msb's database is absent) stay out of its start-up."""
+    httpx and sqlite3 (when msb's database is absent), and the layer builders stay out
+    of its start-up."""
     from cachefs.cache import GlobalCache
     from cachefs.models import CachedImageMetadata
     from tests.test_models import WH1
@@ -67,7 +68,8 @@ def test_images_lists_a_cache_without_the_event_loop_or_the_network_stack(
     cache.write_image_metadata("docker.io/library/listed:1",
                                CachedImageMetadata.from_json_bytes(WH1))
     names = ("trio", "httpx", "httpcore", "pydantic", "sqlite3", "cachefs.cache.store",
-             "cachefs.cache.health")
+             "cachefs.cache.health", "cachefs.pipeline.materialize", "cachefs.erofs.writer",
+             "cachefs.ingest.layer")
     probe = _PROBE.replace("{heavy!r}", repr(names))
     proc = subprocess.run([sys.executable, "-c", probe, "--cache", str(cache.root), "images",
                            "--json"], capture_output=True, text=True, timeout=60, check=True)
