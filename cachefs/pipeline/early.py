@@ -41,12 +41,13 @@ import trio
 
 from ..cache.locks import flock_exclusive
 from ..errors import CachefsError, LockBusy
+from ..models import Descriptor
 from .progress import LayerPhase
 
 if TYPE_CHECKING:
     from ..cache import GlobalCache
     from ..digest import Digest
-    from ..models import Descriptor, LayerMetadata
+    from ..models import LayerMetadata
     from .growing import GrowingBlob
 
 log = logging.getLogger(__name__)
