@@ -29,6 +29,7 @@ from cachefs.oci.referrers import (
     referrer_entry,
     referrers_tag,
 )
+from cachefs.pipeline.early import EARLY_LAYERS
 from cachefs.pipeline.pull import pull
 from cachefs.share.provenance import layer_origin
 from cachefs.share.push import push_erofs
@@ -149,10 +150,10 @@ async def test_registry_without_artifact_behaves_as_today(
     lookups = [(m, p, s) for m, p, _, s in proxy.log
                if "/referrers/" in p or "/manifests/sha256-" in p]
     assert sorted(s for _, _, s in lookups) == [404, 404]  # one of each, both at once
-    # lookup, manifest, config, 3 layer blobs; and the lookup's two connections opened
-    # beside the manifest (GET /v2/, tests/oci/test_warmup.py)
-    assert len(proxy.log) == 2 + 1 + 1 + 3 + 2
-    assert [p for _, p, _, _ in proxy.log].count("/v2/") == 2
+    # lookup, manifest, config, 3 layer blobs; and the connections of the lookup and of the
+    # early downloads opened beside the manifest (GET /v2/, tests/oci/test_warmup.py)
+    assert len(proxy.log) == 2 + 1 + 1 + 3 + 2 + EARLY_LAYERS
+    assert [p for _, p, _, _ in proxy.log].count("/v2/") == 2 + EARLY_LAYERS
     a_art = {k: v for k, v in artifacts(world.a.root).items() if not k.startswith("manifests")}
     b_art = {k: v for k, v in artifacts(b.root).items() if not k.startswith("manifests")}
     assert a_art == b_art
@@ -176,7 +177,8 @@ async def test_the_lookup_runs_beside_the_config_fetch(
     await pull_with(b, ref)
     assert proxy.held_released == [True]
     assert origins(b, ref) == ["converted"] * 3
-    assert len(proxy.log) == 2 + 1 + 1 + 3 + 2  # the same requests, the same warm-ups
+    # the same requests, the same warm-ups
+    assert len(proxy.log) == 2 + 1 + 1 + 3 + 2 + EARLY_LAYERS
 
 
 # tampering ------------------------------------------------------------------------------

@@ -566,6 +566,7 @@ class RegistryClient:
     async def resolve(self, ref: Reference, platform: Platform | None = None, *,
                       manifest_known: Callable[[Digest], None] | None = None,
                       location_known: Callable[[Reference], None] | None = None,
+                      layers_known: Callable[[list[Descriptor]], None] | None = None,
                       ) -> ResolvedImage:
         """Tag or digest → the platform manifest, its digest and its verified config.
 
@@ -581,6 +582,9 @@ class RegistryClient:
         reference once its route is chosen and its scheme certain, before its manifest
         is requested (and before the ``/v2/`` ping when only https may serve it):
         :meth:`warm_up` can then open connections beside those requests.
+        ``layers_known(layers)``, right after ``manifest_known``, gets the platform
+        manifest's layer descriptors, checked: their downloads may start beside the config
+        request (:mod:`cachefs.pipeline.early`).
         """
         sources = self.registries.pull_sources(ref)
         failures: list[tuple[PullSource, CachefsError]] = []
@@ -589,7 +593,7 @@ class RegistryClient:
             try:
                 if location_known is not None:
                     await self._announce(ref, location_known)
-                return await self._resolve_at(ref, platform, manifest_known)
+                return await self._resolve_at(ref, platform, manifest_known, layers_known)
             except CachefsError as err:
                 if len(sources) == 1:
                     raise
@@ -601,6 +605,7 @@ class RegistryClient:
 
     async def _resolve_at(self, ref: Reference, platform: Platform | None,
                           manifest_known: Callable[[Digest], None] | None = None,
+                          layers_known: Callable[[list[Descriptor]], None] | None = None,
                           ) -> ResolvedImage:
         target = str(ref.digest) if ref.digest is not None else (ref.tag or "latest")
         body, ctype, digest = await self.fetch_manifest(ref, target)
@@ -629,6 +634,8 @@ class RegistryClient:
         verifiable(manifest.config.parsed_digest, f"{ref}: config")
         if manifest_known is not None:
             manifest_known(digest)
+        if layers_known is not None:
+            layers_known(manifest.layers)
         config_bytes = await self.fetch_config(ref, manifest.config)
         try:
             config = ImageConfigFile.model_validate_json(config_bytes)

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from ..oci.registry import RegistryClient
     from ..oci.source import SourceImage
     from .admission import RankedAdmission
+    from .early import EarlyDownloads
     from .growing import GrowingBlob
     from .image_write import LayerTree
     from .materialize import BlobOpener
@@ -628,7 +629,17 @@ async def pull(
             insecure=insecure, ca_certs=ca_certs, credentials=credentials,
             registries=registries if registries is not None else _registries_conf(),
         )
-        try:
+        from .early import EarlyDownloads  # the largest blobs' downloads, beside the config
+
+        in_flight = layers_in_flight()
+        early = EarlyDownloads(
+            cache, functools.partial(_Download.of, cache, registry, ref), in_flight,
+            # materialize_plan's open-file check, for the manifest's layers (and the
+            # fsmeta, VMDK and metadata leases, see _entries): refused, nothing starts
+            fits=lambda layers: ensure_open_files(files_needed(layers + 3, in_flight),
+                                                  f"{ref} ({layers} layers)"))
+        owned = contextlib.aclosing(registry) if own_client else contextlib.nullcontext()
+        async with owned, early.running():  # the early downloads end before the client
             try:
                 async with trio.open_nursery() as nursery:
                     artifacts = None
@@ -638,26 +649,27 @@ async def pull(
 
                         artifacts = ArtifactStage(nursery, registry, ref,
                                                   artifact_policy(erofs_artifacts))
-                    warm = artifacts.extra_connections if artifacts is not None else 0
+                    # the connections of the requests beside the config (the lookup's, the
+                    # early download's), opened beside the manifest request
+                    warm = (artifacts.extra_connections if artifacts is not None else 0
+                            ) + early.connections
                     plan, descriptors = await _resolve_plan(
                         registry, ref, typed, platform,
                         artifacts.manifest_known if artifacts is not None else None,
-                        # the lookup's connections, opened beside the manifest request
                         location_known=_preloading(
-                            nursery, lambda at: nursery.start_soon(registry.warm_up, at, warm)))
+                            nursery, lambda at: nursery.start_soon(registry.warm_up, at, warm)),
+                        layers_known=early.layers_known)
                     if artifacts is not None:
                         await artifacts.fetch(cache, plan.manifest_digest,
                                               [layer.diff_digest for layer in plan.layers], emit)
                     nursery.cancel_scope.cancel()  # a lookup nobody needed (layers cached)
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
-            provide = _RegistryLayers(cache, registry, ref, descriptors, force)
+            await early.keep_needed(plan.layers, force)
+            provide = _RegistryLayers(cache, registry, ref, descriptors, force, early)
             with frozen_heap():
                 return await materialize_plan(cache, plan, provide, emit=emit, force=force,
                                               source="pull", msb_db=msb_db)
-        finally:
-            if own_client:
-                await registry.aclose()
 
 
 def _preloading(nursery: trio.Nursery, location_known: Callable[[Reference], None]
@@ -680,28 +692,33 @@ async def _resolve_plan(
     registry: RegistryClient, ref: Reference, typed: str, platform: str | None,
     manifest_known: Callable[[Digest], None] | None = None,
     location_known: Callable[[Reference], None] | None = None,
+    layers_known: Callable[[list[Descriptor]], None] | None = None,
 ) -> tuple[ImagePlan, dict[str, Descriptor]]:
     """The registry's manifest and config as a plan, and each layer's descriptor by digest."""
     from ..oci.platform import parse_platform
 
     wanted = parse_platform(platform) if platform else None
     resolved = await registry.resolve(ref, wanted, manifest_known=manifest_known,
-                                      location_known=location_known)
+                                      location_known=location_known,
+                                      layers_known=layers_known)
     descriptors = {d.digest: d for d in resolved.layers}
     return ImagePlan.from_source(ref, typed, resolved.source_image()), descriptors
 
 
 class _RegistryLayers:
     """The :data:`LayerProvider` of a registry pull: a layer's blob reused from ``layers/``,
-    or downloaded under its download lock while ingest follows the file."""
+    or downloaded under its download lock while ingest follows the file; a download started
+    beside the config (:mod:`cachefs.pipeline.early`) is adopted, its lock with it."""
 
     def __init__(self, cache: GlobalCache, registry: RegistryClient, ref: Reference,
-                 descriptors: Mapping[str, Descriptor], force: bool) -> None:
+                 descriptors: Mapping[str, Descriptor], force: bool,
+                 early: EarlyDownloads | None = None) -> None:
         self._cache = cache
         self._registry = registry
         self._ref = ref
         self._descriptors = descriptors
         self._force = force
+        self._early = early
 
     async def __call__(
         self, i: int, layer: LayerMetadata, emit: ProgressCallback
@@ -714,6 +731,16 @@ class _RegistryLayers:
         from ..ingest.layer import compression_from_media_type
 
         compression = compression_from_media_type(descriptor.media_type)
+        report = functools.partial(_download_progress, emit, i, layer.diff_id, total)
+        early = self._early.take(blob) if self._early is not None else None
+        if early is not None:  # started beside the config, under the lock it holds
+            if not self._force and cache.is_layer_materialized(layer.diff_digest):
+                early.drop()
+                return None
+            assert early.download is not None
+            early.adopt(report)
+            return LayerBlob(early.download.growing, compression, True, feed=early.follow,
+                             file=tar, discard=early.download.discard.set)
         held = contextlib.AsyncExitStack()
         await held.enter_async_context(flock_exclusive_async(cache.download_lock_path(blob)))
         try:
@@ -725,7 +752,7 @@ class _RegistryLayers:
             download = _Download(
                 self._registry, self._ref, descriptor, cache.part_path(blob), tar,
                 held.pop_all(),  # the download releases it when it ends
-                functools.partial(_download_progress, emit, i, layer.diff_id, total),
+                report,
             )
             return LayerBlob(download.growing, compression, True, feed=download,
                              file=tar, discard=download.discard.set)
@@ -758,6 +785,15 @@ class _Download:
         self.growing = GrowingBlob(part, tar)
         # set when ingest failed: the cancelled download then drops its partial file
         self.discard = trio.Event()
+
+    @classmethod
+    def of(cls, cache: GlobalCache, registry: RegistryClient, ref: Reference,
+           descriptor: Descriptor, lock: contextlib.AsyncExitStack,
+           report: Callable[[LayerPhase, int], None]) -> _Download:
+        """The download of ``descriptor``'s blob into the cache's usual files."""
+        blob = descriptor.parsed_digest
+        return cls(registry, ref, descriptor, cache.part_path(blob), cache.tar_path(blob),
+                   lock, report)
 
     def _on_disk(self, n: int) -> None:
         """Bytes on disk: a resumed download starts at its kept prefix; a restarted one

@@ -26,6 +26,7 @@ from cachefs.oci._httpx import httpx
 from cachefs.oci.auth import Credentials
 from cachefs.oci.registries_conf import load_registries_conf
 from cachefs.oci.warmup import BODY_LIMIT, warm_connections
+from cachefs.pipeline.early import EARLY_LAYERS
 from cachefs.pipeline.pull import PullResult, pull
 from tests.fixtures.hostile import (  # noqa: F401  (fixture)
     Exchange,
@@ -42,7 +43,8 @@ Hostile = Callable[[Callable[[Exchange], None]], HostileServer]
 
 IMAGE = TestImage([layer_tar([reg("etc/hello", b"hello\n")]),
                    layer_tar([reg("data.bin", b"x" * 100_000)])])
-LOOKUP_WARM_UPS = 2  # the artifact lookup's two requests beside the config fetch
+# beside the config fetch: the artifact lookup's two requests, the early downloads
+WARM_UPS = 2 + EARLY_LAYERS
 BOUND_S = 20.0
 USER, PASSWORD = "alice", "s3cret-pw"
 
@@ -130,7 +132,7 @@ async def test_config_lookup_and_blobs_use_connections_opened_beside_the_manifes
         log.request(ex)
         if "/manifests/v1" in ex.path:
             # answered once the warm-ups sent beside it were: they must not wait for it
-            log.wait_answered("warm-up answered", LOOKUP_WARM_UPS, 10.0)
+            log.wait_answered("warm-up answered", WARM_UPS, 10.0)
             ex.serve_image(image)
             log.answered(ex, "manifest answered")
             return
@@ -142,7 +144,7 @@ async def test_config_lookup_and_blobs_use_connections_opened_beside_the_manifes
     await pull_from(server, tmp_path)
     before, after = log.split_at("manifest answered")
     warm_ports = {port for port, path in before if is_warm_up(path)}
-    assert len(warm_ports) == LOOKUP_WARM_UPS  # sent beside the manifest, each its own
+    assert len(warm_ports) == WARM_UPS  # sent beside the manifest, each its own
     open_before = {port for port, _ in before}
     config = f"/blobs/{image.manifest_doc['config']['digest']}"
     blobs = [f"/blobs/{d}" for d in image.layer_digests]
@@ -168,7 +170,7 @@ async def test_warm_ups_answered_after_the_manifest_still_serve_the_lookup(
         if is_warm_up(ex.path):  # held until the config is asked for, after the manifest
             log.wait_requests(config, 1, 10.0)
         elif "/manifests/v1" in ex.path:  # answered once the warm-ups have arrived
-            log.wait_requests("/v2/", LOOKUP_WARM_UPS, 10.0)
+            log.wait_requests("/v2/", WARM_UPS, 10.0)
         ex.serve_image(image)
         if "/manifests/v1" in ex.path:
             log.answered(ex, "manifest answered")
@@ -177,7 +179,7 @@ async def test_warm_ups_answered_after_the_manifest_still_serve_the_lookup(
     await pull_from(server, tmp_path)
     before, after = log.split_at("manifest answered")
     warm_ports = {port for port, path in before if is_warm_up(path)}
-    assert len(warm_ports) == LOOKUP_WARM_UPS
+    assert len(warm_ports) == WARM_UPS
     lookup = [port for port, path in after if "/referrers/" in path or "sha256-" in path]
     assert len(lookup) == 2 and set(lookup) <= {port for port, _ in before}
 
@@ -228,7 +230,7 @@ async def test_https_warm_ups_go_out_beside_the_version_check(tmp_path: Path) ->
     def registry(ex: Exchange) -> None:
         log.request(ex)
         if is_warm_up(ex.path):
-            log.wait_requests("/v2/", 1 + LOOKUP_WARM_UPS, 10.0)
+            log.wait_requests("/v2/", 1 + WARM_UPS, 10.0)
         ex.serve_image(image)
         if "/manifests/v1" in ex.path:
             log.answered(ex, "manifest answered")
@@ -253,7 +255,7 @@ async def test_https_warm_ups_go_out_beside_the_version_check(tmp_path: Path) ->
     before, after = log.split_at("manifest answered")
     paths = [path for _, path in before]
     first_manifest = next(i for i, p in enumerate(paths) if "/manifests/" in p)
-    assert paths[:first_manifest].count("/v2/") == 1 + LOOKUP_WARM_UPS
+    assert paths[:first_manifest].count("/v2/") == 1 + WARM_UPS
     open_before = {port for port, _ in before}
     assert [(p, path) for p, path in after if p not in open_before] == []
 
@@ -278,7 +280,7 @@ async def test_warm_ups_carry_no_credentials(hostile: Hostile, tmp_path: Path) -
     assert not result.cached
     warm_ups = server.requests("/v2/")
     warm_ups = [s for s in warm_ups if s.path == "/v2/"]
-    assert len(warm_ups) == LOOKUP_WARM_UPS
+    assert len(warm_ups) == WARM_UPS
     assert all(s.authorization is None for s in warm_ups)  # answered 401, never retried
     # the credentials were configured and used where they belong
     assert basic(USER, PASSWORD) in server.authorizations()
@@ -316,7 +318,7 @@ async def test_a_registry_breaking_the_warm_ups_still_serves_the_pull(
         result = await pull_from(server, tmp_path)
     assert not result.cached and result.fsmeta.is_file()
     assert trio.current_time() - start < 10.0  # the warm-ups' own bound was not waited out
-    assert len([s for s in server.requests() if s.path == "/v2/"]) == LOOKUP_WARM_UPS
+    assert len([s for s in server.requests() if s.path == "/v2/"]) == WARM_UPS
     if warm_up_answer is not _stall:  # a stalled one is cancelled with the resolve
         assert any("warm" in r.getMessage() and r.levelno == logging.DEBUG
                    for r in caplog.records)
@@ -340,4 +342,4 @@ async def test_warm_ups_go_to_the_location_registries_conf_routes_to(
             result = await pull(cache, "example.com/hub/app:v1", client=c,
                                 erofs_artifacts="auto")
     assert not result.cached
-    assert len([s for s in server.requests() if s.path == "/v2/"]) == LOOKUP_WARM_UPS
+    assert len([s for s in server.requests() if s.path == "/v2/"]) == WARM_UPS
