@@ -22,6 +22,7 @@ from cachefs.cache import GlobalCache
 from cachefs.cache.locks import FileLock
 from cachefs.digest import Digest
 from cachefs.errors import DigestMismatch, RegistryError
+from cachefs.pipeline import early as early_module
 from cachefs.pipeline.pull import PullResult, pull
 from tests.fixtures.hostile import (  # noqa: F401  (fixture)
     Exchange,
@@ -46,6 +47,14 @@ SMALL = layer_tar([reg("etc/hello", b"hello\n")])
 IMAGE = TestImage([SMALL, BIG])
 OTHER = TestImage([BIG, layer_tar([reg("etc/other", b"other\n")])])  # shares the big one
 FIRST_CHUNK = 64 << 10  # what a held blob answer sends before waiting
+
+
+@pytest.fixture(autouse=True)
+def early_on_loopback(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mechanism's tests run against a registry on loopback, whose manifest comes back
+    sooner than an early start is worth (``EARLY_MIN_MANIFEST_S``): allow it there."""
+    if "fast_registry" not in request.keywords:
+        monkeypatch.setattr(early_module, "EARLY_MIN_MANIFEST_S", 0.0)
 
 
 async def pull_ref(cache: GlobalCache, ref: str) -> PullResult:
@@ -341,3 +350,32 @@ def test_a_pull_cancelled_before_the_plan_leaves_no_partial_blob_and_no_lock(
         assert lock_is_free(cache, largest)
     finally:
         finished.set()
+
+
+@pytest.mark.fast_registry
+def test_a_manifest_answered_at_once_starts_nothing_early(
+    hostile: Hostile, tmp_path: Path  # noqa: F811
+) -> None:
+    """On a registry whose manifest comes back within ``EARLY_MIN_MANIFEST_S`` (this one,
+    on loopback) the early start would gain a few ms: no blob is asked for while the
+    config's answer is held back (for a second: a blob request started early arrives in
+    milliseconds, see the first test), only once the plan is made."""
+    image = ServedImage.of(IMAGE)
+    largest = max(image.layer_digests, key=lambda d: len(image.blobs[d]))
+    config = image.manifest_doc["config"]["digest"]
+    events = Events()
+    early_requests: list[bool] = []
+
+    def registry(ex: Exchange) -> None:
+        events.arrived(ex.path)
+        if ex.path.endswith(config):
+            with events.cond:
+                early_requests.append(events.cond.wait_for(
+                    lambda: any(p.endswith(largest) for p in events.paths), 1.0))
+        ex.serve_image(image)
+
+    server = hostile(registry)
+    cache = GlobalCache.new(tmp_path / "c")
+    trio.run(pull_ref, cache, f"{server.host}/evil/app:v1")
+    assert early_requests == [False]
+    assert events.count(f"/blobs/{largest}") == 1

@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 # Layers whose download starts beside the config (largest first). One flowing blob keeps a
 # slow link busy; see the measurements in docs/pull-profile.md, "Seventh round (early)".
 EARLY_LAYERS = 1
+# An early start gains at most the config's round trip. When the manifest came back sooner
+# than this after its request went out (loopback: 15-17 ms, this process's own imports
+# included; a 20 ms link: ~49 ms), nothing starts early: the gain would be a few ms, and a
+# blob completed before its layer's progress bar exists jumps from 0 to done with no rate.
+EARLY_MIN_MANIFEST_S = 0.025
 
 Report = Callable[[LayerPhase, int], None]
 
@@ -137,6 +142,7 @@ class EarlyDownloads:
         self._nursery: trio.Nursery | None = None
         self._started: dict[str, EarlyDownload] = {}  # by blob digest
         self._asked = False
+        self._sent_at: float | None = None  # when the resolve's first request went out
 
     @property
     def connections(self) -> int:
@@ -166,6 +172,11 @@ class EarlyDownloads:
                 raise group.exceptions[0] from None
             raise
 
+    def request_sent(self) -> None:
+        """The resolve's first request is going out (its ``location_known`` hook)."""
+        if self._sent_at is None:
+            self._sent_at = trio.current_time()
+
     def layers_known(self, layers: Sequence[Descriptor]) -> None:
         """The resolve's hook, on the trio thread: start the largest blobs' downloads,
         each only if its download lock is free and nothing of it is on disk. Never
@@ -173,6 +184,12 @@ class EarlyDownloads:
         if self._nursery is None or self._asked or self.limit < 1:
             return
         self._asked = True  # the first location's manifest (mirrors: the same blobs)
+        if self._sent_at is not None:
+            waited = trio.current_time() - self._sent_at
+            if waited < EARLY_MIN_MANIFEST_S:
+                log.debug("no layer download started early: the manifest came back in "
+                          "%.1f ms", waited * 1000)
+                return
         try:
             if self._fits is not None:
                 self._fits(len(layers))

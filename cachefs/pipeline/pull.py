@@ -662,8 +662,8 @@ async def pull(
                     plan, descriptors = await _resolve_plan(
                         registry, ref, typed, platform,
                         artifacts.manifest_known if artifacts is not None else None,
-                        location_known=_preloading(
-                            nursery, lambda at: nursery.start_soon(registry.warm_up, at, warm)),
+                        location_known=_preloading(nursery, _warming(nursery, registry, warm,
+                                                                     early)),
                         layers_known=early.layers_known)
                     if artifacts is not None:
                         await artifacts.fetch(cache, plan.manifest_digest,
@@ -691,6 +691,16 @@ def _preloading(nursery: trio.Nursery, location_known: Callable[[Reference], Non
     def known(at: Reference) -> None:
         location_known(at)
         nursery.start_soon(start)
+    return known
+
+
+def _warming(nursery: trio.Nursery, registry: RegistryClient, connections: int,
+             early: EarlyDownloads) -> Callable[[Reference], None]:
+    """The resolve's ``location_known`` hook: the warm-up connections go out, and the early
+    downloads learn when the manifest request did."""
+    def known(at: Reference) -> None:
+        early.request_sent()
+        nursery.start_soon(registry.warm_up, at, connections)
     return known
 
 
