@@ -108,6 +108,11 @@ def _columns() -> tuple[Any, ...]:
     class Speed(ProgressColumn):
         def render(self, task: Any) -> Text:
             speed = task.finished_speed or task.speed
+            seconds = task.fields.get("seconds")
+            if not speed and seconds and task.completed:
+                # no samples of its own: a download that was (nearly) complete by the
+                # first event the bar saw; its rate from how long it took
+                speed = task.completed / seconds
             if not speed or not task.fields.get("bytes", True):
                 return Text("")
             return Text(f"{human_bytes(int(speed))}/s", justify="right")
@@ -197,7 +202,11 @@ class PullProgress:
             total = bar.tasks[task].total or self._sizes[event.index] or 1
             bar.update(task, description=label, total=total, completed=total)
         elif event.phase == "download" or event.done:
-            bar.update(task, description=label, completed=event.done)
+            if event.seconds:
+                bar.update(task, description=label, completed=event.done,
+                           seconds=event.seconds)
+            else:
+                bar.update(task, description=label, completed=event.done)
         else:  # a phase change without bytes (verify; materialize of a pull)
             bar.update(task, description=label)
         done = sum(min(t.completed, t.total or t.completed) for t in bar.tasks

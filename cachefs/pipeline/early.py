@@ -61,7 +61,12 @@ EARLY_LAYERS = 1
 # blob completed before its layer's progress bar exists jumps from 0 to done with no rate.
 EARLY_MIN_MANIFEST_S = 0.025
 
-Report = Callable[[LayerPhase, int], None]
+class Report(Protocol):
+    """Where a download's progress goes: the phase, the bytes on disk, and how long the
+    download has been under way."""
+
+    def __call__(self, phase: LayerPhase, n: int, seconds: float | None = None) -> None: ...
+
 
 
 class Download(Protocol):
@@ -90,13 +95,13 @@ class EarlyDownload:
         self.error: Exception | None = None
         self.adopted = False
         self._report: Report | None = None
-        self._last: tuple[LayerPhase, int] | None = None
+        self._last: tuple[LayerPhase, int, float | None] | None = None
 
-    def report(self, phase: LayerPhase, n: int) -> None:
+    def report(self, phase: LayerPhase, n: int, seconds: float | None = None) -> None:
         """The download's progress: kept until adopted, then forwarded."""
-        self._last = (phase, n)
+        self._last = (phase, n, seconds)
         if self._report is not None:
-            self._report(phase, n)
+            self._report(phase, n, seconds)
 
     def adopt(self, report: Report) -> None:
         """The layer provider takes it: progress goes to ``report`` from now on, and its

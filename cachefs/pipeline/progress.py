@@ -27,13 +27,18 @@ class Resolved:
 @dataclass(frozen=True, slots=True)
 class LayerProgress:
     """``done``: bytes of the blob so far, downloaded (on disk, so a resumed download
-    starts at what it kept) or, for ``materialize`` of a load, read from the archive."""
+    starts at what it kept) or, for ``materialize`` of a load, read from the archive.
+
+    ``seconds``: for a download, how long it has been under way. A display samples its own
+    rate, but a download that began before the display knew the layer (started beside the
+    config, :mod:`cachefs.pipeline.early`) may be complete by its first event."""
 
     index: int
     diff_id: str
     phase: LayerPhase
     done: int = 0
     total: int | None = None
+    seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import enum
 import functools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
     from ..oci.registry import RegistryClient
     from ..oci.source import SourceImage
     from .admission import RankedAdmission
-    from .early import EarlyDownloads
+    from .early import EarlyDownloads, Report
     from .growing import GrowingBlob
     from .image_write import LayerTree
     from .materialize import BlobOpener
@@ -777,8 +778,8 @@ class _RegistryLayers:
 
 
 def _download_progress(emit: ProgressCallback, i: int, diff_id: str, total: int | None,
-                       phase: LayerPhase, n: int) -> None:
-    emit(LayerProgress(i, diff_id, phase, n, total))
+                       phase: LayerPhase, n: int, seconds: float | None = None) -> None:
+    emit(LayerProgress(i, diff_id, phase, n, total, seconds))
 
 
 class _Download:
@@ -787,7 +788,7 @@ class _Download:
 
     def __init__(self, registry: RegistryClient, ref: Reference, descriptor: Descriptor,
                  part: Path, tar: Path, lock: contextlib.AsyncExitStack,
-                 report: Callable[[LayerPhase, int], None]) -> None:
+                 report: Report) -> None:
         self._registry = registry
         self._ref = ref
         self._descriptor = descriptor
@@ -795,6 +796,7 @@ class _Download:
         self._tar = tar
         self._lock = lock
         self._report = report
+        self._since: float | None = None  # when it began (monotonic)
         self._done = 0
         from .growing import GrowingBlob
 
@@ -805,7 +807,7 @@ class _Download:
     @classmethod
     def of(cls, cache: GlobalCache, registry: RegistryClient, ref: Reference,
            descriptor: Descriptor, lock: contextlib.AsyncExitStack,
-           report: Callable[[LayerPhase, int], None]) -> _Download:
+           report: Report) -> _Download:
         """The download of ``descriptor``'s blob into the cache's usual files."""
         blob = descriptor.parsed_digest
         return cls(registry, ref, descriptor, cache.part_path(blob), cache.tar_path(blob),
@@ -816,16 +818,20 @@ class _Download:
         goes back to 0."""
         self._done = n
         self.growing.written(n)
-        self._report("download", n)
+        self._report("download", n, self._seconds())
+
+    def _seconds(self) -> float | None:
+        return None if self._since is None else time.monotonic() - self._since
 
     async def __call__(self) -> None:
+        self._since = time.monotonic()
         async with self._lock:
             ok = False
             try:
                 await self._registry.fetch_blob(
                     self._ref, self._descriptor, self._part, resume=True, written=self._on_disk,
                 )
-                self._report("verify", self._done)
+                self._report("verify", self._done, self._seconds())
                 os.rename(self._part, self._tar)
                 ok = True
             finally:
