@@ -202,11 +202,9 @@ class PullProgress:
             total = bar.tasks[task].total or self._sizes[event.index] or 1
             bar.update(task, description=label, total=total, completed=total)
         elif event.phase == "download" or event.done:
-            if event.seconds:
-                bar.update(task, description=label, completed=event.done,
-                           seconds=event.seconds)
-            else:
-                bar.update(task, description=label, completed=event.done)
+            # how long the download took, for a bar with no rate samples (Speed)
+            took = {"seconds": event.seconds} if event.seconds else {}
+            bar.update(task, description=label, completed=event.done, **took)
         else:  # a phase change without bytes (verify; materialize of a pull)
             bar.update(task, description=label)
         done = sum(min(t.completed, t.total or t.completed) for t in bar.tasks

@@ -563,12 +563,10 @@ class _Sink:
         small files layer mapped at once added ~290 MiB to a pull's peak. A window is at
         most ``_GATHER_WINDOW`` bytes and is unmapped before the next.
         """
-        try:
-            src_fd, dst_fd = spool.fileno(), self.out.fileno()
-        except (OSError, ValueError, AttributeError):
+        fds = self._descriptors(spool)
+        if fds is None:
             return False
-        spool.flush()
-        self.out.flush()
+        src_fd, dst_fd = fds
         size = os.fstat(src_fd).st_size
         by_src = sorted(runs)
         last_src, last_len, _, last_path = by_src[-1]
@@ -630,18 +628,27 @@ class _Sink:
             if n:
                 pending[0] = pending[0][n:]
 
-    def _try_copy_file_range(self, spool: BinaryIO, offset: int, length: int, to: int) -> bool:
-        """Kernel-side copy to image offset ``to``; False (and buffered from then on) if
-        either side can't do it. Leaves ``out``'s position alone."""
+    def _descriptors(self, spool: BinaryIO) -> tuple[int, int] | None:
+        """The spool's and ``out``'s descriptors, every byte either buffers written first
+        (the kernel copies between the files); None if either has none."""
         try:
             src, dst = spool.fileno(), self.out.fileno()
         except (OSError, ValueError, AttributeError):
-            self._fast = False
-            return False
+            return None
         if not self._spool_flushed:  # the ingest may still hold spool bytes in its buffer
             spool.flush()
             self._spool_flushed = True
         self.out.flush()
+        return src, dst
+
+    def _try_copy_file_range(self, spool: BinaryIO, offset: int, length: int, to: int) -> bool:
+        """Kernel-side copy to image offset ``to``; False (and buffered from then on) if
+        either side can't do it. Leaves ``out``'s position alone."""
+        fds = self._descriptors(spool)
+        if fds is None:
+            self._fast = False
+            return False
+        src, dst = fds
         dst_off = self.base + to
         done = 0
         try:

@@ -57,16 +57,16 @@ log = logging.getLogger(__name__)
 EARLY_LAYERS = 1
 # An early start gains at most the config's round trip. When the manifest came back sooner
 # than this after its request went out (loopback: 15-17 ms, this process's own imports
-# included; a 20 ms link: ~49 ms), nothing starts early: the gain would be a few ms, and a
-# blob completed before its layer's progress bar exists jumps from 0 to done with no rate.
+# included; a 20 ms link: ~49 ms), nothing starts early: the gain would be a few ms, for a
+# lock and a connection more.
 EARLY_MIN_MANIFEST_S = 0.025
+
 
 class Report(Protocol):
     """Where a download's progress goes: the phase, the bytes on disk, and how long the
-    download has been under way."""
+    download has been under way (a download adopted complete shows its rate from it)."""
 
     def __call__(self, phase: LayerPhase, n: int, seconds: float | None = None) -> None: ...
-
 
 
 class Download(Protocol):
