@@ -25,12 +25,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .worker import FIRST_CONNECT
+
 
 @dataclass(frozen=True)
 class Sample:
     seconds: float
     peak_rss_mib: float
     cpu_s: float = 0.0  # user + system seconds of the command and its children
+    # spawn → the command's first TCP connection, when it says (bench.worker does)
+    startup_s: float | None = None
 
 
 _REPORTER = r"""
@@ -39,7 +43,7 @@ start = time.perf_counter()
 pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)
 _, status, usage = os.wait4(pid, 0)
 print(os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss,
-      usage.ru_utime + usage.ru_stime)
+      usage.ru_utime + usage.ru_stime, start)
 """
 
 
@@ -48,11 +52,14 @@ def run_measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> Sampl
         [sys.executable, "-I", "-S", "-c", _REPORTER, *cmd],
         env=env, capture_output=True, text=True,
     )
-    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "1 0 0 0"
-    code, seconds, maxrss_kib, cpu = last.split()
+    lines = proc.stdout.strip().splitlines()
+    last = lines[-1] if lines else "1 0 0 0 0"
+    code, seconds, maxrss_kib, cpu, spawned = last.split()
     if int(code) != 0 or proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({code}): {proc.stderr[-2000:]}")
-    return Sample(float(seconds), int(maxrss_kib) / 1024, float(cpu))
+    begins = [float(line.split()[1]) for line in lines if line.startswith(FIRST_CONNECT + " ")]
+    startup = begins[0] - float(spawned) if begins else None
+    return Sample(float(seconds), int(maxrss_kib) / 1024, float(cpu), startup)
 
 
 TREE_SAMPLE_S = 0.005
