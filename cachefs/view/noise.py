@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..cache.locks import LEASE_DIR
+from ..cache.locks import is_lock_entry
 from .changes import IN_ATTRIB, IN_CLOSE_WRITE, Ignore
 
 IN_ISDIR = 0x40000000
@@ -30,11 +30,6 @@ _READER_EVENTS = IN_ATTRIB | IN_CLOSE_WRITE | IN_ISDIR
 # (inode, size, mtime, mode) of a database file: its ctime is left out, which any root
 # reader renews (the chown above) without changing a byte.
 DbIdentity = tuple[int, int, int, int] | None
-
-
-def is_lock_entry(name: str) -> bool:
-    """A lease directory or a lock file: bookkeeping, never cache content."""
-    return name == LEASE_DIR or name.endswith(".lock")
 
 
 def is_db_reader_trace(db: Path, name: str, mask: int) -> bool:

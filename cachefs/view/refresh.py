@@ -29,11 +29,12 @@ from pathlib import Path
 import trio
 
 from ..cache.index import default_msb_db
+from ..cache.locks import is_lock_entry
 from ..cache.store import GlobalCache
 from ..errors import CachefsError
 from .changes import DirWatch
 from .model import CacheSnapshot, DirNode, build_tree, scan_cache
-from .noise import db_identity, is_lock_entry, not_a_change
+from .noise import db_identity, not_a_change
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,9 @@ class Refresher:
         The index signature, the directories' owners and modes, and the identity (inode,
         size, mtime, ctime) of every metadata file, reference record and artifact: an
         in-place edit or a ``chmod`` changes a file's ctime but not its directory's mtime.
-        Leases and locks are not content (``noise``), nor is a directory's mtime, which
-        the first lease in it changes (its entries are all listed). A ``stat`` is a few
-        µs per file, far below a rescan.
+        Leases and locks are not content (``is_lock_entry``), nor is a directory's mtime,
+        which the first lease in it changes (its entries are all listed). A ``stat`` is a
+        few µs per file, far below a rescan.
         """
         c = self.cache
         sig: list[object] = [self.index_signature()]
