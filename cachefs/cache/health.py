@@ -31,7 +31,7 @@ from ..derived_check import (
 )
 from ..errors import CachefsError
 from .catalog import ImageInfo, metadata_path
-from .locks import LEASE_DIR, lock_is_busy
+from .locks import LEASE_DIR, is_lock_entry, lock_is_busy
 from .store import GlobalCache
 
 KINDS = ("layers", "fsmeta", "vmdk", "manifests", "tmp")
@@ -179,7 +179,7 @@ class ByteAccount:
 
 def _kind_of(name: str, directory: str) -> str | None:
     """The kind of ``<directory>/<name>``; None for lock files (zero bytes, never data)."""
-    if name.endswith(".lock"):
+    if is_lock_entry(name):
         return None
     if name.endswith(".part") or (directory == "layers" and name.endswith(".tar.gz")):
         return "tmp"  # a download or a publish under way (or abandoned): not cache content
@@ -201,7 +201,7 @@ def _walk_files(directory: Path, account: ByteAccount, kind: str) -> None:
     for dirpath, dirnames, filenames in os.walk(directory):
         dirnames[:] = [d for d in dirnames if d != LEASE_DIR]
         for name in filenames:
-            if name.endswith(".lock"):
+            if is_lock_entry(name):
                 continue
             try:
                 st = os.lstat(os.path.join(dirpath, name))

@@ -216,6 +216,12 @@ def hold_leases(entries: Iterable[Path], *, exclusive: bool = False) -> Iterator
         yield leases
 
 
+def is_lock_entry(name: str) -> bool:
+    """A lease directory or a lock file: zero-length flock targets that pulls, deleters and
+    the view create and never delete; bookkeeping, never cache content."""
+    return name == LEASE_DIR or name.endswith(".lock")
+
+
 def lock_is_busy(path: Path) -> bool:
     """True if someone holds the lock file ``path`` right now; creates nothing."""
     if not path.exists():

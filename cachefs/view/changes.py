@@ -21,7 +21,7 @@ import logging
 import os
 import select
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ IN_CLOEXEC = os.O_CLOEXEC
 CONTENT_EVENTS = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
                   | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
+# (watched directory, name in it, event mask) -> is this event no change?
+Ignore = Callable[[Path, str, int], bool]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _init1 = _libc.inotify_init1
@@ -75,11 +77,13 @@ class DirWatch:
 
     A directory that does not exist yet is watched through its nearest existing ancestor
     (creation events), and added as soon as a check finds it there. ``usable`` is False
-    when inotify cannot be had: then ``changed()`` always says True.
+    when inotify cannot be had: then ``changed()`` always says True. ``ignore(directory,
+    name, mask)`` names events that are no change (what the watcher's owner does itself).
     """
 
-    def __init__(self, directories: Iterable[Path]) -> None:
+    def __init__(self, directories: Iterable[Path], *, ignore: Ignore | None = None) -> None:
         self._wanted = list(dict.fromkeys(Path(d) for d in directories))
+        self._ignore = ignore
         self._watched: dict[int, Path] = {}
         self._missing = False
         self.fd = -1
@@ -140,12 +144,29 @@ class DirWatch:
                 log.warning("inotify read failed (%s): falling back to stat checks", err)
                 self.close()
                 return True
-            seen = True
             if self._structure_changed(data):
                 self._arm()
+                seen = True
+            elif not seen:
+                seen = self._any_change(data)
         if seen and self._missing:
             self._arm()  # a wanted directory may have appeared
         return seen
+
+    def _any_change(self, data: bytes) -> bool:
+        """Is any event in ``data`` one that ``ignore`` does not name?"""
+        if self._ignore is None:
+            return bool(data)
+        pos = 0
+        while pos + _EVENT.size <= len(data):
+            wd, mask, _, length = _EVENT.unpack_from(data, pos)
+            start = pos + _EVENT.size
+            name = os.fsdecode(data[start : start + length].rstrip(b"\0"))
+            pos = start + length
+            directory = self._watched.get(wd)
+            if directory is None or not self._ignore(directory, name, mask):
+                return True
+        return False
 
     @staticmethod
     def _structure_changed(data: bytes) -> bool:

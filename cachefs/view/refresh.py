@@ -29,10 +29,12 @@ from pathlib import Path
 import trio
 
 from ..cache.index import default_msb_db
+from ..cache.locks import is_lock_entry
 from ..cache.store import GlobalCache
 from ..errors import CachefsError
 from .changes import DirWatch
 from .model import CacheSnapshot, DirNode, build_tree, scan_cache
+from .noise import db_identity, not_a_change
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,13 @@ class Refresher:
         self.msb_db = default_msb_db(cache) if msb_db is None else msb_db
         self.links = links
         self.apply: Apply | None = None  # set by the owner of the tree
-        self._index_watch = DirWatch(self._index_dirs())
+        # The view's own traces (its database reads, its leases) are no change: counted,
+        # each rescan would cause the next (``noise``).
+        ignore = not_a_change(self.msb_db)
+        self._index_watch = DirWatch(self._index_dirs(), ignore=ignore)
         self._content_watch = DirWatch([*self._index_dirs(), cache.vmdk_dir(),
-                                        cache.layers_dir(), cache.fsmeta_dir()])
+                                        cache.layers_dir(), cache.fsmeta_dir()],
+                                       ignore=ignore)
         # The signatures are taken before the scan: a change racing it is seen later.
         self._signature: tuple[object, ...] | None = None
         self._index_sig: tuple[object, ...] = ()
@@ -82,25 +88,30 @@ class Refresher:
     def index_signature(self) -> tuple[object, ...]:
         """Which images exist: msb's database (and WAL) and the directories of metadata
         files and reference records (4 ``stat`` calls). Every pull, ``cachefs rm`` and
-        ``msb image rm`` changes one of them."""
+        ``msb image rm`` changes one of them; the view's own reads of the database do not
+        (``noise.db_identity``)."""
         c = self.cache
-        return tuple(_identity(p) for p in (self.msb_db, Path(f"{self.msb_db}-wal"),
-                                            c.manifests_dir(), c.refs_dir()))
+        return (db_identity(self.msb_db), db_identity(Path(f"{self.msb_db}-wal")),
+                _identity(c.manifests_dir()), _identity(c.refs_dir()))
 
     def watch_signature(self) -> tuple[object, ...]:
         """Fingerprint of everything whose change can change the view (the poll's rule).
 
-        The index signature, the directories, and the identity (inode, size, mtime,
-        ctime) of every metadata file, reference record and artifact: an in-place edit or
-        a ``chmod`` changes a file's ctime but not its directory's mtime. A ``stat`` is a
+        The index signature, the directories' owners and modes, and the identity (inode,
+        size, mtime, ctime) of every metadata file, reference record and artifact: an
+        in-place edit or a ``chmod`` changes a file's ctime but not its directory's mtime.
+        Leases and locks are not content (``is_lock_entry``), nor is a directory's mtime,
+        which the first lease in it changes (its entries are all listed). A ``stat`` is a
         few µs per file, far below a rescan.
         """
         c = self.cache
         sig: list[object] = [self.index_signature()]
         for d in (c.vmdk_dir(), c.manifests_dir(), c.refs_dir(), c.layers_dir(),
                   c.fsmeta_dir()):
-            sig.append(_identity(d))
+            sig.append(_owner_and_mode(d))
             for e in _scandir(d):
+                if is_lock_entry(e.name):
+                    continue
                 try:
                     est = e.stat(follow_symlinks=False)
                 except OSError:
@@ -219,6 +230,14 @@ def _identity(path: Path) -> Identity:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+
+
+def _owner_and_mode(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_uid, st.st_gid, st.st_mode)
 
 
 def _scandir(directory: Path) -> list[os.DirEntry[str]]:

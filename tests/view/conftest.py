@@ -22,6 +22,7 @@ from tests.fixtures.system import Msb, missing, require_fuse, require_root, requ
 from tests.fixtures.view_daemon import stop_daemon
 
 START_DEADLINE_S = 20.0
+DAEMON_LOG_LINES = 60  # of its stderr, printed when the test using a mount fails
 
 
 # How long a change in the cache may take to show in the view before a test fails. A bound
@@ -122,7 +123,15 @@ def view_mount(cache: Path, mnt: Path, *, msb_db: Path | None = None,
         if not ready.is_set():
             threads[1].join(2)
             raise AssertionError(f"view daemon exited {proc.returncode}: {''.join(err_lines)}")
-        yield ViewMount(mnt, proc, err_lines)
+        try:
+            yield ViewMount(mnt, proc, err_lines)
+        except BaseException:
+            # The daemon's own account of a failure (its warnings: a rescan that could not
+            # read msb's database, a disk file it could not open) is in the test's report.
+            stop_daemon(proc, mnt)
+            threads[1].join(2)
+            print("view daemon's log:\n" + "".join(err_lines[-DAEMON_LOG_LINES:]))
+            raise
     finally:
         stop_daemon(proc, mnt)
 
