@@ -15,14 +15,25 @@ import contextlib
 import json
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from cachefs.cache.msb_index import read_msb_db
+from cachefs.view.model import CacheSnapshot
 from tests.fixtures.system import Msb
-from tests.view.conftest import ViewMount, image_one, image_three, load, view_mount, wait_for
+from tests.view.conftest import (
+    REFRESH_DEADLINE_S,
+    ViewMount,
+    image_one,
+    image_three,
+    load,
+    view_mount,
+    wait_for,
+)
 
 pytestmark = pytest.mark.system
 
@@ -124,3 +135,56 @@ def test_first_scan_of_unreadable_msb_db_shows_the_problem_then_the_images(
         load(msb, tmp_path, image_one(), ["one:1"], "one")
         assert wait_for(lambda: vm.image_dir(OTHER).exists())
         assert vm.alive()
+
+
+def test_walks_never_wait_for_msb_db_and_the_poll_backs_off(msb: Msb) -> None:
+    """While msb holds its database, a walk's catch-up neither waits out the busy timeout
+    nor starts a scan (each would stall the requests behind it by 0.5 s): the view keeps
+    its state and only the poll retries, each wait longer than the last (0.5 s, 1 s, …).
+    Once msb lets go, the poll's retry makes the view current without any other change."""
+    from cachefs.cache.store import GlobalCache
+    from cachefs.view.refresh import POLL_INTERVAL_S, Refresher
+
+    load(msb, msb.home, image_three(), ["three:v3"], "three")
+    refresher = Refresher(GlobalCache(msb.cache), msb.db)
+    scans: list[tuple[float, float]] = []  # (start, end) of each full scan
+    real_scan = refresher.scan
+
+    def counted(*, first: bool = False) -> CacheSnapshot:
+        start = time.monotonic()
+        try:
+            return real_scan(first=first)
+        finally:
+            scans.append((start, time.monotonic()))
+
+    refresher.scan = counted  # type: ignore[method-assign]
+    shown = [str(i.reference) for i in refresher.snapshot.images]
+    assert shown == [REF]
+
+    async def run(release: Callable[[], None]) -> None:
+        await refresher.catch_up(time.time_ns())  # msb's commit changed the index
+        assert len(scans) == 1 and refresher.stale is not None and STALE in refresher.stale
+        assert [str(i.reference) for i in refresher.snapshot.images] == shown
+        for _ in range(20):
+            await refresher.catch_up(time.time_ns())
+        assert len(scans) == 1  # no walk retried
+        with trio.fail_after(REFRESH_DEADLINE_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refresher.loop, 0.02)
+                while len(scans) < 3:
+                    await trio.sleep(0.02)
+                release()
+                while refresher.stale is not None:
+                    await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+        # Each retry waited at least as long as its backoff after the failure before it.
+        assert scans[1][0] - scans[0][1] >= POLL_INTERVAL_S
+        assert scans[2][0] - scans[1][1] >= 2 * POLL_INTERVAL_S
+        assert [str(i.reference) for i in refresher.snapshot.images] == shown
+        assert not refresher.snapshot.problems
+
+    try:
+        with msb_db_held(msb.db) as release:
+            trio.run(run, release)
+    finally:
+        refresher.close()
