@@ -198,11 +198,11 @@ class Refresher:
 
     def fresh_snapshot(self) -> CacheSnapshot:
         """A scan for status.json/metrics: reuses the current index if nothing it read
-        changed since (the poll signature) or msb's database cannot be read now, else
-        scans everything (blocking)."""
+        changed since (the poll signature), the last rescan failed (the poll retries) or
+        msb's database cannot be read now, else scans everything (blocking)."""
         sig = self.watch_signature()
         stale = self.stale
-        if stale is None and sig != self._signature:
+        if self._retry_at is None and sig != self._signature:
             try:
                 return self.scan()
             except MsbDbUnreadable as err:
