@@ -266,6 +266,11 @@ class WorkerFailed(CachefsError):
     exit_code = 26
 
 
+class MsbDbUnreadable(CacheCorrupt):
+    """msb's database exists but could not be read (busy beyond the wait, a migration
+    half-way, an I/O error): its list of images is unknown, not empty."""
+
+
 def _family(root: type[CachefsError]) -> list[type[CachefsError]]:
     """``root`` and every subclass defined in this module, depth first."""
     found = [root] if root.__module__ == __name__ else []

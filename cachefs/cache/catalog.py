@@ -13,7 +13,9 @@ The view (``cache.index``), ``cachefs images``/``inspect``/``df``/``verify`` and
 ``rm``/``gc`` all read this one merge. Two ways to read it:
 
 * tolerant (``problems`` given): the view polls every half second and must not fail
-  because msb is mid-migration; what cannot be read becomes a problem line;
+  because msb is mid-migration; what cannot be read becomes a problem line (with
+  ``db_required``, the view once it shows a state, an unreadable database still raises
+  ``MsbDbUnreadable``: read as empty it would hide msb's images from a booting guest);
 * strict (deleters): a source that exists but cannot be read — ``manifests/`` itself, a
   metadata file or record, the database, a database reference that does not parse — raises
   ``CacheUnreadable``/``CacheCorrupt``: reading it as "no image" would free its layers.
@@ -111,13 +113,16 @@ def list_images(
     *,
     strict: bool = False,
     problems: list[str] | None = None,
+    db_required: bool = False,
 ) -> list[ImageInfo]:
     """Every image of the cache from all three sources, merged by cache key.
 
     ``strict`` (deleters): a source that cannot be read raises instead of reading as "no
     image". ``problems`` (the view): an unreadable database is noted there and read as
-    empty. Unparsable references are noted (and logged) in every mode; in strict mode one
-    in msb's database raises, since the layers of its row would otherwise count as unused.
+    empty, unless ``db_required`` (then it raises ``MsbDbUnreadable``, waiting no longer
+    than the view's short timeout). Unparsable references are noted (and logged) in every
+    mode; in strict mode one in msb's database raises, since the layers of its row would
+    otherwise count as unused.
     """
     by_key: dict[str, ImageInfo] = {}
 
@@ -139,7 +144,7 @@ def list_images(
         info.sources.append(SOURCE_CACHEFS)
     db = msb_db if msb_db is not None else default_msb_db(cache)
     tolerant = problems is not None and not strict
-    for row in read_msb_db(db, problems, strict=not tolerant,
+    for row in read_msb_db(db, problems, strict=not tolerant or db_required,
                            timeout=_VIEW_DB_TIMEOUT_S if tolerant else _DB_TIMEOUT_S):
         try:
             ref = Reference.parse(row.typed)

@@ -39,11 +39,15 @@ class IndexedImage:
 
 
 def index_images(
-    cache: GlobalCache, msb_db: Path | None = None, problems: list[str] | None = None
+    cache: GlobalCache, msb_db: Path | None = None, problems: list[str] | None = None,
+    *, db_required: bool = False,
 ) -> list[IndexedImage]:
     """Every named image of the catalogue, sorted by normalised reference (stable
-    listings). ``sources``: :attr:`ImageInfo.source_names`, as ``images --json`` says."""
-    found = list_images(cache, msb_db, problems=[] if problems is None else problems)
+    listings). ``sources``: :attr:`ImageInfo.source_names`, as ``images --json`` says.
+    ``db_required``: an unreadable msb database raises ``MsbDbUnreadable`` instead of
+    reading as empty (``list_images``)."""
+    found = list_images(cache, msb_db, problems=[] if problems is None else problems,
+                        db_required=db_required)
     out = []
     for info in found:
         if info.parsed is None or info.reference is None:

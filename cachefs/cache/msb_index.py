@@ -3,8 +3,9 @@
 msb's metadata files (``manifests/<key>.json``) are keyed by a hash of the reference, so
 msb keeps the reference itself only in its sqlite database. The database belongs to msb:
 it is opened read-only (``mode=ro``) with a busy timeout, and a failure (locked,
-half-migrated schema) is either noted and read as "no rows" (the polling view tries
-again) or, for callers that must not guess (deleters, listings), raised.
+half-migrated schema) is either noted and read as "no rows" (the view's first scan,
+which has nothing else to show) or, for callers that must not guess (deleters, listings,
+the view's later rescans), raised.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CacheCorrupt
+from ..errors import MsbDbUnreadable
 from .location import default_msb_db as default_msb_db  # its old home: re-exported
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ def read_msb_db(
     """Rows of msb's database, read-only; [] if there is none.
 
     One that cannot be read (locked, a migration half-way) is noted in ``problems`` and
-    read as empty, so a polling view just tries again; ``strict`` raises ``CacheCorrupt``
-    instead, for callers such as ``gc`` that must not guess what is in use.
+    read as empty; ``strict`` raises ``MsbDbUnreadable`` (a ``CacheCorrupt``) instead, for
+    callers that must not guess: ``gc`` (what is in use), listings, and the view once it
+    shows a state (it keeps that state rather than hide msb's images).
     """
     if not path.exists():
         return []
@@ -60,7 +62,7 @@ def read_msb_db(
 
     def fail(text: str) -> list[DbImage]:
         if strict:
-            raise CacheCorrupt(text)
+            raise MsbDbUnreadable(text)
         log.warning("%s", text)
         if problems is not None:
             problems.append(text)

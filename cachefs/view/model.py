@@ -171,17 +171,20 @@ def _dir_entries(directory: Path) -> list[os.DirEntry[str]]:
 
 
 def scan_cache(cache: GlobalCache, msb_db: Path | None = None,
-               previous: CacheSnapshot | None = None) -> CacheSnapshot:
+               previous: CacheSnapshot | None = None, *,
+               db_required: bool = False) -> CacheSnapshot:
     """Read the cache's current state (blocking I/O: run it in a worker thread).
 
     ``previous``: a snapshot whose references are known to be current (the caller saw no
     change to the reference records, metadata files or msb's database since it was
     taken). Its index is reused (reading every metadata file is most of a scan); the
-    artifacts, byte counts and downloads are read afresh.
+    artifacts, byte counts and downloads are read afresh. ``db_required``: an unreadable
+    msb database raises ``MsbDbUnreadable`` rather than reading as empty (the refresher
+    decides which, ``Refresher.scan``).
     """
     problems: list[str] = []
     if previous is None:
-        images = index_images(cache, msb_db, problems)
+        images = index_images(cache, msb_db, problems, db_required=db_required)
     else:
         images = previous.images
         problems = list(previous.problems)

@@ -16,6 +16,11 @@ Two questions with two costs:
 A rescan builds the snapshot and its tree in a worker thread and hands both to the
 ``apply`` callback (the FUSE operations swap trees and invalidate what the kernel cached).
 Concurrent callers share one scan (a lock), which is the rate limit.
+
+A rescan that fails keeps the view as it was: in particular one that cannot read msb's
+database (msb holds it longer than the view waits), which read as "no images" would hide
+every image only that database names from a guest about to open its ``rootfs.img``
+(``scan``). Only the poll retries, at growing intervals: a walk never waits for one.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -31,7 +37,7 @@ import trio
 from ..cache.index import default_msb_db
 from ..cache.locks import is_lock_entry
 from ..cache.store import GlobalCache
-from ..errors import CachefsError
+from ..errors import CachefsError, MsbDbUnreadable
 from .changes import DirWatch
 from .model import CacheSnapshot, DirNode, build_tree, scan_cache
 from .noise import db_identity, not_a_change
@@ -45,6 +51,10 @@ POLL_INTERVAL_S = 0.5
 FULL_RESCAN_S = 60.0
 # A signature whose newest file time is this close to its scan's start is not trusted.
 _RACY_NS = 50_000_000
+# After a failed rescan the poll retries after POLL_INTERVAL_S, then after doubling waits
+# up to this: msb may hold its database for long, and each try waits out the view's busy
+# timeout in a worker thread.
+RETRY_MAX_S = 4.0
 
 Identity = tuple[int, int, int, int, int] | None
 Apply = Callable[[CacheSnapshot, DirNode], Awaitable[None]]
@@ -72,11 +82,21 @@ class Refresher:
         self._scan_started_ns = 0
         self._lock = trio.Lock()
         self._pending = False  # index events drained but not yet checked
+        # Set while the last scan failed: when the poll tries again (``time.monotonic``).
+        self._retry_at: float | None = None
+        self._retry_wait = POLL_INTERVAL_S
+        # Why the view shows its last good state instead of the cache's (a cache-wide
+        # problem in status.json), or None.
+        self.stale: str | None = None
         if snapshot is None:
             self._scan_started_ns = time.time_ns()
             self._index_sig = self.index_signature()
             self._signature = self.watch_signature()
-            snapshot = scan_cache(cache, self.msb_db)
+            try:
+                snapshot = self.scan()
+            except MsbDbUnreadable:  # the poll tries again until it can read it
+                snapshot = self.scan(first=True)
+                self._failed(None)
         self.snapshot = snapshot
         self.root = build_tree(snapshot, links=links)
 
@@ -144,8 +164,12 @@ class Refresher:
         """Make the view at least as new as the cache was at ``since_ns``.
 
         If a scan started after ``since_ns`` it already saw that state; else a rescan
-        runs if the index changed.
+        runs if the index changed. Not while the last rescan failed: the view stays as
+        it is and the poll retries (``loop``); a walk waiting out msb's busy database
+        would stall every request queued behind it.
         """
+        if self._retry_at is not None:
+            return
         async with self._lock:
             if self._scan_started_ns > since_ns:
                 return
@@ -160,13 +184,51 @@ class Refresher:
 
     # -- rescans -------------------------------------------------------------------------
 
+    def scan(self, *, first: bool = False) -> CacheSnapshot:
+        """A full scan (blocking): the one answer to "what does an unreadable msb
+        database mean to the view?".
+
+        While the view shows a state, it raises ``MsbDbUnreadable``: the caller keeps
+        that state (``_rescan``, ``fresh_snapshot``), since read as empty the database
+        would hide every image only it names (what msb pulled or loaded) from a guest
+        about to boot one: the direction that loses data. Only the very first scan
+        (``first``: nothing shown yet) reads it as empty, the problem in the snapshot.
+        """
+        return scan_cache(self.cache, self.msb_db, db_required=not first)
+
     def fresh_snapshot(self) -> CacheSnapshot:
         """A scan for status.json/metrics: reuses the current index if nothing it read
-        changed since (the poll signature), else scans everything (blocking)."""
+        changed since (the poll signature), the last rescan failed (the poll retries) or
+        msb's database cannot be read now, else scans everything (blocking)."""
         sig = self.watch_signature()
-        if sig == self._signature:
-            return scan_cache(self.cache, self.msb_db, previous=self.snapshot)
-        return scan_cache(self.cache, self.msb_db)
+        stale = self.stale
+        if self._retry_at is None and sig != self._signature:
+            try:
+                return self.scan()
+            except MsbDbUnreadable as err:
+                stale = self._stale_text(err)
+        snap = scan_cache(self.cache, self.msb_db, previous=self.snapshot)
+        return snap if stale is None else replace(snap, problems=[*snap.problems, stale])
+
+    def _stale_text(self, err: MsbDbUnreadable) -> str:
+        taken = time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                              time.gmtime(self.snapshot.taken_at_ns / 1e9))
+        return (f"{err.one_line()}; the view shows its last good state (of {taken}) "
+                f"until it can read it again")
+
+    def _failed(self, stale: str | None) -> None:
+        """Keep the view as it is; the poll tries again later, at doubling intervals."""
+        if stale is not None and stale != self.stale:
+            log.warning("%s", stale)
+        self.stale = stale
+        self._signature = None
+        self._pending = True
+        self._retry_at = time.monotonic() + self._retry_wait
+        self._retry_wait = min(self._retry_wait * 2, RETRY_MAX_S)
+
+    def _retrying(self) -> bool:
+        """The last scan failed and its retry is not due yet."""
+        return self._retry_at is not None and time.monotonic() < self._retry_at
 
     async def _rescan(self) -> bool:
         """Scan, build and apply (the caller holds the lock); False if it failed."""
@@ -176,12 +238,17 @@ class Refresher:
             # The tree is built in the worker thread too: for 1,000 images it takes
             # ~0.15 s, which on the trio thread would stall every request meanwhile.
             idx, sig, snap, tree = await trio.to_thread.run_sync(self._scan_all)
+        except MsbDbUnreadable as err:
+            self._failed(self._stale_text(err))
+            return False
         except (CachefsError, OSError) as err:
             log.warning("rescan of %s failed, keeping the previous view: %s",
                         self.cache.root, err)
-            self._signature = None
-            self._pending = True  # the next walk tries again
+            self._failed(self.stale)
             return False
+        if self.stale is not None:
+            log.warning("msb database %s read again: the view is current", self.msb_db)
+        self.stale, self._retry_at, self._retry_wait = None, None, POLL_INTERVAL_S
         self.snapshot, self.root = snap, tree
         if self.apply is not None:
             await self.apply(snap, tree)
@@ -194,7 +261,7 @@ class Refresher:
         self._content_watch.changed()
         idx = self.index_signature()
         sig = self.watch_signature()
-        snap = scan_cache(self.cache, self.msb_db)
+        snap = self.scan()
         return idx, sig, snap, build_tree(snap, links=self.links)
 
     async def loop(self, interval: float = POLL_INTERVAL_S,
@@ -204,7 +271,9 @@ class Refresher:
         while True:
             await trio.sleep(interval)
             since_full += interval
-            due = since_full >= FULL_RESCAN_S
+            if self._retrying():
+                continue  # the last rescan failed: its retry is not due yet
+            due = since_full >= FULL_RESCAN_S or self._retry_at is not None
             if not due and not self._racy() and not self._content_watch.changed():
                 continue  # nothing happened in a watched directory: no signature needed
             sig = await trio.to_thread.run_sync(self.watch_signature)
