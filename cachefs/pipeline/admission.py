@@ -16,7 +16,9 @@ smaller ones' ingest back until it gets it (their downloads go on meanwhile).
 
 The spare slot: a layer whose turn it is may be admitted beyond the capacity while its
 ``spare()`` says so; the pull says so when the layer's blob is complete and a layer being
-built waits for the network (:class:`cachefs.pipeline.materialize.BuildSlots`).
+built waits for the network (:class:`cachefs.pipeline.materialize.BuildSlots`), and the
+layers in flight say so when a download is about to end and its ingest keeps up
+(:mod:`cachefs.pipeline.handover`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ class RankedAdmission:
 
     def release(self) -> None:
         self._free += 1
+        self._lot.unpark_all()
+
+    def nudge(self) -> None:
+        """A ``spare()`` may have turned true: the rank whose turn it is looks now rather
+        than at its next recheck."""
         self._lot.unpark_all()
 
     def withdraw(self, rank: int) -> None:

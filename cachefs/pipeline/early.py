@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ..digest import Digest
     from ..models import LayerMetadata
     from .growing import GrowingBlob
+    from .handover import Pace
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Download(Protocol):
 
     growing: GrowingBlob
     discard: trio.Event
+    pace: Pace
 
     def __call__(self) -> Awaitable[None]: ...
 
