@@ -215,27 +215,37 @@ def test_the_ingest_keeps_up_only_when_its_reader_is_within_the_window(tmp_path:
     assert blob.wait(700_000) == 200_000
     assert blob.backlog == 200_000 and ingest_keeps_up(pace, blob)
     assert not ingest_keeps_up(pace, None)
+    blob.written(1_000_000)
+    blob.finish(True)  # ended: the slot waits for the ingest alone now, not for the link
+    assert blob.backlog == 300_000 and not ingest_keeps_up(pace, blob)
 
 
-async def test_a_nudge_admits_into_the_spare_slot_without_waiting_for_a_recheck(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(admission, "SPARE_RECHECK_S", 3600.0)
+async def test_the_handover_is_looked_at_when_nudged_never_polled(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The layers in flight are waited for without a timer: on loopback, where nothing
+    nudges, the waiting layer costs no wake-ups (the build slots' spare polls)."""
     gate = RankedAdmission(1, 2)
     await gate.acquire(0)
+    asked: list[bool] = []
     may = False
     spares: list[bool] = []
 
+    def spare() -> bool:
+        asked.append(may)
+        return may
+
     async def take() -> None:
-        spares.append(await gate.acquire(1, spare=lambda: may))
+        spares.append(await gate.acquire(1, spare=spare, polled=False))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(take)
-        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(10 * admission.SPARE_RECHECK_S)  # on the mock clock: no waiting
+        assert asked == [False]  # once, when it began to wait; not every recheck
         may = True
         await trio.testing.wait_all_tasks_blocked()
         assert spares == []  # turned true, but nobody looked
         gate.nudge()
         await trio.testing.wait_all_tasks_blocked()
-        assert spares == [True]
+        assert spares == [True] and asked == [False, True]
         gate.release()
         gate.release()

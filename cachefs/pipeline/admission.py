@@ -57,11 +57,12 @@ class RankedAdmission:
         self._turn = 0  # the lowest rank that has neither been admitted nor withdrawn
         self._lot = trio.lowlevel.ParkingLot()
 
-    async def acquire(self, rank: int, *, spare: Callable[[], bool] | None = None) -> bool:
+    async def acquire(self, rank: int, *, spare: Callable[[], bool] | None = None,
+                      polled: bool = True) -> bool:
         """Wait for ``rank``'s turn and a free slot. When none is free, the one spare slot
         beyond the capacity will do while ``spare()`` says so (looked at every
-        ``SPARE_RECHECK_S``: it may turn true in another thread). True if admitted into
-        the spare slot."""
+        ``SPARE_RECHECK_S``: it may turn true in another thread; not ``polled``: only at
+        a :meth:`nudge` or a release). True if admitted into the spare slot."""
         while True:
             if self._passed[rank]:
                 raise RuntimeError(f"rank {rank} already admitted or withdrawn")
@@ -70,7 +71,7 @@ class RankedAdmission:
                     break
                 if self._free == 0 and spare is not None and spare():
                     break
-            if self._turn == rank and self._free == 0 and spare is not None:
+            if self._turn == rank and self._free == 0 and spare is not None and polled:
                 with trio.move_on_after(SPARE_RECHECK_S):
                     await self._lot.park()
             else:

@@ -523,7 +523,8 @@ class _LayerBuilds:
     async def _one(self, i: int, layer: LayerMetadata, rank: int,
                    in_flight: RankedAdmission, builds: RankedAdmission) -> None:
         try:
-            await in_flight.acquire(rank, spare=self._handover)
+            # looked at when a download near its end reports (Pace.near_end), never polled
+            await in_flight.acquire(rank, spare=self._handover, polled=False)
         except BaseException:
             builds.withdraw(rank)
             raise
