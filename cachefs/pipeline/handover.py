@@ -101,10 +101,10 @@ def ingest_keeps_up(pace: Pace, blob: Following | None) -> bool:
     of what is on disk: the layer's slot comes free about when its last byte arrives.
 
     A download that has ended says nothing of when its slot comes free: that waits for an
-    ingest bound by a core (loopback: the reader ~25 MB behind when the last byte came),
-    and the next download admitted then only took CPU from it (3 Debian layers on loopback
-    measured +10 ms). A reader elsewhere (a worker process) is not seen, so never counts
-    as keeping up."""
+    ingest bound by a core. On loopback (the reader ~20 MB behind when the last byte came)
+    a rule without this admitted the third Debian layer 60-115 ms before a slot was free,
+    its download beside the two ingests, and the quiet runs of an A/B were ~10 ms slower.
+    A reader elsewhere (a worker process) is not seen, so never counts as keeping up."""
     if blob is None or blob.ended or not pace.is_near_end():
         return False
     window, backlog = pace.window(), blob.backlog
