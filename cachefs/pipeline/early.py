@@ -129,6 +129,11 @@ class EarlyDownload:
             self.scope.cancel()
             with trio.CancelScope(shield=True):
                 await self.done.wait()
+            if self.error is not None:
+                # it had failed on its own, and the ingest failed because it did (its reader
+                # raised DownloadFailed, which then cancelled this): the cause is reported,
+                # not a cancellation beside a DownloadFailed that says nothing of it
+                raise self.error from None
             raise
         if self.error is not None:
             raise self.error
