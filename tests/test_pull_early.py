@@ -391,9 +391,9 @@ def test_a_failed_early_download_is_followed_by_its_error_even_when_cancelled(
     the failed ingest cancelled the layer's ``follow()`` before it had raised the
     download's error: the pull then saw only ``DownloadFailed`` and a cancellation, and
     reported "download of … failed" instead of the registry's answer (seen under load in
-    test_redirect_target_answering_401_gets_no_credentials and
-    test_a_failing_later_layer_leaves_the_published_one_and_no_blob). Cancelled, it now
-    raises the download's own error."""
+    test_redirect_target_answering_401_gets_no_credentials, where the manifest's auth
+    round trip took over EARLY_MIN_MANIFEST_S). Cancelled, it now raises the download's
+    own error."""
     image = ServedImage.of(IMAGE)
     largest = max(image.layer_digests, key=lambda d: len(image.blobs[d]))
 
