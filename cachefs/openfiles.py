@@ -21,8 +21,14 @@ FILES_PER_LAYER_IN_FLIGHT = 8  # download lock, .part writer and reader, layer l
 # image there; cachefs.pipeline.workers)
 
 
+# the layer a pull admits beyond those in flight while a download ends
+# (cachefs.pipeline.handover): its download lock, .part and socket are open meanwhile
+HANDOVER_LAYERS = 1
+
+
 def files_needed(leases: int, in_flight: int) -> int:
-    return leases + in_flight * FILES_PER_LAYER_IN_FLIGHT + BASELINE_FILES
+    return (leases + (in_flight + HANDOVER_LAYERS) * FILES_PER_LAYER_IN_FLIGHT
+            + BASELINE_FILES)
 
 
 def open_files_in_use() -> int:

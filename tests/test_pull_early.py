@@ -9,6 +9,7 @@ next pull works; and that two pulls racing for one blob still download it once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -22,8 +23,10 @@ from cachefs.cache import GlobalCache
 from cachefs.cache.locks import FileLock
 from cachefs.digest import Digest
 from cachefs.errors import DigestMismatch, RegistryError
+from cachefs.models import Descriptor
 from cachefs.pipeline import early as early_module
-from cachefs.pipeline.pull import PullResult, pull
+from cachefs.pipeline.pull import PullResult, _Download, pull
+from cachefs.reference import Reference
 from tests.fixtures.hostile import (  # noqa: F401  (fixture)
     Exchange,
     HostileServer,
@@ -379,3 +382,51 @@ def test_a_manifest_answered_at_once_starts_nothing_early(
     trio.run(pull_ref, cache, f"{server.host}/evil/app:v1")
     assert early_requests == [False]
     assert events.count(f"/blobs/{largest}") == 1
+
+
+def test_a_failed_early_download_is_followed_by_its_error_even_when_cancelled(
+    hostile: Hostile, tmp_path: Path  # noqa: F811
+) -> None:
+    """The early download failed on its own, so its reader raised ``DownloadFailed`` and
+    the failed ingest cancelled the layer's ``follow()`` before it had raised the
+    download's error: the pull then saw only ``DownloadFailed`` and a cancellation, and
+    reported "download of … failed" instead of the registry's answer (seen under load in
+    test_redirect_target_answering_401_gets_no_credentials, where the manifest's auth
+    round trip took over EARLY_MIN_MANIFEST_S). Cancelled, it now raises the download's
+    own error."""
+    image = ServedImage.of(IMAGE)
+    largest = max(image.layer_digests, key=lambda d: len(image.blobs[d]))
+
+    def registry(ex: Exchange) -> None:
+        if ex.path.endswith(largest):
+            ex.send(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"gone"}]}')
+            return
+        ex.serve_image(image)
+
+    server = hostile(registry)
+    cache = GlobalCache.new(tmp_path / "c")
+    cache.tmp_dir().mkdir(parents=True, exist_ok=True)
+    descriptor = Descriptor(media_type="application/vnd.oci.image.layer.v1.tar+gzip",
+                            digest=largest, size=len(image.blobs[largest]))
+
+    async def main() -> None:
+        with trio.fail_after(BOUND_S):
+            async with client() as c:
+                ref = Reference.parse(f"{server.host}/evil/app:v1")
+                await c.resolve(ref)  # as the pull does first: the registry's scheme known
+                download = _Download.of(cache, c, ref, descriptor,
+                                        contextlib.AsyncExitStack(), lambda *_: None)
+                early = early_module.EarlyDownload(descriptor)
+                early.download = download
+                await early_module.EarlyDownloads._run(early)
+                assert isinstance(early.error, RegistryError) and early.done.is_set()
+                raised: list[RegistryError] = []
+                with trio.CancelScope() as scope:  # the failed ingest's cancellation
+                    scope.cancel()
+                    try:
+                        await early.follow()
+                    except RegistryError as err:
+                        raised.append(err)
+                assert len(raised) == 1 and largest in str(raised[0])
+
+    trio.run(main)

@@ -16,7 +16,9 @@ smaller ones' ingest back until it gets it (their downloads go on meanwhile).
 
 The spare slot: a layer whose turn it is may be admitted beyond the capacity while its
 ``spare()`` says so; the pull says so when the layer's blob is complete and a layer being
-built waits for the network (:class:`cachefs.pipeline.materialize.BuildSlots`).
+built waits for the network (:class:`cachefs.pipeline.materialize.BuildSlots`), and the
+layers in flight say so when a download is about to end and its ingest keeps up
+(:mod:`cachefs.pipeline.handover`).
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ class RankedAdmission:
         self._turn = 0  # the lowest rank that has neither been admitted nor withdrawn
         self._lot = trio.lowlevel.ParkingLot()
 
-    async def acquire(self, rank: int, *, spare: Callable[[], bool] | None = None) -> bool:
+    async def acquire(self, rank: int, *, spare: Callable[[], bool] | None = None,
+                      polled: bool = True) -> bool:
         """Wait for ``rank``'s turn and a free slot. When none is free, the one spare slot
         beyond the capacity will do while ``spare()`` says so (looked at every
-        ``SPARE_RECHECK_S``: it may turn true in another thread). True if admitted into
-        the spare slot."""
+        ``SPARE_RECHECK_S``: it may turn true in another thread; not ``polled``: only at
+        a :meth:`nudge` or a release). True if admitted into the spare slot."""
         while True:
             if self._passed[rank]:
                 raise RuntimeError(f"rank {rank} already admitted or withdrawn")
@@ -68,7 +71,7 @@ class RankedAdmission:
                     break
                 if self._free == 0 and spare is not None and spare():
                     break
-            if self._turn == rank and self._free == 0 and spare is not None:
+            if self._turn == rank and self._free == 0 and spare is not None and polled:
                 with trio.move_on_after(SPARE_RECHECK_S):
                     await self._lot.park()
             else:
@@ -79,6 +82,11 @@ class RankedAdmission:
 
     def release(self) -> None:
         self._free += 1
+        self._lot.unpark_all()
+
+    def nudge(self) -> None:
+        """A ``spare()`` may have turned true: the rank whose turn it is looks now rather
+        than at its next recheck."""
         self._lot.unpark_all()
 
     def withdraw(self, rank: int) -> None:

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ..digest import Digest
     from ..models import LayerMetadata
     from .growing import GrowingBlob
+    from .handover import Pace
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Download(Protocol):
 
     growing: GrowingBlob
     discard: trio.Event
+    pace: Pace
 
     def __call__(self) -> Awaitable[None]: ...
 
@@ -127,6 +129,11 @@ class EarlyDownload:
             self.scope.cancel()
             with trio.CancelScope(shield=True):
                 await self.done.wait()
+            if self.error is not None:
+                # it had failed on its own, and the ingest failed because it did (its reader
+                # raised DownloadFailed, which then cancelled this): the cause is reported,
+                # not a cancellation beside a DownloadFailed that says nothing of it
+                raise self.error from None
             raise
         if self.error is not None:
             raise self.error

@@ -39,6 +39,7 @@ class GrowingBlob:
         self._failed = False
         self._watcher: Callable[[], None] | None = None
         self._starved = False  # a reader is waiting for bytes the download has not written
+        self._asked = -1  # the furthest position a reader of this process has asked for
 
     @property
     def path(self) -> Path:
@@ -83,6 +84,7 @@ class GrowingBlob:
     def wait(self, pos: int) -> int:
         """Bytes readable at ``pos`` (blocking until there are some); 0 at the verified end."""
         with self._cond:
+            self._asked = max(self._asked, pos)
             while True:
                 if self._failed:
                     raise DownloadFailed(f"download of {self._path.name} failed")
@@ -100,6 +102,14 @@ class GrowingBlob:
         the network, not by a core (the pull's spare build slot, see ``BuildSlots``)."""
         with self._cond:
             return self._starved
+
+    @property
+    def backlog(self) -> int | None:
+        """Bytes on disk that a reader of this process has not asked for yet (None: none
+        has started, or it reads in another process): how far ingest is behind the
+        download (:mod:`cachefs.pipeline.handover`)."""
+        with self._cond:
+            return None if self._asked < 0 else max(0, self._size - self._asked)
 
     @property
     def ended(self) -> bool:

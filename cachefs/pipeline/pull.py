@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from .admission import RankedAdmission
     from .early import EarlyDownloads, Report
     from .growing import GrowingBlob
+    from .handover import Pace
     from .image_write import LayerTree
     from .materialize import BlobOpener
     from .workers import LayerWorkers
@@ -170,6 +171,7 @@ class LayerBlob:
     file: Path | None = None  # the downloaded file, when ``source`` is not it
     # called when ingest failed: the cancelled download then drops its partial file
     discard: Callable[[], None] | None = None
+    pace: Pace | None = None  # the download's measurements (:mod:`.handover`)
 
 
 class _Emitter:
@@ -483,6 +485,10 @@ class _LayerBuilds:
         # downloads that layers being ingested follow: when their readers wait for the
         # network, a layer whose blob is complete may take the spare build slot
         self._following: set[GrowingBlob] = set()
+        # the downloads of the layers in flight, by rank: when one is about to end, the
+        # next layer may take the spare slot in flight (:mod:`cachefs.pipeline.handover`)
+        self._paced: dict[int, tuple[Pace, GrowingBlob | None]] = {}
+        self._nudge: Callable[[], None] | None = None
 
     async def run(self, layers: Sequence[LayerMetadata]) -> None:
         """Every distinct layer at once (bounded by ``in_flight``), started and built
@@ -502,6 +508,7 @@ class _LayerBuilds:
         # both in the same order, so a layer waiting for its build turn never waits for
         # one that is not in flight
         in_flight = RankedAdmission(self._in_flight_cap, len(distinct))
+        self._nudge = in_flight.nudge
         builds = RankedAdmission(MATERIALIZE_PARALLELISM, len(distinct))
         try:
             async with trio.open_nursery() as nursery:
@@ -516,18 +523,29 @@ class _LayerBuilds:
     async def _one(self, i: int, layer: LayerMetadata, rank: int,
                    in_flight: RankedAdmission, builds: RankedAdmission) -> None:
         try:
-            await in_flight.acquire(rank)
+            # looked at when a download near its end reports (Pace.near_end), never polled
+            await in_flight.acquire(rank, spare=self._handover, polled=False)
         except BaseException:
             builds.withdraw(rank)
             raise
         try:
-            await self._build_one(i, layer, rank, builds)
+            await self._build_one(i, layer, rank, builds, time.monotonic())
         finally:
+            paced = self._paced.pop(rank, None)
+            if paced is not None:
+                paced[0].near_end = None
             in_flight.release()
             builds.withdraw(rank)  # cached or failed before its turn: the next one goes
 
+    def _handover(self) -> bool:
+        """A layer in flight is about to end its download, its ingest keeping up: the
+        next one may take the spare slot (:mod:`cachefs.pipeline.handover`)."""
+        from .handover import ingest_keeps_up
+
+        return any(ingest_keeps_up(pace, growing) for pace, growing in self._paced.values())
+
     async def _build_one(self, i: int, layer: LayerMetadata, rank: int,
-                         builds: RankedAdmission) -> None:
+                         builds: RankedAdmission, admitted: float) -> None:
         from .growing import GrowingBlob
         from .materialize import start_layer
 
@@ -560,6 +578,10 @@ class _LayerBuilds:
             build=None if self._workers is None else self._workers.builder,
         )
         growing = blob.source if isinstance(blob.source, GrowingBlob) else None
+        if blob.pace is not None:
+            blob.pace.wanted(admitted)
+            blob.pace.near_end = self._nudge
+            self._paced[rank] = (blob.pace, growing)
 
         def may_take_spare() -> bool:
             """This blob is all there, and a layer being built waits for the network."""
@@ -757,7 +779,8 @@ class _RegistryLayers:
             assert early.download is not None
             early.adopt(report)
             return LayerBlob(early.download.growing, compression, True, feed=early.follow,
-                             file=tar, discard=early.download.discard.set)
+                             file=tar, discard=early.download.discard.set,
+                             pace=early.download.pace)
         held = contextlib.AsyncExitStack()
         await held.enter_async_context(flock_exclusive_async(cache.download_lock_path(blob)))
         try:
@@ -772,7 +795,7 @@ class _RegistryLayers:
                 report,
             )
             return LayerBlob(download.growing, compression, True, feed=download,
-                             file=tar, discard=download.discard.set)
+                             file=tar, discard=download.discard.set, pace=download.pace)
         finally:
             await held.aclose()
 
@@ -799,8 +822,10 @@ class _Download:
         self._since: float | None = None  # when it began (monotonic)
         self._done = 0
         from .growing import GrowingBlob
+        from .handover import Pace
 
         self.growing = GrowingBlob(part, tar)
+        self.pace = Pace(descriptor.size)
         # set when ingest failed: the cancelled download then drops its partial file
         self.discard = trio.Event()
 
@@ -819,12 +844,14 @@ class _Download:
         self._done = n
         self.growing.written(n)
         self._report("download", n, self._seconds())
+        self.pace.written(n)
 
     def _seconds(self) -> float | None:
         return None if self._since is None else time.monotonic() - self._since
 
     async def __call__(self) -> None:
         self._since = time.monotonic()
+        self.pace.wanted(self._since)
         async with self._lock:
             ok = False
             try:
