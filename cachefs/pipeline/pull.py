@@ -789,8 +789,8 @@ class _RegistryLayers:
                 return None
             if await trio.to_thread.run_sync(reusable_blob, tar, total, blob):
                 return LayerBlob(tar, compression, True)
-            download = _Download(
-                self._registry, self._ref, descriptor, cache.part_path(blob), tar,
+            download = _Download.of(
+                cache, self._registry, self._ref, descriptor,
                 held.pop_all(),  # the download releases it when it ends
                 report,
             )
