@@ -31,12 +31,18 @@ import trio
 SPARE_RECHECK_S = 0.01
 
 
+def admission_order(sizes: Sequence[int | None]) -> list[int]:
+    """The positions in the order they are admitted: the largest size first; an unknown
+    size counts as 0, and equal sizes keep their order (bottom layer first). Also the
+    order of the downloads started beside the config (:mod:`cachefs.pipeline.early`),
+    which must be the layers admitted first."""
+    return sorted(range(len(sizes)), key=lambda i: (-(sizes[i] or 0), i))
+
+
 def largest_first(sizes: Sequence[int | None]) -> list[int]:
-    """Each position's rank: 0 for the largest size; an unknown size counts as 0, and
-    equal sizes keep their order (bottom layer first)."""
-    order = sorted(range(len(sizes)), key=lambda i: (-(sizes[i] or 0), i))
+    """Each position's rank in :func:`admission_order` (0: admitted first)."""
     ranks = [0] * len(sizes)
-    for rank, i in enumerate(order):
+    for rank, i in enumerate(admission_order(sizes)):
         ranks[i] = rank
     return ranks
 

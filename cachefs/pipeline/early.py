@@ -42,6 +42,7 @@ import trio
 from ..cache.locks import flock_exclusive
 from ..errors import CachefsError, LockBusy
 from ..models import Descriptor
+from .admission import admission_order
 from .progress import LayerPhase
 
 if TYPE_CHECKING:
@@ -208,11 +209,12 @@ class EarlyDownloads:
         except CachefsError as err:
             log.debug("no layer download started early: %s", err)
             return
-        distinct: dict[str, Descriptor] = {}
+        first_of: dict[str, Descriptor] = {}
         for layer in layers:
-            distinct.setdefault(layer.digest, layer)
-        order = sorted(enumerate(distinct.values()), key=lambda p: (-(p[1].size or 0), p[0]))
-        for _, descriptor in order[: self.limit]:
+            first_of.setdefault(layer.digest, layer)
+        distinct = list(first_of.values())
+        for i in admission_order([d.size for d in distinct])[: self.limit]:
+            descriptor = distinct[i]
             try:
                 self._try_start(self._nursery, descriptor)
             except (CachefsError, OSError) as err:
