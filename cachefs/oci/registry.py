@@ -285,8 +285,12 @@ class RegistryClient:
 
     # plumbing ------------------------------------------------------------------------------
 
+    def _host(self, registry: str) -> str:
+        """The host that serves requests for ``registry`` (``mirrors`` redirects some)."""
+        return self.mirrors.get(registry, registry)
+
     def _url(self, ref: Reference, path: str) -> str:
-        host = self.mirrors.get(ref.registry, ref.registry)
+        host = self._host(ref.registry)
         scheme = self._schemes.get(host) or ("http" if self.insecure else "https")
         return f"{scheme}://{host}/v2/{ref.repository}/{path}"
 
@@ -364,7 +368,7 @@ class RegistryClient:
         if source.reference.registry == ref.registry and self.auth.explicit_hosts is not None:
             # explicit --username credentials are for the registry the user named only
             self.auth.explicit_hosts.add(ref.registry)
-        host = self.mirrors.get(source.reference.registry, source.reference.registry)
+        host = self._host(source.reference.registry)
         await self._settle_scheme(host, source.insecure, mirror=source.mirror)
         return source.reference
 
@@ -374,7 +378,7 @@ class RegistryClient:
         the ``/v2/`` ping when only https may serve it (the ping then only checks the
         certificate, and its round trips overlap the warm-ups'), else once settled."""
         source = self._route(ref)
-        host = self.mirrors.get(source.reference.registry, source.reference.registry)
+        host = self._host(source.reference.registry)
         schemes = schemes_for(host, insecure_flag=self.insecure, conf_insecure=source.insecure)
         certain = host in self._schemes or len(schemes) == 1
         if certain:
@@ -427,7 +431,7 @@ class RegistryClient:
         """Open up to ``count`` more keep-alive connections to the location ``physical``
         (a reference :meth:`resolve` passed to ``location_known``), without credentials;
         once per location. See :mod:`cachefs.oci.warmup`; failures only lose the gain."""
-        host = self.mirrors.get(physical.registry, physical.registry)
+        host = self._host(physical.registry)
         scheme = self._schemes.get(host) or self._certain.get(host)
         if count < 1 or scheme is None or host in self._warming:
             return
@@ -441,8 +445,7 @@ class RegistryClient:
         """Wait for the warm-ups of the location serving ``ref`` if they are still in
         flight (see :meth:`Warming.wait`): a request about to need a connection of its own
         takes a warmed one instead of opening another."""
-        location = self._route(ref).reference.registry
-        warming = self._warming.get(self.mirrors.get(location, location))
+        warming = self._warming.get(self._host(self._route(ref).reference.registry))
         if warming is not None:
             await warming.wait()
 
@@ -452,7 +455,7 @@ class RegistryClient:
         What ``podman login`` and ``docker login`` do before they store a password: a wrong
         one raises AuthError here and is never written anywhere.
         """
-        host = self.mirrors.get(registry, registry)
+        host = self._host(registry)
         await self._settle_scheme(host, self.registries.insecure_for(registry))
         url = f"{self._schemes[host]}://{host}/v2/"
         try:
