@@ -21,7 +21,7 @@ import logging
 import os
 import select
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,16 @@ def _remote(path: Path) -> bool:
     if _statfs(os.fsencode(path), buf) != 0:
         return False
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF in _REMOTE
+
+
+def _events(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """The (watch descriptor, mask, name) of each inotify event in ``data``."""
+    pos = 0
+    while pos + _EVENT.size <= len(data):
+        wd, mask, _, length = _EVENT.unpack_from(data, pos)
+        start = pos + _EVENT.size
+        yield wd, mask, data[start : start + length].rstrip(b"\0")
+        pos = start + length
 
 
 class DirWatch:
@@ -157,27 +167,17 @@ class DirWatch:
         """Is any event in ``data`` one that ``ignore`` does not name?"""
         if self._ignore is None:
             return bool(data)
-        pos = 0
-        while pos + _EVENT.size <= len(data):
-            wd, mask, _, length = _EVENT.unpack_from(data, pos)
-            start = pos + _EVENT.size
-            name = os.fsdecode(data[start : start + length].rstrip(b"\0"))
-            pos = start + length
+        for wd, mask, name in _events(data):
             directory = self._watched.get(wd)
-            if directory is None or not self._ignore(directory, name, mask):
+            if directory is None or not self._ignore(directory, os.fsdecode(name), mask):
                 return True
         return False
 
     @staticmethod
     def _structure_changed(data: bytes) -> bool:
         """Did a watched directory go away or the queue overflow (re-arm the watches)?"""
-        pos = 0
-        while pos + _EVENT.size <= len(data):
-            _, mask, _, length = _EVENT.unpack_from(data, pos)
-            if mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF | IN_Q_OVERFLOW):
-                return True
-            pos += _EVENT.size + length
-        return False
+        return any(mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF | IN_Q_OVERFLOW)
+                   for _, mask, _ in _events(data))
 
     def close(self) -> None:
         if self.fd >= 0:
